@@ -1,0 +1,223 @@
+"""The `cdmbench` command line: list, teacher, sample, train (and, as they land, eval/report/check)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from cdmbench.errors import UserError
+from cdmbench.registry import BACKBONES, METHODS, METRICS, UnknownNameError
+
+app = typer.Typer(
+    name="cdmbench",
+    help="Benchmark and evaluation harness for few-step diffusion distillation.\n\n"
+    "Distill a teacher with a registered method (cdm, dmd, dmd2, cd), sample it, and compare "
+    "students across step counts. Everything runs on the embedded `digits` backbone on a CPU.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console(stderr=True)
+out = Console()
+
+DEBUG = {"on": False}
+
+
+@app.callback()
+def _root(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False) -> None:
+    DEBUG["on"] = debug or bool(os.environ.get("CDMBENCH_DEBUG"))
+
+
+# ----------------------------------------------------------------------------- list
+@app.command("list")
+def list_cmd(
+    what: Annotated[str, typer.Argument(help="methods, backbones or metrics")] = "methods",
+) -> None:
+    """List registered methods, backbones or metrics with a one-line description."""
+    registries = {"methods": METHODS, "backbones": BACKBONES, "metrics": METRICS}
+    if what not in registries:
+        from cdmbench.registry import suggest
+
+        close = suggest(what, list(registries))
+        hint = f" — did you mean '{close}'?" if close else ""
+        raise UserError(f"cannot list '{what}'{hint} (methods, backbones, metrics)")
+    reg = registries[what]
+    table = Table(title=f"cdmbench {what}")
+    table.add_column("name", style="bold cyan")
+    table.add_column("description")
+    for name in reg.names():
+        table.add_row(name, reg.describe(name))
+    out.print(table)
+
+
+# --------------------------------------------------------------------------- teacher
+@app.command()
+def teacher(
+    backbone: Annotated[str, typer.Option(help="Backbone whose teacher to train (digits).")] = "digits",
+    out_dir: Annotated[Path, typer.Option("--out", help="Where to write the safetensors.")] = Path("runs/teacher/digits"),
+    seed: Annotated[int, typer.Option(help="Seed of both trainings.")] = 0,
+    iters: Annotated[int, typer.Option(help="Teacher iterations.")] = 6000,
+    epochs: Annotated[int, typer.Option(help="Classifier epochs.")] = 60,
+) -> None:
+    """Reproduce the shipped `digits` teacher and classifier (seeded; minutes on 2 CPU cores).
+
+    The package already ships both checkpoints; this command exists to rebuild them. Use the
+    result with `cdmbench train ... --teacher-weights OUT/digits_teacher.safetensors`.
+    """
+    if backbone != "digits":
+        BACKBONES.entry(backbone)
+        raise UserError(f"backbone '{backbone}' loads a pretrained teacher; only digits trains its own")
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from cdmbench.backbones import digits as D
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  TextColumn("loss {task.fields[loss]:.4f}"), console=console) as bar:
+        tasks: dict[str, int] = {}
+
+        def progress(what: str, it: int, total: int, loss: float) -> None:
+            if what not in tasks:
+                tasks[what] = bar.add_task(what, total=total, loss=loss)
+            bar.update(tasks[what], completed=it + 1, loss=loss)
+
+        info = D.build_assets(out_dir, D.TeacherConfig(seed=seed, iters=iters), D.ClassifierConfig(seed=seed, epochs=epochs), progress)
+    out.print(f"classifier test accuracy {info['classifier_test_accuracy']:.4f}; weights in {out_dir}")
+
+
+# ---------------------------------------------------------------------------- sample
+@app.command()
+def sample(
+    backbone: Annotated[str, typer.Option(help="Backbone of the teacher.")] = "digits",
+    run: Annotated[Path | None, typer.Option(help="A training run directory: sample its student.")] = None,
+    steps: Annotated[str, typer.Option(help="Comma-separated step counts, one grid row block each.")] = "1,2,4,50",
+    guidance: Annotated[float | None, typer.Option(help="CFG scale (teacher default if unset; students use 1).")] = None,
+    per_prompt: Annotated[int, typer.Option(help="Samples per prompt.")] = 2,
+    seed: Annotated[int, typer.Option(help="Run seed (per-sample seeds derive from it).")] = 0,
+    out_path: Annotated[Path, typer.Option("--out", help="PNG to write.")] = Path("samples.png"),
+    teacher_weights: Annotated[str | None, typer.Option(help="Teacher weights (default: shipped/hub).")] = None,
+) -> None:
+    """Write an image grid: one row block per step count, one column per prompt."""
+    import torch
+
+    from cdmbench.config import parse_steps
+    from cdmbench.generate import generate, save_grid, seeds_for
+    from cdmbench.training.method import SamplerSpec
+
+    step_list = parse_steps(steps)
+    if run is not None:
+        from cdmbench.training.run import load_run
+
+        loaded = load_run(run, teacher_weights=teacher_weights)
+        bb, model = loaded.backbone, loaded.student
+        spec_for = lambda n: loaded.method.sampler(n, bb.shift)  # noqa: E731
+    else:
+        from cdmbench.backbones import get_backbone
+
+        bb = get_backbone(backbone)
+        model = bb.load_teacher(teacher_weights)
+        w = bb.default_teacher_cfg if guidance is None else guidance
+        spec_for = lambda n: SamplerSpec(bb.schedule(n), guidance=w)  # noqa: E731
+    prompts = bb.prompts("train")
+    triples = seeds_for(seed, prompts, per_prompt)
+    ordered = sorted(triples, key=lambda t: (t[1], prompts.index(t[0])))  # rows of one sample per prompt
+    images = []
+    for n in step_list:
+        lat = generate(bb, model, [t[0] for t in ordered], [t[2] for t in ordered], spec_for(n))
+        images.append(bb.decode(lat))
+    save_grid(torch.cat(images), out_path, nrow=len(prompts), scale=6 if bb.latent_shape[-1] <= 16 else 1)
+    out.print(f"wrote {out_path}: rows = steps {step_list} x {per_prompt} samples, columns = {len(prompts)} prompts")
+
+
+# ----------------------------------------------------------------------------- train
+@app.command()
+def train(
+    method: Annotated[str, typer.Argument(help="Distillation method (see `cdmbench list methods`).")],
+    backbone: Annotated[str, typer.Option(help="Backbone (see `cdmbench list backbones`).")] = "digits",
+    iters: Annotated[int | None, typer.Option(help="Training iterations (method's backbone default if unset).")] = None,
+    batch: Annotated[int | None, typer.Option(help="Batch size per process.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the run.")] = 0,
+    config: Annotated[str | None, typer.Option(help="TOML file with [train] and [method] tables.")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override, e.g. --set method.update_ratio=3.")] = None,
+    out_root: Annotated[Path, typer.Option("--out", help="Root of run directories.")] = Path("runs"),
+    resume: Annotated[bool, typer.Option("--resume", help="Require and continue an existing checkpoint.")] = False,
+    on_nan: Annotated[str, typer.Option(help="On a non-finite loss: stop (keep last checkpoint) or skip the step.")] = "stop",
+    teacher_weights: Annotated[str | None, typer.Option(help="Teacher weights (default: shipped/hub).")] = None,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+) -> None:
+    """Distill the backbone's teacher into a few-step student with METHOD.
+
+    The run directory is named by a hash of the resolved configuration: the same command
+    again reuses a finished run and continues an interrupted one from its last checkpoint.
+    """
+    from cdmbench.backbones import get_backbone
+    from cdmbench.config import resolve
+    from cdmbench.training.run import train_run
+
+    method_cls = METHODS.get(method)
+    bb_obj = get_backbone(backbone, device=device)
+    if on_nan not in ("stop", "skip"):
+        raise UserError(f"bad --on-nan '{on_nan}': use stop or skip")
+    train_cfg, method_cfg = resolve(method_cls, backbone, config, set_, iters=iters, batch=batch, seed=seed,
+                                    on_nan=on_nan, device=device)
+    m = method_cls(method_cfg)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    with Progress(TextColumn(f"[bold]{method}[/] on {backbone}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[terms]}"),
+                  console=console, transient=False) as bar:
+        task = bar.add_task("train", total=train_cfg.iters, terms="")
+
+        def progress(it: int, logs: dict[str, float]) -> None:
+            terms = " ".join(f"{k.split('/')[-1]}={v:.3g}" for k, v in logs.items() if not k.endswith("grad_norm"))
+            bar.update(task, completed=it, terms=terms) if terms else bar.update(task, completed=it)
+
+        result = train_run(m, bb_obj, train_cfg, out_root, teacher_weights, resume=True if resume else None,
+                           progress=progress)
+    if result.skipped:
+        out.print(f"already trained: {result.run_dir}")
+    else:
+        how = f"resumed at iteration {result.resumed_from}" if result.resumed_from else "trained"
+        out.print(f"{how} in {result.seconds:.1f}s: {result.run_dir}")
+
+
+# ------------------------------------------------------------------------------ main
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: user errors become one line on stderr and exit status 2."""
+    from cdmbench.training.core import CheckpointError, NonFiniteLossError
+
+    try:
+        app(args=argv, standalone_mode=False)
+    except (UserError, UnknownNameError, CheckpointError, NonFiniteLossError, FileNotFoundError) as e:
+        if DEBUG["on"]:
+            raise
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        console.print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        console.print("interrupted; finished work is kept, rerun the same command to continue")
+        sys.exit(130)
+    except SystemExit:
+        raise
+    except Exception as e:  # click usage errors arrive here in non-standalone mode
+        import click
+
+        if isinstance(e, click.exceptions.Exit):
+            sys.exit(e.exit_code)
+        if isinstance(e, click.ClickException):
+            if isinstance(e, click.UsageError) and e.ctx is not None:
+                console.print(e.ctx.get_usage(), highlight=False)
+            console.print(f"[bold red]error:[/] {e.format_message()}", highlight=False)
+            sys.exit(2)
+        if isinstance(e, click.exceptions.Abort):
+            sys.exit(130)
+        raise
+
+
+if __name__ == "__main__":
+    main()

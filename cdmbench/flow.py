@@ -1,0 +1,209 @@
+"""Rectified-flow conventions shared by every module (as in SD3, Esser et al. 2024).
+
+    x_s = (1 - s) * x0 + s * eps      s in [0, 1], s = 1 is pure noise
+    v   = eps - x0                    the network predicts v
+    x0  = x_s - s * v                 computed in float32
+    network timestep = 1000 * s
+
+A sampling schedule is an explicit descending list of sigmas ending in 0. Every schedule
+builder takes ``shift`` explicitly and returns the post-shift list: that list is what the
+network sees and what results record.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+VelocityFn = Callable[[Tensor, Tensor], Tensor]  # (x, s[B]) -> v
+
+SIGMA_MIN, SIGMA_MAX = 0.02, 0.98  # the clamp every DMD-family method applies to sigmas
+
+
+# --------------------------------------------------------------------------- conversions
+def _bcast(s: Tensor | float, x: Tensor) -> Tensor:
+    s = torch.as_tensor(s, dtype=torch.float32, device=x.device)
+    return s.reshape(-1, *([1] * (x.ndim - 1))) if s.ndim else s
+
+
+def add_noise(x0: Tensor, eps: Tensor, s: Tensor | float) -> Tensor:
+    """x_s = (1 - s) x0 + s eps."""
+    s = _bcast(s, x0)
+    return (1 - s) * x0 + s * eps
+
+
+def velocity_target(x0: Tensor, eps: Tensor) -> Tensor:
+    """v = eps - x0, the flow-matching regression target."""
+    return eps - x0
+
+
+def x0_from_v(x: Tensor, s: Tensor | float, v: Tensor) -> Tensor:
+    """x0 = x_s - s v, in float32 whatever the network's dtype."""
+    return x.float() - _bcast(s, x) * v.float()
+
+
+def eps_from_v(x: Tensor, s: Tensor | float, v: Tensor) -> Tensor:
+    """eps = x_s + (1 - s) v."""
+    return x.float() + (1 - _bcast(s, x)) * v.float()
+
+
+def v_from_x0(x: Tensor, s: Tensor | float, x0: Tensor) -> Tensor:
+    """Inverse of :func:`x0_from_v` (undefined at s = 0)."""
+    return (x.float() - x0.float()) / _bcast(s, x)
+
+
+def euler_step(x: Tensor, s: Tensor | float, s_next: Tensor | float, v: Tensor) -> Tensor:
+    """Deterministic ODE step x_{s'} = x_s + (s' - s) v."""
+    return x.float() + (_bcast(s_next, x) - _bcast(s, x)) * v.float()
+
+
+def renoise_step(x0_hat: Tensor, s_next: Tensor | float, eps_new: Tensor) -> Tensor:
+    """Stochastic step: predict x0, then re-noise it to s' with fresh noise."""
+    return add_noise(x0_hat.float(), eps_new.float(), s_next)
+
+
+def timestep(s: Tensor) -> Tensor:
+    """The network's timestep input (SD3 convention: 1000 * s)."""
+    return 1000.0 * s
+
+
+def cfg(v_uncond: Tensor, v_cond: Tensor, w: float) -> Tensor:
+    """Classifier-free guidance v = v_u + w (v_c - v_u) (Ho & Salimans 2022)."""
+    return v_uncond + w * (v_cond - v_uncond)
+
+
+# ----------------------------------------------------------------------------- schedules
+def time_shift(s: Tensor | Sequence[float] | float, shift: float) -> Tensor:
+    """SD3 resolution shift s' = k s / (1 + (k - 1) s); identity for k = 1."""
+    s = torch.as_tensor(s, dtype=torch.float64)
+    return shift * s / (1 + (shift - 1) * s)
+
+
+def _finish(sigmas: Tensor, shift: float) -> list[float]:
+    out = time_shift(sigmas, shift).tolist()
+    if not out or out[-1] != 0.0:
+        out.append(0.0)
+    return [float(round(v, 12)) for v in out]
+
+
+def explicit_schedule(sigmas: Sequence[float], shift: float = 1.0) -> list[float]:
+    """A given pre-shift sigma list, shifted, with the final 0 appended if missing."""
+    t = torch.as_tensor(list(sigmas), dtype=torch.float64)
+    if t.numel() == 0 or t.ndim != 1:
+        raise ValueError("a schedule needs at least one sigma")
+    if (t < 0).any() or (t > 1).any():
+        raise ValueError(f"sigmas must lie in [0, 1], got {list(sigmas)}")
+    if (t[1:] >= t[:-1]).any():
+        raise ValueError(f"sigmas must be strictly descending, got {list(sigmas)}")
+    return _finish(t, shift)
+
+
+def uniform_schedule(steps: int, shift: float = 1.0) -> list[float]:
+    """``steps`` equal pre-shift intervals from 1 to 0, shifted."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    return _finish(torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64), shift)
+
+
+def random_schedule(
+    generator: torch.Generator,
+    n_min: int = 1,
+    n_max: int = 28,
+    lo: float = 0.25,
+    hi: float = 0.95,
+    shift: float = 1.0,
+) -> list[float]:
+    """CDM's random-length continuous schedule (arXiv 2605.06376, Sec. 3.2).
+
+    N ~ U{n_min..n_max}; N - 1 inner sigmas ~ U(lo, hi), sorted descending; 1.0 prepended;
+    shifted; 0 appended. The generator must be seeded identically on every process so all
+    ranks share N.
+    """
+    n = int(torch.randint(n_min, n_max + 1, (1,), generator=generator).item())
+    inner = lo + (hi - lo) * torch.rand(n - 1, generator=generator, dtype=torch.float64)
+    inner = torch.sort(inner, descending=True).values
+    return _finish(torch.cat([torch.ones(1, dtype=torch.float64), inner]), shift)
+
+
+# ------------------------------------------------------------------------ sigma samplers
+def sample_uniform(n: int, lo: float = 0.0, hi: float = 1.0, *, generator=None, device=None) -> Tensor:
+    """tau ~ U(lo, hi)."""
+    return lo + (hi - lo) * torch.rand(n, generator=generator, device=device)
+
+
+def sample_logit_normal(n: int, mean: float = 0.0, std: float = 1.0, *, generator=None, device=None) -> Tensor:
+    """tau = sigmoid(N(mean, std)), the SD3 training density."""
+    return torch.sigmoid(mean + std * torch.randn(n, generator=generator, device=device))
+
+
+def clamp_sigma(s: Tensor, lo: float = SIGMA_MIN, hi: float = SIGMA_MAX) -> Tensor:
+    """Keep sigmas away from the ends, where x0 or eps predictions are ill-conditioned."""
+    return s.clamp(lo, hi)
+
+
+# ------------------------------------------------------------------------------ seeding
+def sample_seed(run_seed: int, prompt_id: int | str, index: int) -> int:
+    """A 63-bit seed from (run seed, prompt id, sample index): independent of batch and rank."""
+    h = hashlib.sha256(f"{run_seed}/{prompt_id}/{index}".encode()).digest()
+    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
+
+
+def seeded_noise(shape: Sequence[int], seeds: Sequence[int], device=None, dtype=torch.float32) -> Tensor:
+    """Stack of per-sample standard normals, sample i drawn from its own seed."""
+    out = torch.empty((len(seeds), *shape), dtype=dtype)
+    g = torch.Generator()
+    for i, seed in enumerate(seeds):
+        g.manual_seed(int(seed))
+        out[i] = torch.randn(tuple(shape), generator=g, dtype=dtype)
+    return out.to(device) if device is not None else out
+
+
+# ------------------------------------------------------------------------------ sampler
+@dataclass
+class Trajectory:
+    """What a sampler visited: ``xt[n]`` at ``sigmas[n]``, the velocity there and its x0."""
+
+    sigmas: list[float]
+    xt: list[Tensor] = field(default_factory=list)
+    v: list[Tensor] = field(default_factory=list)
+    x0: list[Tensor] = field(default_factory=list)
+
+
+def sample(
+    velocity: VelocityFn,
+    noise: Tensor,
+    sigmas: Sequence[float],
+    *,
+    stochastic: bool = False,
+    renoise: Callable[[int], Tensor] | None = None,
+    record: bool = False,
+) -> Tensor | tuple[Tensor, Trajectory]:
+    """Euler sampler over an explicit sigma list (k-diffusion style signature).
+
+    Deterministic: x_{n+1} = x_n + (s_{n+1} - s_n) v_n. Stochastic (DMD2 / consistency
+    multistep): x_{n+1} = (1 - s_{n+1}) x0_n + s_{n+1} eps, eps from ``renoise(n)``
+    (default: ``randn_like``). Returns the final sample, and the trajectory if ``record``.
+    """
+    x = noise.float()
+    b = x.shape[0]
+    traj = Trajectory(list(sigmas)) if record else None
+    s_all = torch.tensor(list(sigmas), dtype=torch.float32, device=x.device)
+    for n in range(len(sigmas) - 1):
+        s = s_all[n].expand(b)
+        v = velocity(x, s).float()
+        x0 = x0_from_v(x, s, v)
+        if traj is not None:
+            traj.xt.append(x)
+            traj.v.append(v)
+            traj.x0.append(x0)
+        s_next = s_all[n + 1]
+        if stochastic and sigmas[n + 1] > 0:
+            eps = renoise(n) if renoise is not None else torch.randn_like(x)
+            x = renoise_step(x0, s_next, eps)
+        else:
+            x = euler_step(x, s, s_next, v) if sigmas[n + 1] > 0 else x0
+    return (x, traj) if record else x

@@ -1,0 +1,343 @@
+"""The one training core every distillation method plugs into.
+
+The core owns what methods share: the frozen teacher, the student and whatever auxiliary
+models a method builds (fake score, EMA target), one optimizer per group with its own
+learning rate, betas, weight decay, warm-up, clipping and cadence, the student EMA,
+checkpoint/resume of everything, numerical guards, logging and progress. A method only
+says which models it needs, which groups to update at an iteration and what their losses
+are (see :class:`cdmbench.training.method.Method`).
+
+Multi-process: the core reads the usual launcher variables (``accelerate launch``,
+``torchrun``), seeds the per-process generator from (seed, rank) and the shared generator
+from the seed alone (so every rank draws the same schedule length), and averages gradients
+across ranks after each backward. Methods run several forwards per backward, which DDP's
+reducer does not support; an explicit all-reduce is exact and works with any of them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from cdmbench import flow
+from cdmbench.backbones.base import Backbone, Cond
+from cdmbench.io import atomic_path, atomic_write_json, sha256_file
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN/inf loss or gradient."""
+
+
+@dataclass
+class OptimSpec:
+    """One optimizer group: which model it trains and how."""
+
+    model: str  # name of the model in core.models
+    lr: float = 1e-5
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 1e-4
+    clip: float | None = 1.0  # max grad norm; None disables
+    warmup: int = 100  # linear warm-up, in updates of this group
+
+
+@dataclass
+class TrainConfig:
+    """Settings the core owns; methods have their own dataclass for theirs."""
+
+    iters: int = 1000  # training iterations (each may update several groups)
+    batch: int = 16  # per process
+    seed: int = 0
+    ema_cap: float = 0.999  # student EMA decay min((1+k)/(10+k), ema_cap)
+    log_every: int = 10  # JSONL log cadence, iterations
+    ckpt_every: int = 250  # checkpoint cadence, iterations
+    on_nan: str = "stop"  # "stop": raise and keep the last good checkpoint; "skip": skip the step
+    device: str = "cpu"
+    threads: int = 0  # torch CPU threads; 0 keeps torch's default
+
+
+@dataclass
+class Batch:
+    """What one iteration works on: conditions, their noise, and a per-iteration cache."""
+
+    cond: Cond
+    noise: Tensor
+    cache: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return self.noise.shape[0]
+
+
+def ema_decay(k: int, cap: float = 0.999) -> float:
+    """Warm-started EMA decay min((1 + k) / (10 + k), cap) after k updates."""
+    return min((1 + k) / (10 + k), cap)
+
+
+@torch.no_grad()
+def ema_update_(target: nn.Module, source: nn.Module, decay: float) -> None:
+    """theta_t = decay * theta_t + (1 - decay) * theta_s (parameters and float buffers)."""
+    tp = [p for p in target.parameters()]
+    sp = [p.detach() for p in source.parameters()]
+    torch._foreach_lerp_(tp, sp, 1.0 - decay)
+
+
+def merge_(target: nn.Module, source: nn.Module, alpha: float) -> None:
+    """theta_t = (1 - alpha) theta_t + alpha theta_s (CDM merges the student into the fake score)."""
+    ema_update_(target, source, 1.0 - alpha)
+
+
+def dist_info() -> tuple[int, int]:
+    """(rank, world size) from the launcher's environment; (0, 1) for a plain run."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def init_distributed(device: str) -> tuple[int, int]:
+    rank, world = dist_info()
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("gloo" if device == "cpu" else "nccl")
+    return rank, world
+
+
+class Trainer:
+    """Runs a method on a backbone; everything it holds is checkpointed."""
+
+    def __init__(self, backbone: Backbone, method, config: TrainConfig, run_dir: str | Path,
+                 teacher_weights: str | None = None, log: Callable[[dict], None] | None = None) -> None:
+        self.backbone = backbone
+        self.method = method
+        self.cfg = config
+        self.run_dir = Path(run_dir)
+        self.rank, self.world = init_distributed(config.device)
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        self.device = torch.device(config.device)
+        torch.manual_seed(config.seed)  # module initialisers a method may call in build()
+        self.g = torch.Generator().manual_seed(config.seed * 1000 + self.rank)  # per process
+        self.g_shared = torch.Generator().manual_seed(config.seed)  # identical on every rank
+        self.teacher = backbone.load_teacher(teacher_weights).requires_grad_(False).eval()
+        self.student = backbone.make_student(self.teacher)
+        self.models: dict[str, nn.Module] = {"student": self.student}
+        self.ema = backbone.clone(self.student).requires_grad_(False).eval()
+        self.models["ema"] = self.ema
+        self.models.update(method.build(self))
+        self.specs: dict[str, OptimSpec] = method.optim_groups(self)
+        self.optims = {
+            g: torch.optim.AdamW(self.models[s.model].parameters(), lr=s.lr, betas=s.betas,
+                                 weight_decay=s.weight_decay)
+            for g, s in self.specs.items()
+        }
+        self.updates = dict.fromkeys(self.specs, 0)  # per-group update counters
+        self.it = 0
+        self.nan_skipped = 0
+        self._log = log
+
+    # ------------------------------------------------------------------ helpers for methods
+    def randn(self, *shape: int) -> Tensor:
+        return torch.randn(shape, generator=self.g).to(self.device)
+
+    def rand(self, n: int) -> Tensor:
+        return torch.rand(n, generator=self.g).to(self.device)
+
+    def randint(self, high: int, n: int) -> Tensor:
+        return torch.randint(0, high, (n,), generator=self.g).to(self.device)
+
+    def x0(self, model: nn.Module, x: Tensor, s: Tensor, cond: Cond, guidance: float = 1.0) -> Tensor:
+        return self.backbone.x0(model, x, s, cond, guidance)
+
+    def next_batch(self) -> Batch:
+        n = self.cfg.batch
+        cond = self.backbone.random_cond(n, self.g).to(self.device)
+        return Batch(cond, self.randn(n, *self.backbone.latent_shape))
+
+    # ------------------------------------------------------------------------ the loop
+    def _lr(self, group: str) -> float:
+        spec = self.specs[group]
+        k = self.updates[group]
+        return spec.lr * min(1.0, (k + 1) / spec.warmup) if spec.warmup > 0 else spec.lr
+
+    def _allreduce_grads(self, params: list[Tensor]) -> None:
+        if self.world == 1:
+            return
+        for p in params:
+            if p.grad is not None:
+                dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+                p.grad.div_(self.world)
+
+    def step(self, batch: Batch) -> dict[str, float]:
+        """One iteration: every group the method schedules, in its order."""
+        logs: dict[str, float] = {}
+        for group in self.method.groups_to_update(self.it):
+            spec, opt = self.specs[group], self.optims[group]
+            model = self.models[spec.model]
+            terms = self.method.losses(group, self.it, batch, self)
+            loss = sum(terms.values())
+            opt.zero_grad(set_to_none=True)
+            if not torch.isfinite(loss):
+                self._non_finite(group, {k: float(v) for k, v in terms.items()})
+                continue
+            loss.backward()
+            params = [p for p in model.parameters() if p.requires_grad]
+            self._allreduce_grads(params)
+            if spec.clip is not None:
+                gnorm = torch.nn.utils.clip_grad_norm_(params, spec.clip)
+            else:
+                gnorm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+            if not torch.isfinite(gnorm):
+                self._non_finite(group, {"grad_norm": float(gnorm)})
+                opt.zero_grad(set_to_none=True)
+                continue
+            for pg in opt.param_groups:
+                pg["lr"] = self._lr(group)
+            opt.step()
+            self.updates[group] += 1
+            self.method.after_step(group, self.it, self)
+            if spec.model == "student":
+                ema_update_(self.ema, self.student, ema_decay(self.updates[group] - 1, self.cfg.ema_cap))
+            for k, v in terms.items():
+                logs[f"{group}/{k}"] = v.detach()
+            logs[f"{group}/grad_norm"] = gnorm.detach()
+        self.it += 1
+        return {k: float(v) for k, v in logs.items()}
+
+    def _non_finite(self, group: str, terms: dict[str, float]) -> None:
+        bad = ", ".join(f"{k}={v}" for k, v in terms.items() if not math.isfinite(v)) or str(terms)
+        if self.cfg.on_nan == "skip":
+            self.nan_skipped += 1
+            return
+        raise NonFiniteLossError(
+            f"non-finite {group} loss at iteration {self.it} ({bad}); the last good checkpoint is kept "
+            f"in {self.run_dir / 'checkpoint'}; rerun with --on-nan skip to skip such steps"
+        )
+
+    def train(self, progress: Callable[[int, dict[str, float]], None] | None = None) -> None:
+        log_path = self.run_dir / "log.jsonl"
+        t0 = time.perf_counter()
+        while self.it < self.cfg.iters:
+            logs = self.step(self.next_batch())
+            if self.rank == 0 and (self.it % self.cfg.log_every == 0 or self.it == self.cfg.iters):
+                rec = {"it": self.it, "time": round(time.perf_counter() - t0, 3), **logs}
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+                if self._log is not None:
+                    self._log(rec)
+            if progress is not None:
+                progress(self.it, logs)
+            if self.it % self.cfg.ckpt_every == 0 and self.it < self.cfg.iters:
+                self.save_checkpoint()
+        self.save_checkpoint()
+
+    # ---------------------------------------------------------------------- checkpoints
+    def state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """(tensors for safetensors, everything else as plain objects for torch.save)."""
+        tensors = {f"{name}.{k}": v.detach().contiguous().cpu()
+                   for name, m in self.models.items() for k, v in m.state_dict().items()}
+        other = {
+            "it": self.it,
+            "updates": self.updates,
+            "nan_skipped": self.nan_skipped,
+            "optims": {g: o.state_dict() for g, o in self.optims.items()},
+            "rng": {"g": self.g.get_state(), "g_shared": self.g_shared.get_state(),
+                    "torch": torch.get_rng_state()},
+            "method_state": self.method.state_dict() if hasattr(self.method, "state_dict") else {},
+            "method": self.method.name,
+            "backbone": self.backbone.name,
+        }
+        return tensors, other
+
+    def save_checkpoint(self) -> Path:
+        """Write models (safetensors) and optimizer/RNG state, then a manifest with hashes.
+
+        Each file is written to a temporary name and renamed; the manifest is renamed last, so
+        a checkpoint directory whose manifest hashes match is complete.
+        """
+        from safetensors.torch import save_file
+
+        ckpt = self.run_dir / "checkpoint"
+        if self.rank != 0:
+            return ckpt
+        ckpt.mkdir(parents=True, exist_ok=True)
+        tensors, other = self.state()
+        with atomic_path(ckpt / "models.safetensors") as tmp:
+            save_file(tensors, str(tmp))
+        with atomic_path(ckpt / "state.pt") as tmp:
+            torch.save(other, tmp)
+        atomic_write_json(ckpt / "manifest.json", {
+            "it": self.it, "method": self.method.name, "backbone": self.backbone.name,
+            "sha256": {n: sha256_file(ckpt / n) for n in ("models.safetensors", "state.pt")},
+        })
+        return ckpt
+
+    def load_checkpoint(self, ckpt: str | Path) -> None:
+        """Restore everything :meth:`save_checkpoint` wrote, verifying hashes first."""
+        from safetensors.torch import load_file
+
+        ckpt = Path(ckpt)
+        manifest = json.loads((ckpt / "manifest.json").read_text())
+        for name, digest in manifest["sha256"].items():
+            if sha256_file(ckpt / name) != digest:
+                raise CheckpointError(f"checkpoint file {ckpt / name} is corrupt (hash mismatch); "
+                                      "delete the checkpoint directory to start over")
+        if manifest["method"] != self.method.name or manifest["backbone"] != self.backbone.name:
+            raise CheckpointError(
+                f"checkpoint {ckpt} is for method '{manifest['method']}' on backbone "
+                f"'{manifest['backbone']}', not '{self.method.name}' on '{self.backbone.name}'")
+        tensors = load_file(str(ckpt / "models.safetensors"))
+        for name, m in self.models.items():
+            prefix = f"{name}."
+            m.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+        other = torch.load(ckpt / "state.pt", weights_only=True)
+        self.it, self.updates, self.nan_skipped = other["it"], other["updates"], other["nan_skipped"]
+        for g, o in self.optims.items():
+            o.load_state_dict(other["optims"][g])
+        self.g.set_state(other["rng"]["g"])
+        self.g_shared.set_state(other["rng"]["g_shared"])
+        torch.set_rng_state(other["rng"]["torch"])
+        if hasattr(self.method, "load_state_dict"):
+            self.method.load_state_dict(other["method_state"])
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used: corrupt, or from another method/backbone."""
+
+
+def dm_normalizer(x0_ref: Tensor, x0: Tensor, floor: float = 0.0) -> Tensor:
+    """Per-sample max(mean |x0_ref - x0|, floor), broadcastable to x0 (DMD Eq. 7, CDM floor 0.1)."""
+    n = (x0_ref - x0).abs().flatten(1).mean(1).clamp_min(floor)
+    return n.reshape(-1, *([1] * (x0.ndim - 1)))
+
+
+def fm_loss(backbone: Backbone, model: nn.Module, x0: Tensor, cond: Cond, tau: Tensor, eps: Tensor) -> Tensor:
+    """Flow-matching MSE of ``model`` on clean samples ``x0`` (the fake-score objective)."""
+    xt = flow.add_noise(x0, eps, tau)
+    v = backbone.velocity(model, xt, tau, cond)
+    return torch.nn.functional.mse_loss(v, flow.velocity_target(x0, eps))
+
+
+@torch.no_grad()
+def teacher_samples(core: Trainer, n: int, steps: int | None = None, guidance: float | None = None,
+                    chunk: int = 256) -> tuple[Tensor, Cond, Tensor]:
+    """(noise, conditions, teacher ODE samples) for ``n`` random conditions.
+
+    Used where a method needs clean latents or regression pairs and the backbone has no real
+    data: DMD's regression pairs, consistency distillation's teacher-sample cache.
+    """
+    bb = core.backbone
+    steps = steps or bb.default_teacher_steps
+    w = bb.default_teacher_cfg if guidance is None else guidance
+    sigmas = flow.uniform_schedule(steps, bb.shift)
+    cond = bb.random_cond(n, core.g).to(core.device)
+    noise = core.randn(n, *bb.latent_shape)
+    out = []
+    for i in range(0, n, chunk):
+        c = cond.select(slice(i, i + chunk))
+        out.append(flow.sample(lambda x, s: bb.velocity(core.teacher, x, s, c, w), noise[i : i + chunk], sigmas))  # noqa: B023
+    return noise, cond, torch.cat(out)

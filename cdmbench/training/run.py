@@ -1,0 +1,161 @@
+"""A training run on disk: content-keyed directory, resume, export of the student.
+
+    runs/<backbone>/<method>-<hash>/
+        config.json          resolved configuration (the hash is over it)
+        log.jsonl            loss terms every ``log_every`` iterations
+        checkpoint/          everything needed to resume (hash-verified)
+        student.safetensors  the student's EMA weights, written last
+        run.json             what eval needs: method, backbone, config, weights hash
+        samples.png          a grid at the method's step counts
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from cdmbench.backbones import get_backbone
+from cdmbench.backbones.base import Backbone
+from cdmbench.config import config_hash, run_payload
+from cdmbench.errors import UserError
+from cdmbench.io import atomic_path, atomic_write_json, sha256_file
+from cdmbench.registry import METHODS
+from cdmbench.training.core import CheckpointError, TrainConfig, Trainer
+from cdmbench.training.method import Method
+
+STUDENT_FILE = "student.safetensors"
+
+
+def teacher_id(backbone: Backbone, weights: str | None) -> str:
+    """A short content hash of the teacher weights (or the weights spec where not a file)."""
+    from importlib import resources
+
+    if weights is None and backbone.name == "digits":
+        from cdmbench.backbones.digits import ASSETS, TEACHER_FILE
+
+        weights = str(resources.files(ASSETS).joinpath(TEACHER_FILE))
+    if weights and Path(weights).is_file():
+        return "sha256:" + sha256_file(weights)[:16]
+    return str(weights or f"{backbone.name}-default")
+
+
+def run_dir_for(out_root: str | Path, payload: dict[str, Any]) -> Path:
+    return Path(out_root) / payload["backbone"] / f"{payload['method']}-{config_hash(payload)}"
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    skipped: bool  # an identical finished run already existed
+    resumed_from: int  # iteration resumed from (0 for a fresh start)
+    seconds: float
+
+
+def train_run(method: Method, backbone: Backbone, train_cfg: TrainConfig, out_root: str | Path = "runs",
+              teacher_weights: str | None = None, resume: bool | None = None,
+              progress: Callable[[int, dict[str, float]], None] | None = None,
+              sample_steps: tuple[int, ...] = (1, 2, 4)) -> RunResult:
+    """Train (or finish, or reuse) the run this configuration names.
+
+    ``resume=None`` continues from a checkpoint when one exists; ``True`` requires one;
+    ``False`` refuses to touch an existing checkpoint.
+    """
+    payload = run_payload(method.name, backbone.name, train_cfg, method.cfg, teacher_id(backbone, teacher_weights))
+    run_dir = run_dir_for(out_root, payload)
+    if (run_dir / "run.json").is_file() and (run_dir / STUDENT_FILE).is_file():
+        return RunResult(run_dir, True, train_cfg.iters, 0.0)
+    ckpt = run_dir / "checkpoint"
+    has_ckpt = (ckpt / "manifest.json").is_file()
+    if resume is True and not has_ckpt:
+        raise UserError(f"nothing to resume: no checkpoint in {run_dir}; run without --resume to start")
+    if resume is False and has_ckpt:
+        raise UserError(f"{run_dir} has a checkpoint; add --resume to continue it or delete the directory")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create run directory {run_dir}: {e.strerror}; choose another --out") from None
+    atomic_write_json(run_dir / "config.json", payload)
+    trainer = Trainer(backbone, method, train_cfg, run_dir, teacher_weights)
+    start = 0
+    if has_ckpt:
+        try:
+            trainer.load_checkpoint(ckpt)
+        except CheckpointError as e:
+            raise UserError(str(e)) from None
+        start = trainer.it
+    t0 = time.perf_counter()
+    trainer.train(progress)
+    seconds = time.perf_counter() - t0
+    if trainer.rank == 0:
+        export_student(trainer, run_dir, payload, seconds, sample_steps)
+    return RunResult(run_dir, False, start, seconds)
+
+
+def export_student(trainer: Trainer, run_dir: Path, payload: dict[str, Any], seconds: float,
+                   sample_steps: tuple[int, ...]) -> None:
+    from safetensors.torch import save_file
+
+    from cdmbench.generate import generate, save_grid
+
+    state = {k: v.detach().contiguous().cpu() for k, v in trainer.ema.state_dict().items()}
+    with atomic_path(run_dir / STUDENT_FILE) as tmp:
+        save_file(state, str(tmp))
+    bb, method = trainer.backbone, trainer.method
+    prompts = bb.prompts("train")[:10]
+    rows = []
+    for steps in sample_steps:
+        spec = method.sampler(steps, bb.shift)
+        rows.append(generate(bb, trainer.ema, prompts, [1000 + i for i in range(len(prompts))], spec))
+    save_grid(bb.decode(torch.cat(rows)), run_dir / "samples.png", nrow=len(prompts), scale=4)
+    atomic_write_json(run_dir / "run.json", {
+        **payload,
+        "student_sha256": sha256_file(run_dir / STUDENT_FILE),
+        "iters": trainer.it,
+        "updates": trainer.updates,
+        "nan_skipped": trainer.nan_skipped,
+        "train_seconds_last_session": round(seconds, 2),
+        "torch": torch.__version__,
+    })
+
+
+@dataclass
+class LoadedRun:
+    run_dir: Path
+    info: dict[str, Any]
+    backbone: Backbone
+    method: Method
+    student: nn.Module
+
+
+def load_run(run_dir: str | Path, device: str = "cpu", teacher_weights: str | None = None) -> LoadedRun:
+    """Backbone, configured method and student (EMA weights, hash-verified) of a finished run."""
+    from dataclasses import replace
+
+    from safetensors.torch import load_file
+
+    run_dir = Path(run_dir)
+    info_path = run_dir / "run.json"
+    if not info_path.is_file():
+        raise UserError(f"{run_dir} is not a finished training run (no run.json); finish it with `cdmbench train`")
+    try:
+        info = json.loads(info_path.read_text())
+    except json.JSONDecodeError:
+        raise UserError(f"{info_path} is corrupt; retrain the run") from None
+    weights = run_dir / STUDENT_FILE
+    if not weights.is_file() or sha256_file(weights) != info.get("student_sha256"):
+        raise UserError(f"student weights in {run_dir} are missing or corrupt (hash mismatch); retrain the run")
+    backbone = get_backbone(info["backbone"], device=device)
+    method_cls = METHODS.get(info["method"])
+    cfg = method_cls.Config()
+    mc = {k: tuple(v) if isinstance(getattr(cfg, k, None), tuple) else v for k, v in info["method_config"].items()}
+    method = method_cls(replace(cfg, **mc))
+    student = backbone.load_teacher(teacher_weights)
+    student.load_state_dict(load_file(str(weights)))
+    return LoadedRun(run_dir, info, backbone, method, student.eval())

@@ -1,0 +1,1 @@
+"""Built-in distillation methods, one module each; registered in cdmbench.registry."""
