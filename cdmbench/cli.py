@@ -172,10 +172,11 @@ def train(
                   TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[terms]}"),
                   console=console, transient=False) as bar:
         task = bar.add_task("train", total=train_cfg.iters, terms="")
+        latest: dict[str, float] = {}
 
         def progress(it: int, logs: dict[str, float]) -> None:
-            terms = " ".join(f"{k.split('/')[-1]}={v:.3g}" for k, v in logs.items() if not k.endswith("grad_norm"))
-            bar.update(task, completed=it, terms=terms) if terms else bar.update(task, completed=it)
+            latest.update((k, v) for k, v in logs.items() if not k.endswith("grad_norm"))
+            bar.update(task, completed=it, terms=" ".join(f"{k}={v:.3g}" for k, v in latest.items()))
 
         result = train_run(m, bb_obj, train_cfg, out_root, teacher_weights, resume=True if resume else None,
                            progress=progress)

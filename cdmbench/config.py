@@ -24,11 +24,12 @@ def parse_steps(text: str) -> list[int]:
     items = [t.strip() for t in str(text).split(",")]
     if not text or any(t == "" for t in items):
         raise UserError(f"bad step list '{text}': use comma-separated positive integers, e.g. 1,2,4")
-    try:
-        steps = [int(t) for t in items]
-    except ValueError:
-        raise UserError(f"bad step list '{text}': '{next(t for t in items if not t.lstrip('-').isdigit())}' "
-                        "is not an integer; use e.g. 1,2,4") from None
+    steps = []
+    for t in items:
+        try:
+            steps.append(int(t))
+        except ValueError:
+            raise UserError(f"bad step list '{text}': '{t}' is not an integer; use e.g. 1,2,4") from None
     if any(s < 1 for s in steps):
         raise UserError(f"bad step list '{text}': step counts must be >= 1")
     if len(set(steps)) != len(steps):
@@ -37,6 +38,8 @@ def parse_steps(text: str) -> list[int]:
 
 
 def _coerce(value: str | Any, current: Any, annotation: Any, key: str) -> Any:
+    if isinstance(value, list):  # TOML arrays
+        return tuple(value)
     if not isinstance(value, str):
         return value
     kind = type(current) if current is not None else None
@@ -50,10 +53,12 @@ def _coerce(value: str | Any, current: Any, annotation: Any, key: str) -> Any:
             raise ValueError(value)
         if kind is int:
             return int(value)
+        if kind is tuple or typing.get_origin(annotation) is tuple:
+            elem = hints[0] if hints and hints[0] in (int, float) else None
+            parts = [v.strip() for v in value.strip("()[] ").split(",") if v.strip()]
+            return tuple((elem or (float if "." in v else int))(v) for v in parts)
         if kind is float or float in hints:
             return None if value.lower() == "none" else float(value)
-        if kind is tuple:
-            return tuple(float(v) if "." in v else int(v) for v in value.strip("()[] ").split(",") if v.strip())
         return value
     except ValueError:
         raise UserError(f"bad value '{value}' for '{key}': expected {kind.__name__ if kind else annotation}") from None

@@ -186,7 +186,8 @@ def test_sample_passes_batch_sigma_to_velocity():
 def test_sample_float32_output_for_other_input_dtypes():
     noise, c = _pair()
     for dtype in (torch.bfloat16, torch.float64):
-        out = flow.sample(lambda x, s: c.to(dtype).expand_as(x), noise.to(dtype), [1.0, 0.5, 0.0])
+        cd = c.to(dtype)
+        out = flow.sample(lambda x, s, cd=cd: cd.expand_as(x), noise.to(dtype), [1.0, 0.5, 0.0])
         assert out.dtype == torch.float32
 
 
@@ -426,7 +427,8 @@ def test_sample_logit_normal_range_and_median():
 def test_clamp_sigma():
     s = torch.tensor([0.0, 0.01, 0.5, 0.99, 1.0])
     torch.testing.assert_close(flow.clamp_sigma(s), torch.tensor([0.02, 0.02, 0.5, 0.98, 0.98]))
-    torch.testing.assert_close(flow.clamp_sigma(s, 0.1, 0.9), torch.tensor([0.1, 0.1, 0.5, 0.9, 0.9]))
+    torch.testing.assert_close(flow.clamp_sigma(s, 0.1, 0.9),
+                               torch.tensor([0.1, 0.1, 0.5, 0.9, 0.9]))
     assert (flow.SIGMA_MIN, flow.SIGMA_MAX) == (0.02, 0.98)
 
 

@@ -172,28 +172,30 @@ class Trainer:
                 dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
                 p.grad.div_(self.world)
 
-    def step(self, batch: Batch) -> dict[str, float]:
-        """One iteration: every group the method schedules, in its order."""
-        logs: dict[str, float] = {}
+    def step(self, batch: Batch) -> dict[str, Tensor]:
+        """One iteration: every group the method schedules, in its order.
+
+        Returns the loss terms and grad norms as detached tensors; converting them to floats
+        is left to the logging cadence. One host sync per group remains: the finiteness check
+        that decides whether the optimizer may step.
+        """
+        logs: dict[str, Tensor] = {}
         for group in self.method.groups_to_update(self.it):
             spec, opt = self.specs[group], self.optims[group]
             model = self.models[spec.model]
             terms = self.method.losses(group, self.it, batch, self)
             loss = sum(terms.values())
             opt.zero_grad(set_to_none=True)
-            if not torch.isfinite(loss):
-                self._non_finite(group, {k: float(v) for k, v in terms.items()})
-                continue
             loss.backward()
-            params = [p for p in model.parameters() if p.requires_grad]
+            params = [p for p in model.parameters() if p.grad is not None]
             self._allreduce_grads(params)
             if spec.clip is not None:
                 gnorm = torch.nn.utils.clip_grad_norm_(params, spec.clip)
             else:
-                gnorm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
-            if not torch.isfinite(gnorm):
-                self._non_finite(group, {"grad_norm": float(gnorm)})
+                gnorm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
+            if not bool(torch.isfinite(loss.detach() + gnorm)):
                 opt.zero_grad(set_to_none=True)
+                self._non_finite(group, {k: float(v) for k, v in terms.items()} | {"grad_norm": float(gnorm)})
                 continue
             for pg in opt.param_groups:
                 pg["lr"] = self._lr(group)
@@ -206,7 +208,7 @@ class Trainer:
                 logs[f"{group}/{k}"] = v.detach()
             logs[f"{group}/grad_norm"] = gnorm.detach()
         self.it += 1
-        return {k: float(v) for k, v in logs.items()}
+        return logs
 
     def _non_finite(self, group: str, terms: dict[str, float]) -> None:
         bad = ", ".join(f"{k}={v}" for k, v in terms.items() if not math.isfinite(v)) or str(terms)
@@ -220,19 +222,27 @@ class Trainer:
 
     def train(self, progress: Callable[[int, dict[str, float]], None] | None = None) -> None:
         log_path = self.run_dir / "log.jsonl"
+        writer = _tensorboard(self.run_dir) if self.rank == 0 else None
         t0 = time.perf_counter()
+        latest: dict[str, Tensor] = {}  # last value of every term, also of groups not updated this step
         while self.it < self.cfg.iters:
-            logs = self.step(self.next_batch())
-            if self.rank == 0 and (self.it % self.cfg.log_every == 0 or self.it == self.cfg.iters):
+            latest.update(self.step(self.next_batch()))
+            if self.it % self.cfg.ckpt_every == 0 and self.it < self.cfg.iters:
+                self.save_checkpoint()
+            if self.it % self.cfg.log_every != 0 and self.it != self.cfg.iters:
+                continue  # floats (a host sync on GPU) only at the logging cadence
+            logs = {k: float(v) for k, v in latest.items()}
+            if self.rank == 0:
                 rec = {"it": self.it, "time": round(time.perf_counter() - t0, 3), **logs}
                 with open(log_path, "a") as f:
                     f.write(json.dumps(rec) + "\n")
+                if writer is not None:
+                    for k, v in logs.items():
+                        writer.add_scalar(k, v, self.it)
                 if self._log is not None:
                     self._log(rec)
             if progress is not None:
                 progress(self.it, logs)
-            if self.it % self.cfg.ckpt_every == 0 and self.it < self.cfg.iters:
-                self.save_checkpoint()
         self.save_checkpoint()
 
     # ---------------------------------------------------------------------- checkpoints
@@ -303,6 +313,15 @@ class Trainer:
         torch.set_rng_state(other["rng"]["torch"])
         if hasattr(self.method, "load_state_dict"):
             self.method.load_state_dict(other["method_state"])
+
+
+def _tensorboard(run_dir: Path):
+    """A TensorBoard writer when tensorboard is installed; the JSONL log is always written."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(run_dir / "tb"))
 
 
 class CheckpointError(RuntimeError):
