@@ -187,6 +187,101 @@ def train(
         out.print(f"{how} in {result.seconds:.1f}s: {result.run_dir}")
 
 
+# ------------------------------------------------------------------------------ eval
+@app.command("eval")
+def eval_cmd(
+    backbone: Annotated[str, typer.Option(help="Backbone (see `cdmbench list backbones`).")] = "digits",
+    methods: Annotated[str | None, typer.Option(help="Comma-separated methods and/or 'teacher' "
+                                                "(default: every trained run of the backbone plus the teacher).")] = None,
+    steps: Annotated[str, typer.Option(help="Comma-separated step counts.")] = "1,2,4",
+    metrics: Annotated[str | None, typer.Option(help="Comma-separated metrics (default: the backbone's set).")] = None,
+    prompts: Annotated[str, typer.Option(help="Prompt set name (digits, general) or a prompt file.")] = "default",
+    num_samples: Annotated[int | None, typer.Option(help="Samples per prompt (digits default 200, else 1).")] = None,
+    seed: Annotated[int, typer.Option(help="Run seed; per-sample seeds derive from it.")] = 0,
+    runs: Annotated[Path, typer.Option(help="Root of training run directories.")] = Path("runs"),
+    samples: Annotated[Path, typer.Option(help="Where generated samples are kept (content-keyed).")] = Path("runs/samples"),
+    results: Annotated[Path, typer.Option(help="Results directory (records.jsonl).")] = Path("results"),
+    batch_size: Annotated[int, typer.Option(help="Generation batch size.")] = 256,
+    reference: Annotated[str, typer.Option(help="Reference images for FID (a folder); default: the backbone's real data.")] = "",
+    teacher_weights: Annotated[str | None, typer.Option(help="Teacher weights (default: shipped/hub).")] = None,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+) -> None:
+    """Generate with every student and the teacher at each step count, score, and append records.
+
+    Samples are kept as PNGs with a manifest under --samples, keyed by content: a rerun
+    reuses them, an interrupted run regenerates only what is missing, and metrics already
+    recorded for a sample set are not recomputed.
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from cdmbench.backbones import get_backbone
+    from cdmbench.config import parse_steps
+    from cdmbench.evaluate import EvalPlan, run_candidates, run_eval, teacher_candidate
+    from cdmbench.results import ResultStore
+    from cdmbench.training.core import init_distributed
+
+    step_list = parse_steps(steps)
+    bb = get_backbone(backbone, device=device)
+    wanted = [m.strip() for m in methods.split(",")] if methods else None
+    for m in wanted or []:
+        if m != "teacher":
+            METHODS.entry(m)
+    metric_names = [m.strip() for m in metrics.split(",")] if metrics else default_metrics(backbone)
+    for m in metric_names:
+        METRICS.entry(m)
+    prompt_set, prompt_list = _prompts(prompts, bb)
+    per_prompt = num_samples or (200 if backbone == "digits" else 1)
+    rank, world = init_distributed(device)
+    cands = [] if wanted is not None and "teacher" not in wanted else [teacher_candidate(bb, teacher_weights)]
+    students = run_candidates(runs, bb, [m for m in wanted if m != "teacher"] if wanted else None, device)
+    plan = EvalPlan(bb, cands + students, step_list, metric_names, prompt_list, prompt_set, per_prompt, seed,
+                    samples, ResultStore(results), batch_size, reference=reference)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, disable=rank != 0) as bar:
+        tasks: dict[str, int] = {}
+
+        def progress(label: str, done: int, total: int) -> None:
+            if label not in tasks:
+                tasks[label] = bar.add_task(label, total=total or None)
+            bar.update(tasks[label], completed=done)
+
+        new = run_eval(plan, progress, rank, world)
+    if rank == 0:
+        _print_records(new, plan)
+
+
+def default_metrics(backbone: str) -> list[str]:
+    if backbone == "digits":
+        return ["fd_digits", "prompt_acc", "precision_recall", "latency"]
+    return ["fid", "clip_score", "precision_recall", "latency"]
+
+
+def _prompts(spec: str, bb):
+    from cdmbench.prompts_io import load_prompt_set
+
+    return load_prompt_set("digits" if spec == "default" and bb.name == "digits" else spec, backbone=bb)
+
+
+def _print_records(new: list[dict], plan) -> None:
+    if not new:
+        out.print(f"nothing new to compute: every requested number is already in {plan.results.path}")
+        return
+    metrics = list(dict.fromkeys(r["metric"] for r in new))
+    table = Table(title=f"cdmbench eval — {plan.backbone.name}, {plan.per_prompt} samples/prompt, seed {plan.seed}")
+    table.add_column("model")
+    table.add_column("steps", justify="right")
+    for m in metrics:
+        arrow = "↑" if next(r["higher_is_better"] for r in new if r["metric"] == m) else "↓"
+        table.add_column(f"{m} {arrow}", justify="right")
+    rows: dict[tuple[str, int], dict[str, float]] = {}
+    for r in new:
+        rows.setdefault((r["method"], r["steps"]), {})[r["metric"]] = r["value"]
+    for (model, n), vals in rows.items():
+        table.add_row(model, str(n), *[f"{vals[m]:.4g}" if m in vals else "" for m in metrics])
+    out.print(table)
+    out.print(f"{len(new)} records appended to {plan.results.path}")
+
+
 # ------------------------------------------------------------------------------ main
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors become one line on stderr and exit status 2."""

@@ -13,8 +13,12 @@ from typing import Any
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it over ``path`` if the block succeeds."""
+def atomic_path(path: str | Path, fsync: bool = True) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it over ``path`` if the block succeeds.
+
+    The rename makes the write atomic for readers and against a killed process; ``fsync``
+    additionally makes it durable across a power loss.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -22,8 +26,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp = Path(tmp)
     try:
         yield tmp
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
+        if fsync:
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the usual file mode
         os.replace(tmp, path)
     finally:

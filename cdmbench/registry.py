@@ -136,3 +136,9 @@ METHODS.register("dmd2", "cdmbench.methods.dmd2:DMD2",
                  description="DMD2: two time-scale updates, multi-step backward simulation (arXiv 2405.14867)")
 METHODS.register("cd", "cdmbench.methods.cd:CD",
                  description="Multiphase consistency distillation for flow matching (LCM/PCM style)")
+METRICS.register("latency", "cdmbench.evaluate:Latency",
+                 description="wall time per image (median, p90; end to end and denoiser only), ms")
+METRICS.register("fd_digits", "cdmbench.evaluate:DigitsFD",
+                 description="Fréchet distance in digit-classifier features to the real test split (digits)")
+METRICS.register("prompt_acc", "cdmbench.evaluate:PromptAccuracy",
+                 description="share of samples classified as the prompted digit (digits)")

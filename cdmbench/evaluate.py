@@ -1,0 +1,356 @@
+"""Evaluation: generate with students and the teacher at each step count, score, record.
+
+    model + sampler spec + prompt set + seed  --generate-->  samples/<backbone>/<name>-<steps>-<key>/
+        manifest.jsonl (prompt id, prompt, index, seed, file) + meta.json (schedule, checkpoint)
+        one PNG per sample, written atomically
+    samples --metrics--> result records (cdmbench.results)
+
+The sample folder is keyed by content (checkpoint hash, post-shift schedule, update rule,
+guidance, prompt set, seed, samples per prompt): rerunning reuses what exists, an interrupted
+run regenerates only the missing PNGs, and a record whose (sample key, metric, metric config)
+is already stored is not recomputed. Under several processes each rank generates its share
+of the missing samples (sample i goes to rank i % world); rank 0 scores and writes records.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from cdmbench import flow
+from cdmbench.backbones.base import Backbone, Prompt
+from cdmbench.config import config_hash
+from cdmbench.errors import UserError
+from cdmbench.generate import generate
+from cdmbench.io import atomic_path, atomic_write_json
+from cdmbench.metrics.base import EvalSet, Metric
+from cdmbench.registry import METRICS
+from cdmbench.results import ResultStore, git_revision, now, versions
+from cdmbench.training.method import SamplerSpec
+
+
+@dataclass
+class Candidate:
+    """One model to evaluate: a student run or the teacher."""
+
+    name: str  # method name, or "teacher"
+    run_id: str
+    checkpoint: str  # content hash of the weights
+    model: nn.Module
+    sampler: Callable[[int], SamplerSpec]
+
+
+def teacher_candidate(backbone: Backbone, weights: str | None = None) -> Candidate:
+    from cdmbench.training.run import teacher_id
+
+    tid = teacher_id(backbone, weights)
+    model = backbone.load_teacher(weights)
+    w = backbone.default_teacher_cfg
+    return Candidate("teacher", f"teacher-{tid.split(':')[-1][:12]}", tid, model,
+                     lambda n: SamplerSpec(flow.uniform_schedule(n, backbone.shift), guidance=w))
+
+
+def run_candidates(runs_root: str | Path, backbone: Backbone, methods: Sequence[str] | None = None,
+                   device: str = "cpu") -> list[Candidate]:
+    """The newest finished run of each method under ``runs_root/<backbone>``."""
+    from cdmbench.training.run import load_run
+
+    root = Path(runs_root) / backbone.name
+    newest: dict[str, Path] = {}
+    for info in sorted(root.glob("*/run.json"), key=lambda p: p.stat().st_mtime) if root.is_dir() else []:
+        method = info.parent.name.rsplit("-", 1)[0]
+        if methods is None or method in methods:
+            newest[method] = info.parent
+    if methods is not None:
+        missing = [m for m in methods if m != "teacher" and m not in newest]
+        if missing:
+            raise UserError(f"no finished run of {', '.join(missing)} on {backbone.name} under {runs_root}; "
+                            f"train it first: cdmbench train {missing[0]} --backbone {backbone.name}")
+    out = []
+    for method, run_dir in sorted(newest.items()):
+        r = load_run(run_dir, device=device)
+        out.append(Candidate(method, run_dir.name, "sha256:" + r.info["student_sha256"][:16], r.student,
+                             lambda n, r=r: r.method.sampler(n, r.backbone.shift)))
+    return out
+
+
+# --------------------------------------------------------------------------- generation
+def sample_key(backbone: Backbone, cand: Candidate, spec: SamplerSpec, prompt_set: str, seed: int,
+               per_prompt: int) -> str:
+    return config_hash({"backbone": backbone.name, "checkpoint": cand.checkpoint, "sigmas": spec.sigmas,
+                        "stochastic": spec.stochastic, "guidance": spec.guidance, "prompts": prompt_set,
+                        "seed": seed, "per_prompt": per_prompt})
+
+
+@dataclass
+class SampleSet:
+    folder: Path
+    key: str
+    prompts: list[Prompt]  # one per sample, in manifest order
+    files: list[str]
+    generated: int  # how many PNGs this call wrote
+
+
+def _write_png(path: Path, img: np.ndarray) -> None:
+    from PIL import Image
+
+    with atomic_path(path, fsync=False) as tmp:
+        Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(tmp, format="PNG")
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """[B, C, H, W] in [0, 1] -> [B, H, W, C] uint8 (round half up, as PIL conversions do)."""
+    return (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def ensure_samples(backbone: Backbone, cand: Candidate, steps: int, prompts: Sequence[Prompt], prompt_set: str,
+                   seed: int, per_prompt: int, root: Path, batch_size: int = 256, rank: int = 0, world: int = 1,
+                   on_progress: Callable[[int], None] | None = None) -> SampleSet:
+    """Generate whatever PNGs of this sample set are missing; return the set."""
+    spec = cand.sampler(steps)
+    key = sample_key(backbone, cand, spec, prompt_set, seed, per_prompt)
+    folder = root / backbone.name / f"{cand.name}-{steps}-{key}"
+    entries = [(p, i, flow.sample_seed(seed, p.id, i)) for p in prompts for i in range(per_prompt)]
+    files = [f"{p.id}-{i:05d}.png" for p, i, _ in entries]
+    if rank == 0:
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(folder / "meta.json", {
+            "backbone": backbone.name, "model": cand.name, "run_id": cand.run_id, "checkpoint": cand.checkpoint,
+            "steps": steps, "schedule": spec.sigmas, "stochastic": spec.stochastic, "guidance": spec.guidance,
+            "prompt_set": prompt_set, "seed": seed, "per_prompt": per_prompt, "key": key})
+        manifest = "".join(json.dumps({"prompt_id": p.id, "prompt": p.text, "index": i, "seed": s, "file": f}) + "\n"
+                           for (p, i, s), f in zip(entries, files, strict=True))
+        if not (folder / "manifest.jsonl").is_file() or (folder / "manifest.jsonl").read_text() != manifest:
+            with atomic_path(folder / "manifest.jsonl") as tmp:
+                tmp.write_text(manifest)
+    _barrier(world)
+    todo = [k for k in range(len(entries)) if k % world == rank and not (folder / files[k]).is_file()]
+    done_before = len(entries) - len(todo)
+    if on_progress is not None and done_before:
+        on_progress(done_before)
+    for i in range(0, len(todo), batch_size):
+        chunk = todo[i : i + batch_size]
+        lat = generate(backbone, cand.model, [entries[k][0] for k in chunk], [entries[k][2] for k in chunk], spec,
+                       batch_size=batch_size)
+        for k, img in zip(chunk, to_uint8(backbone.decode(lat)), strict=True):
+            _write_png(folder / files[k], img)
+        if on_progress is not None:
+            on_progress(len(chunk))
+    _barrier(world)
+    return SampleSet(folder, key, [e[0] for e in entries], files, len(todo))
+
+
+def load_images(sset: SampleSet) -> torch.Tensor:
+    """uint8 [N, C, H, W] from the set's PNGs, in manifest order."""
+    from PIL import Image
+
+    arrs = []
+    for f in sset.files:
+        with Image.open(sset.folder / f) as im:
+            a = np.asarray(im)
+        arrs.append(a[..., None] if a.ndim == 2 else a)
+    return torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).contiguous()
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+# ------------------------------------------------------------------------------ latency
+def make_timer(backbone: Backbone, cand: Candidate, steps: int, prompts: Sequence[Prompt]):
+    """timer(batch) -> (end-to-end seconds, denoiser-only seconds) of one generation call."""
+    spec = cand.sampler(steps)
+    cuda = str(backbone.device).startswith("cuda")
+
+    def now_sync() -> float:
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    @torch.inference_mode()
+    def timer(batch: int) -> tuple[float, float]:
+        ps = [prompts[i % len(prompts)] for i in range(batch)]
+        t0 = now_sync()
+        cond = backbone.encode(ps)
+        noise = flow.seeded_noise(backbone.latent_shape, list(range(batch)), device=backbone.device)
+        t1 = now_sync()
+        lat = flow.sample(lambda x, s: backbone.velocity(cand.model, x, s, cond, spec.guidance), noise, spec.sigmas,
+                          stochastic=spec.stochastic)
+        t2 = now_sync()
+        backbone.decode(lat)
+        t3 = now_sync()
+        return t3 - t0, t2 - t1
+
+    return timer
+
+
+class Latency(Metric):
+    """Wall time per image: warm-up, then repeats; median and p90, end to end and denoiser only."""
+
+    name = "latency"
+    directions = {"latency_ms": False, "latency_p90_ms": False, "denoiser_ms": False, "latency_batch_ms": False}
+    needs = ("timer",)
+
+    def __init__(self, warmup: int = 3, repeats: int = 20) -> None:
+        self.warmup, self.repeats = warmup, repeats
+
+    def config(self) -> dict[str, Any]:
+        return {"warmup": self.warmup, "repeats": self.repeats, "clock": "perf_counter, CUDA-synchronised on GPU",
+                "unit": "ms per image", "batch_sizes": "1 and the eval batch"}
+
+    def compute(self, data: EvalSet) -> dict[str, float]:
+        assert data.timer is not None
+        for _ in range(self.warmup):
+            data.timer(1)
+        runs = [data.timer(1) for _ in range(self.repeats)]
+        e2e = sorted(r[0] for r in runs)
+        den = sorted(r[1] for r in runs)
+        b = max(1, data.eval_batch)
+        data.timer(b)
+        per_img_batch = statistics.median(data.timer(b)[0] for _ in range(max(3, self.repeats // 4))) / b
+        return {"latency_ms": 1e3 * statistics.median(e2e), "latency_p90_ms": 1e3 * float(np.percentile(e2e, 90)),
+                "denoiser_ms": 1e3 * statistics.median(den), "latency_batch_ms": 1e3 * per_img_batch}
+
+
+# ------------------------------------------------------------------------------ digits
+class DigitsFD(Metric):
+    """Fréchet distance in the shipped digit classifier's features to the real test split."""
+
+    name = "fd_digits"
+    directions = {"fd_digits": False}
+    needs = ("images",)
+    backbones = ("digits",)
+
+    def __init__(self) -> None:
+        from cdmbench.metrics.digits import DigitsJudge
+
+        self.judge = DigitsJudge()
+
+    def config(self) -> dict[str, Any]:
+        from cdmbench.backbones.digits import DigitClassifier
+
+        return {"features": f"digits classifier penultimate ({DigitClassifier.feature_dim}-d)",
+                "reference": "digits test split (445 real images)", "dtype": "float64",
+                "input": "8-bit PNG levels"}
+
+    def compute(self, data: EvalSet) -> dict[str, float]:
+        labels = torch.tensor([p.label for p in data.prompts])
+        return {"fd_digits": self.judge.score(data.images.float() / 255.0, labels)["fd_digits"]}
+
+
+class PromptAccuracy(DigitsFD):
+    """Share of samples the digit classifier assigns to the prompted class."""
+
+    name = "prompt_acc"
+    directions = {"prompt_acc": True}
+
+    def compute(self, data: EvalSet) -> dict[str, float]:
+        labels = torch.tensor([p.label for p in data.prompts])
+        return {"prompt_acc": self.judge.score(data.images.float() / 255.0, labels)["prompt_acc"]}
+
+
+# ------------------------------------------------------------------------------ driver
+@dataclass
+class EvalPlan:
+    backbone: Backbone
+    candidates: list[Candidate]
+    steps: list[int]
+    metrics: list[str]
+    prompts: list[Prompt]
+    prompt_set: str
+    per_prompt: int
+    seed: int
+    samples_root: Path
+    results: ResultStore
+    batch_size: int = 256
+    teacher_default: bool = True  # also evaluate the teacher at its default step count
+    reference: str = ""
+    cache_dir: Path = Path(".cdmbench/cache")
+
+
+def build_metrics(names: Sequence[str], backbone: Backbone) -> dict[str, Metric]:
+    out = {}
+    for name in names:
+        m = METRICS.get(name)()
+        if m.backbones is not None and backbone.name not in m.backbones:
+            raise UserError(f"metric '{name}' applies to {', '.join(m.backbones)} only, not '{backbone.name}'")
+        m.check()
+        out[name] = m
+    return out
+
+
+def run_eval(plan: EvalPlan, progress: Callable[[str, int, int], None] | None = None,
+             rank: int = 0, world: int = 1) -> list[dict[str, Any]]:
+    """Generate missing samples, compute missing metrics, append records; returns new records."""
+    bb = plan.backbone
+    metrics = build_metrics(plan.metrics, bb)
+    done = plan.results.done_keys() if rank == 0 else set()
+    jobs: list[tuple[Candidate, int]] = [(c, n) for c in plan.candidates for n in plan.steps]
+    if plan.teacher_default:
+        jobs += [(c, bb.default_teacher_steps) for c in plan.candidates
+                 if c.name == "teacher" and bb.default_teacher_steps not in plan.steps]
+    new: list[dict[str, Any]] = []
+    total = len(plan.prompts) * plan.per_prompt
+    for cand, steps in jobs:
+        label = f"{cand.name} @ {steps} step{'s' if steps > 1 else ''}"
+        counter = {"n": 0}
+
+        def on_progress(k: int, label=label, counter=counter) -> None:
+            counter["n"] += k
+            if progress is not None:
+                progress(label, counter["n"], total)
+
+        sset = ensure_samples(bb, cand, steps, plan.prompts, plan.prompt_set, plan.seed, plan.per_prompt,
+                              plan.samples_root, plan.batch_size, rank, world, on_progress)
+        if rank != 0:
+            continue
+        spec = cand.sampler(steps)
+        images = None
+        for name, metric in metrics.items():
+            mcfg = metric.config()
+            mhash = config_hash({"metric": name, **mcfg, "device": str(bb.device)})
+            if (sset.key, name, mhash) in done:
+                continue
+            if images is None and "images" in metric.needs:
+                images = load_images(sset)
+            data = EvalSet(images=images if images is not None else torch.empty(0), prompts=sset.prompts,
+                           backbone=bb, reference=plan.reference, cache_dir=plan.cache_dir,
+                           timer=make_timer(bb, cand, steps, plan.prompts) if "timer" in metric.needs else None,
+                           eval_batch=plan.batch_size)
+            if progress is not None:
+                progress(f"{label}: {name}", 0, 0)
+            values = metric.compute(data)
+            recs = [{
+                "run_id": cand.run_id, "backbone": bb.name, "method": cand.name, "checkpoint": cand.checkpoint,
+                "steps": steps, "schedule": spec.sigmas, "stochastic": spec.stochastic, "guidance": spec.guidance,
+                "prompt_set": plan.prompt_set, "n_samples": len(sset.files), "metric": vname, "value": float(v),
+                "higher_is_better": metric.directions.get(vname, False), "metric_name": name,
+                "metric_config": mcfg, "metric_config_hash": mhash, "seed": plan.seed,
+                "device": _device_name(bb.device), "dtype": str(bb.dtype).replace("torch.", ""),
+                "versions": versions(), "git_rev": git_revision(), "time": now(), "eval_key": sset.key,
+                "samples": str(sset.folder),
+            } for vname, v in values.items()]
+            plan.results.append(recs)
+            new.extend(recs)
+    return new
+
+
+def _device_name(device) -> str:
+    d = str(device)
+    if d.startswith("cuda") and torch.cuda.is_available():
+        return f"{d} ({torch.cuda.get_device_name(torch.device(d))})"
+    import platform
+
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"

@@ -1,0 +1,121 @@
+"""Evaluation stage on digits: content-keyed samples, resume, no recompute, records, CLI."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+from pathlib import Path
+
+import pytest
+import torch
+
+from cdmbench.backbones import get_backbone
+from cdmbench.config import resolve
+from cdmbench.evaluate import EvalPlan, ensure_samples, load_images, run_candidates, run_eval, teacher_candidate
+from cdmbench.registry import METHODS
+from cdmbench.results import ResultStore
+from cdmbench.training.run import train_run
+
+
+@pytest.fixture(scope="module")
+def runs_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("runs")
+    bb = get_backbone("digits")
+    for name in ("cdm", "dmd2"):
+        cls = METHODS.get(name)
+        tc, mc = resolve(cls, "digits", iters=2, batch=8)
+        train_run(cls(mc), bb, tc, root, sample_steps=(1,))
+    return root
+
+
+def _plan(tmp: Path, runs_root: Path, metrics=("fd_digits", "prompt_acc"), per_prompt=6, steps=(1, 2)):
+    bb = get_backbone("digits")
+    cands = [teacher_candidate(bb)] + run_candidates(runs_root, bb)
+    return EvalPlan(bb, cands, list(steps), list(metrics), bb.prompts(), "digits", per_prompt, 0,
+                    tmp / "samples", ResultStore(tmp / "results"), batch_size=16, teacher_default=False)
+
+
+def test_records_for_every_model_and_step(tmp_path, runs_root):
+    new = run_eval(_plan(tmp_path, runs_root))
+    keys = {(r["method"], r["steps"], r["metric"]) for r in new}
+    for m in ("teacher", "cdm", "dmd2"):
+        for n in (1, 2):
+            assert {(m, n, "fd_digits"), (m, n, "prompt_acc")} <= keys
+    r = next(r for r in new if r["method"] == "teacher" and r["steps"] == 2)
+    assert r["schedule"] == [1.0, 0.5, 0.0] and r["guidance"] == 2.0 and r["n_samples"] == 60
+    for field in ("versions", "git_rev", "device", "metric_config", "checkpoint", "seed", "time", "run_id"):
+        assert r[field] not in (None, "", {})
+    stored = ResultStore(tmp_path / "results").read()
+    assert len(stored.records) == len(new) and not stored.problems
+
+
+def test_rerun_computes_nothing_and_half_deleted_folder_regenerates_half(tmp_path, runs_root):
+    plan = _plan(tmp_path, runs_root, per_prompt=4, steps=(1,))
+    first = run_eval(plan)
+    assert run_eval(plan) == []
+    cand = next(c for c in plan.candidates if c.name == "cdm")
+    sset = ensure_samples(plan.backbone, cand, 1, plan.prompts, plan.prompt_set, 0, 4, plan.samples_root)
+    assert sset.generated == 0
+    before = load_images(sset)
+    for f in sset.files[::2]:
+        (sset.folder / f).unlink()
+    again = ensure_samples(plan.backbone, cand, 1, plan.prompts, plan.prompt_set, 0, 4, plan.samples_root)
+    assert again.generated == len(sset.files) // 2
+    assert torch.equal(load_images(again), before)  # regenerated PNGs are bit-identical
+    assert len(first) > 0
+
+
+def test_batch_size_does_not_change_samples(tmp_path, runs_root):
+    bb = get_backbone("digits")
+    cand = [c for c in run_candidates(runs_root, bb) if c.name == "dmd2"][0]  # stochastic sampler
+    a = ensure_samples(bb, cand, 2, bb.prompts(), "digits", 3, 3, tmp_path / "a", batch_size=7)
+    b = ensure_samples(bb, cand, 2, bb.prompts(), "digits", 3, 3, tmp_path / "b", batch_size=30)
+    assert torch.equal(load_images(a), load_images(b))
+
+
+def test_same_seed_same_records(tmp_path, runs_root):
+    vals = []
+    for sub in ("x", "y"):
+        new = run_eval(_plan(tmp_path / sub, runs_root, per_prompt=3, steps=(1,)))
+        vals.append(sorted((r["method"], r["metric"], r["value"]) for r in new))
+    assert vals[0] == vals[1]
+
+
+def test_manifest_names_seed_and_schedule(tmp_path, runs_root):
+    plan = _plan(tmp_path, runs_root, per_prompt=2, steps=(4,))
+    run_eval(plan)
+    folder = next((tmp_path / "samples" / "digits").glob("cdm-4-*"))
+    meta = json.loads((folder / "meta.json").read_text())
+    assert meta["schedule"] == [1.0, 0.75, 0.5, 0.25, 0.0] and meta["guidance"] == 1.0
+    lines = [json.loads(x) for x in (folder / "manifest.jsonl").read_text().splitlines()]
+    assert len(lines) == 20 and {"prompt_id", "prompt", "index", "seed", "file"} <= set(lines[0])
+    assert len({x["seed"] for x in lines}) == 20
+
+
+def _writer(root: str, tag: int, n: int) -> None:
+    store = ResultStore(root)
+    for i in range(n):
+        store.append([{"metric": "m", "value": float(i), "writer": tag, "pad": "x" * 2000}])
+
+
+def test_two_concurrent_writers_lose_nothing(tmp_path):
+    procs = [mp.get_context("spawn").Process(target=_writer, args=(str(tmp_path), t, 150)) for t in (0, 1)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    rep = ResultStore(tmp_path).read()
+    assert not rep.problems
+    assert sorted((r["writer"], r["value"]) for r in rep.records) == sorted(
+        (t, float(i)) for t in (0, 1) for i in range(150))
+
+
+def test_truncated_line_is_reported_and_skipped(tmp_path):
+    store = ResultStore(tmp_path)
+    store.append([{"metric": "a", "value": 1.0}])
+    with open(store.path, "a") as f:
+        f.write('{"metric": "b", "val')  # a writer killed mid-line
+    store.append([{"metric": "c", "value": 3.0}])
+    rep = store.read()
+    assert [r["metric"] for r in rep.records] == ["a", "c"]
+    assert len(rep.problems) == 1 and ":2:" in rep.problems[0]
