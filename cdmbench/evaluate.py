@@ -330,8 +330,10 @@ def run_eval(plan: EvalPlan, progress: Callable[[str, int, int], None] | None = 
                            timer=make_timer(bb, cand, steps, plan.prompts) if "timer" in metric.needs else None,
                            eval_batch=plan.batch_size)
             if progress is not None:
-                progress(f"{label}: {name}", 0, 0)
+                progress(f"{label}: {name}", 0, 1)
             values = metric.compute(data)
+            if progress is not None:
+                progress(f"{label}: {name}", 1, 1)
             recs = [{
                 "run_id": cand.run_id, "backbone": bb.name, "method": cand.name, "checkpoint": cand.checkpoint,
                 "steps": steps, "schedule": spec.sigmas, "stochastic": spec.stochastic, "guidance": spec.guidance,

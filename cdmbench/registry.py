@@ -142,3 +142,11 @@ METRICS.register("fd_digits", "cdmbench.evaluate:DigitsFD",
                  description="Fréchet distance in digit-classifier features to the real test split (digits)")
 METRICS.register("prompt_acc", "cdmbench.evaluate:PromptAccuracy",
                  description="share of samples classified as the prompted digit (digits)")
+METRICS.register("clip_score", "cdmbench.metrics.clip_score:ClipScore",
+                 description="CLIP score, open_clip ViT-L-14/openai, torchmetrics convention (Hessel et al. 2021)")
+METRICS.register("image_reward", "cdmbench.metrics.image_reward:ImageRewardScore",
+                 description="ImageReward-v1.0 human-preference reward, image-reward package (Xu et al. 2023)")
+METRICS.register("fid", "cdmbench.metrics.fid:FID",
+                 description="FID, clean-fid 'clean' convention (Inception pool3, PIL bicubic 299); reference stats cached")
+METRICS.register("precision_recall", "cdmbench.metrics.prdc:PrecisionRecall",
+                 description="improved precision/recall, k-NN manifolds, k = 3 (Kynkäänniemi et al. 2019)")

@@ -84,7 +84,7 @@ def ema_decay(k: int, cap: float = 0.999) -> float:
 
 @torch.no_grad()
 def ema_update_(target: nn.Module, source: nn.Module, decay: float) -> None:
-    """theta_t = decay * theta_t + (1 - decay) * theta_s (parameters and float buffers)."""
+    """theta_t = decay * theta_t + (1 - decay) * theta_s, over parameters (buffers are not averaged)."""
     tp = [p for p in target.parameters()]
     sp = [p.detach() for p in source.parameters()]
     torch._foreach_lerp_(tp, sp, 1.0 - decay)
@@ -195,7 +195,7 @@ class Trainer:
                 gnorm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
             if not bool(torch.isfinite(loss.detach() + gnorm)):
                 opt.zero_grad(set_to_none=True)
-                self._non_finite(group, {k: float(v) for k, v in terms.items()} | {"grad_norm": float(gnorm)})
+                self._non_finite(group, {k: float(v.detach()) for k, v in terms.items()} | {"grad_norm": float(gnorm)})
                 continue
             for pg in opt.param_groups:
                 pg["lr"] = self._lr(group)
@@ -222,6 +222,8 @@ class Trainer:
 
     def train(self, progress: Callable[[int, dict[str, float]], None] | None = None) -> None:
         log_path = self.run_dir / "log.jsonl"
+        if self.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
         writer = _tensorboard(self.run_dir) if self.rank == 0 else None
         t0 = time.perf_counter()
         latest: dict[str, Tensor] = {}  # last value of every term, also of groups not updated this step
@@ -291,11 +293,16 @@ class Trainer:
         from safetensors.torch import load_file
 
         ckpt = Path(ckpt)
-        manifest = json.loads((ckpt / "manifest.json").read_text())
-        for name, digest in manifest["sha256"].items():
-            if sha256_file(ckpt / name) != digest:
-                raise CheckpointError(f"checkpoint file {ckpt / name} is corrupt (hash mismatch); "
-                                      "delete the checkpoint directory to start over")
+        try:
+            manifest = json.loads((ckpt / "manifest.json").read_text())
+            digests = manifest["sha256"]
+            for name in ("models.safetensors", "state.pt"):
+                if sha256_file(ckpt / name) != digests[name]:
+                    raise CheckpointError(f"checkpoint file {ckpt / name} is corrupt (hash mismatch); "
+                                          "delete the checkpoint directory to start over")
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"checkpoint {ckpt} is unreadable or incomplete ({type(e).__name__}); "
+                                  "delete the checkpoint directory to start over") from None
         if manifest["method"] != self.method.name or manifest["backbone"] != self.backbone.name:
             raise CheckpointError(
                 f"checkpoint {ckpt} is for method '{manifest['method']}' on backbone "

@@ -1,0 +1,169 @@
+"""ImageReward-v1.0 human-preference reward of (prompt, image) pairs (Xu et al. 2023).
+
+The model and scoring steps are the ``image-reward`` package's (ImageReward-v1.0: BLIP ViT-L
+image encoder, BERT text encoder cross-attending to the image, MLP head, reward normalised as
+``(r - 0.16717) / 1.03334``); the reported value is the mean reward over samples, each image
+scored against the prompt it was generated for.
+
+Install (image-reward pins timm==0.6.13, which conflicts with open_clip, and its code predates
+transformers 5; :mod:`cdmbench.metrics._imagereward_compat` bridges that)::
+
+    pip install -e ".[reward]"
+    pip install --no-deps image-reward==1.5
+
+It needs nothing beyond cdmbench's own dependencies and timm (fairscale, OpenAI ``clip`` and
+``datasets``, which the package's other modules import, are not needed for scoring).
+
+Weights, never downloaded here; the first of these that has them is used:
+
+- ``weights=DIR`` or ``$CDMBENCH_IMAGEREWARD``: a directory with ``ImageReward.pt`` and
+  ``med_config.json`` (``hf download THUDM/ImageReward ImageReward.pt med_config.json
+  --local-dir DIR``);
+- ``~/.cache/ImageReward``, where ``ImageReward.load`` downloads them;
+- the Hugging Face cache (``cache_dir``, default ``$HF_HUB_CACHE``) for ``THUDM/ImageReward``.
+
+BLIP's text tokenizer is ``bert-base-uncased``: ``tokenizer=DIR``, else ``DIR/bert-base-uncased``
+next to the weights, else the Hugging Face cache (where the package's own loader put it).
+"""
+
+from __future__ import annotations
+
+import os
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from cdmbench.metrics.base import EvalSet, Metric, MissingWeightsError
+
+ENV = "CDMBENCH_IMAGEREWARD"
+REPO = "THUDM/ImageReward"
+FILES = ("ImageReward.pt", "med_config.json")
+TOKENIZER_REPOS = ("bert-base-uncased", "google-bert/bert-base-uncased")
+INSTALL = 'pip install -e ".[reward]" && pip install --no-deps image-reward==1.5'
+
+
+def _cached(repo: str, filename: str, cache_dir: str | os.PathLike | None) -> Path | None:
+    """A file from the Hugging Face cache, looked up locally (no network)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    hit = try_to_load_from_cache(repo, filename, cache_dir=cache_dir)
+    return Path(hit) if isinstance(hit, str) and os.path.isfile(hit) else None
+
+
+class ImageRewardScore(Metric):
+    """ImageReward-v1.0 reward of each image for its prompt, averaged (Xu et al. 2023)."""
+
+    name = "image_reward"
+    directions = {"image_reward": True}
+    needs = ("images", "prompts")
+
+    def __init__(self, weights: str | os.PathLike | None = None,
+                 tokenizer: str | os.PathLike | None = None, *, device: str | None = None,
+                 batch_size: int = 16, cache_dir: str | os.PathLike | None = None) -> None:
+        self.weights = weights if weights is not None else os.environ.get(ENV) or None
+        self.tokenizer = tokenizer
+        self.device = device
+        self.batch_size = batch_size
+        self.cache_dir = cache_dir
+        self._model: Any = None
+
+    # ---- where things are
+    def files(self) -> tuple[Path, Path]:
+        """(ImageReward.pt, med_config.json) on this machine, else MissingWeightsError."""
+        fetch = f"hf download {REPO} {' '.join(FILES)} --local-dir DIR"
+        if self.weights:
+            d = Path(self.weights).expanduser()
+            missing = [f for f in FILES if not (d / f).is_file()]
+            if missing:
+                raise MissingWeightsError(f"image_reward: {' and '.join(missing)} not in {d}; "
+                                          f"fetch them with `{fetch}` using DIR={d}")
+            return d / FILES[0], d / FILES[1]
+        home = Path("~/.cache/ImageReward").expanduser()
+        if all((home / f).is_file() for f in FILES):
+            return home / FILES[0], home / FILES[1]
+        hits = [_cached(REPO, f, self.cache_dir) for f in FILES]
+        if hits[0] is not None and hits[1] is not None:
+            return hits[0], hits[1]
+        raise MissingWeightsError(f"image_reward needs ImageReward-v1.0 ({' and '.join(FILES)} "
+                                  f"from huggingface.co/{REPO}): run `{fetch}` and set {ENV}=DIR")
+
+    def tokenizer_dir(self) -> Path:
+        """Local directory of the bert-base-uncased tokenizer, else MissingWeightsError."""
+        if self.tokenizer:
+            d = Path(self.tokenizer).expanduser()
+        else:
+            try:
+                d = self.files()[0].parent / "bert-base-uncased"
+            except MissingWeightsError:
+                d = Path("DIR") / "bert-base-uncased"
+        if (d / "vocab.txt").is_file() or (d / "tokenizer.json").is_file():
+            return d
+        if not self.tokenizer:
+            for repo in TOKENIZER_REPOS:
+                for f in ("tokenizer.json", "vocab.txt"):
+                    if (hit := _cached(repo, f, self.cache_dir)) is not None:
+                        return hit.parent
+        raise MissingWeightsError(
+            "image_reward needs BLIP's bert-base-uncased tokenizer: run `hf download "
+            f"bert-base-uncased vocab.txt tokenizer.json tokenizer_config.json --local-dir {d}`"
+            + ("" if self.tokenizer else " (DIR: the ImageReward weights directory)"))
+
+    # ---- the plugin interface
+    def config(self) -> dict[str, Any]:
+        from cdmbench.metrics import _imagereward_compat as compat
+
+        try:
+            version = metadata.version("image-reward")
+        except metadata.PackageNotFoundError:
+            version = "not installed"
+        return {
+            "library": f"image-reward {version}",
+            "model": "ImageReward-v1.0",
+            "weights": f"huggingface.co/{REPO} {FILES[0]} + {FILES[1]}",
+            "text": f"BLIP bert-base-uncased tokenizer, max_length {compat.MAX_TEXT_LEN}, "
+                    "padded, truncated",
+            "preprocess": f"uint8 -> PIL RGB -> resize {compat.IMAGE_SIZE} bicubic, center crop "
+                          f"{compat.IMAGE_SIZE}, to tensor, normalize (CLIP mean/std)",
+            "convention": f"mean_i (MLP(BLIP(image_i, prompt_i)) - {compat.REWARD_MEAN}) / "
+                          f"{compat.REWARD_STD}",
+            "dtype": "float32",
+        }
+
+    def check(self) -> None:
+        if self._model is not None:
+            return
+        from importlib.util import find_spec
+
+        if find_spec("ImageReward") is None:
+            raise MissingWeightsError(f"image_reward needs the image-reward package: {INSTALL}")
+        self.files()
+        self.tokenizer_dir()
+
+    def load(self, device: str | torch.device = "cpu") -> Any:
+        """The package's ImageReward model with ImageReward-v1.0 weights, built once."""
+        if self._model is None:
+            self.check()
+            from cdmbench.metrics import _imagereward_compat as compat
+
+            ckpt, med_config = self.files()
+            tokenizer = compat.blip_tokenizer(self.tokenizer_dir())
+            self._model = compat.load_imagereward(ckpt, med_config, tokenizer, device)
+        return self._model
+
+    def scores(self, images: Tensor, texts: list[str],
+               device: str | torch.device = "cpu") -> Tensor:
+        """Per-sample reward of images[i] (uint8 [N, C, H, W]) for texts[i], float32 CPU."""
+        from cdmbench.metrics import _imagereward_compat as compat
+
+        return compat.score_images(self.load(device), images, texts, self.batch_size)
+
+    def compute(self, data: EvalSet) -> dict[str, float]:
+        device = self.device or str(getattr(data.backbone, "device", "cpu"))
+        s = self.scores(data.images, [p.text for p in data.prompts], device)
+        return {"image_reward": float(s.mean())}
+
+
+__all__ = ["ENV", "ImageRewardScore"]
