@@ -73,7 +73,13 @@ def teacher(
     if backbone != "digits":
         BACKBONES.entry(backbone)
         raise UserError(f"backbone '{backbone}' loads a pretrained teacher; only digits trains its own")
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
 
     from cdmbench.backbones import digits as D
 
@@ -166,7 +172,14 @@ def train(
     train_cfg, method_cfg = resolve(method_cls, backbone, config, set_, iters=iters, batch=batch, seed=seed,
                                     on_nan=on_nan, device=device)
     m = method_cls(method_cfg)
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     with Progress(TextColumn(f"[bold]{method}[/] on {backbone}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[terms]}"),

@@ -15,7 +15,9 @@ the phase, which makes a k-phase student a k-step sampler. Per step:
 v_tgt is an EMA copy of the student (decay 0.95, LCM) or the online student without grad.
 Phase edges for a 4-step student: grid indices 0, 12, 25, 37 (and 50). Clean latents come
 from the backbone's real data where it has it (digits), otherwise from a cache of teacher
-samples. Inference: deterministic Euler jumps between the phase edges.
+samples. Inference: deterministic Euler jumps between the phase edges. With one phase
+(``edges=(0,)``) this is LCM: the student maps any point to x0 and samples at any step count
+by LCM's multistep loop (predict x0, re-noise to the next sigma).
 
 Defaults: lr 1e-6 (LCM), AdamW betas (0.9, 0.999), weight decay 1e-4, teacher CFG = the
 backbone's default (4.5 where none is set), target EMA 0.95, Huber c 1e-3.
@@ -66,7 +68,9 @@ class CD(Method):
     Config = CDConfig
     optim_groups_names = ("student",)
     backbone_defaults = {
-        "digits": {"student_lr": 1e-4, "warmup": 50, "train": {"iters": 1500, "batch": 128}},
+        # digits: one phase (LCM), so one student serves 1, 2 and 4 steps; measured FD at 1 / 2 /
+        # 4 steps: 4 phases 88.7 / 10.9 / 5.8, one phase 5.7 / 5.8 / 5.1.
+        "digits": {"student_lr": 1e-4, "warmup": 50, "edges": (0,), "train": {"iters": 1500, "batch": 128}},
     }
 
     def build(self, core) -> dict:
@@ -95,11 +99,13 @@ class CD(Method):
         return ["student"]
 
     def sampler(self, steps: int, shift: float) -> SamplerSpec:
+        """Phase edges when ``steps`` equals the phase count; a one-phase (LCM) student uses
+        LCM's multistep sampler at any other count (predict x0, re-noise); otherwise Euler."""
         c = self.cfg
         if steps == len(c.edges):
             grid = flow.uniform_schedule(c.grid, shift)
             return SamplerSpec([grid[i] for i in c.edges] + [0.0])
-        return SamplerSpec(flow.uniform_schedule(steps, shift))
+        return SamplerSpec(flow.uniform_schedule(steps, shift), stochastic=len(c.edges) == 1)
 
     def losses(self, group: str, it: int, batch, core) -> dict[str, Tensor]:
         c, bb = self.cfg, core.backbone

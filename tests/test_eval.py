@@ -11,7 +11,14 @@ import torch
 
 from cdmbench.backbones import get_backbone
 from cdmbench.config import resolve
-from cdmbench.evaluate import EvalPlan, ensure_samples, load_images, run_candidates, run_eval, teacher_candidate
+from cdmbench.evaluate import (
+    EvalPlan,
+    ensure_samples,
+    load_images,
+    run_candidates,
+    run_eval,
+    teacher_candidate,
+)
 from cdmbench.registry import METHODS
 from cdmbench.results import ResultStore
 from cdmbench.training.run import train_run

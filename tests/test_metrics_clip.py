@@ -263,6 +263,21 @@ def test_weights_found_in_the_hub_cache(tmp_path):
     metric = ClipScore("ViT-L-14", "openai", cache_dir=tmp_path)
     metric.check()
     assert Path(metric.checkpoint()) == snap / "open_clip_model.safetensors"
-    local = tmp_path / "weights.bin"
-    local.write_bytes(b"")
-    assert ClipScore("ViT-L-14-quickgelu", str(local)).checkpoint() == str(local)
+    kwargs = metric.create_kwargs()  # the tag's own settings go with the local file
+    assert kwargs["pretrained"] == str(snap / "open_clip_model.safetensors")
+    assert kwargs["force_quick_gelu"] is True and kwargs["image_interpolation"] == "bicubic"
+    assert kwargs["image_mean"] == pytest.approx((0.48145466, 0.4578275, 0.40821073))
+
+
+def test_local_checkpoint_file(small_metric, tmp_path):
+    """pretrained=FILE loads that file (here: the small model's own weights) and nothing else."""
+    from safetensors.torch import save_file
+
+    model, _, _ = small_metric.load()
+    path = tmp_path / "small.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    metric = ClipScore(SMALL, str(path), batch_size=4)
+    assert metric.create_kwargs()["pretrained"] == str(path)
+    images = _images(3, seed=5)
+    torch.testing.assert_close(metric.scores(images, TEXTS[:3]),
+                               small_metric.scores(images, TEXTS[:3]), atol=1e-5, rtol=0)

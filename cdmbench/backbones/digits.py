@@ -14,7 +14,6 @@ distance and whose predictions define prompt accuracy. Both ship as safetensors 
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -323,7 +322,7 @@ def save_module(module: nn.Module, path: str | Path, meta: dict | None = None) -
     """Write a module's weights as safetensors (atomically), plus a JSON sidecar."""
     from safetensors.torch import save_file
 
-    from cdmbench.io import atomic_write_json, atomic_path
+    from cdmbench.io import atomic_path, atomic_write_json
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -27,8 +27,12 @@ breaks, and what is done about it:
   does the same from a local directory. ``ImageReward.__init__`` hard-codes that download and a
   ViT-L, so :func:`build_imagereward` assembles the package's own classes the same way, with
   the sizes as arguments (tests use a tiny model; the metric uses the package's sizes).
+- med.py's ``BertModel.__init__`` calls ``init_weights``, whose transformers 5 version ends in
+  ``tie_weights`` and needs attributes only ``post_init`` sets; the transformers 4 behaviour
+  (``apply(_init_weights)``; BertModel ties nothing) is used instead.
 
 The scoring methods (``ImageReward.score``, ``inference_rank``) are the package's, unchanged.
+transformers 5 logs once that med.py's ``past_key_values`` output field is deprecated; harmless.
 """
 
 from __future__ import annotations

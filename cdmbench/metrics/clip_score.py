@@ -185,22 +185,26 @@ class ClipScore(Metric):
                                       f"this machine ({type(e).__name__}); "
                                       f"{self._fetch_hint()}") from None
 
+    def create_kwargs(self) -> dict[str, Any]:
+        """open_clip.create_model_and_transforms arguments: the local file and the tag's settings."""
+        cfg = self._pretrained_cfg()
+        return {"pretrained": self.checkpoint(),
+                "force_quick_gelu": bool(cfg.get("quick_gelu", False)),
+                "image_mean": cfg.get("mean"), "image_std": cfg.get("std"),
+                "image_interpolation": cfg.get("interpolation"),
+                "image_resize_mode": cfg.get("resize_mode")}
+
     def load(self, device: str | torch.device = "cpu") -> tuple[Any, Any, Any]:
         """(model, preprocess, tokenizer), built once; weights only from local files."""
         if self._loaded is None:
             import open_clip
 
-            ckpt = self.checkpoint()
-            cfg = self._pretrained_cfg()
-            if ckpt is None:
+            kwargs = self.create_kwargs()
+            if kwargs["pretrained"] is None:
                 warnings.warn(f"clip_score: {self.model_name} with random weights "
                               "(pretrained=None)", stacklevel=2)
             model, _, preprocess = open_clip.create_model_and_transforms(
-                self.model_name, pretrained=ckpt, device=device,
-                force_quick_gelu=bool(cfg.get("quick_gelu", False)),
-                image_mean=cfg.get("mean"), image_std=cfg.get("std"),
-                image_interpolation=cfg.get("interpolation"),
-                image_resize_mode=cfg.get("resize_mode"), cache_dir=self.cache_dir)
+                self.model_name, device=device, **kwargs)
             self._loaded = (model.eval(), preprocess, open_clip.get_tokenizer(self.model_name))
         return self._loaded
 

@@ -109,7 +109,7 @@ class ImageRewardScore(Metric):
         raise MissingWeightsError(
             "image_reward needs BLIP's bert-base-uncased tokenizer: run `hf download "
             f"bert-base-uncased vocab.txt tokenizer.json tokenizer_config.json --local-dir {d}`"
-            + ("" if self.tokenizer else " (DIR: the ImageReward weights directory)"))
+            + (" (DIR: the ImageReward weights directory)" if d.parts[0] == "DIR" else ""))
 
     # ---- the plugin interface
     def config(self) -> dict[str, Any]:
@@ -137,8 +137,9 @@ class ImageRewardScore(Metric):
             return
         from importlib.util import find_spec
 
-        if find_spec("ImageReward") is None:
-            raise MissingWeightsError(f"image_reward needs the image-reward package: {INSTALL}")
+        for module, package in [("ImageReward", "image-reward"), ("timm", "timm")]:
+            if find_spec(module) is None:
+                raise MissingWeightsError(f"image_reward needs the {package} package: {INSTALL}")
         self.files()
         self.tokenizer_dir()
 

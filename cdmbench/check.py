@@ -1,0 +1,358 @@
+"""Regression check: compare the latest results with a baseline file (DESIGN.md section 7).
+
+Baseline file: CSV with columns backbone, method, steps, metric, value, higher_is_better and an
+optional per-row ``tolerance``. ``write_baseline`` writes it from the latest results: the numbers
+the report shows (newest record per model, step count, metric and seed; newest prompt set; mean
+over seeds), with an empty tolerance column to fill in where the default does not fit.
+
+Tolerance: how much worse than the baseline a value may get, in the metric's direction, either
+absolute ("0.5") or relative to the baseline's magnitude ("10%"). The first that applies wins:
+the caller's ``tolerances`` (metric -> tolerance), the row's tolerance column, DEFAULT_TOLERANCES,
+and FALLBACK_TOLERANCE (10%) for any other metric. Defaults:
+
+    fd_digits 15%   fid 10%   kid 10%   prompt_acc 0.02   precision, recall, density, coverage 0.05
+    clip_score 1.0   image_reward 0.1
+
+Machine-dependent metrics (latency_*, *_ms) are skipped unless the caller or the row gives a
+tolerance, because they measure the machine as much as the model.
+
+Verdicts: "ok" (within tolerance), "better" (improved by more than the tolerance), "REGRESSION"
+(worse by more than the tolerance, or the current value is not finite), "missing" (a baseline
+row with no current value), "skipped" (machine-dependent without a tolerance) and "new" (a
+current value the baseline lacks; informational). ``exit_code`` is 1 on any REGRESSION or
+missing, else 0; bad input raises UserError (the CLI exits 2).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from cdmbench.errors import UserError
+from cdmbench.io import atomic_write_text
+from cdmbench.report import (
+    DOWN,
+    UP,
+    _method_key,
+    default_direction,
+    latest_values,
+    load_records,
+    machine_dependent,
+)
+
+DEFAULT_TOLERANCES: dict[str, str] = {
+    "fd_digits": "15%", "fid": "10%", "kid": "10%", "prompt_acc": "0.02", "precision": "0.05",
+    "recall": "0.05", "density": "0.05", "coverage": "0.05", "clip_score": "1.0",
+    "image_reward": "0.1",
+}
+FALLBACK_TOLERANCE = "10%"
+BASELINE_COLUMNS = ["backbone", "method", "steps", "metric", "value", "higher_is_better",
+                    "tolerance"]
+FAILING = ("REGRESSION", "missing")
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """How much worse a value may get: ``amount`` absolute, or a fraction of |baseline|."""
+
+    amount: float
+    relative: bool
+
+    def allowed(self, baseline: float) -> float:
+        return self.amount * abs(baseline) if self.relative else self.amount
+
+    def __str__(self) -> str:
+        return f"{self.amount * 100:g}%" if self.relative else f"{self.amount:g}"
+
+
+def parse_tolerance(text: str | float | int) -> Tolerance:
+    """"10%" -> relative 0.10; "0.5" (or 0.5) -> absolute 0.5; UserError otherwise."""
+    raw = str(text).strip()
+    relative = raw.endswith("%")
+    try:
+        amount = float(raw[:-1].strip() if relative else raw)
+    except ValueError:
+        amount = math.nan
+    if not math.isfinite(amount) or amount < 0:
+        raise UserError(f"bad tolerance '{text}': use an absolute amount like 0.5 "
+                        "or a relative one like 10%")
+    return Tolerance(amount / 100 if relative else amount, relative)
+
+
+def default_tolerance(metric: str) -> str | None:
+    """The default tolerance of a metric; None for machine-dependent ones (not checked)."""
+    if metric in DEFAULT_TOLERANCES:
+        return DEFAULT_TOLERANCES[metric]
+    return None if machine_dependent(metric) else FALLBACK_TOLERANCE
+
+
+@dataclass
+class CheckRow:
+    """One compared number."""
+
+    backbone: str
+    method: str
+    steps: int
+    metric: str
+    higher_is_better: bool
+    baseline: float | None
+    now: float | None
+    change: float | None  # now - baseline
+    tolerance: str  # as applied, e.g. "15%", "0.02"; "" when skipped
+    verdict: str
+    note: str = ""
+
+    @property
+    def change_pct(self) -> float | None:
+        if self.change is None or not self.baseline:
+            return None
+        return 100.0 * self.change / abs(self.baseline)
+
+
+@dataclass
+class CheckResult:
+    """Rows compared against the baseline, warnings, and the verdict as an exit code."""
+
+    rows: list[CheckRow]
+    baseline_path: Path
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def failures(self) -> list[CheckRow]:
+        return [r for r in self.rows if r.verdict in FAILING]
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.failures else 0
+
+    def counts(self) -> Counter[str]:
+        return Counter(r.verdict for r in self.rows)
+
+    def summary(self) -> str:
+        """One line: passed/failed and how many rows had each verdict."""
+        order = ["REGRESSION", "missing", "ok", "better", "skipped", "new"]
+        c = self.counts()
+        parts = ", ".join(f"{c[v]} {v}" for v in order if c[v])
+        head = "check FAILED" if self.exit_code else "check passed"
+        return f"{head}: {parts or 'nothing compared'} (baseline {self.baseline_path})"
+
+    def to_frame(self) -> pd.DataFrame:
+        return pd.DataFrame([{**asdict(r), "change_pct": r.change_pct} for r in self.rows])
+
+    def render_rich(self, only_changes: bool = False):
+        """A rich diff table; ``only_changes`` hides the ok/skipped rows."""
+        return render_rich(self, only_changes)
+
+
+_STYLE = {"REGRESSION": "bold red", "missing": "red", "better": "green", "ok": "",
+          "skipped": "dim", "new": "cyan"}
+
+
+def _num(v: float | None, signed: bool = False) -> str:
+    if v is None:
+        return "–"
+    if not math.isfinite(v):
+        return str(v)
+    a = abs(v)
+    d = 4 if a < 1 else 3 if a < 10 else 2 if a < 1000 else 0
+    return f"{v:+.{d}f}" if signed else f"{v:.{d}f}"
+
+
+def render_rich(result: CheckResult, only_changes: bool = False):
+    """The diff table: baseline, now, change (and %), tolerance, verdict, coloured."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table(title=f"check against {escape(str(result.baseline_path))}",
+                  caption=escape(result.summary()))
+    for name, right in (("backbone", False), ("method", False), ("steps", True),
+                        ("metric", False), ("baseline", True), ("now", True),
+                        ("change", True), ("tolerance", True), ("verdict", False),
+                        ("note", False)):
+        table.add_column(name, justify="right" if right else "left")
+    for r in result.rows:
+        if only_changes and r.verdict in ("ok", "skipped"):
+            continue
+        pct = r.change_pct
+        change = _num(r.change, signed=True) + (f" ({pct:+.1f}%)" if pct is not None else "")
+        style = _STYLE.get(r.verdict, "")
+        verdict = f"[{style}]{r.verdict}[/{style}]" if style else r.verdict
+        arrow = UP if r.higher_is_better else DOWN
+        table.add_row(r.backbone, r.method, str(r.steps), escape(f"{r.metric} {arrow}"),
+                      _num(r.baseline), _num(r.now), change, r.tolerance, verdict,
+                      escape(r.note))
+    return table
+
+
+# ------------------------------------------------------------------------------ baseline
+def _parse_bool(v: str) -> bool | None:
+    s = v.strip().lower()
+    if s in ("true", "1", "yes", "y", "t"):
+        return True
+    if s in ("false", "0", "no", "n", "f"):
+        return False
+    return None
+
+
+def read_baseline(path: str | Path) -> pd.DataFrame:
+    """The baseline rows, validated: UserError with a one-line message on any bad input."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"baseline file {p} not found; write one from the current results first")
+    try:
+        raw = pd.read_csv(p, dtype=str, keep_default_na=False, skipinitialspace=True)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot read baseline {p}: {first}") from None
+    raw.columns = [str(c).strip() for c in raw.columns]
+    need = [c for c in BASELINE_COLUMNS if c not in ("tolerance", "higher_is_better")]
+    lacking = [c for c in need if c not in raw.columns]
+    if lacking:
+        raise UserError(f"baseline {p} lacks column(s) {', '.join(lacking)} "
+                        f"(needs {', '.join(BASELINE_COLUMNS)}; tolerance optional)")
+    if raw.empty:
+        raise UserError(f"baseline {p} has no rows")
+    rows, seen = [], {}
+    for i, r in raw.iterrows():
+        line = int(i) + 2  # header is line 1
+        where = f"{p}:{line}"
+        try:
+            steps = int(str(r["steps"]).strip())
+        except ValueError:
+            raise UserError(f"{where}: bad steps '{r['steps']}'") from None
+        try:
+            value = float(str(r["value"]).strip())
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value):
+            raise UserError(f"{where}: bad value '{r['value']}' (need a finite number)")
+        hib_text = str(r.get("higher_is_better", "")).strip()
+        hib = _parse_bool(hib_text) if hib_text else None
+        if hib_text and hib is None:
+            raise UserError(f"{where}: bad higher_is_better '{hib_text}' (use true or false)")
+        tol = str(r.get("tolerance", "")).strip()
+        if tol:
+            try:
+                parse_tolerance(tol)
+            except UserError as e:
+                raise UserError(f"{where}: {e}") from None
+        row = {"backbone": str(r["backbone"]).strip(), "method": str(r["method"]).strip(),
+               "steps": steps, "metric": str(r["metric"]).strip(), "value": value,
+               "higher_is_better": hib, "tolerance": tol, "line": line}
+        if not row["backbone"] or not row["method"] or not row["metric"]:
+            raise UserError(f"{where}: empty backbone, method or metric")
+        key = (row["backbone"], row["method"], steps, row["metric"])
+        if key in seen:
+            raise UserError(f"{where}: duplicate of line {seen[key]} "
+                            f"({'/'.join(map(str, key))})")
+        seen[key] = line
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def write_baseline(results_dir: str | Path, path: str | Path,
+                   backbone: str | None = None) -> pd.DataFrame:
+    """Write the latest results (of ``backbone``; all if None) as a baseline CSV; return its rows.
+
+    Non-finite values are left out. The tolerance column is written empty (defaults apply).
+    """
+    df, _ = load_records(results_dir)
+    if df.empty:
+        raise UserError(f"no readable results in {results_dir}; run cdmbench eval first")
+    if backbone is not None:
+        have = sorted(df["backbone"].unique())
+        df = df[df["backbone"] == backbone]
+        if df.empty:
+            raise UserError(f"no results for backbone {backbone} in {results_dir} "
+                            f"(have: {', '.join(have)})")
+    vals = latest_values(df)
+    vals = vals[vals["value"].map(math.isfinite)]
+    if vals.empty:
+        raise UserError(f"no finite results to write a baseline from in {results_dir}")
+    out = vals[BASELINE_COLUMNS[:-1]].copy()
+    out["higher_is_better"] = out.apply(
+        lambda r: r["higher_is_better"] if isinstance(r["higher_is_better"], bool)
+        else bool(default_direction(r["metric"])), axis=1)
+    out["tolerance"] = ""
+    out = out.reset_index(drop=True)
+    atomic_write_text(path, out.to_csv(index=False))
+    return out
+
+
+# --------------------------------------------------------------------------------- check
+def check(results_dir: str | Path, baseline_csv: str | Path,
+          tolerances: Mapping[str, str | float] | None = None,
+          backbone: str | None = None) -> CheckResult:
+    """Compare the latest results under ``results_dir`` with the baseline file."""
+    base = read_baseline(baseline_csv)
+    if backbone is not None:
+        have = sorted(base["backbone"].unique())
+        base = base[base["backbone"] == backbone]
+        if base.empty:
+            raise UserError(f"baseline {baseline_csv} has no rows for backbone {backbone} "
+                            f"(it has: {', '.join(have)})")
+    overrides = {str(m).strip(): str(parse_tolerance(t)) for m, t in (tolerances or {}).items()}
+    df, warnings = load_records(results_dir)
+    if df.empty:
+        warnings.append(f"no readable results in {results_dir}")
+    for m in overrides:
+        if m not in set(base["metric"]):
+            warnings.append(f"tolerance for {m} unused: the baseline has no {m} rows")
+    df = df[df["backbone"].isin(set(base["backbone"]))] if not df.empty else df
+    now = latest_values(df)
+    current = {(r.backbone, r.method, int(r.steps), r.metric): r for r in now.itertuples()}
+    rows = []
+    for b in base.itertuples():
+        key = (b.backbone, b.method, int(b.steps), b.metric)
+        cur = current.pop(key, None)
+        hib = b.higher_is_better
+        if hib is None:
+            cur_hib = getattr(cur, "higher_is_better", None) if cur is not None else None
+            hib = cur_hib if isinstance(cur_hib, bool) else default_direction(b.metric)
+            if hib is None:
+                raise UserError(f"{baseline_csv}:{b.line}: higher_is_better missing and {b.metric} "
+                                "has no known direction")
+        elif cur is not None and isinstance(cur.higher_is_better, bool) \
+                and cur.higher_is_better != hib:
+            warnings.append(f"{b.metric}: the baseline says higher_is_better={hib}, the results "
+                            f"say {cur.higher_is_better}; using the baseline's")
+        tol = overrides.get(b.metric) or b.tolerance or default_tolerance(b.metric)
+        now_v = None if cur is None else float(cur.value)
+        rows.append(_compare(b.backbone, b.method, int(b.steps), b.metric, bool(hib), b.value,
+                             now_v, tol))
+    for key, cur in current.items():
+        rows.append(CheckRow(*key, higher_is_better=bool(cur.higher_is_better), baseline=None,
+                             now=float(cur.value), change=None, tolerance="", verdict="new",
+                             note="not in the baseline"))
+    rows.sort(key=lambda r: (r.backbone, _method_key(r.method), r.steps, r.metric))
+    return CheckResult(rows, Path(baseline_csv), warnings)
+
+
+def _compare(backbone: str, method: str, steps: int, metric: str, hib: bool, base: float,
+             now: float | None, tol_text: str | None) -> CheckRow:
+    row = CheckRow(backbone, method, steps, metric, hib, base, now,
+                   None if now is None else now - base, "", "ok")
+    if tol_text is None:
+        row.verdict, row.note = "skipped", "machine-dependent; give a tolerance to check it"
+        return row
+    tol = parse_tolerance(tol_text)
+    row.tolerance = str(tol)
+    if now is None:
+        row.verdict, row.note = "missing", "no current result"
+        return row
+    if not math.isfinite(now):
+        row.verdict, row.note = "REGRESSION", "current value is not finite"
+        return row
+    worse_by = (base - now) if hib else (now - base)
+    allowed = tol.allowed(base) + 1e-12 * max(1.0, abs(base))  # float noise never fails
+    if worse_by > allowed:
+        row.verdict = "REGRESSION"
+        row.note = f"worse by {_num(worse_by)} > allowed {_num(tol.allowed(base))}"
+    elif -worse_by > allowed:
+        row.verdict = "better"
+    return row

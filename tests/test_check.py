@@ -1,0 +1,210 @@
+"""Regression check: baseline round trip, tolerances, directions, missing rows, bad input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+
+from cdmbench.check import check, parse_tolerance, read_baseline, write_baseline
+from cdmbench.errors import UserError
+from cdmbench.results import ResultStore
+
+BASE = {("teacher", 1, "fd_digits"): 100.0, ("teacher", 1, "prompt_acc"): 0.90,
+        ("cdm", 1, "fd_digits"): 40.0, ("cdm", 1, "prompt_acc"): 0.80,
+        ("cdm", 2, "fd_digits"): 20.0, ("cdm", 2, "prompt_acc"): 0.95,
+        ("cdm", 1, "latency_ms"): 3.0}
+HIB = {"fd_digits": False, "prompt_acc": True, "latency_ms": False}
+
+
+def recs(values: dict[tuple[str, int, str], float], t: int = 0,
+         backbone: str = "digits") -> list[dict[str, Any]]:
+    return [{"run_id": f"{m}-run", "backbone": backbone, "method": m, "steps": s, "metric": k,
+             "value": v, "higher_is_better": HIB[k], "prompt_set": "digits", "seed": 0,
+             "time": f"2026-01-01T00:00:{t:02d}+0000", "n_samples": 10}
+            for (m, s, k), v in values.items()]
+
+
+def results_dir(tmp: Path, name: str, values: dict[tuple[str, int, str], float]) -> Path:
+    ResultStore(tmp / name).append(recs(values))
+    return tmp / name
+
+
+@pytest.fixture
+def baseline(tmp_path: Path) -> Path:
+    path = tmp_path / "baseline.csv"
+    rows = write_baseline(results_dir(tmp_path, "base", BASE), path, "digits")
+    assert len(rows) == len(BASE)
+    return path
+
+
+def changed(**kw: float) -> dict[tuple[str, int, str], float]:
+    """BASE with cdm @ 1 step metrics replaced."""
+    return {**BASE, **{("cdm", 1, k): v for k, v in kw.items()}}
+
+
+def verdict(result, method: str = "cdm", steps: int = 1, metric: str = "fd_digits") -> str:
+    return next(r.verdict for r in result.rows
+                if (r.method, r.steps, r.metric) == (method, steps, metric))
+
+
+def test_baseline_file_format(baseline):
+    df = pd.read_csv(baseline, keep_default_na=False)
+    assert list(df.columns) == ["backbone", "method", "steps", "metric", "value",
+                                "higher_is_better", "tolerance"]
+    assert (df["tolerance"] == "").all()
+    assert df.iloc[0][["method", "steps"]].tolist() == ["teacher", 1]  # teacher first
+    assert len(read_baseline(baseline)) == len(BASE)
+
+
+def test_unchanged_rerun_passes(baseline, tmp_path):
+    res = tmp_path / "base"
+    ResultStore(res).append(recs(BASE, t=30))  # a rerun with identical numbers, newer
+    result = check(res, baseline)
+    assert result.exit_code == 0
+    assert {r.verdict for r in result.rows} == {"ok", "skipped"}
+    assert verdict(result, metric="latency_ms") == "skipped"  # machine-dependent by default
+    assert result.summary().startswith("check passed")
+
+
+def test_degraded_beyond_tolerance_fails(baseline, tmp_path):
+    res = results_dir(tmp_path, "worse", changed(fd_digits=48.0))  # 20% worse, default 15%
+    result = check(res, baseline)
+    assert result.exit_code == 1 and verdict(result) == "REGRESSION"
+    assert [(r.method, r.steps, r.metric) for r in result.failures] == [("cdm", 1, "fd_digits")]
+    row = result.failures[0]
+    assert row.baseline == 40.0 and row.now == 48.0 and row.change == 8.0
+    assert row.change_pct == pytest.approx(20.0) and row.tolerance == "15%"
+    assert "FAILED" in result.summary()
+
+
+def test_degraded_within_tolerance_passes(baseline, tmp_path):
+    res = results_dir(tmp_path, "bitworse", changed(fd_digits=44.0, prompt_acc=0.79))
+    result = check(res, baseline)
+    assert result.exit_code == 0
+    assert verdict(result) == "ok" and verdict(result, metric="prompt_acc") == "ok"
+
+
+def test_direction_respected(baseline, tmp_path):
+    up = check(results_dir(tmp_path, "up", changed(prompt_acc=0.90, fd_digits=30.0)), baseline)
+    assert verdict(up, metric="prompt_acc") == "better" and verdict(up) == "better"
+    assert up.exit_code == 0
+    down = check(results_dir(tmp_path, "down", changed(prompt_acc=0.70)), baseline)
+    assert verdict(down, metric="prompt_acc") == "REGRESSION" and down.exit_code == 1
+
+
+def test_parse_tolerance():
+    rel, ab = parse_tolerance("10%"), parse_tolerance("0.5")
+    assert rel.relative and rel.amount == pytest.approx(0.10) and rel.allowed(-40) == 4.0
+    assert not ab.relative and ab.amount == 0.5 and ab.allowed(1000.0) == 0.5
+    assert parse_tolerance(" 2.5 % ").allowed(100) == pytest.approx(2.5)
+    assert str(rel) == "10%" and str(ab) == "0.5" and parse_tolerance(0.1).amount == 0.1
+    for bad in ("abc", "-1", "", "%", "nan", "5%%"):
+        with pytest.raises(UserError, match="bad tolerance"):
+            parse_tolerance(bad)
+
+
+def test_caller_and_row_tolerances(baseline, tmp_path):
+    res = results_dir(tmp_path, "plus1", changed(fd_digits=41.0, latency_ms=3.5))
+    assert verdict(check(res, baseline)) == "ok"  # default 15% of 40 = 6
+    assert verdict(check(res, baseline, {"fd_digits": "0.5"})) == "REGRESSION"  # absolute
+    assert verdict(check(res, baseline, {"fd_digits": "2%"})) == "REGRESSION"  # 0.8 < 1
+    assert verdict(check(res, baseline, {"fd_digits": "3%"})) == "ok"  # 1.2 >= 1
+    assert verdict(check(res, baseline, {"fd_digits": 1.5})) == "ok"
+    # latency is checked once a tolerance is given: 3.0 -> 3.5 ms
+    assert verdict(check(res, baseline, {"latency_ms": "10%"}), metric="latency_ms") \
+        == "REGRESSION"
+    assert verdict(check(res, baseline, {"latency_ms": "1.0"}), metric="latency_ms") == "ok"
+    # a per-row tolerance in the file overrides the default; the caller's overrides the row
+    df = pd.read_csv(baseline, keep_default_na=False)
+    df.loc[(df["method"] == "cdm") & (df["steps"] == 1) & (df["metric"] == "fd_digits"),
+           "tolerance"] = "0.1"
+    df.loc[df["metric"] == "latency_ms", "tolerance"] = "20%"
+    df.to_csv(baseline, index=False)
+    row_tol = check(res, baseline)
+    assert verdict(row_tol) == "REGRESSION" and verdict(row_tol, metric="latency_ms") == "ok"
+    assert verdict(check(res, baseline, {"fd_digits": "10%"})) == "ok"
+
+
+def test_missing_rows_fail(baseline, tmp_path):
+    values = {k: v for k, v in BASE.items() if k != ("cdm", 2, "prompt_acc")}
+    result = check(results_dir(tmp_path, "partial", values), baseline)
+    assert verdict(result, steps=2, metric="prompt_acc") == "missing"
+    assert result.exit_code == 1
+    empty = check(tmp_path / "nothing", baseline)
+    assert empty.exit_code == 1 and any("no readable results" in w for w in empty.warnings)
+    assert {r.verdict for r in empty.rows} == {"missing", "skipped"}
+
+
+def test_new_rows_reported_not_failing(baseline, tmp_path):
+    values = {**BASE, ("cdm", 4, "fd_digits"): 15.0}
+    result = check(results_dir(tmp_path, "more", values), baseline)
+    assert verdict(result, steps=4) == "new" and result.exit_code == 0
+
+
+def test_non_finite_value_is_a_regression(baseline, tmp_path):
+    result = check(results_dir(tmp_path, "nan", changed(fd_digits=float("nan"))), baseline)
+    assert verdict(result) == "REGRESSION" and result.exit_code == 1
+
+
+def test_backbone_filter(tmp_path):
+    res = tmp_path / "two"
+    ResultStore(res).append(recs(BASE) + recs({("teacher", 1, "fd_digits"): 9.0},
+                                              backbone="toy"))
+    path = tmp_path / "all.csv"
+    write_baseline(res, path)
+    assert set(pd.read_csv(path)["backbone"]) == {"digits", "toy"}
+    assert {r.backbone for r in check(res, path, backbone="toy").rows} == {"toy"}
+    with pytest.raises(UserError, match=r"no rows for backbone sd15 \(it has: digits, toy\)"):
+        check(res, path, backbone="sd15")
+    with pytest.raises(UserError, match="no results for backbone sd15"):
+        write_baseline(res, tmp_path / "x.csv", "sd15")
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "not found"),
+    ("", "cannot read baseline"),
+    ('backbone,method,steps,metric,value\n"digits,cdm,1\n', "cannot read baseline"),
+    ("backbone,method,value\ndigits,cdm,1\n", "lacks column"),
+    ("backbone,method,steps,metric,value\n", "no rows"),
+    ("backbone,method,steps,metric,value\ndigits,cdm,one,fd_digits,1\n", "bad steps"),
+    ("backbone,method,steps,metric,value\ndigits,cdm,1,fd_digits,x\n", "bad value"),
+    ("backbone,method,steps,metric,value,tolerance\ndigits,cdm,1,fd_digits,1,lots\n",
+     "bad tolerance"),
+    ("backbone,method,steps,metric,value,higher_is_better\ndigits,cdm,1,fd_digits,1,maybe\n",
+     "bad higher_is_better"),
+    ("backbone,method,steps,metric,value\ndigits,cdm,1,fd_digits,1\ndigits,cdm,1,fd_digits,2\n",
+     "duplicate of line 2"),
+])
+def test_bad_baseline_is_a_user_error(tmp_path, content, message):
+    path = tmp_path / "b.csv"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(UserError, match=message) as e:
+        check(results_dir(tmp_path, "r", BASE), path)
+    assert "\n" not in str(e.value)
+
+
+def test_bad_caller_tolerance_is_a_user_error(baseline, tmp_path):
+    with pytest.raises(UserError, match="bad tolerance"):
+        check(results_dir(tmp_path, "r", BASE), baseline, {"fd_digits": "ten"})
+
+
+def test_direction_from_defaults_when_column_absent(tmp_path):
+    path = tmp_path / "b.csv"
+    path.write_text("backbone,method,steps,metric,value\ndigits,cdm,1,fd_digits,40\n")
+    result = check(results_dir(tmp_path, "r", changed(fd_digits=30.0)), path)
+    assert verdict(result) == "better"
+
+
+def test_render_rich(baseline, tmp_path):
+    from rich.console import Console
+
+    result = check(results_dir(tmp_path, "worse", changed(fd_digits=48.0)), baseline)
+    console = Console(record=True, width=160)
+    console.print(result.render_rich())
+    text = console.export_text()
+    assert "REGRESSION" in text and "+8.000 (+20.0%)" in text and "fd_digits ↓" in text
+    console.print(result.render_rich(only_changes=True))
