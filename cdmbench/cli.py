@@ -229,7 +229,13 @@ def eval_cmd(
 
     from cdmbench.backbones import get_backbone
     from cdmbench.config import parse_steps
-    from cdmbench.evaluate import EvalPlan, run_candidates, run_eval, teacher_candidate
+    from cdmbench.evaluate import (
+        EvalPlan,
+        default_metrics,
+        run_candidates,
+        run_eval,
+        teacher_candidate,
+    )
     from cdmbench.results import ResultStore
     from cdmbench.training.core import init_distributed
 
@@ -263,12 +269,6 @@ def eval_cmd(
         _print_records(new, plan)
 
 
-def default_metrics(backbone: str) -> list[str]:
-    if backbone == "digits":
-        return ["fd_digits", "prompt_acc", "precision_recall", "latency"]
-    return ["fid", "clip_score", "precision_recall", "latency"]
-
-
 def _prompts(spec: str, bb):
     from cdmbench.prompts_io import load_prompt_set
 
@@ -295,13 +295,131 @@ def _print_records(new: list[dict], plan) -> None:
     out.print(f"{len(new)} records appended to {plan.results.path}")
 
 
+# ---------------------------------------------------------------------------- report
+@app.command()
+def report(
+    results: Annotated[Path, typer.Option(help="Results directory (records.jsonl).")] = Path("results"),
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Where to write report.{md,csv,tex,html} "
+                                                 "(default: the results directory).")] = None,
+    backbone: Annotated[str | None, typer.Option(help="Only this backbone.")] = None,
+    methods: Annotated[str | None, typer.Option(help="Comma-separated methods (and/or teacher).")] = None,
+    metrics: Annotated[str | None, typer.Option(help="Comma-separated metric values, e.g. fd_digits,recall.")] = None,
+    latest: Annotated[bool, typer.Option("--latest/--all", help="Newest record per cell, or every run.")] = True,
+    samples_per_cell: Annotated[int, typer.Option(help="Images per grid cell in the HTML page (0: no grids).")] = 10,
+) -> None:
+    """Pivot the results (method x steps, one column per metric) into markdown, CSV, LaTeX and HTML.
+
+    The HTML page is self-contained (plots and sample grids embedded) and opens in any browser.
+    """
+    from cdmbench.report import build_report, render_rich
+
+    outs = build_report(results, out_dir or results, backbone=backbone, methods=methods, metrics=metrics,
+                        latest=latest, samples_per_cell=samples_per_cell)
+    out.print(render_rich(outs.table, title=f"cdmbench report — {outs.n_records} records"))
+    for w in outs.warnings:
+        console.print(f"[yellow]warning:[/] {w}", highlight=False)
+    out.print("wrote " + ", ".join(str(p) for p in outs.files))
+
+
+# ----------------------------------------------------------------------------- check
+@app.command()
+def check(
+    baseline: Annotated[Path, typer.Option(help="Baseline CSV (backbone, method, steps, metric, value, ...).")] = Path(
+        "results/baseline/digits.csv"),
+    results: Annotated[Path, typer.Option(help="Results directory to check.")] = Path("results"),
+    backbone: Annotated[str | None, typer.Option(help="Only this backbone.")] = None,
+    tolerance: Annotated[list[str] | None, typer.Option(help="Per-metric tolerance, e.g. fd_digits=10% or "
+                                                        "prompt_acc=0.01 (absolute).")] = None,
+    write_baseline: Annotated[bool, typer.Option("--write-baseline", help="Write the baseline from the current "
+                                                 "results instead of checking.")] = False,
+    only_changes: Annotated[bool, typer.Option(help="Show only rows that are not 'ok'.")] = False,
+) -> None:
+    """Compare the latest results with a baseline; exit 1 on a regression beyond tolerance.
+
+    Each metric's direction decides what is worse. Default tolerances: fd_digits 15%, fid 10%,
+    prompt_acc 0.02, precision/recall 0.05, clip_score 1.0, image_reward 0.1; latency is skipped
+    unless a tolerance is given. Exit status: 0 pass, 1 regression or missing row, 2 bad input.
+    """
+    from cdmbench.check import check as run_check
+    from cdmbench.check import write_baseline as do_write
+
+    if write_baseline:
+        df = do_write(results, baseline, backbone)
+        out.print(f"wrote {len(df)} baseline rows to {baseline}")
+        return
+    tols = {}
+    for t in tolerance or []:
+        if "=" not in t:
+            raise UserError(f"bad --tolerance '{t}': use METRIC=VALUE, e.g. fd_digits=10%")
+        k, v = t.split("=", 1)
+        tols[k.strip()] = v.strip()
+    res = run_check(results, baseline, tols or None, backbone)
+    out.print(res.render_rich(only_changes=only_changes))
+    for w in res.warnings:
+        console.print(f"[yellow]warning:[/] {w}", highlight=False)
+    out.print(res.summary())
+    raise typer.Exit(res.exit_code)
+
+
+# ----------------------------------------------------------------------------- bench
+@app.command()
+def bench(
+    backbone: Annotated[str, typer.Option(help="Backbone.")] = "digits",
+    methods: Annotated[str | None, typer.Option(help="Comma-separated methods (default: all built-in).")] = None,
+    steps: Annotated[str, typer.Option(help="Step counts to evaluate.")] = "1,2,4",
+    quick: Annotated[bool, typer.Option("--quick", help="CI budget: 1/5 of the training iterations, "
+                                        "50 samples per prompt.")] = False,
+    seed: Annotated[int, typer.Option(help="Seed of training and evaluation.")] = 0,
+    runs: Annotated[Path, typer.Option(help="Root of training run directories.")] = Path("runs"),
+    samples: Annotated[Path, typer.Option(help="Where generated samples are kept.")] = Path("runs/samples"),
+    results: Annotated[Path, typer.Option(help="Results directory; the report is written there too.")] = Path("results"),
+    workers: Annotated[int, typer.Option(help="Methods trained in parallel on CPU (one thread each).")] = 2,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+) -> None:
+    """The main job: train every method (default budgets), evaluate at 1, 2, 4 steps, write the report.
+
+    The shipped teacher is reused. Every stage is content-keyed: a second run reuses what is
+    finished, and an interrupted run continues where it stopped.
+    """
+    import time
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from cdmbench.bench import BenchConfig, methods_arg, run_bench
+    from cdmbench.config import parse_steps
+    from cdmbench.report import build_report, render_rich
+
+    BACKBONES.entry(backbone)
+    ms = methods_arg(methods, ("cdm", "dmd", "dmd2", "cd"))
+    for m in ms:
+        METHODS.entry(m)
+    cfg = BenchConfig(backbone=backbone, methods=ms, steps=tuple(parse_steps(steps)), quick=quick, seed=seed,
+                      runs=runs, samples=samples, results=results, workers=workers, device=device)
+    t0 = time.perf_counter()
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console) as bar:
+        tasks: dict[str, int] = {}
+
+        def on(label: str, done: int, total: int) -> None:
+            if label not in tasks:
+                tasks[label] = bar.add_task(label, total=total or None)
+            bar.update(tasks[label], completed=done, total=total or None)
+
+        run_dirs, new = run_bench(cfg, on_train=lambda m, i, n: on(f"train {m}", i, n), on_eval=on)
+    outs = build_report(results, results, backbone=backbone)
+    out.print(render_rich(outs.table, title=f"cdmbench bench — {backbone}{' (quick)' if quick else ''}"))
+    out.print(f"{len(new)} new records; report: {outs.html} ({time.perf_counter() - t0:.0f}s)")
+
+
 # ------------------------------------------------------------------------------ main
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors become one line on stderr and exit status 2."""
     from cdmbench.training.core import CheckpointError, NonFiniteLossError
 
     try:
-        app(args=argv, standalone_mode=False)
+        rc = app(args=argv, standalone_mode=False)
+        if isinstance(rc, int) and rc:
+            sys.exit(rc)
     except (UserError, UnknownNameError, CheckpointError, NonFiniteLossError, FileNotFoundError) as e:
         if DEBUG["on"]:
             raise

@@ -62,8 +62,6 @@ def teacher_candidate(backbone: Backbone, weights: str | None = None) -> Candida
 def run_candidates(runs_root: str | Path, backbone: Backbone, methods: Sequence[str] | None = None,
                    device: str = "cpu") -> list[Candidate]:
     """The newest finished run of each method under ``runs_root/<backbone>``."""
-    from cdmbench.training.run import load_run
-
     root = Path(runs_root) / backbone.name
     newest: dict[str, Path] = {}
     for info in sorted(root.glob("*/run.json"), key=lambda p: p.stat().st_mtime) if root.is_dir() else []:
@@ -75,12 +73,26 @@ def run_candidates(runs_root: str | Path, backbone: Backbone, methods: Sequence[
         if missing:
             raise UserError(f"no finished run of {', '.join(missing)} on {backbone.name} under {runs_root}; "
                             f"train it first: cdmbench train {missing[0]} --backbone {backbone.name}")
+    return candidates_from_dirs([newest[m] for m in sorted(newest)], device)
+
+
+def candidates_from_dirs(run_dirs: Sequence[Path], device: str = "cpu") -> list[Candidate]:
+    """Candidates for the given finished run directories (weights hash-verified)."""
+    from cdmbench.training.run import load_run
+
     out = []
-    for method, run_dir in sorted(newest.items()):
+    for run_dir in run_dirs:
         r = load_run(run_dir, device=device)
-        out.append(Candidate(method, run_dir.name, "sha256:" + r.info["student_sha256"][:16], r.student,
-                             lambda n, r=r: r.method.sampler(n, r.backbone.shift)))
+        out.append(Candidate(r.info["method"], Path(run_dir).name, "sha256:" + r.info["student_sha256"][:16],
+                             r.student, lambda n, r=r: r.method.sampler(n, r.backbone.shift)))
     return out
+
+
+def default_metrics(backbone: str) -> list[str]:
+    """What `cdmbench eval` scores when --metrics is not given."""
+    if backbone == "digits":
+        return ["fd_digits", "prompt_acc", "precision_recall", "latency"]
+    return ["fid", "clip_score", "precision_recall", "latency"]
 
 
 # --------------------------------------------------------------------------- generation

@@ -589,7 +589,8 @@ def _resolve_folder(p: str, results_dir: Path) -> Path | None:
 
 
 def _first_samples(folder: Path, k: int, warnings: list[str]) -> list[dict[str, Any]]:
-    """The first k manifest entries (sorted PNG names if the manifest is absent)."""
+    """k manifest entries, one per prompt in turn (sample 0 of every prompt, then sample 1, ...),
+    so a grid cell shows the variety of the prompt set; sorted PNG names without a manifest."""
     manifest = folder / "manifest.jsonl"
     if not manifest.is_file():
         warnings.append(f"{folder}: no manifest.jsonl; showing PNGs in name order")
@@ -597,8 +598,6 @@ def _first_samples(folder: Path, k: int, warnings: list[str]) -> list[dict[str, 
     out = []
     with open(manifest, encoding="utf-8", errors="replace") as f:
         for n, line in enumerate(f, 1):
-            if len(out) >= k:
-                break
             try:
                 e = json.loads(line)
                 if not isinstance(e, dict) or "file" not in e:
@@ -607,7 +606,9 @@ def _first_samples(folder: Path, k: int, warnings: list[str]) -> list[dict[str, 
                 warnings.append(f"{manifest}:{n}: unreadable manifest line skipped")
                 continue
             out.append(e)
-    return out
+    order = {pid: i for i, pid in enumerate(dict.fromkeys(e.get("prompt_id") for e in out))}
+    out.sort(key=lambda e: (e.get("index", 0), order[e.get("prompt_id")]))
+    return out[:k]
 
 
 def _thumb_size(w: int, h: int) -> tuple[int, int]:
