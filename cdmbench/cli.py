@@ -183,7 +183,7 @@ def train(
 
     with Progress(TextColumn(f"[bold]{method}[/] on {backbone}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[terms]}"),
-                  console=console, transient=False) as bar:
+                  console=console, transient=True) as bar:
         task = bar.add_task("train", total=train_cfg.iters, terms="")
         latest: dict[str, float] = {}
 

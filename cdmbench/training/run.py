@@ -77,12 +77,12 @@ def train_run(method: Method, backbone: Backbone, train_cfg: TrainConfig, out_ro
         raise UserError(f"nothing to resume: no checkpoint in {run_dir}; run without --resume to start")
     if resume is False and has_ckpt:
         raise UserError(f"{run_dir} has a checkpoint; add --resume to continue it or delete the directory")
+    trainer = Trainer(backbone, method, train_cfg, run_dir, teacher_weights)  # loads weights: fails before any write
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(run_dir / "config.json", payload)
     except OSError as e:
-        raise UserError(f"cannot create run directory {run_dir}: {e.strerror}; choose another --out") from None
-    atomic_write_json(run_dir / "config.json", payload)
-    trainer = Trainer(backbone, method, train_cfg, run_dir, teacher_weights)
+        raise UserError(f"cannot write run directory {run_dir}: {e.strerror}; choose another --out") from None
     start = 0
     if has_ckpt:
         try:
