@@ -257,13 +257,21 @@ class Trainer:
             "updates": self.updates,
             "nan_skipped": self.nan_skipped,
             "optims": {g: o.state_dict() for g, o in self.optims.items()},
-            "rng": {"g": self.g.get_state(), "g_shared": self.g_shared.get_state(),
+            "rng": {"g": self._rank_states(), "g_shared": self.g_shared.get_state(),
                     "torch": torch.get_rng_state()},
             "method_state": self.method.state_dict() if hasattr(self.method, "state_dict") else {},
             "method": self.method.name,
             "backbone": self.backbone.name,
         }
         return tensors, other
+
+    def _rank_states(self) -> list[Tensor]:
+        """Every rank's per-process generator state (a collective: all ranks must call it)."""
+        if self.world == 1:
+            return [self.g.get_state()]
+        states: list = [None] * self.world
+        dist.all_gather_object(states, self.g.get_state())
+        return states
 
     def save_checkpoint(self) -> Path:
         """Write models (safetensors) and optimizer/RNG state, then a manifest with hashes.
@@ -274,10 +282,10 @@ class Trainer:
         from safetensors.torch import save_file
 
         ckpt = self.run_dir / "checkpoint"
+        tensors, other = self.state()  # collective under several processes
         if self.rank != 0:
             return ckpt
         ckpt.mkdir(parents=True, exist_ok=True)
-        tensors, other = self.state()
         with atomic_path(ckpt / "models.safetensors") as tmp:
             save_file(tensors, str(tmp))
         with atomic_path(ckpt / "state.pt") as tmp:
@@ -315,7 +323,11 @@ class Trainer:
         self.it, self.updates, self.nan_skipped = other["it"], other["updates"], other["nan_skipped"]
         for g, o in self.optims.items():
             o.load_state_dict(other["optims"][g])
-        self.g.set_state(other["rng"]["g"])
+        states = other["rng"]["g"]
+        if len(states) != self.world:
+            raise CheckpointError(f"checkpoint {ckpt} was written by {len(states)} process(es), this run has "
+                                  f"{self.world}; resume with the same number of processes")
+        self.g.set_state(states[self.rank])
         self.g_shared.set_state(other["rng"]["g_shared"])
         torch.set_rng_state(other["rng"]["torch"])
         if hasattr(self.method, "load_state_dict"):
