@@ -150,3 +150,15 @@ METRICS.register("fid", "cdmbench.metrics.fid:FID",
                  description="FID, clean-fid 'clean' convention (Inception pool3, PIL bicubic 299); reference stats cached")
 METRICS.register("precision_recall", "cdmbench.metrics.prdc:PrecisionRecall",
                  description="improved precision/recall, k-NN manifolds, k = 3 (Kynkäänniemi et al. 2019)")
+BACKBONES.register("sd3", "cdmbench.backbones.sd3:SD3",
+                   description="Stable Diffusion 3 Medium through diffusers (arXiv 2403.03206); "
+                               "weights from the hub or $CDMBENCH_SD3")
+BACKBONES.register("tiny-sd3", "cdmbench.backbones.sd3:TinySD3",
+                   description="SD3's diffusers classes from tiny configs, random weights; "
+                               "offline, for tests")
+BACKBONES.register("longcat", "cdmbench.backbones.longcat:LongCat",
+                   description="LongCat-Image (arXiv:2512.07584) through diffusers; "
+                               "weights from the hub or $CDMBENCH_LONGCAT")
+BACKBONES.register("tiny-longcat", "cdmbench.backbones.longcat:TinyLongCat",
+                   description="LongCat-Image's diffusers classes from tiny configs, random weights; "
+                               "offline, for tests")
