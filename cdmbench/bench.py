@@ -34,10 +34,11 @@ class BenchConfig:
     per_prompt: int | None = None  # samples per prompt (digits: 200, quick 50)
     metrics: tuple[str, ...] | None = None
     device: str = "cpu"
+    iters: int | None = None  # override every method's iterations (None: its default budget)
 
 
 def _train_one(method: str, backbone: str, quick: bool, seed: int, runs: str, device: str, threads: int,
-               q=None) -> str:
+               q=None, iters: int | None = None) -> str:
     """Train (or reuse) one method's default run; returns the run directory."""
     if threads:
         torch.set_num_threads(threads)
@@ -47,8 +48,8 @@ def _train_one(method: str, backbone: str, quick: bool, seed: int, runs: str, de
     from cdmbench.training.run import train_run
 
     cls = METHODS.get(method)
-    tc, mc = resolve(cls, backbone, seed=seed, device=device)
-    if quick:
+    tc, mc = resolve(cls, backbone, seed=seed, device=device, iters=iters)
+    if quick and iters is None:
         from dataclasses import replace
 
         tc = replace(tc, iters=max(1, tc.iters // QUICK_FACTOR))
@@ -67,13 +68,13 @@ def train_all(cfg: BenchConfig, on_progress: Callable[[str, int, int], None] | N
     """Train every method; in parallel processes on CPU, one after another on GPU."""
     if cfg.device != "cpu" or cfg.workers <= 1 or len(cfg.methods) == 1:
         return {m: Path(_train_one(m, cfg.backbone, cfg.quick, cfg.seed, str(cfg.runs), cfg.device, 0,
-                                   _Relay(on_progress))) for m in cfg.methods}
+                                   _Relay(on_progress), cfg.iters)) for m in cfg.methods}
     ctx = mp.get_context("spawn")
     with ctx.Manager() as manager:
         q = manager.Queue()
         with ProcessPoolExecutor(max_workers=cfg.workers, mp_context=ctx) as pool:
             futures = {m: pool.submit(_train_one, m, cfg.backbone, cfg.quick, cfg.seed, str(cfg.runs), cfg.device,
-                                      1, q) for m in cfg.methods}
+                                      1, q, cfg.iters) for m in cfg.methods}
             while not all(f.done() for f in futures.values()):
                 try:
                     msg = q.get(timeout=0.2)

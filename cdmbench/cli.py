@@ -374,6 +374,9 @@ def bench(
     samples: Annotated[Path, typer.Option(help="Where generated samples are kept.")] = Path("runs/samples"),
     results: Annotated[Path, typer.Option(help="Results directory; the report is written there too.")] = Path("results"),
     workers: Annotated[int, typer.Option(help="Methods trained in parallel on CPU (one thread each).")] = 2,
+    iters: Annotated[int | None, typer.Option(help="Override every method's training iterations.")] = None,
+    num_samples: Annotated[int | None, typer.Option(help="Samples per prompt (digits: 200, quick 50).")] = None,
+    metrics: Annotated[str | None, typer.Option(help="Comma-separated metrics (default: the backbone's set).")] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
 ) -> None:
     """The main job: train every method (default budgets), evaluate at 1, 2, 4 steps, write the report.
@@ -393,8 +396,12 @@ def bench(
     ms = methods_arg(methods, ("cdm", "dmd", "dmd2", "cd"))
     for m in ms:
         METHODS.entry(m)
+    metric_names = tuple(m.strip() for m in metrics.split(",")) if metrics else None
+    for m in metric_names or ():
+        METRICS.entry(m)
     cfg = BenchConfig(backbone=backbone, methods=ms, steps=tuple(parse_steps(steps)), quick=quick, seed=seed,
-                      runs=runs, samples=samples, results=results, workers=workers, device=device)
+                      runs=runs, samples=samples, results=results, workers=workers, device=device, iters=iters,
+                      per_prompt=num_samples, metrics=metric_names)
     t0 = time.perf_counter()
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console) as bar:

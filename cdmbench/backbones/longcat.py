@@ -82,6 +82,7 @@ from cdmbench.errors import UserError
 HUB_ID = "meituan-longcat/LongCat-Image"
 ENV_VAR = "CDMBENCH_LONGCAT"
 COMPONENTS = ("scheduler", "vae", "text_encoder", "tokenizer", "transformer")
+TEXT_TOKENS = 512  # LongCatImagePipeline.tokenizer_max_length: prompt length, image id offset
 DEFAULT_STEPS = 50  # LongCatImagePipeline.__call__(num_inference_steps=50)
 DEFAULT_CFG = 4.5  # LongCatImagePipeline.__call__(guidance_scale=4.5)
 PROMPT_SET = "general"
@@ -143,8 +144,8 @@ def resolve_weights(weights: str | os.PathLike | None = None) -> str:
     path = Path(spec).expanduser()
     if path.exists():
         if not path.is_dir():
-            raise LongCatWeightsError(f"LongCat-Image weights at {path} are a file, not a diffusers "
-                                      f"pipeline directory; {FETCH_HINT}")
+            raise LongCatWeightsError(f"LongCat-Image weights at {path} are a file, not a "
+                                      f"diffusers pipeline directory; {FETCH_HINT}")
         missing = [c + "/" for c in COMPONENTS if not (path / c).is_dir()]
         if not (path / "model_index.json").is_file():
             missing.insert(0, "model_index.json")
@@ -153,7 +154,8 @@ def resolve_weights(weights: str | os.PathLike | None = None) -> str:
                                       f"{FETCH_HINT}")
         return str(path)
     if not _hub_id(spec):
-        raise LongCatWeightsError(f"LongCat-Image weights not found: {spec} does not exist; {FETCH_HINT}")
+        raise LongCatWeightsError(f"LongCat-Image weights not found: {spec} does not exist; "
+                                  f"{FETCH_HINT}")
     from huggingface_hub import hf_hub_download
 
     try:
@@ -201,8 +203,9 @@ class LongCat(Backbone):
 
     # ------------------------------------------------------------------------ set-up
     def _setup(self, name: str, device: str, dtype: torch.dtype | None,
-               train_dtype: torch.dtype | None, resolution: int | tuple[int, int], scheduler_config: Mapping[str, Any],
-               vae_config: Mapping[str, Any], steps: int, cfg: float, cfg_renorm: bool,
+               train_dtype: torch.dtype | None, resolution: int | tuple[int, int],
+               scheduler_config: Mapping[str, Any], vae_config: Mapping[str, Any],
+               steps: int, cfg: float, cfg_renorm: bool,
                cfg_renorm_min: float, gradient_checkpointing: bool) -> None:
         from diffusers.models.transformers.transformer_longcat_image import (
             LongCatImageSingleTransformerBlock,
@@ -212,7 +215,8 @@ class LongCat(Backbone):
         h, w = (resolution, resolution) if isinstance(resolution, int) else resolution
         f = 2 ** (len(vae_config["block_out_channels"]) - 1)  # the pipeline's vae_scale_factor
         if h % (2 * f) or w % (2 * f):
-            raise ValueError(f"resolution {h}x{w} must be a multiple of {2 * f} (VAE scale x 2x2 packing)")
+            raise UserError(f"LongCat resolution {h}x{w} must be a multiple of {2 * f} "
+                            "(VAE scale x 2x2 packing)")
         self.height, self.width, self.vae_scale_factor = h, w, f
         self.scheduler_config = dict(scheduler_config)
         self.vae_config = dict(vae_config)
@@ -239,8 +243,8 @@ class LongCat(Backbone):
         try:
             return dict(cls.load_config(self.source, subfolder=subfolder))
         except Exception as e:
-            raise LongCatWeightsError(f"LongCat-Image {subfolder} config not found in {self.source} "
-                                      f"({type(e).__name__}); {FETCH_HINT}") from None
+            raise LongCatWeightsError(f"LongCat-Image {subfolder} config not found in "
+                                      f"{self.source} ({type(e).__name__}); {FETCH_HINT}") from None
 
     def _pretrained(self, cls: type, subfolder: str, source: str | None = None, **kw: Any) -> Any:
         src = source or self.source
@@ -256,7 +260,8 @@ class LongCat(Backbone):
         from diffusers import LongCatImageTransformer2DModel
 
         if weights is None:
-            return self._pretrained(LongCatImageTransformer2DModel, "transformer", torch_dtype=self.dtype)
+            return self._pretrained(LongCatImageTransformer2DModel, "transformer",
+                                    torch_dtype=self.dtype)
         path = Path(weights).expanduser()
         if path.is_file():  # a state dict for this architecture (a saved student)
             cfg = self._config(LongCatImageTransformer2DModel, "transformer")
@@ -268,14 +273,16 @@ class LongCat(Backbone):
         if (path / "config.json").is_file():
             return self._pretrained(LongCatImageTransformer2DModel, None, str(path),
                                     torch_dtype=self.dtype)
-        raise LongCatWeightsError(f"LongCat-Image transformer weights not found at {path}; {FETCH_HINT}")
+        raise LongCatWeightsError(f"LongCat-Image transformer weights not found at {path}; "
+                                  f"{FETCH_HINT}")
 
     def _build_text_encoder(self) -> nn.Module:
         import transformers
         from transformers import Qwen2_5_VLForConditionalGeneration
 
         key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
-        return self._pretrained(Qwen2_5_VLForConditionalGeneration, "text_encoder", **{key: self.dtype})
+        return self._pretrained(Qwen2_5_VLForConditionalGeneration, "text_encoder",
+                                **{key: self.dtype})
 
     def _build_tokenizer(self) -> Any:
         from transformers import Qwen2Tokenizer
@@ -419,13 +426,14 @@ class LongCat(Backbone):
         f = self.vae_scale_factor
         return LongCatImagePipeline._unpack_latents(tokens, h * f, w * f, f)
 
-    def position_ids(self, n_text: int, h: int, w: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    def position_ids(self, n_text: int, h: int, w: int,
+                     device: torch.device) -> tuple[Tensor, Tensor]:
         """(text ids, image ids) as the pipeline builds them, cached per shape and device."""
         key = (n_text, h, w, str(device))
         if key not in self._ids:
             from diffusers.pipelines.longcat_image.pipeline_longcat_image import prepare_pos_ids
 
-            start = self.pipe.tokenizer_max_length
+            start = getattr(self._pipe, "tokenizer_max_length", TEXT_TOKENS)
             txt = prepare_pos_ids(modality_id=0, type="text", start=(0, 0), num_token=n_text)
             img = prepare_pos_ids(modality_id=1, type="image", start=(start, start),
                                   height=h // 2, width=w // 2)
@@ -456,7 +464,8 @@ class LongCat(Backbone):
         v_u, v_c = self.velocity_uc(model, x, s, cond)
         v = self.pack(flow.cfg(v_u, v_c, guidance))
         c_norm = torch.norm(self.pack(v_c), dim=-1, keepdim=True)
-        scale = (c_norm / (torch.norm(v, dim=-1, keepdim=True) + 1e-8)).clamp(self.cfg_renorm_min, 1.0)
+        v_norm = torch.norm(v, dim=-1, keepdim=True)
+        scale = (c_norm / (v_norm + 1e-8)).clamp(self.cfg_renorm_min, 1.0)
         return self.unpack(v * scale, x.shape[2], x.shape[3])
 
     # -------------------------------------------------------------------------- pixels
@@ -500,7 +509,8 @@ def _load_state_file(model: nn.Module, path: Path) -> nn.Module:
         state = load_file(str(path))
     except Exception as e:
         raise LongCatWeightsError(f"cannot read transformer weights {path} ({type(e).__name__}); "
-                                  "pass a safetensors state dict of the backbone's transformer") from None
+                                  "pass a safetensors state dict of the backbone's transformer"
+                                  ) from None
     model.load_state_dict(state)
     return model
 
@@ -550,9 +560,10 @@ def tiny_text_config() -> Any:
 
     n = len(TINY_SPECIALS) + 256
     ids = {t: 256 + i for i, t in enumerate(TINY_SPECIALS)}
-    rope = ({"rope_parameters": {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 1e6}}
+    mrope = [2, 3, 3]
+    rope = ({"rope_parameters": {"rope_type": "default", "mrope_section": mrope, "rope_theta": 1e6}}
             if int(transformers.__version__.split(".")[0]) >= 5
-            else {"rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]}, "rope_theta": 1e6})
+            else {"rope_scaling": {"type": "mrope", "mrope_section": mrope}, "rope_theta": 1e6})
     text = {"vocab_size": n + 1, "hidden_size": TINY_TEXT_HIDDEN, "intermediate_size": 64,
             "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
             "max_position_embeddings": 1024, "bos_token_id": ids["<|endoftext|>"],
@@ -560,7 +571,8 @@ def tiny_text_config() -> Any:
     vision = {"depth": 1, "hidden_size": 16, "intermediate_size": 32, "num_heads": 2,
               "out_hidden_size": TINY_TEXT_HIDDEN, "fullatt_block_indexes": [0]}
     return Qwen2_5_VLConfig(text_config=text, vision_config=vision,
-                            image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                            image_token_id=ids["<|image_pad|>"],
+                            video_token_id=ids["<|video_pad|>"],
                             vision_start_token_id=ids["<|vision_start|>"],
                             vision_end_token_id=ids["<|vision_end|>"])
 
@@ -627,8 +639,8 @@ class TinyLongCat(LongCat):
             return _load_state_file(model, path)
         if (path / "config.json").is_file():
             return LongCatImageTransformer2DModel.from_pretrained(str(path)).eval()
-        raise LongCatWeightsError(f"tiny-longcat transformer weights not found at {path}; pass a "
-                                  "safetensors state dict or a transformer directory, or no weights")
+        raise LongCatWeightsError(f"tiny-longcat transformer weights not found at {path}; pass "
+                                  "a safetensors state dict or a transformer directory, or none")
 
     def _build_text_encoder(self) -> nn.Module:
         return self._tiny("text_encoder")

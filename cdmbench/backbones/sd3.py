@@ -391,16 +391,17 @@ class SD3(Backbone):
 # --------------------------------------------------------------------------- tiny-sd3
 TINY_SEED = 0
 TINY_RESOLUTION = 64  # latents 16 x 8 x 8
+TINY_CLIP_MERGES = 2048  # CLIP's first BPE merges: a 2,562-token vocabulary that loads fast
 
 
 def tiny_configs() -> dict[str, dict[str, Any]]:
-    """Configs of tiny SD3 components: the real classes, a few thousand parameters each
-    (plus CLIP's 49,408-token embedding tables)."""
-    from cdmbench.backbones.tiny_tokenizers import CLIP_VOCAB_SIZE, t5_vocab
+    """Configs of tiny SD3 components: the real classes, at most ~100k parameters each."""
+    from cdmbench.backbones.tiny_tokenizers import clip_vocab, t5_vocab
 
-    clip = dict(vocab_size=CLIP_VOCAB_SIZE, hidden_size=32, intermediate_size=64,
-                num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77,
-                projection_dim=32, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
+    n = len(clip_vocab(TINY_CLIP_MERGES)[0])  # bos, eos: the last two ids
+    clip = dict(vocab_size=n, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4, max_position_embeddings=77, projection_dim=32,
+                bos_token_id=n - 2, eos_token_id=n - 1, pad_token_id=n - 1)
     return {
         "transformer": dict(sample_size=8, patch_size=2, in_channels=16, num_layers=2,
                             attention_head_dim=8, num_attention_heads=4,
@@ -446,8 +447,8 @@ def tiny_parts(seed: int = TINY_SEED) -> dict[str, Any]:
     for part in parts.values():
         part.eval().requires_grad_(False)  # eval: T5's dropout would make outputs random
     parts["scheduler"] = FlowMatchEulerDiscreteScheduler(**cfg["scheduler"])
-    parts["tokenizer"] = clip_tokenizer()
-    parts["tokenizer_2"] = clip_tokenizer(pad_token="!")  # as SD3's second CLIP tokenizer
+    parts["tokenizer"] = clip_tokenizer(merges=TINY_CLIP_MERGES)
+    parts["tokenizer_2"] = clip_tokenizer(pad_token="!", merges=TINY_CLIP_MERGES)  # as SD3's
     parts["tokenizer_3"] = t5_tokenizer()
     return parts
 

@@ -1,8 +1,9 @@
 """Real tokenizers built offline, for the tiny randomly initialised backbones of the tests.
 
 - :func:`clip_tokenizer`: CLIP's byte-level BPE (Radford et al. 2021) with the real 49,408
-  token vocabulary, read from the merges file ``bpe_simple_vocab_16e6.txt.gz`` that
-  open_clip ships inside its wheel. Token ids equal open_clip's and OpenAI's.
+  token vocabulary (or its first merges only), read from the merges file
+  ``bpe_simple_vocab_16e6.txt.gz`` that open_clip ships inside its wheel. With every merge,
+  token ids equal open_clip's and OpenAI's.
 - :func:`t5_tokenizer`: a T5-style Unigram tokenizer (T5TokenizerFast) over a small
   vocabulary defined here: T5's special tokens at T5's ids (pad 0, eos 1, unk 2), single
   characters with and without the word-start marker, and a few hundred common words.
@@ -19,7 +20,7 @@ from functools import lru_cache
 from pathlib import Path
 
 CLIP_BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
-CLIP_VOCAB_SIZE = 49408  # 256 bytes + 256 end-of-word bytes + 48,894 merges + 2 specials
+CLIP_MERGES = 49152 - 256 - 2  # 48,894 merges: with 512 byte tokens and 2 specials, 49,408 ids
 CLIP_BOS, CLIP_EOS = "<|startoftext|>", "<|endoftext|>"
 WORD_START = "\u2581"  # sentencepiece's word-start marker
 
@@ -50,25 +51,33 @@ def _open_clip_bpe_path() -> Path:
     return path
 
 
-@lru_cache(maxsize=1)
-def clip_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """(vocab, merges) of CLIP's BPE, built as CLIP's ``SimpleTokenizer`` builds them."""
+@lru_cache(maxsize=4)
+def clip_vocab(merges: int | None = None) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """(vocab, merges) of CLIP's BPE, built as CLIP's ``SimpleTokenizer`` builds them.
+
+    ``merges`` keeps only the first that many merges (a smaller vocabulary that is still a
+    valid BPE, since every merge joins bytes or earlier merges); None keeps all 48,894.
+    """
     lines = gzip.open(_open_clip_bpe_path()).read().decode("utf-8").split("\n")
-    merges = [tuple(m.split()) for m in lines[1 : 49152 - 256 - 2 + 1]]
+    pairs = [tuple(m.split()) for m in lines[1 : CLIP_MERGES + 1]][:merges]
     chars = list(_bytes_to_unicode().values())
-    tokens = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges]
+    tokens = chars + [c + "</w>" for c in chars] + ["".join(m) for m in pairs]
     tokens += [CLIP_BOS, CLIP_EOS]
     vocab = {t: i for i, t in enumerate(tokens)}
-    assert len(vocab) == CLIP_VOCAB_SIZE, len(vocab)
-    return vocab, merges  # type: ignore[return-value]
+    assert len(vocab) == 512 + len(pairs) + 2, len(vocab)
+    return vocab, pairs  # type: ignore[return-value]
 
 
-def clip_tokenizer(pad_token: str = CLIP_EOS, model_max_length: int = 77):
-    """A ``CLIPTokenizer`` with CLIP's real vocabulary (SD3's second one pads with "!")."""
+def clip_tokenizer(pad_token: str = CLIP_EOS, model_max_length: int = 77,
+                   merges: int | None = None):
+    """A ``CLIPTokenizer`` over CLIP's real BPE (SD3's second one pads with "!").
+
+    With all merges the ids equal open_clip's; bos and eos are the last two ids.
+    """
     from transformers import CLIPTokenizer
 
-    vocab, merges = clip_vocab()
-    return CLIPTokenizer(vocab=dict(vocab), merges=list(merges), pad_token=pad_token,
+    vocab, pairs = clip_vocab(merges)
+    return CLIPTokenizer(vocab=dict(vocab), merges=list(pairs), pad_token=pad_token,
                          model_max_length=model_max_length)
 
 

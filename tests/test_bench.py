@@ -1,0 +1,45 @@
+"""`cdmbench bench` end to end on a tiny budget, then report and check on its results."""
+
+from __future__ import annotations
+
+import csv
+
+from cdmbench.cli import main
+
+
+def _main(*argv: str) -> int:
+    try:
+        main(list(argv))
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 1
+    return 0
+
+
+def test_bench_report_check(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    args = ["bench", "--methods", "dmd2,cd", "--iters", "6", "--num-samples", "3", "--steps", "1,2",
+            "--metrics", "fd_digits,prompt_acc"]
+    assert _main(*args) == 0
+    html = (tmp_path / "results" / "report.html").read_text()
+    assert "data:image/png;base64" in html and "dmd2" in html
+    for f in ("report.md", "report.csv", "report.tex"):
+        assert (tmp_path / "results" / f).is_file()
+    n_records = len((tmp_path / "results" / "records.jsonl").read_text().splitlines())
+    assert n_records == 2 * 3 * 2 + 2  # (teacher, dmd2, cd) x (1, 2) x 2 metrics + teacher at 50 steps
+
+    capsys.readouterr()
+    assert _main(*args) == 0  # second run reuses every stage
+    assert "0 new records" in capsys.readouterr().out
+
+    base = tmp_path / "baseline.csv"
+    assert _main("check", "--write-baseline", "--baseline", str(base)) == 0
+    assert _main("check", "--baseline", str(base)) == 0
+    rows = list(csv.DictReader(base.open()))
+    for r in rows:  # degrade every FD by 30%: a regression beyond the 15% default
+        if r["metric"] == "fd_digits":
+            r["value"] = str(float(r["value"]) / 1.3)
+    with base.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    assert _main("check", "--baseline", str(base)) == 1
