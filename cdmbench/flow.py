@@ -195,15 +195,13 @@ def sample(
     for n in range(len(sigmas) - 1):
         s = s_all[n].expand(b)
         v = velocity(x, s).float()
-        x0 = x0_from_v(x, s, v)
         if traj is not None:
             traj.xt.append(x)
             traj.v.append(v)
-            traj.x0.append(x0)
-        s_next = s_all[n + 1]
+            traj.x0.append(x0_from_v(x, s, v))
         if stochastic and sigmas[n + 1] > 0:
             eps = renoise(n) if renoise is not None else torch.randn_like(x)
-            x = renoise_step(x0, s_next, eps)
-        else:
-            x = euler_step(x, s, s_next, v) if sigmas[n + 1] > 0 else x0
+            x = renoise_step(x0_from_v(x, s, v), s_all[n + 1], eps)
+        else:  # at s' = 0 this is x0 = x - s v exactly
+            x = euler_step(x, s, s_all[n + 1], v)
     return (x, traj) if record else x

@@ -27,6 +27,7 @@ from cdmbench.backbones.sd3 import (
     export_student,
     unshift,
 )
+from cdmbench.backbones.tiny_tokenizers import clip_tokenizer, t5_tokenizer
 from cdmbench.errors import UserError
 from cdmbench.registry import METHODS
 from cdmbench.training.core import TrainConfig, Trainer
@@ -107,6 +108,16 @@ def test_scheduler_shifts_custom_sigmas():
 
 
 # ------------------------------------------------------------------------- conditioning
+def test_tiny_tokenizers():
+    clip = clip_tokenizer()  # all merges: OpenAI's / open_clip's ids
+    assert len(clip) == 49408
+    assert clip("A photo of a Cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
+    t5 = t5_tokenizer()
+    ids = t5(["a photo of a cat", ""], padding="max_length", max_length=8).input_ids
+    assert ids[1] == [1] + [0] * 7  # eos, then pad: T5's ids
+    assert 2 not in ids[0] and ids[0][-3:] == [1, 0, 0]  # no unknown pieces
+
+
 def test_encode_matches_pipeline_and_caches(bb: TinySD3, pipe):
     cond = bb.encode(PROMPTS)
     emb, neg, pooled, neg_pooled = pipe.encode_prompt(TEXTS, None, None,

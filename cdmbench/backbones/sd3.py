@@ -171,7 +171,9 @@ def _to(module: nn.Module, device: str | torch.device, dtype: torch.dtype) -> nn
 def _unwrap(model: nn.Module) -> nn.Module:
     """The module under DDP/FSDP (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers."""
     while True:
-        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        inner = getattr(model, "module", None)
+        if not isinstance(inner, nn.Module):
+            inner = getattr(model, "_orig_mod", None)
         if not isinstance(inner, nn.Module):
             return model
         model = inner
@@ -211,9 +213,7 @@ class SD3(Backbone):
             dtype=dtype,
             fsdp_wrap_classes=(JointTransformerBlock,),
         )
-        self.weights = None if weights is None else os.fspath(weights)
-        if name == "sd3" and self.weights is None:
-            self.weights = os.environ.get(WEIGHTS_ENV) or HUB_ID
+        self.weights = self.default_weights() if weights is None else os.fspath(weights)
         if self.weights is not None and not _is_hub_id(self.weights) \
                 and not Path(self.weights).expanduser().is_dir():
             raise MissingWeightsError(f"SD3 weights: no directory {self.weights}; "
@@ -232,6 +232,10 @@ class SD3(Backbone):
         self._prompt_sets: dict[str, list[Prompt]] = {}
 
     # ------------------------------------------------------------------- components
+    def default_weights(self) -> str | None:
+        """$CDMBENCH_SD3, else the hub id."""
+        return os.environ.get(WEIGHTS_ENV) or HUB_ID
+
     @property
     def parts(self) -> tuple[str, ...]:
         """The pipeline components this backbone uses (no T5 with ``drop_t5``)."""
@@ -473,6 +477,10 @@ class TinySD3(SD3):
                          max_sequence_length=max_sequence_length, teacher_steps=teacher_steps,
                          teacher_cfg=teacher_cfg, name="tiny-sd3")
         self.seed = seed
+
+    def default_weights(self) -> str | None:
+        """None: random tiny weights, built in code."""
+        return None
 
     def _load(self, name: str) -> Any:
         if self.weights is not None:

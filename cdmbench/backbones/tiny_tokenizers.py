@@ -6,7 +6,8 @@
   token ids equal open_clip's and OpenAI's.
 - :func:`t5_tokenizer`: a T5-style Unigram tokenizer (T5TokenizerFast) over a small
   vocabulary defined here: T5's special tokens at T5's ids (pad 0, eos 1, unk 2), single
-  characters with and without the word-start marker, and a few hundred common words.
+  characters with and without the word-start marker, and about two hundred common
+  words (lower case and capitalised).
 
 Nothing is downloaded and nothing is written to disk.
 """
