@@ -116,7 +116,8 @@ def run_bench(cfg: BenchConfig, on_train: Callable[[str, int, int], None] | None
     per_prompt = cfg.per_prompt or ((50 if cfg.quick else 200) if cfg.backbone == "digits" else 1)
     cands = [teacher_candidate(bb)] + candidates_from_dirs(list(run_dirs.values()), cfg.device)
     plan = EvalPlan(bb, cands, list(cfg.steps), list(cfg.metrics or default_metrics(cfg.backbone)), prompts,
-                    prompt_set, per_prompt, cfg.seed, cfg.samples, ResultStore(cfg.results))
+                    prompt_set, per_prompt, cfg.seed, cfg.samples, ResultStore(cfg.results),
+                    batch_size=256 if cfg.backbone == "digits" else 8)
     new = run_eval(plan, on_eval)
     return run_dirs, new
 

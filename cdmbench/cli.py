@@ -214,7 +214,7 @@ def eval_cmd(
     runs: Annotated[Path, typer.Option(help="Root of training run directories.")] = Path("runs"),
     samples: Annotated[Path, typer.Option(help="Where generated samples are kept (content-keyed).")] = Path("runs/samples"),
     results: Annotated[Path, typer.Option(help="Results directory (records.jsonl).")] = Path("results"),
-    batch_size: Annotated[int, typer.Option(help="Generation batch size.")] = 256,
+    batch_size: Annotated[int | None, typer.Option(help="Generation batch size (digits 256, else 8).")] = None,
     reference: Annotated[str, typer.Option(help="Reference images for FID (a folder); default: the backbone's real data.")] = "",
     teacher_weights: Annotated[str | None, typer.Option(help="Teacher weights (default: shipped/hub).")] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
@@ -253,6 +253,7 @@ def eval_cmd(
     rank, world = init_distributed(device)
     cands = [] if wanted is not None and "teacher" not in wanted else [teacher_candidate(bb, teacher_weights)]
     students = run_candidates(runs, bb, [m for m in wanted if m != "teacher"] if wanted else None, device)
+    batch_size = batch_size or (256 if backbone == "digits" else 8)
     plan = EvalPlan(bb, cands + students, step_list, metric_names, prompt_list, prompt_set, per_prompt, seed,
                     samples, ResultStore(results), batch_size, reference=reference)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -293,6 +294,27 @@ def _print_records(new: list[dict], plan) -> None:
         table.add_row(model, str(n), *[f"{vals[m]:.4g}" if m in vals else "" for m in metrics])
     out.print(table)
     out.print(f"{len(new)} records appended to {plan.results.path}")
+
+
+# ---------------------------------------------------------------------------- export
+@app.command()
+def export(
+    run: Annotated[Path, typer.Argument(help="A finished training run directory.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Directory to write (diffusers save_pretrained layout).")],
+    steps: Annotated[int, typer.Option(help="Step count whose schedule the exported scheduler carries.")] = 4,
+    teacher_weights: Annotated[str | None, typer.Option(help="Teacher weights (default: shipped/hub).")] = None,
+) -> None:
+    """Export a student so plain diffusers loads it (StableDiffusion3Pipeline.from_pretrained(OUT)).
+
+    The exact post-shift schedule goes to cdmbench_schedule.json; pass its pipeline_sigmas as
+    `sigmas=` and guidance_scale=1 when sampling with diffusers.
+    """
+    from cdmbench.training.run import load_run
+
+    r = load_run(run, teacher_weights=teacher_weights)
+    spec = r.method.sampler(steps, r.backbone.shift)
+    path = r.backbone.export(r.student, out_dir, spec.sigmas, stochastic=spec.stochastic)
+    out.print(f"wrote {path} ({r.info['method']} student, {steps}-step schedule {spec.sigmas})")
 
 
 # ---------------------------------------------------------------------------- report

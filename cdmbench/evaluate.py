@@ -298,7 +298,7 @@ def build_metrics(names: Sequence[str], backbone: Backbone) -> dict[str, Metric]
         m = METRICS.get(name)()
         if m.backbones is not None and backbone.name not in m.backbones:
             raise UserError(f"metric '{name}' applies to {', '.join(m.backbones)} only, not '{backbone.name}'")
-        m.check()
+        m.check(backbone)
         out[name] = m
     return out
 
@@ -308,6 +308,8 @@ def run_eval(plan: EvalPlan, progress: Callable[[str, int, int], None] | None = 
     """Generate missing samples, compute missing metrics, append records; returns new records."""
     bb = plan.backbone
     metrics = build_metrics(plan.metrics, bb)
+    if rank == 0:
+        plan.results.check_writable()
     done = plan.results.done_keys() if rank == 0 else set()
     jobs: list[tuple[Candidate, int]] = [(c, n) for c in plan.candidates for n in plan.steps]
     if plan.teacher_default:
@@ -351,7 +353,7 @@ def run_eval(plan: EvalPlan, progress: Callable[[str, int, int], None] | None = 
                 "steps": steps, "schedule": spec.sigmas, "stochastic": spec.stochastic, "guidance": spec.guidance,
                 "prompt_set": plan.prompt_set, "n_samples": len(sset.files), "metric": vname, "value": float(v),
                 "higher_is_better": metric.directions.get(vname, False), "metric_name": name,
-                "metric_config": mcfg, "metric_config_hash": mhash, "seed": plan.seed,
+                "metric_config": metric.run_config(), "metric_config_hash": mhash, "seed": plan.seed,
                 "device": _device_name(bb.device), "dtype": str(bb.dtype).replace("torch.", ""),
                 "versions": versions(), "git_rev": git_revision(), "time": now(), "eval_key": sset.key,
                 "samples": str(sset.folder),

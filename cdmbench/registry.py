@@ -147,9 +147,11 @@ METRICS.register("clip_score", "cdmbench.metrics.clip_score:ClipScore",
 METRICS.register("image_reward", "cdmbench.metrics.image_reward:ImageRewardScore",
                  description="ImageReward-v1.0 human-preference reward, image-reward package (Xu et al. 2023)")
 METRICS.register("fid", "cdmbench.metrics.fid:FID",
-                 description="FID, clean-fid 'clean' convention (Inception pool3, PIL bicubic 299); reference stats cached")
+                 description="FID, clean-fid 'clean' convention (Inception pool3, PIL bicubic "
+                             "299); reference statistics cached")
 METRICS.register("precision_recall", "cdmbench.metrics.prdc:PrecisionRecall",
-                 description="improved precision/recall, k-NN manifolds, k = 3 (Kynkäänniemi et al. 2019)")
+                 description="improved precision/recall, k-NN manifolds, k = 3 "
+                             "(Kynkäänniemi et al. 2019)")
 BACKBONES.register("sd3", "cdmbench.backbones.sd3:SD3",
                    description="Stable Diffusion 3 Medium through diffusers (arXiv 2403.03206); "
                                "weights from the hub or $CDMBENCH_SD3")

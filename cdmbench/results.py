@@ -94,11 +94,22 @@ class ResultStore:
                     os.fsync(fd)
                 finally:
                     os.close(fd)
-        except PermissionError:
+        except OSError as e:
             from cdmbench.errors import UserError
 
-            raise UserError(f"results directory {self.root} is not writable; pass --results DIR") from None
+            raise UserError(f"results directory {self.root} is not writable ({e.strerror}); pass --results DIR") from None
         return lines.count("\n") - lines.startswith("\n")
+
+    def check_writable(self) -> None:
+        """Fail before any work if records could not be appended here."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a"):
+                pass
+        except OSError as e:
+            from cdmbench.errors import UserError
+
+            raise UserError(f"results directory {self.root} is not writable ({e.strerror}); pass --results DIR") from None
 
     def read(self) -> ReadReport:
         """All well-formed records; problems name each skipped line."""

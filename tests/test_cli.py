@@ -55,8 +55,8 @@ def bad_inputs(tmp: Path, corrupt: Path) -> list[tuple[list[str], str]]:
     bad_toml.write_text("[train\niters = 3")
     base = tmp / "base.csv"
     base.write_text("no,such,columns\n1,2,3\n")
-    ro = tmp / "readonly"
-    ro.mkdir()
+    ro = tmp / "a-file"
+    ro.write_text("not a directory")
     return [
         (["train", "cmd"], "did you mean 'cdm'"),
         (["train", "dmd3"], "unknown method"),
@@ -93,6 +93,12 @@ def bad_inputs(tmp: Path, corrupt: Path) -> list[tuple[list[str], str]]:
         (["check", "--baseline", str(base), "--tolerance", "fd_digits"], "METRIC=VALUE"),
         (["teacher", "--backbone", "sd3x"], "unknown backbone"),
         (["bench", "--methods", "cdm,cmd"], "did you mean 'cdm'"),
+        (["eval", "--backbone", "tiny-sd3", "--metrics", "fid", "--methods", "teacher"], "inception"),
+        (["eval", "--backbone", "tiny-sd3", "--metrics", "clip_score", "--methods", "teacher"], "ViT-L-14"),
+        (["eval", "--backbone", "tiny-sd3", "--metrics", "image_reward", "--methods", "teacher"],
+         "ImageReward"),
+        (["eval", "--metrics", "fd_digits", "--methods", "teacher", "--results", str(ro / "sub")],
+         "not writable"),
     ]
 
 

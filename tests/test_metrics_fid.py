@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from cdmbench.backbones.base import Backbone
 from cdmbench.backbones.digits import Digits, load_split
+from cdmbench.errors import UserError
 from cdmbench.metrics.base import EvalSet, MissingWeightsError
 from cdmbench.metrics.features import (
     INCEPTION_ENV,
@@ -29,6 +30,15 @@ from cdmbench.metrics.features import (
 from cdmbench.metrics.fid import FID
 from cdmbench.metrics.frechet import frechet_distance_features
 from cdmbench.metrics.reference import to_uint8
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: on a shared, busy 2-core machine two threads spin and run 10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)
@@ -63,13 +73,13 @@ def _cleanfid_resize(images: np.ndarray) -> np.ndarray:
 
 
 class TinyNet(nn.Module):
-    """A small randomly initialised conv net: uint8 images -> 32-d features."""
+    """A small randomly initialised conv net: uint8 images -> 16-d features."""
 
     def __init__(self) -> None:
         super().__init__()
         self.net = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(),
-                                 nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.ReLU(),
-                                 nn.AdaptiveAvgPool2d(2), nn.Flatten())
+                                 nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.Tanh(),
+                                 nn.AdaptiveAvgPool2d(1), nn.Flatten())
 
     def forward(self, x: Tensor) -> Tensor:
         x = x.float() / 255.0
@@ -114,7 +124,9 @@ def test_fid_matches_cleanfid_and_torchmetrics():
 @pytest.mark.parametrize("backend", ["pil", "torch"])
 def test_clean_resize_is_cleanfids_resize(backend):
     rng = np.random.default_rng(0)
-    for c, h, w in [(3, 32, 32), (3, 37, 53), (1, 8, 8), (3, 320, 301), (3, 299, 150)]:
+    # upscales, one-pass cases, and downscales in both of Pillow's pass orders
+    for c, h, w in [(3, 32, 32), (3, 37, 53), (1, 8, 8), (3, 320, 301), (3, 301, 320),
+                    (3, 299, 150), (3, 64, 299)]:
         imgs = rng.integers(0, 256, (2, c, h, w), dtype=np.uint8)
         ours = clean_resize(torch.from_numpy(imgs), backend=backend, threads=2)
         assert ours.dtype == torch.float32 and ours.shape == (2, 3, 299, 299)
@@ -152,21 +164,76 @@ def test_missing_inception_fails_in_one_line(tmp_path, monkeypatch):
     assert not (tmp_path / "cache").exists()
 
 
+class _FakeLayers(nn.Module):
+    """Stands in for the TorchScript file's ``layers``: [B, 3, 299, 299] -> [B, 2048, 1, 1]."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.proj = nn.Conv2d(3, 2048, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(self.pool(x))
+
+
+class _FakeInception(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = _FakeLayers()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.layers(x)
+
+
+def test_inception_file_is_used_as_cleanfid_uses_it(tmp_path, monkeypatch):
+    """A TorchScript file where clean-fid's would be is loaded and called as clean-fid does:
+    ``base.layers((x - 128) / 128)`` on the clean resize, viewed as [B, 2048]."""
+    import warnings
+
+    fake = _FakeInception().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.save(torch.jit.script(fake), str(tmp_path / INCEPTION_FILE))
+    monkeypatch.setenv(INCEPTION_ENV, str(tmp_path))
+    feats = InceptionFeatures(batch_size=3)
+    feats.check()
+    imgs = torch.randint(0, 256, (4, 3, 12, 10), dtype=torch.uint8)
+    with torch.no_grad():
+        x = (torch.from_numpy(_cleanfid_resize(imgs.numpy())) - 128) / 128
+        expected = fake.layers(x).view(4, 2048)
+    torch.testing.assert_close(feats(imgs), expected)
+
+    FID().check()  # the default metric finds the file through $CDMBENCH_INCEPTION too
+
+
+class Recorder(nn.Module):
+    """Passes its input to ``net``, keeping copies of what goes in and comes out."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net, self.inputs, self.outputs = net, [], []
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.inputs.append(x.clone())
+        self.outputs.append(self.net(x))
+        return self.outputs[-1]
+
+
 def test_inception_pipeline_with_random_inception_v3():
     """The clean pipeline around the real architecture (random weights, never downloaded)."""
     import torchvision
 
     net = torchvision.models.inception_v3(weights=None, aux_logits=True, init_weights=True)
     net.fc = nn.Identity()
-    net.eval()
-    feats = InceptionFeatures(model=net, batch_size=1)
+    rec = Recorder(net).eval()
+    feats = InceptionFeatures(model=rec, batch_size=2)
     feats.check()  # an explicit model needs no file
-    imgs = torch.randint(0, 256, (2, 3, 20, 24), dtype=torch.uint8)
+    imgs = torch.randint(0, 256, (2, 1, 20, 24), dtype=torch.uint8)  # grey, as digits
     ours = feats(imgs)
-    with torch.no_grad():
-        ref = net((torch.from_numpy(_cleanfid_resize(imgs.numpy())) - 128) / 128)
-    assert ours.shape == (2, 2048)
-    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5)
+    expected_input = (torch.from_numpy(_cleanfid_resize(imgs.numpy())) - 128) / 128
+    assert torch.equal(rec.inputs[0], expected_input)  # clean-fid's resize and scaling, exactly
+    assert ours.shape == (2, 2048) and ours.dtype == torch.float32
+    assert torch.equal(ours, rec.outputs[0])  # the pool features themselves, untouched
     assert feats.config()["mode"] == "clean" and "user model" in feats.config()["url"]
 
 
@@ -224,6 +291,16 @@ def test_fid_reference_from_backbone_real_data(tmp_path):
     value = FID(feature_fn=flat, feature_id="pixels").compute(data)["fid"]
     expected = frechet_distance_features(train_u8.flatten(1).double(), test_u8.flatten(1).double())
     assert value == pytest.approx(expected, rel=1e-9) and value > 0
+
+
+def test_fid_reference_errors(tmp_path):
+    data = EvalSet(images=torch.zeros(4, 3, 8, 8, dtype=torch.uint8), prompts=[],
+                   backbone=Backbone(), cache_dir=tmp_path)
+    with pytest.raises(UserError, match="no real data"):  # "" on a backbone without data
+        FID(feature_fn=lambda x: x.float().flatten(1), feature_id="px").compute(data)
+    data.reference = str(tmp_path / "missing" / "folder")
+    with pytest.raises(UserError, match="not a folder"):
+        FID(feature_fn=lambda x: x.float().flatten(1), feature_id="px").compute(data)
 
 
 def test_fid_registered():

@@ -20,6 +20,15 @@ from cdmbench.metrics.prdc import PrecisionRecall, knn_radii, precision_recall
 from cdmbench.metrics.reference import to_uint8
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: on a shared, busy 2-core machine two threads spin and run 10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _no_network(monkeypatch):
     def refuse(*args, **kwargs):
@@ -44,14 +53,14 @@ def naive_precision_recall(real: list[list[float]], fake: list[list[float]], k: 
     return share_inside(fake, real, radii(real)), share_inside(real, fake, radii(fake))
 
 
-def _clusters(n_per: int, centres: list[int], dim: int = 8, gen: torch.Generator | None = None):
-    """Gaussian blobs (std 1) at 30 * e_c for each centre index c."""
-    pts = []
-    for c in centres:
-        centre = torch.zeros(dim, dtype=torch.float64)
-        centre[c] = 30.0
-        pts.append(centre + torch.randn(n_per, dim, dtype=torch.float64, generator=gen))
-    return torch.cat(pts)
+CENTRES = torch.tensor([[30.0, 0.0], [0.0, 30.0], [-30.0, 0.0], [0.0, -30.0]],
+                       dtype=torch.float64)
+
+
+def _clusters(n_per: int, modes: list[int], gen: torch.Generator) -> Tensor:
+    """Unit-variance 2-D Gaussian blobs at the chosen ``CENTRES`` (30 apart or more)."""
+    return torch.cat([CENTRES[m] + torch.randn(n_per, 2, dtype=torch.float64, generator=gen)
+                      for m in modes])
 
 
 def test_identical_sets():
@@ -67,10 +76,10 @@ def test_disjoint_far_apart():
 
 def test_half_the_modes():
     g = torch.Generator().manual_seed(1)
-    real = _clusters(100, [0, 1, 2, 3], gen=g)
-    exact = precision_recall(real, real[:200].clone())  # modes 0 and 1, point for point
+    real = _clusters(150, [0, 1, 2, 3], gen=g)
+    exact = precision_recall(real, real[:300].clone())  # modes 0 and 1, point for point
     assert exact == {"precision": 1.0, "recall": 0.5}
-    sampled = precision_recall(real, _clusters(100, [0, 1], gen=g))  # fresh draws, 2 modes
+    sampled = precision_recall(real, _clusters(150, [0, 1], gen=g))  # fresh draws, 2 modes
     assert sampled["precision"] > 0.9
     assert 0.4 < sampled["recall"] <= 0.5
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -116,6 +117,13 @@ class Backbone:
     def real_latents(self, split: str = "train") -> tuple[Tensor, Tensor] | None:
         """(latents, prompt index) of real data, where the backbone has it; else None."""
         return None
+
+    def export(self, student: nn.Module, out_dir, sigmas: list[float], stochastic: bool = False) -> Path:
+        """Write the student in its family's native format (diffusers layout where there is one)."""
+        from cdmbench.errors import UserError
+
+        raise UserError(f"backbone '{self.name}' has no native export format; its student is the run's "
+                        "student.safetensors")
 
     def schedule(self, steps: int) -> list[float]:
         """The default uniform schedule at this backbone's shift."""

@@ -374,6 +374,10 @@ class SD3(Backbone):
 
     # ----------------------------------------------------------------------- pixels
     @torch.no_grad()
+    def export(self, student: nn.Module, out_dir, sigmas: list[float], stochastic: bool = False) -> Path:
+        """A ``StableDiffusion3Pipeline`` directory holding the student (see :func:`export_student`)."""
+        return export_student(self, student, out_dir, sigmas, stochastic=stochastic)
+
     def decode(self, latents: Tensor, batch: int = 8) -> Tensor:
         """Latents -> images in [0, 1] as [B, 3, H, W] float, the pipeline's VAE path."""
         vae = self.component("vae")

@@ -16,9 +16,10 @@ from typing import Any, ClassVar
 from torch import Tensor
 
 from cdmbench.backbones.base import Backbone, Prompt
+from cdmbench.errors import UserError
 
 
-class MissingWeightsError(RuntimeError):
+class MissingWeightsError(UserError, RuntimeError):
     """Pretrained weights a metric needs are not on this machine; the message says what to fetch."""
 
 
@@ -50,8 +51,12 @@ class Metric:
         """The exact model, weights and convention; stored with every value."""
         return {}
 
-    def check(self) -> None:
+    def check(self, backbone=None) -> None:
         """Raise MissingWeightsError (one line: what to fetch, where to put it) before any work."""
+
+    def run_config(self) -> dict[str, Any]:
+        """``config()`` plus what the last ``compute`` used (e.g. N_ref); stored, not hashed."""
+        return self.config()
 
     def compute(self, data: EvalSet) -> dict[str, float]:
         raise NotImplementedError

@@ -174,7 +174,7 @@ class ClipScore(Metric):
             "dtype": "float32",
         }
 
-    def check(self) -> None:
+    def check(self, backbone=None) -> None:
         self.checkpoint()
         import open_clip
 

@@ -17,7 +17,9 @@ rounded to float32 between the passes. Two implementations give bit-identical re
   times. On CPU this is the fastest exact path we measured: a vectorised float64 version in
   numpy or torch is memory-bound and 3-10x slower than Pillow's C loop on a CPU.
 - ``"torch"``: the same arithmetic vectorised over the batch in float64 (taps gathered and
-  accumulated in Pillow's order, separate multiply and add so no FMA changes the rounding),
+  accumulated in Pillow's order, separate multiply and add so no FMA changes the rounding,
+  passes in Pillow's order: Pillow >= 13 resizes vertically first when the height shrinks
+  by more than twice what the width does, which a probe of the installed Pillow detects),
   for images that already live on a GPU.
 
 Any other feature space plugs in through :class:`CallableFeatures` (a ``feature_fn`` taking
@@ -29,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
@@ -127,14 +130,47 @@ def _torch_pass(x: Tensor, in_size: int, out_size: int) -> Tensor:
     return acc.to(torch.float32)
 
 
-def _resize_torch(x: Tensor, size: tuple[int, int]) -> Tensor:
+def _resize_torch(x: Tensor, size: tuple[int, int], vertical_first: bool | None = None) -> Tensor:
     """Vectorised Pillow bicubic of float32 [N, C, H, W] to (width, height) ``size``."""
     (w_out, h_out), (h, w) = size, x.shape[-2:]
-    if w != w_out:  # Pillow skips a pass whose size does not change
-        x = _torch_pass(x, w, w_out)
-    if h != h_out:
-        x = _torch_pass(x.transpose(-1, -2), h, h_out).transpose(-1, -2)
+    if vertical_first is None:
+        vertical_first = _vertical_first(h, w, h_out, w_out)
+
+    def horizontal(t: Tensor) -> Tensor:
+        return _torch_pass(t, w, w_out) if w != w_out else t  # Pillow skips a no-op pass
+
+    def vertical(t: Tensor) -> Tensor:
+        return _torch_pass(t.transpose(-1, -2), h, h_out).transpose(-1, -2) if h != h_out else t
+
+    x = horizontal(vertical(x)) if vertical_first else vertical(horizontal(x))
     return x.contiguous()
+
+
+def _vertical_first(h: int, w: int, h_out: int, w_out: int) -> bool:
+    """Pillow's pass order: horizontal first, except (Pillow >= 13, python-pillow/Pillow#9549)
+    when the height shrinks by more than twice what the width does."""
+    rule = _pillow_order_rule()
+    if rule is None:
+        raise RuntimeError("the torch resize backend does not reproduce this Pillow version's "
+                           "pass order; use resize backend 'pil'")
+    return rule and h > h_out and w != w_out and (h - h_out) > 2 * (w - w_out)
+
+
+@lru_cache(maxsize=1)
+def _pillow_order_rule() -> bool | None:
+    """Whether the installed Pillow uses the vertical-first rule (True), always resizes
+    horizontally first (False), or neither (None): probed once on a small image."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (48, 12)).astype(np.float32)  # rows shrink 38, columns 2
+    ref = np.asarray(Image.fromarray(x).resize((10, 10), resample=Image.Resampling.BICUBIC))
+    t = torch.from_numpy(x)[None, None]
+    for rule in (True, False):
+        out = _resize_torch(t, (10, 10), vertical_first=rule)[0, 0].numpy()
+        if np.array_equal(out, ref):
+            return rule
+    return None
 
 
 def _resize_pil(x: np.ndarray, size: tuple[int, int], threads: int) -> np.ndarray:
@@ -227,12 +263,16 @@ def module_digest(module: nn.Module) -> str:
     h = hashlib.sha256(type(module).__qualname__.encode())
     for name, t in module.state_dict().items():
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(t.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
 
 
 class CallableFeatures(ImageFeatures):
-    """Any ``feature_fn`` taking uint8 images [B, C, H, W] to features [B, D]."""
+    """Any ``feature_fn`` taking uint8 images [B, C, H, W] to features [B, D].
+
+    ``feature_id`` keys the cached reference statistics: give one for anything but an
+    ``nn.Module`` (a module's id is a hash of its weights; a function's is only its name).
+    """
 
     def __init__(self, feature_fn: Callable[[Tensor], Tensor | np.ndarray],
                  feature_id: str | None = None, batch_size: int = 64) -> None:
@@ -285,7 +325,8 @@ class InceptionFeatures(ImageFeatures):
     def _net(self, device: torch.device) -> nn.Module:
         if self.model is None:
             self.check()
-            with torch.inference_mode(False):
+            with torch.inference_mode(False), warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # "torch.jit.load is deprecated"
                 base = torch.jit.load(str(self.path), map_location=device).eval()
             self.model = base.layers  # clean-fid's InceptionV3W calls base.layers directly
         return self.model.eval().to(device)

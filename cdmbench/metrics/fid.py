@@ -33,7 +33,7 @@ REFERENCE_DEFAULT = "EvalSet.reference: a folder of real images, or '' for the r
 
 
 class FID(Metric):
-    """Fréchet Inception Distance (Heusel et al. 2017), clean-fid convention (Parmar et al. 2022)."""
+    """Fréchet Inception Distance (Heusel et al. 2017), clean-fid's convention (Parmar 2022)."""
 
     name = "fid"
     directions = {"fid": False}
@@ -52,7 +52,7 @@ class FID(Metric):
         self.device = device
         self.last: dict[str, Any] = {}
 
-    def check(self) -> None:
+    def check(self, backbone=None) -> None:
         self.features.check()
 
     def config(self) -> dict[str, Any]:

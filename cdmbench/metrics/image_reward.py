@@ -132,7 +132,7 @@ class ImageRewardScore(Metric):
             "dtype": "float32",
         }
 
-    def check(self) -> None:
+    def check(self, backbone=None) -> None:
         if self._model is not None:
             return
         from importlib.util import find_spec

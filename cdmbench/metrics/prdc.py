@@ -97,9 +97,10 @@ class PrecisionRecall(Metric):
         self._judge: Any = None
         self.last: dict[str, Any] = {}
 
-    def check(self) -> None:
-        # "auto" only learns the backbone in compute(), which checks again before any work
-        if self.space == "features":
+    def check(self, backbone=None) -> None:
+        # without a backbone "auto" learns it only in compute(), which checks again before any work
+        on_digits = backbone is not None and backbone.name == "digits"
+        if self.space == "features" or (self.space == "auto" and backbone is not None and not on_digits):
             self.features.check()
 
     def config(self) -> dict[str, Any]:
