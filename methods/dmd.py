@@ -9,7 +9,7 @@ gradient, the difference of a "real" score (the frozen teacher, with CFG) and a 
     L_DM = 0.5 * MSE(x0, sg(x0 - grad))
 
 plus a regression loss on (noise, teacher ODE sample) pairs generated once and cached
-(Sec. 3.3). The paper uses LPIPS at weight 0.25; on latent backbones, and on 8x8 digits
+(Sec. 3.3), sampled at the real score's guidance. The paper uses LPIPS at weight 0.25; on latent backbones, and on 8x8 digits
 where LPIPS's VGG features do not apply, this module uses MSE in latent space at the same
 weight. The fake score is trained with flow-matching MSE on sg(x0), one update per generator
 update. The normaliser mean|x0 - x0_real| is floored at 1e-6 (the reference divides by it
@@ -60,7 +60,9 @@ class DMD(Method):
     }
 
     def build(self, core) -> dict:
-        self.pairs = teacher_samples(core, self.cfg.reg_pairs)
+        # regression targets: the teacher's ODE at the real score's guidance, so both losses
+        # pull toward the same distribution
+        self.pairs = teacher_samples(core, self.cfg.reg_pairs, guidance=self.cfg.real_guidance)
         return {"fake": core.backbone.clone(core.student).requires_grad_(True).train()}
 
     def optim_groups(self, core) -> dict[str, OptimSpec]:

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from cdmbench import flow
-from cdmbench.backbones import get_backbone
 from cdmbench.backbones import digits as D
+from cdmbench.backbones import get_backbone
 from cdmbench.backbones.base import Prompt
 from cdmbench.cli import main
 from cdmbench.metrics.digits import DigitsJudge, quantize
