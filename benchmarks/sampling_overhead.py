@@ -193,8 +193,9 @@ def main() -> None:
             print(bu.markdown([r], COLS, HEADERS).splitlines()[-1], flush=True)
             # per-sample seeded noise, its own row (part of generate, not of the network loop)
             g = torch.Generator().manual_seed(0)
-            a = lambda s=seeds: flow.seeded_noise(bb.latent_shape, s, device=bb.device)  # noqa: E731
-            b = lambda: torch.randn((batch, *bb.latent_shape), generator=g)  # noqa: E731
+            shape, dev = bb.latent_shape, bb.device
+            a = lambda s=seeds, shape=shape, dev=dev: flow.seeded_noise(shape, s, device=dev)  # noqa: E731
+            b = lambda n=batch, shape=shape, g=g: torch.randn((n, *shape), generator=g)  # noqa: E731
             number = bu.calibrate([a, b], args.target_ms / 1e3)
             ta, tb = bu.interleaved(a, b, args.reps, number)
             r = {"what": "seeded_noise vs one randn", "backbone": name, "batch": batch, "steps": "",

@@ -31,7 +31,7 @@ from cdmbench.backbones.base import Backbone, Prompt
 from cdmbench.config import config_hash
 from cdmbench.errors import UserError
 from cdmbench.generate import generate
-from cdmbench.io import atomic_path, atomic_write_json
+from cdmbench.io import atomic_path, atomic_write_json, remove_stale_temps
 from cdmbench.metrics.base import EvalSet, Metric
 from cdmbench.registry import METRICS
 from cdmbench.results import ResultStore, git_revision, now, versions
@@ -135,6 +135,7 @@ def ensure_samples(backbone: Backbone, cand: Candidate, steps: int, prompts: Seq
     files = [f"{p.id}-{i:05d}.png" for p, i, _ in entries]
     if rank == 0:
         folder.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(folder, recursive=False)  # a killed predecessor's half-written PNGs
         atomic_write_json(folder / "meta.json", {
             "backbone": backbone.name, "model": cand.name, "run_id": cand.run_id, "checkpoint": cand.checkpoint,
             "steps": steps, "schedule": spec.sigmas, "stochastic": spec.stochastic, "guidance": spec.guidance,

@@ -61,3 +61,18 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def remove_stale_temps(folder: str | Path, recursive: bool = True) -> int:
+    """Delete temporary files :func:`atomic_path` left behind when a process was killed.
+
+    Call it only where this process is the folder's single writer (a run directory, a sample
+    folder before its workers start).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    stale = [p for p in (folder.rglob(".*.tmp") if recursive else folder.glob(".*.tmp")) if p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return len(stale)

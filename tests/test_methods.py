@@ -329,12 +329,13 @@ def test_dmd_regression_term_on_cached_teacher_pairs(tmp_path):
     tr = _trainer(m, tmp_path, batch=16)
     noise, cond, target = m.pairs
     assert noise.shape == target.shape == (48, 2) and len(cond) == 48
-    # the pairs are the teacher's 32-step Euler samples at its default CFG (1 on the toy)
+    # the pairs are the teacher's 32-step Euler samples at the real score's CFG (2 here)
     y = cond.tensors["label"]
     x = noise[:6]
     sig = flow.uniform_schedule(32, 1.0)
+    c6 = tr.backbone.encode_labels(y[:6])
     for n in range(32):
-        v = _v(tr.teacher, x, sig[n], y[:6])
+        v = tr.backbone.velocity(tr.teacher, x, torch.full((6,), sig[n]), c6, 2.0)
         x = x + (sig[n + 1] - sig[n]) * v if sig[n + 1] > 0 else x - sig[n] * v
     torch.testing.assert_close(target[:6], x, rtol=1e-4, atol=1e-5)
 

@@ -25,7 +25,7 @@ from cdmbench.backbones import get_backbone
 from cdmbench.backbones.base import Backbone
 from cdmbench.config import config_hash, run_payload
 from cdmbench.errors import UserError
-from cdmbench.io import atomic_path, atomic_write_json, sha256_file
+from cdmbench.io import atomic_path, atomic_write_json, remove_stale_temps, sha256_file
 from cdmbench.registry import METHODS
 from cdmbench.training.core import CheckpointError, TrainConfig, Trainer
 from cdmbench.training.method import Method
@@ -78,6 +78,8 @@ def train_run(method: Method, backbone: Backbone, train_cfg: TrainConfig, out_ro
     if resume is False and has_ckpt:
         raise UserError(f"{run_dir} has a checkpoint; add --resume to continue it or delete the directory")
     trainer = Trainer(backbone, method, train_cfg, run_dir, teacher_weights)  # loads weights: fails before any write
+    if trainer.rank == 0:
+        remove_stale_temps(run_dir)  # a killed predecessor's half-written files
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(run_dir / "config.json", payload)
