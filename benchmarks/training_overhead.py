@@ -17,7 +17,8 @@ registry, no dicts of loss terms, no finiteness checks, no logs.
 One sample = a block of ``--block`` iterations (default 10: two full cycles of the 1:5
 update ratios of cdm and dmd2), both sides at the same iteration numbers; samples are taken
 interleaved (ABBA). Also timed, as its own row: ``Trainer.next_batch`` against drawing the
-same labels and noise by hand.
+same labels and noise by hand; and an A/A control (the last method's bare loop against an
+identical copy of itself), whose distance from 1 is the machine's noise floor.
 
     python benchmarks/training_overhead.py                  # cdm, dmd, dmd2, cd
     python benchmarks/training_overhead.py --methods cdm --reps 10 --threads 2
@@ -304,6 +305,7 @@ def main() -> None:
     ap.add_argument("--block", type=int, default=10, help="iterations per sample")
     ap.add_argument("--reps", type=int, default=20, help="samples per side (interleaved)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--no-aa", action="store_true", help="skip the A/A control row")
     ap.add_argument("--csv", default="results/benchmarks/training_overhead.csv")
     args = ap.parse_args()
     bu.setup_threads(args.threads)
@@ -345,6 +347,16 @@ def main() -> None:
         r["per_iter_harness_ms"] = r["harness_ms"] / args.block
         r["per_iter_bare_ms"] = r["bare_ms"] / args.block
         r["ok"] = "yes" if r["ratio"] <= TARGET else "NO"
+        rows.append(r)
+        print(bu.markdown([r], COLS, HEADERS).splitlines()[-1], flush=True)
+
+    if tr is not None and not args.no_aa:  # A/A control: two identical bare loops, the noise floor
+        b1, b2 = BARE[name](tr), BARE[name](tr)
+        ta, tb = bu.interleaved(lambda: b1.block(data, args.block), lambda: b2.block(data, args.block),
+                                args.reps, number=1, warmup=1)
+        r = {"what": "A/A control: bare vs bare", "method": name, "batch": args.batch, "block": args.block,
+             "reps": args.reps, **bu.summarize(ta, tb), "ok": "(noise)"}
+        r["per_iter_harness_ms"], r["per_iter_bare_ms"] = r["harness_ms"] / args.block, r["bare_ms"] / args.block
         rows.append(r)
         print(bu.markdown([r], COLS, HEADERS).splitlines()[-1], flush=True)
 

@@ -324,6 +324,7 @@ class Trainer:
         for g, o in self.optims.items():
             o.load_state_dict(other["optims"][g])
         states = other["rng"]["g"]
+        states = [states] if isinstance(states, Tensor) else states  # one-process checkpoints of 0.1.0
         if len(states) != self.world:
             raise CheckpointError(f"checkpoint {ckpt} was written by {len(states)} process(es), this run has "
                                   f"{self.world}; resume with the same number of processes")
