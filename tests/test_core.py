@@ -29,15 +29,6 @@ from cdmbench.training.core import (
 from cdmbench.training.method import Method
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny networks: one intra-op thread is faster than two on a busy 2-core machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _dir(path):
     path.mkdir(parents=True, exist_ok=True)  # Trainer.train() does not create its run_dir
     return path

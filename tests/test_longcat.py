@@ -35,14 +35,6 @@ PROMPTS = [Prompt("fox", "a red fox curled up in fresh snow, soft morning light"
 STEPS = 4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def bb() -> TinyLongCat:
     return TinyLongCat()

@@ -23,15 +23,6 @@ from cdmbench.training.core import TrainConfig, Trainer
 from cdmbench.training.method import SamplerSpec
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny networks: one intra-op thread is faster than two on a busy 2-core machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # ------------------------------------------------------------------------------- helpers
 def _trainer(method, tmp_path, batch: int = 64, backbone=None, **kw) -> Trainer:
     cfg = TrainConfig(**(dict(iters=10, batch=batch, seed=0, ckpt_every=10**9,

@@ -26,15 +26,6 @@ TEXTS = ["a photo of a cat", "a red dog", "two blue birds on a wire", "an empty 
 SMALL = "ViT-S-32-alt"  # the smallest architecture open_clip ships
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models: one thread is faster than two contended ones (OpenMP barriers)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _images(n: int, seed: int = 0, size: int = 32) -> Tensor:
     """Smooth random uint8 images (low-frequency noise, upsampled), [n, 3, size, size]."""
     g = torch.Generator().manual_seed(seed)

@@ -32,15 +32,6 @@ from cdmbench.metrics.frechet import frechet_distance_features
 from cdmbench.metrics.reference import to_uint8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared, busy 2-core machine two threads spin and run 10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(autouse=True)
 def _no_network(monkeypatch):
     """Any attempt to download (clean-fid uses urllib) fails the test."""

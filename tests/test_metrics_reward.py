@@ -29,15 +29,6 @@ TINY_VIT = dict(patch_size=16, embed_dim=32, depth=1, num_heads=2)  # the packag
 SIZE = 32  # input size of the tiny ViT (and of the preprocessing)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models: one thread is faster than two contended ones (OpenMP barriers)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _images(n: int, seed: int = 0, size: int = 48) -> Tensor:
     g = torch.Generator().manual_seed(seed)
     x = nn.functional.interpolate(torch.rand(n, 3, 4, 4, generator=g), size=(size, size),

@@ -38,15 +38,6 @@ PROMPTS = [Prompt("p0", "a red bicycle leaning against a brick wall"),
 TEXTS = [p.text for p in PROMPTS]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny networks on a busy 2-core machine: one intra-op thread is fastest.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def bb() -> TinySD3:
     return TinySD3()
