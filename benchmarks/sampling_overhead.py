@@ -226,10 +226,10 @@ COLS = ["what", "backbone", "batch", "steps", "guidance", "harness_ms", "bare_ms
         "pair_ratio_q1", "pair_ratio_q3", "ratio_min", "cpu_ratio", "ok"]
 HEADERS = ["what", "backbone", "batch", "steps", "cfg", "harness ms", "bare ms", "ratio (wall)",
            "pair q1", "pair q3", "ratio of mins", "ratio (CPU)", "wall <= 1.02"]
-NULL_COLS = ["backbone", "batch", "steps", "guidance", "harness_us", "bare_us", "extra_us_per_step",
-             "cpu_extra_us_per_step"]
-NULL_HEADERS = ["backbone", "batch", "steps", "cfg", "harness us", "bare us", "extra us/step (wall)",
-                "extra us/step (CPU)"]
+NULL_COLS = ["backbone", "batch", "steps", "guidance", "harness_us", "bare_us", "extra_us", "extra_us_per_step",
+             "cpu_extra_us"]
+NULL_HEADERS = ["backbone", "batch", "steps", "cfg", "harness us", "bare us", "extra us (wall)",
+                "extra us / steps", "extra us (CPU)"]
 
 
 class NullDigits(torch.nn.Module):
@@ -252,8 +252,9 @@ def null_rows(bb, prompts, batches, steps, reps, target_s) -> list[dict]:
                 s = bu.summarize(ta, tb)
                 rows.append({"what": "null model", "backbone": "digits", "batch": batch, "steps": n, "guidance": w,
                              "harness_us": 1e3 * s["harness_ms"], "bare_us": 1e3 * s["bare_ms"],
+                             "extra_us": 1e3 * (s["harness_ms"] - s["bare_ms"]),
                              "extra_us_per_step": 1e3 * (s["harness_ms"] - s["bare_ms"]) / n,
-                             "cpu_extra_us_per_step": 1e3 * (s["harness_cpu_ms"] - s["bare_cpu_ms"]) / n})
+                             "cpu_extra_us": 1e3 * (s["harness_cpu_ms"] - s["bare_cpu_ms"])})
     return rows
 
 
@@ -263,7 +264,10 @@ def profile(spec: str) -> None:
     import pstats
 
     name, batch, n, w = spec.split(":")
-    (bb, model, prompts), note = load(name)
+    loaded, note = load(name)
+    if loaded is None:
+        raise SystemExit(note)
+    bb, model, prompts = loaded
     _, _, cond, noise = inputs(bb, prompts, int(batch))
     a, b = make_pair(name, bb, model, noise, cond, flow.uniform_schedule(int(n), bb.shift), float(w))
     reps = bu.calibrate([a, b], 0.5)

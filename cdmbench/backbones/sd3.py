@@ -383,7 +383,8 @@ class SD3(Backbone):
         vae = self.component("vae")
         cfg = vae.config
         z = latents.to(self.device).float() / cfg.scaling_factor + cfg.shift_factor
-        out = [vae.decode(c.to(vae.dtype), return_dict=False)[0].float() for c in z.split(batch)]
+        dtype = next(vae.parameters()).dtype  # diffusers' `.dtype` walks every module: once, not per chunk
+        out = [vae.decode(c.to(dtype), return_dict=False)[0].float() for c in z.split(batch)]
         return (torch.cat(out) / 2 + 0.5).clamp(0, 1)
 
     @torch.no_grad()
