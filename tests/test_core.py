@@ -276,10 +276,10 @@ def _saved(tmp_path, make=None, backbone=None, iters: int = 2):
     return tmp_path / "checkpoint"
 
 
-@pytest.mark.parametrize("victim", ["models.safetensors", "state.pt"])
+@pytest.mark.parametrize("victim", ["models", "state"])
 def test_corrupted_checkpoint_file_raises(tmp_path, victim):
     ckpt = _saved(tmp_path / "run")
-    path = ckpt / victim
+    path = Trainer.checkpoint_files(ckpt)[victim]
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
@@ -297,7 +297,7 @@ def test_damaged_manifest_or_missing_file_raises_checkpoint_error(tmp_path, dama
         text = (ckpt / "manifest.json").read_text()
         (ckpt / "manifest.json").write_text(text[: len(text) // 2])
     else:
-        (ckpt / "state.pt").unlink()
+        Trainer.checkpoint_files(ckpt)["state"].unlink()
     fresh = Trainer(Toy(), _methods()["cd"](), _cfg(), tmp_path / "other")
     with pytest.raises(CheckpointError):
         fresh.load_checkpoint(ckpt)
@@ -360,3 +360,30 @@ def test_non_finite_loss_is_skipped_and_counted(tmp_path):
     assert tr.nan_skipped == 1 and tr.updates == {"student": 3} and tr.it == 4
     assert not _same(_params(tr.student), before)
     assert all(torch.isfinite(p).all() for p in tr.student.parameters())
+
+
+def test_checkpoint_killed_before_its_manifest_leaves_the_previous_one_intact(tmp_path, monkeypatch):
+    import cdmbench.training.core as core_mod
+
+    tr = Trainer(Toy(), _methods()["cd"](), _cfg(iters=4), _dir(tmp_path / "run"))
+    for _ in range(2):
+        tr.step(tr.next_batch())
+    ckpt = tr.save_checkpoint()
+    kept = {k: p.read_bytes() for k, p in Trainer.checkpoint_files(ckpt).items()}
+    tr.step(tr.next_batch())
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt  # the process dies after the data files, before the manifest
+
+    monkeypatch.setattr(core_mod, "atomic_write_json", killed)
+    with pytest.raises(KeyboardInterrupt):
+        tr.save_checkpoint()
+    monkeypatch.undo()
+    files = Trainer.checkpoint_files(ckpt)
+    assert {k: p.read_bytes() for k, p in files.items()} == kept
+    fresh = Trainer(Toy(), _methods()["cd"](), _cfg(iters=4), tmp_path / "other")
+    fresh.load_checkpoint(ckpt)
+    assert fresh.it == 2
+    tr.save_checkpoint()  # the next good save removes the orphaned files
+    assert sorted(p.name for p in ckpt.iterdir()) == sorted(
+        ["manifest.json", *[p.name for p in Trainer.checkpoint_files(ckpt).values()]])

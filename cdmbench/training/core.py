@@ -276,8 +276,10 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         """Write models (safetensors) and optimizer/RNG state, then a manifest with hashes.
 
-        Each file is written to a temporary name and renamed; the manifest is renamed last, so
-        a checkpoint directory whose manifest hashes match is complete.
+        The data files carry the iteration in their names and are written under temporary
+        names and renamed; the manifest, renamed last, names the files of the checkpoint and is
+        the commit point: a process killed at any moment leaves the previous manifest pointing
+        at the previous, intact files. Files no manifest names are removed afterwards.
         """
         from safetensors.torch import save_file
 
@@ -286,15 +288,27 @@ class Trainer:
         if self.rank != 0:
             return ckpt
         ckpt.mkdir(parents=True, exist_ok=True)
-        with atomic_path(ckpt / "models.safetensors") as tmp:
+        files = {"models": f"models-{self.it:08d}.safetensors", "state": f"state-{self.it:08d}.pt"}
+        with atomic_path(ckpt / files["models"]) as tmp:
             save_file(tensors, str(tmp))
-        with atomic_path(ckpt / "state.pt") as tmp:
+        with atomic_path(ckpt / files["state"]) as tmp:
             torch.save(other, tmp)
         atomic_write_json(ckpt / "manifest.json", {
-            "it": self.it, "method": self.method.name, "backbone": self.backbone.name,
-            "sha256": {n: sha256_file(ckpt / n) for n in ("models.safetensors", "state.pt")},
+            "it": self.it, "method": self.method.name, "backbone": self.backbone.name, "files": files,
+            "sha256": {n: sha256_file(ckpt / n) for n in files.values()},
         })
+        for old in ckpt.iterdir():
+            if old.name != "manifest.json" and old.name not in files.values() and not old.name.startswith("."):
+                old.unlink(missing_ok=True)
         return ckpt
+
+    @staticmethod
+    def checkpoint_files(ckpt: str | Path) -> dict[str, Path]:
+        """{"models": path, "state": path} named by a checkpoint's manifest."""
+        ckpt = Path(ckpt)
+        manifest = json.loads((ckpt / "manifest.json").read_text())
+        files = manifest.get("files", {"models": "models.safetensors", "state": "state.pt"})
+        return {k: ckpt / v for k, v in files.items()}
 
     def load_checkpoint(self, ckpt: str | Path) -> None:
         """Restore everything :meth:`save_checkpoint` wrote, verifying hashes first."""
@@ -303,10 +317,11 @@ class Trainer:
         ckpt = Path(ckpt)
         try:
             manifest = json.loads((ckpt / "manifest.json").read_text())
+            files = self.checkpoint_files(ckpt)
             digests = manifest["sha256"]
-            for name in ("models.safetensors", "state.pt"):
-                if sha256_file(ckpt / name) != digests[name]:
-                    raise CheckpointError(f"checkpoint file {ckpt / name} is corrupt (hash mismatch); "
+            for path in files.values():
+                if sha256_file(path) != digests[path.name]:
+                    raise CheckpointError(f"checkpoint file {path} is corrupt (hash mismatch); "
                                           "delete the checkpoint directory to start over")
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise CheckpointError(f"checkpoint {ckpt} is unreadable or incomplete ({type(e).__name__}); "
@@ -315,11 +330,11 @@ class Trainer:
             raise CheckpointError(
                 f"checkpoint {ckpt} is for method '{manifest['method']}' on backbone "
                 f"'{manifest['backbone']}', not '{self.method.name}' on '{self.backbone.name}'")
-        tensors = load_file(str(ckpt / "models.safetensors"))
+        tensors = load_file(str(files["models"]))
         for name, m in self.models.items():
             prefix = f"{name}."
             m.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
-        other = torch.load(ckpt / "state.pt", weights_only=True)
+        other = torch.load(files["state"], weights_only=True)
         self.it, self.updates, self.nan_skipped = other["it"], other["updates"], other["nan_skipped"]
         for g, o in self.optims.items():
             o.load_state_dict(other["optims"][g])
