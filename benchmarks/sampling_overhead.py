@@ -113,7 +113,7 @@ def load(name: str):
         bb = get_backbone(name)
         model = bb.load_teacher()
         prompts = bb.prompts("test")
-    except Exception as e:  # noqa: BLE001 - another engineer may still be building it
+    except Exception as e:  # noqa: BLE001 - an optional backbone whose weights are absent is skipped, not fatal
         return None, f"{name} skipped: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
     return (bb, model, prompts), None
 
