@@ -369,12 +369,9 @@ def check(
         df = do_write(results, baseline, backbone)
         out.print(f"wrote {len(df)} baseline rows to {baseline}")
         return
-    tols = {}
-    for t in tolerance or []:
-        if "=" not in t:
-            raise UserError(f"bad --tolerance '{t}': use METRIC=VALUE, e.g. fd_digits=10%")
-        k, v = t.split("=", 1)
-        tols[k.strip()] = v.strip()
+    from cdmbench.config import parse_pairs
+
+    tols = parse_pairs(tolerance, "--tolerance", "use METRIC=VALUE, e.g. fd_digits=10%")
     res = run_check(results, baseline, tols or None, backbone)
     out.print(res.render_rich(only_changes=only_changes))
     for w in res.warnings:

@@ -79,14 +79,19 @@ def _apply(obj, updates: dict[str, Any], section: str):
     return replace(obj, **clean)
 
 
-def parse_sets(sets: list[str] | None) -> dict[str, str]:
+def parse_pairs(items: list[str] | None, flag: str, usage: str) -> dict[str, str]:
+    """['k=v', ...] -> {k: v}; an item without '=' is a UserError quoting ``usage``."""
     out = {}
-    for item in sets or []:
+    for item in items or []:
         if "=" not in item:
-            raise UserError(f"bad --set '{item}': use key=value, e.g. --set train.iters=500")
+            raise UserError(f"bad {flag} '{item}': {usage}")
         k, v = item.split("=", 1)
         out[k.strip()] = v.strip()
     return out
+
+
+def parse_sets(sets: list[str] | None) -> dict[str, str]:
+    return parse_pairs(sets, "--set", "use key=value, e.g. --set train.iters=500")
 
 
 def resolve(method_cls, backbone: str, config_file: str | None = None, sets: list[str] | None = None,

@@ -94,9 +94,7 @@ class Backbone:
         s = torch.as_tensor(s, dtype=torch.float32, device=x.device).expand(x.shape[0])
         if guidance == 1.0:
             return self.forward(model, x, s, cond.tensors).float()
-        v = self.forward(model, torch.cat([x, x]), torch.cat([s, s]), cond.with_uncond()).float()
-        v_u, v_c = v.chunk(2)
-        return flow.cfg(v_u, v_c, guidance)
+        return flow.cfg(*self.velocity_uc(model, x, s, cond), guidance)
 
     def velocity_uc(self, model: nn.Module, x: Tensor, s: Tensor, cond: Cond) -> tuple[Tensor, Tensor]:
         """(v_uncond, v_cond) from one batched call, for methods that need both."""
