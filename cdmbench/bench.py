@@ -35,6 +35,7 @@ class BenchConfig:
     metrics: tuple[str, ...] | None = None
     device: str = "cpu"
     iters: int | None = None  # override every method's iterations (None: its default budget)
+    compile: str | None = None  # torch.compile mode for evaluation; None: eager
 
 
 def _train_one(method: str, backbone: str, quick: bool, seed: int, runs: str, device: str, threads: int,
@@ -117,7 +118,7 @@ def run_bench(cfg: BenchConfig, on_train: Callable[[str, int, int], None] | None
     cands = [teacher_candidate(bb)] + candidates_from_dirs(list(run_dirs.values()), cfg.device)
     plan = EvalPlan(bb, cands, list(cfg.steps), list(cfg.metrics or default_metrics(cfg.backbone)), prompts,
                     prompt_set, per_prompt, cfg.seed, cfg.samples, ResultStore(cfg.results),
-                    batch_size=256 if cfg.backbone == "digits" else 8)
+                    batch_size=256 if cfg.backbone == "digits" else 8, compile=cfg.compile)
     new = run_eval(plan, on_eval)
     return run_dirs, new
 

@@ -13,7 +13,7 @@ and FALLBACK_TOLERANCE (10%) for any other metric. Defaults:
     fd_digits 15%   fid 10%   kid 10%   prompt_acc 0.02   precision, recall, density, coverage 0.05
     clip_score 1.0   image_reward 0.1
 
-Machine-dependent metrics (latency_*, *_ms) are skipped unless the caller or the row gives a
+Machine-dependent metrics (latency_*, *_ms, *_s) are skipped unless the caller or the row gives a
 tolerance, because they measure the machine as much as the model.
 
 Verdicts: "ok" (within tolerance), "better" (improved by more than the tolerance), "REGRESSION"

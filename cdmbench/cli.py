@@ -14,6 +14,8 @@ from rich.table import Table
 from cdmbench.errors import UserError
 from cdmbench.registry import BACKBONES, METHODS, METRICS, UnknownNameError
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile
+
 app = typer.Typer(
     name="cdmbench",
     help="Benchmark and evaluation harness for few-step diffusion distillation.\n\n"
@@ -218,12 +220,18 @@ def eval_cmd(
     reference: Annotated[str, typer.Option(help="Reference images for FID (a folder); default: the backbone's real data.")] = "",
     teacher_weights: Annotated[str | None, typer.Option(help="Teacher weights (default: shipped/hub).")] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    compile_: Annotated[bool, typer.Option("--compile", help="torch.compile every denoiser first; the compile "
+                                           "time is reported on its own (latency's compile_s).")] = False,
+    compile_mode: Annotated[str, typer.Option(help=f"torch.compile mode with --compile: {', '.join(COMPILE_MODES)}.")]
+    = "default",
+    recompute: Annotated[str | None, typer.Option(help="Comma-separated metrics to compute again although "
+                                                  "recorded, e.g. latency on another machine.")] = None,
 ) -> None:
     """Generate with every student and the teacher at each step count, score, and append records.
 
     Samples are kept as PNGs with a manifest under --samples, keyed by content: a rerun
     reuses them, an interrupted run regenerates only what is missing, and metrics already
-    recorded for a sample set are not recomputed.
+    recorded for a sample set are not recomputed (unless named in --recompute).
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -240,6 +248,7 @@ def eval_cmd(
     from cdmbench.training.core import init_distributed
 
     step_list = parse_steps(steps)
+    mode = _compile_mode(compile_, compile_mode)
     bb = get_backbone(backbone, device=device)
     wanted = [m.strip() for m in methods.split(",")] if methods else None
     for m in wanted or []:
@@ -248,6 +257,12 @@ def eval_cmd(
     metric_names = [m.strip() for m in metrics.split(",")] if metrics else default_metrics(backbone)
     for m in metric_names:
         METRICS.entry(m)
+    again = tuple(m.strip() for m in recompute.split(",")) if recompute else ()
+    for m in again:
+        METRICS.entry(m)
+        if m not in metric_names:
+            raise UserError(f"--recompute {m}: not among the metrics of this run ({', '.join(metric_names)}); "
+                            f"add it to --metrics")
     prompt_set, prompt_list = _prompts(prompts, bb)
     per_prompt = num_samples or (200 if backbone == "digits" else 1)
     rank, world = init_distributed(device)
@@ -255,7 +270,8 @@ def eval_cmd(
     students = run_candidates(runs, bb, [m for m in wanted if m != "teacher"] if wanted else None, device)
     batch_size = batch_size or (256 if backbone == "digits" else 8)
     plan = EvalPlan(bb, cands + students, step_list, metric_names, prompt_list, prompt_set, per_prompt, seed,
-                    samples, ResultStore(results), batch_size, reference=reference)
+                    samples, ResultStore(results), batch_size, reference=reference, compile=mode,
+                    recompute=again)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, disable=rank != 0) as bar:
         tasks: dict[str, int] = {}
@@ -268,6 +284,12 @@ def eval_cmd(
         new = run_eval(plan, progress, rank, world)
     if rank == 0:
         _print_records(new, plan)
+
+
+def _compile_mode(on: bool, mode: str) -> str | None:
+    if mode not in COMPILE_MODES:
+        raise UserError(f"unknown --compile-mode '{mode}'; use one of {', '.join(COMPILE_MODES)}")
+    return mode if on else None
 
 
 def _prompts(spec: str, bb):
@@ -397,6 +419,10 @@ def bench(
     num_samples: Annotated[int | None, typer.Option(help="Samples per prompt (digits: 200, quick 50).")] = None,
     metrics: Annotated[str | None, typer.Option(help="Comma-separated metrics (default: the backbone's set).")] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    compile_: Annotated[bool, typer.Option("--compile", help="torch.compile every denoiser for evaluation "
+                                           "(compile time reported as compile_s).")] = False,
+    compile_mode: Annotated[str, typer.Option(help=f"torch.compile mode with --compile: {', '.join(COMPILE_MODES)}.")]
+    = "default",
 ) -> None:
     """The main job: train every method (default budgets), evaluate at 1, 2, 4 steps, write the report.
 
@@ -411,6 +437,7 @@ def bench(
     from cdmbench.config import parse_steps
     from cdmbench.report import build_report, render_rich
 
+    mode = _compile_mode(compile_, compile_mode)
     BACKBONES.entry(backbone)
     ms = methods_arg(methods, ("cdm", "dmd", "dmd2", "cd"))
     for m in ms:
@@ -420,7 +447,7 @@ def bench(
         METRICS.entry(m)
     cfg = BenchConfig(backbone=backbone, methods=ms, steps=tuple(parse_steps(steps)), quick=quick, seed=seed,
                       runs=runs, samples=samples, results=results, workers=workers, device=device, iters=iters,
-                      per_prompt=num_samples, metrics=metric_names)
+                      per_prompt=num_samples, metrics=metric_names, compile=mode)
     t0 = time.perf_counter()
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console) as bar:

@@ -135,9 +135,15 @@ def config_hash(payload: dict[str, Any]) -> str:
 
 
 def run_payload(method: str, backbone: str, train: TrainConfig, method_cfg, teacher: str) -> dict[str, Any]:
-    """What identifies a training run; its hash names the run directory."""
+    """What identifies a training run; its hash names the run directory.
+
+    The package version is part of it: a release that changes a method's maths trains anew
+    instead of silently continuing (or reusing) a run made by the previous code.
+    """
+    from cdmbench import __version__
+
     t = config_to_dict(train)
-    for k in ("device", "threads", "log_every", "ckpt_every", "on_nan"):  # do not change results
+    for k in ("device", "threads", "log_every", "ckpt_every", "on_nan", "shard"):  # do not change results
         t.pop(k, None)
     return {"method": method, "backbone": backbone, "train": t, "method_config": config_to_dict(method_cfg),
-            "teacher": teacher}
+            "teacher": teacher, "cdmbench": __version__}

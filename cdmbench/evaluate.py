@@ -47,6 +47,37 @@ class Candidate:
     checkpoint: str  # content hash of the weights
     model: nn.Module
     sampler: Callable[[int], SamplerSpec]
+    compile_s: float | None = None  # torch.compile time of its denoiser, when compiled
+
+
+def compile_candidate(backbone: Backbone, cand: Candidate, prompts: Sequence[Prompt], batch_sizes: Sequence[int],
+                      mode: str | None = None) -> float:
+    """Compile the candidate's denoiser in place (``torch.compile``) and return the compile time.
+
+    The model is compiled with ``nn.Module.compile`` (same object, same weights, same state
+    dict), then warmed up by sampling one step at each batch size it will see: the generation
+    batch, and 1 for latency. Dynamo recompiles on a second batch size with the batch dimension
+    dynamic, so a partial last batch costs no third compile. The compile time is the warm-up's
+    wall time minus that of the same calls once compiled, so latency and generation are timed
+    on compiled code only. Students of one architecture share compiled code: the second
+    candidate's compile time is near zero.
+    """
+    cand.model.compile(mode=mode)
+    spec = cand.sampler(1)
+    cuda = str(backbone.device).startswith("cuda")
+
+    def warm() -> float:
+        t0 = time.perf_counter()
+        for b in dict.fromkeys(batch_sizes):
+            ps = [prompts[i % len(prompts)] for i in range(b)]
+            generate(backbone, cand.model, ps, list(range(b)), spec, batch_size=b)
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    first = warm()
+    cand.compile_s = max(0.0, first - warm())
+    return cand.compile_s
 
 
 def teacher_candidate(backbone: Backbone, weights: str | None = None) -> Candidate:
@@ -98,9 +129,12 @@ def default_metrics(backbone: str) -> list[str]:
 # --------------------------------------------------------------------------- generation
 def sample_key(backbone: Backbone, cand: Candidate, spec: SamplerSpec, prompt_set: str, seed: int,
                per_prompt: int) -> str:
-    return config_hash({"backbone": backbone.name, "checkpoint": cand.checkpoint, "sigmas": spec.sigmas,
-                        "stochastic": spec.stochastic, "guidance": spec.guidance, "prompts": prompt_set,
-                        "seed": seed, "per_prompt": per_prompt})
+    key = {"backbone": backbone.name, "checkpoint": cand.checkpoint, "sigmas": spec.sigmas,
+           "stochastic": spec.stochastic, "guidance": spec.guidance, "prompts": prompt_set,
+           "seed": seed, "per_prompt": per_prompt}
+    if cand.compile_s is not None:  # compiled kernels round differently: their samples are their own
+        key["compiled"] = True
+    return config_hash(key)
 
 
 @dataclass
@@ -139,7 +173,8 @@ def ensure_samples(backbone: Backbone, cand: Candidate, steps: int, prompts: Seq
         atomic_write_json(folder / "meta.json", {
             "backbone": backbone.name, "model": cand.name, "run_id": cand.run_id, "checkpoint": cand.checkpoint,
             "steps": steps, "schedule": spec.sigmas, "stochastic": spec.stochastic, "guidance": spec.guidance,
-            "prompt_set": prompt_set, "seed": seed, "per_prompt": per_prompt, "key": key})
+            "prompt_set": prompt_set, "seed": seed, "per_prompt": per_prompt, "key": key,
+            "compiled": cand.compile_s is not None})
         manifest = "".join(json.dumps({"prompt_id": p.id, "prompt": p.text, "index": i, "seed": s, "file": f}) + "\n"
                            for (p, i, s), f in zip(entries, files, strict=True))
         if not (folder / "manifest.jsonl").is_file() or (folder / "manifest.jsonl").read_text() != manifest:
@@ -213,7 +248,8 @@ class Latency(Metric):
     """Wall time per image: warm-up, then repeats; median and p90, end to end and denoiser only."""
 
     name = "latency"
-    directions = {"latency_ms": False, "latency_p90_ms": False, "denoiser_ms": False, "latency_batch_ms": False}
+    directions = {"latency_ms": False, "latency_p90_ms": False, "denoiser_ms": False, "latency_batch_ms": False,
+                  "compile_s": False}
     needs = ("timer",)
 
     def __init__(self, warmup: int = 3, repeats: int = 20) -> None:
@@ -225,6 +261,7 @@ class Latency(Metric):
 
     def compute(self, data: EvalSet) -> dict[str, float]:
         assert data.timer is not None
+        compile_s = data.extra.get("compile_s")
         for _ in range(self.warmup):
             data.timer(1)
         runs = [data.timer(1) for _ in range(self.repeats)]
@@ -233,8 +270,11 @@ class Latency(Metric):
         b = max(1, data.eval_batch)
         data.timer(b)
         per_img_batch = statistics.median(data.timer(b)[0] for _ in range(max(3, self.repeats // 4))) / b
-        return {"latency_ms": 1e3 * statistics.median(e2e), "latency_p90_ms": 1e3 * float(np.percentile(e2e, 90)),
-                "denoiser_ms": 1e3 * statistics.median(den), "latency_batch_ms": 1e3 * per_img_batch}
+        out = {"latency_ms": 1e3 * statistics.median(e2e), "latency_p90_ms": 1e3 * float(np.percentile(e2e, 90)),
+               "denoiser_ms": 1e3 * statistics.median(den), "latency_batch_ms": 1e3 * per_img_batch}
+        if compile_s is not None:  # paid once per architecture and shape, reported on its own
+            out["compile_s"] = compile_s
+        return out
 
 
 # ------------------------------------------------------------------------------ digits
@@ -291,6 +331,8 @@ class EvalPlan:
     teacher_default: bool = True  # also evaluate the teacher at its default step count
     reference: str = ""
     cache_dir: Path = Path(".cdmbench/cache")
+    compile: str | None = None  # torch.compile mode ("default", "max-autotune", ...); None: eager
+    recompute: tuple[str, ...] = ()  # metrics computed again even where a record exists (e.g. latency)
 
 
 def build_metrics(names: Sequence[str], backbone: Backbone) -> dict[str, Metric]:
@@ -318,6 +360,15 @@ def run_eval(plan: EvalPlan, progress: Callable[[str, int, int], None] | None = 
                  if c.name == "teacher" and bb.default_teacher_steps not in plan.steps]
     new: list[dict[str, Any]] = []
     total = len(plan.prompts) * plan.per_prompt
+    if plan.compile is not None:
+        for cand in plan.candidates:
+            what = f"{cand.name}: torch.compile"
+            if progress is not None:
+                progress(what, 0, 1)
+            mode = None if plan.compile == "default" else plan.compile
+            compile_candidate(bb, cand, plan.prompts, [min(plan.batch_size, total), 1], mode)
+            if progress is not None:
+                progress(f"{what} ({cand.compile_s:.1f} s)", 1, 1)
     for cand, steps in jobs:
         label = f"{cand.name} @ {steps} step{'s' if steps > 1 else ''}"
         counter = {"n": 0}
@@ -335,15 +386,19 @@ def run_eval(plan: EvalPlan, progress: Callable[[str, int, int], None] | None = 
         images = None
         for name, metric in metrics.items():
             mcfg = metric.config()
-            mhash = config_hash({"metric": name, **mcfg, "device": str(bb.device)})
-            if (sset.key, name, mhash) in done:
+            hashed = {"metric": name, **mcfg, "device": str(bb.device)}
+            if cand.compile_s is not None and "timer" in metric.needs:
+                hashed["compile"] = plan.compile  # compiled and eager timings are different numbers
+            mhash = config_hash(hashed)
+            if (sset.key, name, mhash) in done and name not in plan.recompute:
                 continue
             if images is None and "images" in metric.needs:
                 images = load_images(sset)
             data = EvalSet(images=images if images is not None else torch.empty(0), prompts=sset.prompts,
                            backbone=bb, reference=plan.reference, cache_dir=plan.cache_dir,
                            timer=make_timer(bb, cand, steps, plan.prompts) if "timer" in metric.needs else None,
-                           eval_batch=plan.batch_size)
+                           eval_batch=plan.batch_size,
+                           extra={} if cand.compile_s is None else {"compile_s": cand.compile_s})
             if progress is not None:
                 progress(f"{label}: {name}", 0, 1)
             values = metric.compute(data)
@@ -354,7 +409,8 @@ def run_eval(plan: EvalPlan, progress: Callable[[str, int, int], None] | None = 
                 "steps": steps, "schedule": spec.sigmas, "stochastic": spec.stochastic, "guidance": spec.guidance,
                 "prompt_set": plan.prompt_set, "n_samples": len(sset.files), "metric": vname, "value": float(v),
                 "higher_is_better": metric.directions.get(vname, False), "metric_name": name,
-                "metric_config": metric.run_config(), "metric_config_hash": mhash, "seed": plan.seed,
+                "metric_config": {**metric.run_config(), **({"compile": hashed["compile"]} if "compile" in hashed else {})},
+                "metric_config_hash": mhash, "seed": plan.seed,
                 "device": _device_name(bb.device), "dtype": str(bb.dtype).replace("torch.", ""),
                 "versions": versions(), "git_rev": git_revision(), "time": now(), "eval_key": sset.key,
                 "samples": str(sset.folder),

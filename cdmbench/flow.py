@@ -189,11 +189,12 @@ def sample(
     (default: ``randn_like``). Returns the final sample, and the trajectory if ``record``.
     """
     x = noise.float()
-    b = x.shape[0]
     traj = Trajectory(list(sigmas)) if record else None
-    s_all = torch.tensor(list(sigmas), dtype=torch.float32, device=x.device)
-    s_rows = s_all[:-1, None].expand(-1, b).unbind(0)  # each step's [B] sigmas, built once
-    ds = (s_all[1:] - s_all[:-1]).unbind(0)  # s' - s in float32, exactly as euler_step forms it
+    s_all, s_rows, ds = _schedule_tensors(sigmas, x.shape[0], x.device)
+    # in place when nothing can look at the old x: no trajectory kept, no autograd graph, and
+    # not the caller's noise tensor
+    in_place = traj is None and not torch.is_grad_enabled()
+    owned = x is not noise
     for n in range(len(sigmas) - 1):
         s = s_rows[n]
         v = velocity(x, s).float()
@@ -204,6 +205,35 @@ def sample(
         if stochastic and sigmas[n + 1] > 0:
             eps = renoise(n) if renoise is not None else torch.randn_like(x)
             x = renoise_step(x0_from_v(x, s, v), s_all[n + 1], eps)
-        else:  # euler_step inlined (the hot loop); at s' = 0 this is x0 = x - s v exactly
-            x = x + ds[n] * v
+        elif in_place and owned:  # the hot loop: one kernel, no allocation
+            x.add_(v, alpha=ds[n])
+        else:
+            x = torch.add(x, v, alpha=ds[n])
+        owned = True
     return (x, traj) if record else x
+
+
+_SCHEDULES: dict[tuple, tuple[Tensor, tuple[Tensor, ...], list[float]]] = {}
+
+
+def _schedule_tensors(sigmas: Sequence[float], b: int, device: torch.device
+                      ) -> tuple[Tensor, tuple[Tensor, ...], list[float]]:
+    """(sigmas on device, each step's [B] sigma row, each step's s' - s) for a schedule.
+
+    Built once per (schedule, batch, device, inference mode) and reused: evaluation samples
+    every batch with the same schedule, and at batch 1 building these small tensors costs as
+    much as a few network layers. s' - s is rounded to float32 as ``euler_step`` forms it and
+    kept as a Python float, so an Euler step is one ``x + d v`` kernel with no device sync.
+    Rows made under ``torch.inference_mode`` are inference tensors, which autograd refuses,
+    hence the mode in the key.
+    """
+    key = (tuple(sigmas), b, str(device), torch.is_inference_mode_enabled())
+    hit = _SCHEDULES.get(key)
+    if hit is None:
+        if len(_SCHEDULES) >= 256:
+            _SCHEDULES.clear()
+        s_host = torch.tensor(list(sigmas), dtype=torch.float32)
+        s_all = s_host.to(device)
+        hit = (s_all, s_all[:-1, None].expand(-1, b).unbind(0), (s_host[1:] - s_host[:-1]).tolist())
+        _SCHEDULES[key] = hit
+    return hit

@@ -74,7 +74,7 @@ class ReportOutputs:
 # ----------------------------------------------------------------------------- records
 def machine_dependent(metric: str) -> bool:
     """Timing metrics, which depend on the machine rather than the model."""
-    return metric.startswith("latency") or metric.endswith("_ms")
+    return metric.startswith("latency") or metric.endswith(("_ms", "_s"))
 
 
 def default_direction(metric: str) -> bool | None:

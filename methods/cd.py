@@ -15,9 +15,11 @@ the phase, which makes a k-phase student a k-step sampler. Per step:
 v_tgt is an EMA copy of the student (decay 0.95, LCM) or the online student without grad.
 Phase edges for a 4-step student: grid indices 0, 12, 25, 37 (and 50). Clean latents come
 from the backbone's real data where it has it (digits), otherwise from a cache of teacher
-samples. Inference: deterministic Euler jumps between the phase edges. With one phase
-(``edges=(0,)``) this is LCM: the student maps any point to x0 and samples at any step count
-by LCM's multistep loop (predict x0, re-noise to the next sigma).
+samples (:class:`~cdmbench.training.teacher_data.TeacherSamples`: x0 on the CPU, conditions
+re-encoded per batch, kept on disk beside the run for reuse). Inference: deterministic Euler
+jumps between the phase edges. With one phase (``edges=(0,)``) this is LCM: the student maps
+any point to x0 and samples at any step count by LCM's multistep loop (predict x0, re-noise
+to the next sigma).
 
 Defaults: lr 1e-6 (LCM), AdamW betas (0.9, 0.999), weight decay 1e-4, teacher CFG = the
 backbone's default (4.5 where none is set), target EMA 0.95, Huber c 1e-3.
@@ -31,8 +33,10 @@ import torch
 from torch import Tensor
 
 from cdmbench import flow
-from cdmbench.training.core import OptimSpec, ema_update_, teacher_samples
+from cdmbench.backbones.base import Cond
+from cdmbench.training.core import OptimSpec, ema_update_
 from cdmbench.training.method import Method, SamplerSpec
+from cdmbench.training.teacher_data import TeacherSamples
 
 
 @dataclass
@@ -78,11 +82,12 @@ class CD(Method):
         self.grid = torch.tensor(flow.uniform_schedule(c.grid, bb.shift), dtype=torch.float32, device=core.device)
         self.w = c.teacher_guidance if c.teacher_guidance is not None else (bb.default_teacher_cfg or 4.5)
         real = bb.real_latents("train") if c.data in ("auto", "real") else None
+        self.data: tuple[Tensor, Cond] | None = None  # real (x0, conditions), on the device
+        self.samples: TeacherSamples | None = None  # otherwise teacher samples
         if real is None:
             if c.data == "real":
                 raise ValueError(f"backbone '{bb.name}' has no real data; use data='teacher'")
-            _, cond, x0 = teacher_samples(core, c.cache_size)
-            self.data = (x0, cond)
+            self.samples = TeacherSamples.for_trainer(core, c.cache_size)
         else:
             x0, labels = real
             self.data = (x0.to(core.device), bb.encode_labels(labels))
@@ -107,12 +112,19 @@ class CD(Method):
             return SamplerSpec([grid[i] for i in c.edges] + [0.0])
         return SamplerSpec(flow.uniform_schedule(steps, shift), stochastic=len(c.edges) == 1)
 
+    def _clean(self, b: int, core) -> tuple[Tensor, Cond]:
+        """``b`` clean latents and their conditions, drawn uniformly with replacement."""
+        if self.samples is not None:  # core.randint's draw, kept on the host where the samples are
+            pick = torch.randint(0, len(self.samples), (b,), generator=core.g)
+            return self.samples.targets(pick), self.samples.cond(pick)
+        x_all, cond_all = self.data
+        pick = core.randint(len(x_all), b)
+        return x_all[pick], cond_all.select(pick)
+
     def losses(self, group: str, it: int, batch, core) -> dict[str, Tensor]:
         c, bb = self.cfg, core.backbone
-        x_all, cond_all = self.data
         b = len(batch)
-        pick = core.randint(len(x_all), b)
-        x0, cond = x_all[pick], cond_all.select(pick)
+        x0, cond = self._clean(b, core)
         n = core.randint(c.grid, b)
         e = phase_end(n, c.edges, c.grid)
         s_n, s_n1, s_e = self.grid[n], self.grid[n + 1], self.grid[e]

@@ -9,7 +9,10 @@ gradient, the difference of a "real" score (the frozen teacher, with CFG) and a 
     L_DM = 0.5 * MSE(x0, sg(x0 - grad))
 
 plus a regression loss on (noise, teacher ODE sample) pairs generated once and cached
-(Sec. 3.3), sampled at the real score's guidance. The paper uses LPIPS at weight 0.25; on latent backbones, and on 8x8 digits
+(Sec. 3.3), sampled at the real score's guidance. The pairs are a
+:class:`~cdmbench.training.teacher_data.TeacherSamples` set: identical on every process,
+drawn from the run seed, kept on disk beside the run and reused by any run with the same
+teacher settings. The paper uses LPIPS at weight 0.25; on latent backbones, and on 8x8 digits
 where LPIPS's VGG features do not apply, this module uses MSE in latent space at the same
 weight. The fake score is trained with flow-matching MSE on sg(x0), one update per generator
 update. The normaliser mean|x0 - x0_real| is floored at 1e-6 (the reference divides by it
@@ -30,8 +33,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from cdmbench import flow
-from cdmbench.training.core import OptimSpec, dm_normalizer, fm_loss, teacher_samples
+from cdmbench.backbones.base import Cond
+from cdmbench.training.core import OptimSpec, dm_normalizer, fm_loss
 from cdmbench.training.method import Method, SamplerSpec
+from cdmbench.training.teacher_data import TeacherSamples
 
 
 @dataclass
@@ -42,7 +47,7 @@ class DMDConfig:
     warmup: int = 100
     real_guidance: float = 3.0  # CFG of the real score
     reg_weight: float = 0.25  # regression loss weight
-    reg_pairs: int = 10_000  # cached (noise, teacher sample) pairs
+    reg_pairs: int = 10_000  # cached (noise, teacher sample) pairs; none are made at reg_weight 0
     reg_batch: int = 0  # regression pairs per step; 0 = the training batch size
     norm_floor: float = 1e-6
 
@@ -62,8 +67,16 @@ class DMD(Method):
     def build(self, core) -> dict:
         # regression targets: the teacher's ODE at the real score's guidance, so both losses
         # pull toward the same distribution
-        self.pairs = teacher_samples(core, self.cfg.reg_pairs, guidance=self.cfg.real_guidance)
+        self.reg_data: TeacherSamples | None = None
+        if self.cfg.reg_weight > 0:
+            self.reg_data = TeacherSamples.for_trainer(core, self.cfg.reg_pairs, guidance=self.cfg.real_guidance)
         return {"fake": core.backbone.clone(core.student).requires_grad_(True).train()}
+
+    @property
+    def pairs(self) -> tuple[Tensor, Cond, Tensor]:
+        """Every regression pair as (noise, conditions, teacher sample), materialised on the
+        device: for inspecting small sets; training draws its batches from ``reg_data``."""
+        return self.reg_data.batch(torch.arange(len(self.reg_data)))
 
     def optim_groups(self, core) -> dict[str, OptimSpec]:
         c = self.cfg
@@ -85,10 +98,12 @@ class DMD(Method):
             batch.cache["x0"] = x0.detach()
             terms = {"dm": dm_loss(core, x0, batch.cond, c.real_guidance, c.norm_floor)}
             if c.reg_weight > 0:
-                noise, cond, target = self.pairs
-                idx = core.randint(len(noise), c.reg_batch or b)
-                pred = bb.x0(core.student, noise[idx], torch.ones(len(idx), device=noise.device), cond.select(idx))
-                terms["reg"] = c.reg_weight * F.mse_loss(pred, target[idx])
+                # core.randint's draw, kept on the host: the rows index host tensors, and a
+                # device copy would cost a sync to bring back
+                idx = torch.randint(0, len(self.reg_data), (c.reg_batch or b,), generator=core.g)
+                noise, cond, target = self.reg_data.batch(idx)
+                pred = bb.x0(core.student, noise, torch.ones(len(idx), device=noise.device), cond)
+                terms["reg"] = c.reg_weight * F.mse_loss(pred, target)
             return terms
         x0 = batch.cache["x0"]
         tau = flow.clamp_sigma(core.rand(b))

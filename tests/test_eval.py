@@ -126,3 +126,40 @@ def test_truncated_line_is_reported_and_skipped(tmp_path):
     rep = store.read()
     assert [r["metric"] for r in rep.records] == ["a", "c"]
     assert len(rep.problems) == 1 and ":2:" in rep.problems[0]
+
+
+def test_compiled_eval_reports_compile_time_and_keeps_samples_apart(tmp_path):
+    """--compile: torch.compile (inductor) on the denoiser, compile time as its own value, samples
+    keyed apart from eager ones and equal to them up to kernel rounding."""
+    bb = get_backbone("digits")
+    eager = _plan(tmp_path / "eager", tmp_path / "none", metrics=("fd_digits", "latency"), per_prompt=3, steps=(2,))
+    eager.candidates = [teacher_candidate(bb)]
+    compiled = _plan(tmp_path / "compiled", tmp_path / "none", metrics=("fd_digits", "latency"), per_prompt=3,
+                     steps=(2,))
+    compiled.candidates = [teacher_candidate(bb)]
+    compiled.samples_root = eager.samples_root  # one samples folder: the keys must keep them apart
+    compiled.compile = "default"
+    keys = set(compiled.candidates[0].model.state_dict())
+    a = {r["metric"]: r for r in run_eval(eager)}
+    b = {r["metric"]: r for r in run_eval(compiled)}
+    assert "compile_s" not in a and b["compile_s"]["value"] > 0
+    assert b["latency_ms"]["metric_config"]["compile"] == "default"
+    assert a["latency_ms"]["metric_config_hash"] != b["latency_ms"]["metric_config_hash"]
+    assert a["fd_digits"]["eval_key"] != b["fd_digits"]["eval_key"]
+    assert set(compiled.candidates[0].model.state_dict()) == keys  # compiled in place: same weights, same names
+    assert abs(a["fd_digits"]["value"] - b["fd_digits"]["value"]) < 1e-2 * a["fd_digits"]["value"]
+    folders = sorted((eager.samples_root / "digits").glob("teacher-2-*"))
+    imgs = [load_images(ensure_samples(bb, c, 2, bb.prompts(), "digits", 0, 3, eager.samples_root))
+            for c in (eager.candidates[0], compiled.candidates[0])]
+    assert len(folders) == 2 and (imgs[0].int() - imgs[1].int()).abs().max() <= 1
+
+
+def test_recompute_measures_a_recorded_metric_again(tmp_path, runs_root):
+    plan = _plan(tmp_path, runs_root, metrics=("prompt_acc", "latency"), per_prompt=2, steps=(1,))
+    plan.candidates = plan.candidates[:1]
+    first = run_eval(plan)
+    assert run_eval(plan) == []
+    plan.recompute = ("latency",)
+    again = run_eval(plan)
+    assert {r["metric_name"] for r in again} == {"latency"}
+    assert len(again) == len([r for r in first if r["metric_name"] == "latency"])

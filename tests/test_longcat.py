@@ -241,3 +241,14 @@ def test_missing_hub_weights_offline_fail_fast(monkeypatch):
         LongCat(weights="cdmbench-tests/no-such-longcat")
     assert "\n" not in str(e.value) and "hf download" in str(e.value)
     assert time.perf_counter() - t0 < 5
+
+
+def test_channels_last_vae_decodes_the_same(bb):
+    """The VAE in channels-last memory format (the default on CUDA) decodes as before."""
+    z = _noise(bb)
+    ref = bb.decode(z)
+    nhwc = TinyLongCat(seed=bb.seed)
+    nhwc.channels_last = True
+    conv = next(m for m in nhwc.pipe.vae.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last) and not bb.use_channels_last()
+    assert (nhwc.decode(z) - ref).abs().max() <= 1e-5

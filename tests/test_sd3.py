@@ -276,3 +276,14 @@ def test_sd3_from_directory_and_linked_export(bb: TinySD3, teacher, tmp_path):
     latents = _run_pipe(exported, x, [1.0], 1.0)
     ours = flow.sample(lambda z, t: sd3.velocity(t2, z, t, sd3.encode(PROMPTS)), x, sigmas)
     assert (ours - latents).abs().max().item() <= TOL
+
+
+def test_channels_last_vae_decodes_the_same(bb: TinySD3):
+    """The VAE in channels-last memory format (the default on CUDA) decodes as before."""
+    z = _noise(bb, 3)
+    ref = bb.decode(z)
+    nhwc = TinySD3(seed=bb.seed)
+    nhwc.channels_last = True
+    conv = next(m for m in nhwc.component("vae").modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last) and not bb.use_channels_last()
+    assert (nhwc.decode(z) - ref).abs().max() <= TOL

@@ -30,6 +30,8 @@ class Cond:
 
     tensors: dict[str, Tensor]
     null: dict[str, Tensor]  # each with a leading batch dim of 1
+    # [uncond; cond], built on first use: a sampler's CFG calls reuse it at every step
+    _with_uncond: dict[str, Tensor] | None = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
         return next(iter(self.tensors.values())).shape[0]
@@ -42,9 +44,11 @@ class Cond:
         return {k: v.expand(n, *v.shape[1:]) for k, v in self.null.items()}
 
     def with_uncond(self) -> dict[str, Tensor]:
-        """[uncond; cond] stacked on the batch dim, for one CFG network call."""
-        u = self.uncond()
-        return {k: torch.cat([u[k], v]) for k, v in self.tensors.items()}
+        """[uncond; cond] stacked on the batch dim, for one CFG network call (built once)."""
+        if self._with_uncond is None:
+            u = self.uncond()
+            self._with_uncond = {k: torch.cat([u[k], v]) for k, v in self.tensors.items()}
+        return self._with_uncond
 
     def to(self, device) -> Cond:
         return Cond({k: v.to(device) for k, v in self.tensors.items()},
@@ -63,6 +67,12 @@ class Backbone:
     device: str = "cpu"
     dtype: torch.dtype = torch.float32
     fsdp_wrap_classes: tuple[type, ...] = field(default_factory=tuple)
+    # convolutional parts (the VAE) in channels-last memory format; None: on CUDA only, where
+    # cuDNN's NHWC kernels are the fast ones
+    channels_last: bool | None = None
+
+    def use_channels_last(self) -> bool:
+        return str(self.device).startswith("cuda") if self.channels_last is None else self.channels_last
 
     # ---- models
     def load_teacher(self, weights: str | None = None) -> nn.Module:
@@ -91,14 +101,14 @@ class Backbone:
 
     def velocity(self, model: nn.Module, x: Tensor, s: Tensor, cond: Cond, guidance: float = 1.0) -> Tensor:
         """v at (x, s), with classifier-free guidance batched in one call when w != 1."""
-        s = torch.as_tensor(s, dtype=torch.float32, device=x.device).expand(x.shape[0])
+        s = _sigma_rows(s, x)
         if guidance == 1.0:
             return self.forward(model, x, s, cond.tensors).float()
         return flow.cfg(*self.velocity_uc(model, x, s, cond), guidance)
 
     def velocity_uc(self, model: nn.Module, x: Tensor, s: Tensor, cond: Cond) -> tuple[Tensor, Tensor]:
         """(v_uncond, v_cond) from one batched call, for methods that need both."""
-        s = torch.as_tensor(s, dtype=torch.float32, device=x.device).expand(x.shape[0])
+        s = _sigma_rows(s, x)
         v = self.forward(model, torch.cat([x, x]), torch.cat([s, s]), cond.with_uncond()).float()
         v_u, v_c = v.chunk(2)
         return v_u, v_c
@@ -126,3 +136,16 @@ class Backbone:
     def schedule(self, steps: int) -> list[float]:
         """The default uniform schedule at this backbone's shift."""
         return flow.uniform_schedule(steps, self.shift)
+
+    def generation_settings(self) -> dict:
+        """Settings besides the teacher's weights that change what the teacher generates from
+        given noise and prompt (text encoders, sequence length, guidance variant), as plain
+        JSON values: content-keyed caches of teacher samples hash them. Subclasses extend it."""
+        return {"name": self.name, "latent_shape": list(self.latent_shape), "shift": self.shift}
+
+
+def _sigma_rows(s: Tensor | float, x: Tensor) -> Tensor:
+    """``s`` as a float32 [B] tensor on x's device (a sampler's rows pass through untouched)."""
+    if isinstance(s, Tensor) and s.dtype == torch.float32 and s.shape == x.shape[:1] and s.device == x.device:
+        return s
+    return torch.as_tensor(s, dtype=torch.float32, device=x.device).expand(x.shape[0])

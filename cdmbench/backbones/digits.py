@@ -208,7 +208,7 @@ class Digits(Backbone):
         return model(x, flow.timestep(s), cond["label"])
 
     def decode(self, latents: Tensor) -> Tensor:
-        return ((latents.float() + 1) / 2).clamp(0, 1)
+        return ((latents.float() + 1) / 2).clamp_(0, 1)
 
     def real_latents(self, split: str = "train") -> tuple[Tensor, Tensor]:
         return load_split(split)

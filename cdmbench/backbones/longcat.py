@@ -311,6 +311,8 @@ class LongCat(Backbone):
 
             te = self._place(self._build_text_encoder()).requires_grad_(False)
             vae = self._place(self._build_vae()).requires_grad_(False)
+            if self.use_channels_last():
+                vae = vae.to(memory_format=torch.channels_last)
             self._pipe = LongCatImagePipeline(
                 scheduler=FlowMatchEulerDiscreteScheduler.from_config(self.scheduler_config),
                 vae=vae, text_encoder=te, tokenizer=self._build_tokenizer(),
@@ -405,6 +407,12 @@ class LongCat(Backbone):
         emb = self.encode_texts([p.text for p in prompts])
         return Cond({"prompt_embeds": emb}, {"prompt_embeds": self.null_embedding()})
 
+    def generation_settings(self) -> dict:
+        """The base settings plus the weights' source (the text encoder comes from it) and the
+        guidance variant."""
+        return {**super().generation_settings(), "weights": str(self.source),
+                "cfg_renorm": self.cfg_renorm, "cfg_renorm_min": self.cfg_renorm_min}
+
     def random_cond(self, n: int, generator: torch.Generator) -> Cond:
         """``n`` prompts drawn uniformly (with replacement) from the ``general`` set."""
         pool = self.prompts("train")
@@ -475,10 +483,11 @@ class LongCat(Backbone):
         ``vae.decode(z / scaling_factor + shift_factor)`` then ``postprocess(.., "pt")``."""
         pipe = self.pipe
         vae = pipe.vae
+        dtype = next(vae.parameters()).dtype  # diffusers' `.dtype` walks every module: once, not per chunk
         out = []
         for z in latents.split(self.decode_batch):
             z = z.to(self.device) / vae.config.scaling_factor + vae.config.shift_factor
-            img = vae.decode(z.to(vae.dtype), return_dict=False)[0]
+            img = vae.decode(z.to(dtype), return_dict=False)[0]
             out.append(pipe.image_processor.postprocess(img, output_type="pt").float())
         return torch.cat(out)
 
@@ -650,3 +659,7 @@ class TinyLongCat(LongCat):
 
     def _build_vae(self) -> nn.Module:
         return self._tiny("vae")
+
+    def generation_settings(self) -> dict:
+        """LongCat's settings plus the seed of the random tiny text encoder."""
+        return {**super().generation_settings(), "seed": self.seed}

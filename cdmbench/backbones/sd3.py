@@ -265,6 +265,8 @@ class SD3(Backbone):
             part = self._load(name)
             if isinstance(part, nn.Module):
                 part = _to(part, self.device, self.dtype).eval().requires_grad_(False)
+                if name == "vae" and self.use_channels_last():
+                    part = part.to(memory_format=torch.channels_last)
             self._parts[name] = part
         return self._parts[name]
 
@@ -352,6 +354,11 @@ class SD3(Backbone):
         null_emb, null_pooled = self._embed([""])
         return Cond({"prompt_embeds": emb, "pooled_projections": pooled},
                     {"prompt_embeds": null_emb, "pooled_projections": null_pooled})
+
+    def generation_settings(self) -> dict:
+        """The base settings plus where the text encoders come from and how they are run."""
+        return {**super().generation_settings(), "weights": self.weights, "drop_t5": self.drop_t5,
+                "max_sequence_length": self.max_sequence_length}
 
     def random_cond(self, n: int, generator: torch.Generator) -> Cond:
         """``n`` training prompts drawn uniformly with replacement."""
@@ -498,6 +505,10 @@ class TinySD3(SD3):
         if self.weights is not None:
             return super().transformer_config()
         return dict(tiny_parts(self.seed)["transformer"].config)
+
+    def generation_settings(self) -> dict:
+        """SD3's settings plus the seed of the random tiny text encoders."""
+        return {**super().generation_settings(), "seed": self.seed}
 
 
 # ------------------------------------------------------------------------------- export

@@ -186,12 +186,22 @@ def _resize_pil(x: np.ndarray, size: tuple[int, int], threads: int) -> np.ndarra
             out[i, j] = np.asarray(img.resize(size, resample=Image.Resampling.BICUBIC))
 
     if threads > 1 and n > 1:
-        with ThreadPoolExecutor(min(threads, n)) as pool:
-            list(pool.map(one, range(n)))
+        list(_pool(threads).map(one, range(n)))
     else:
         for i in range(n):
             one(i)
     return out
+
+
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+
+
+def _pool(threads: int) -> ThreadPoolExecutor:
+    """A process-wide resize pool per thread count, started once (threads idle between batches)."""
+    pool = _POOLS.get(threads)
+    if pool is None:
+        pool = _POOLS[threads] = ThreadPoolExecutor(threads, thread_name_prefix="cdmbench-resize")
+    return pool
 
 
 def default_threads() -> int:
@@ -244,18 +254,47 @@ class ImageFeatures:
 
     def embed(self, images: Tensor) -> Tensor:
         """Features of one batch."""
+        return self.forward(self.prepare(images))
+
+    def prepare(self, images: Tensor) -> Any:
+        """Host-side work on one batch (resizing); runs ahead of :meth:`forward` in a thread."""
+        return images
+
+    def forward(self, prepared: Any) -> Tensor:
+        """The network on one prepared batch."""
         raise NotImplementedError
 
     @torch.inference_mode()
     def __call__(self, images: Tensor) -> Tensor:
+        """Features of all images, batch by batch; batch k + 1 is prepared (resized) while the
+        network runs on batch k, so the resize stays off the critical path on a GPU."""
         if images.dtype != torch.uint8 or images.ndim != 4:
             raise ValueError(f"expected uint8 [N, C, H, W] images, got {images.dtype} "
                              f"{tuple(images.shape)}")
-        out = []
-        for s in range(0, images.shape[0], self.batch_size):
-            f = torch.as_tensor(self.embed(images[s : s + self.batch_size]))
-            out.append(f.detach().float().reshape(f.shape[0], -1).cpu())
+        starts = range(0, images.shape[0], self.batch_size)
+        if type(self).prepare is ImageFeatures.prepare or len(starts) < 2:  # nothing to overlap
+            feats = [self.embed(images[s : s + self.batch_size]) for s in starts]
+        else:
+            feats = []
+            ahead = _prefetcher()
+            nxt = ahead.submit(self.prepare, images[: self.batch_size])
+            for s in starts:
+                cur = nxt.result()
+                if s + self.batch_size < images.shape[0]:
+                    nxt = ahead.submit(self.prepare, images[s + self.batch_size : s + 2 * self.batch_size])
+                feats.append(self.forward(cur))
+        out = [torch.as_tensor(f).detach().float().reshape(f.shape[0], -1).cpu() for f in feats]
         return torch.cat(out) if out else torch.empty(0, 0)
+
+
+_PREFETCH: list[ThreadPoolExecutor] = []
+
+
+def _prefetcher() -> ThreadPoolExecutor:
+    """One background thread that prepares the next batch while the network runs."""
+    if not _PREFETCH:
+        _PREFETCH.append(ThreadPoolExecutor(1, thread_name_prefix="cdmbench-prefetch"))
+    return _PREFETCH[0]
 
 
 def module_digest(module: nn.Module) -> str:
@@ -305,6 +344,7 @@ class InceptionFeatures(ImageFeatures):
         self.model = model
         self.resize_backend = resize_backend
         self.threads = threads
+        self._ready: tuple[int, torch.device] | None = None  # (model, device) _net last prepared
         if model is None:
             self.id = "clean-fid/inception-2015-12-05 pool3 (2048-d)"
         else:
@@ -323,20 +363,28 @@ class InceptionFeatures(ImageFeatures):
         return {**super().config(), "url": INCEPTION_URL if self.model is None else "user model"}
 
     def _net(self, device: torch.device) -> nn.Module:
+        """The network in eval mode on ``device``: loaded and moved once, not per batch."""
         if self.model is None:
             self.check()
             with torch.inference_mode(False), warnings.catch_warnings():
                 warnings.simplefilter("ignore", FutureWarning)  # "torch.jit.load is deprecated"
                 base = torch.jit.load(str(self.path), map_location=device).eval()
             self.model = base.layers  # clean-fid's InceptionV3W calls base.layers directly
-        return self.model.eval().to(device)
+        if self._ready != (id(self.model), device):
+            self.model = self.model.eval().to(device)
+            self._ready = (id(self.model), device)
+        return self.model
 
-    def embed(self, images: Tensor) -> Tensor:
+    def prepare(self, images: Tensor) -> Tensor:
+        device = self.device or torch.device("cpu")
+        backend = self.resize_backend
+        return clean_resize(images.to(device) if backend == "torch" else images, backend=backend,
+                            threads=self.threads)
+
+    def forward(self, prepared: Tensor) -> Tensor:
         device = self.device or torch.device("cpu")
         net = self._net(device)
-        backend = self.resize_backend
-        x = clean_resize(images.to(device) if backend == "torch" else images, backend=backend,
-                         threads=self.threads).to(device)
+        x = prepared.to(device)
         x = (x - 128) / 128  # clean-fid: x1 = x - 128; x2 = x1 / 128
         return net(x).reshape(x.shape[0], 2048)
 

@@ -12,6 +12,9 @@ Multi-process: the core reads the usual launcher variables (``accelerate launch`
 from the seed alone (so every rank draws the same schedule length), and averages gradients
 across ranks after each backward. Methods run several forwards per backward, which DDP's
 reducer does not support; an explicit all-reduce is exact and works with any of them.
+Models too large to replicate are sharded with FSDP2 instead (``TrainConfig.shard``, see
+:mod:`cdmbench.training.sharding`): FSDP2 accepts several forwards per backward and
+averages the gradients itself, and checkpoints hold full tensors either way.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from torch import Tensor, nn
 from cdmbench import flow
 from cdmbench.backbones.base import Backbone, Cond
 from cdmbench.io import atomic_path, atomic_write_json, sha256_file
+from cdmbench.training import sharding
 
 
 class NonFiniteLossError(RuntimeError):
@@ -63,6 +67,10 @@ class TrainConfig:
     on_nan: str = "stop"  # "stop": raise and keep the last good checkpoint; "skip": skip the step
     device: str = "cpu"
     threads: int = 0  # torch CPU threads; 0 keeps torch's default
+    shard: str = "auto"  # "none", "fsdp2", or "auto": fsdp2 under `accelerate launch` with FSDP2
+
+    def __post_init__(self) -> None:
+        sharding.check_shard_mode(self.shard)
 
 
 @dataclass
@@ -84,9 +92,14 @@ def ema_decay(k: int, cap: float = 0.999) -> float:
 
 @torch.no_grad()
 def ema_update_(target: nn.Module, source: nn.Module, decay: float) -> None:
-    """theta_t = decay * theta_t + (1 - decay) * theta_s, over parameters (buffers are not averaged)."""
-    tp = [p for p in target.parameters()]
-    sp = [p.detach() for p in source.parameters()]
+    """theta_t = decay * theta_t + (1 - decay) * theta_s, over parameters (buffers are not averaged).
+
+    Sharded models are averaged shard by shard: the core shards every model the same way,
+    so each rank's shards of target and source hold the same elements and the local lerp
+    is the whole update.
+    """
+    tp = [sharding.local(p) for p in target.parameters()]
+    sp = [sharding.local(p.detach()) for p in source.parameters()]
     torch._foreach_lerp_(tp, sp, 1.0 - decay)
 
 
@@ -101,7 +114,11 @@ def dist_info() -> tuple[int, int]:
 
 
 def init_distributed(device: str) -> tuple[int, int]:
+    """Join the launcher's process group; on GPU each process takes its local device, so
+    that "cuda" names a different GPU in every process (NCCL and FSDP2 need that)."""
     rank, world = dist_info()
+    if world > 1 and device == "cuda" and torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count())))
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("gloo" if device == "cpu" else "nccl")
     return rank, world
@@ -116,7 +133,9 @@ class Trainer:
         self.method = method
         self.cfg = config
         self.run_dir = Path(run_dir)
+        self.teacher_weights = teacher_weights
         self.rank, self.world = init_distributed(config.device)
+        self.sharded = sharding.resolve_shard(config.shard, self.world)  # before loading any weights
         if config.threads:
             torch.set_num_threads(config.threads)
         self.device = torch.device(config.device)
@@ -129,16 +148,55 @@ class Trainer:
         self.ema = backbone.clone(self.student).requires_grad_(False).eval()
         self.models["ema"] = self.ema
         self.models.update(method.build(self))
+        self.sharded_models: set[str] = self._shard() if self.sharded else set()
         self.specs: dict[str, OptimSpec] = method.optim_groups(self)
+        # each group's parameters, listed once (after sharding: the optimizer holds the shards)
+        self._params = {g: list(self.models[s.model].parameters()) for g, s in self.specs.items()}
         self.optims = {
-            g: torch.optim.AdamW(self.models[s.model].parameters(), lr=s.lr, betas=s.betas,
-                                 weight_decay=s.weight_decay)
+            g: torch.optim.AdamW(self._params[g], lr=s.lr, betas=s.betas, weight_decay=s.weight_decay)
             for g, s in self.specs.items()
         }
         self.updates = dict.fromkeys(self.specs, 0)  # per-group update counters
         self.it = 0
         self.nan_skipped = 0
         self._log = log
+
+    def _shard(self) -> set[str]:
+        """FSDP2-shard the teacher and every model with parameters; the names sharded.
+
+        Runs after ``method.build`` (methods clone the student there; a sharded model is not
+        cloned) and before the optimizers are made, so they hold the shards.
+        """
+        mesh = sharding.device_mesh(self.device, self.world)
+        wrap = tuple(self.backbone.fsdp_wrap_classes)
+        sharding.shard_model(self.teacher, wrap, mesh)
+        return {name for name, m in self.models.items() if sharding.shard_model(m, wrap, mesh)}
+
+    def full_state_dict(self, name: str) -> dict[str, Tensor]:
+        """The whole state dict of ``self.models[name]``, detached on the CPU.
+
+        Under sharding a collective (every rank must call it) whose result is on rank 0
+        only; other ranks get an empty dict.
+        """
+        m = self.models[name]
+        sd = sharding.full_model_state(m) if name in self.sharded_models else m.state_dict()
+        return {k: v.detach().contiguous().cpu() for k, v in sd.items()}
+
+    def unsharded(self, name: str) -> nn.Module | None:
+        """``self.models[name]`` as a whole model one process can run (sampling, export).
+
+        Unsharded, the model itself. Sharded, a collective: rank 0 gets a fresh copy built
+        like the student (the backbone's teacher made trainable, so of the student's
+        architecture and dtype) holding the gathered weights, frozen; other ranks get None.
+        """
+        if name not in self.sharded_models:
+            return self.models[name]
+        state = self.full_state_dict(name)
+        if self.rank != 0:
+            return None
+        model = self.backbone.make_student(self.backbone.load_teacher(self.teacher_weights))
+        model.load_state_dict(state)
+        return model.requires_grad_(False).eval()
 
     # ------------------------------------------------------------------ helpers for methods
     def randn(self, *shape: int) -> Tensor:
@@ -182,17 +240,18 @@ class Trainer:
         logs: dict[str, Tensor] = {}
         for group in self.method.groups_to_update(self.it):
             spec, opt = self.specs[group], self.optims[group]
-            model = self.models[spec.model]
             terms = self.method.losses(group, self.it, batch, self)
             loss = sum(terms.values())
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            params = [p for p in model.parameters() if p.grad is not None]
-            self._allreduce_grads(params)
+            params = [p for p in self._params[group] if p.grad is not None]
+            if spec.model not in self.sharded_models:  # FSDP2 has averaged the gradients already
+                self._allreduce_grads(params)
             if spec.clip is not None:
                 gnorm = torch.nn.utils.clip_grad_norm_(params, spec.clip)
             else:
-                gnorm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
+                gnorm = torch.nn.utils.get_total_norm([p.grad for p in params])
+            gnorm = sharding.full(gnorm)  # a replicated DTensor when the gradients are sharded
             if not bool(torch.isfinite(loss.detach() + gnorm)):
                 opt.zero_grad(set_to_none=True)
                 self._non_finite(group, {k: float(v.detach()) for k, v in terms.items()} | {"grad_norm": float(gnorm)})
@@ -249,14 +308,19 @@ class Trainer:
 
     # ---------------------------------------------------------------------- checkpoints
     def state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
-        """(tensors for safetensors, everything else as plain objects for torch.save)."""
-        tensors = {f"{name}.{k}": v.detach().contiguous().cpu()
-                   for name, m in self.models.items() for k, v in m.state_dict().items()}
+        """(tensors for safetensors, everything else as plain objects for torch.save).
+
+        Whole tensors whether or not the models are sharded, so a checkpoint does not depend
+        on how the run that wrote it was laid out. A collective under several processes;
+        under sharding only rank 0's result holds the tensors.
+        """
+        tensors = {f"{name}.{k}": v for name in self.models for k, v in self.full_state_dict(name).items()}
         other = {
             "it": self.it,
             "updates": self.updates,
             "nan_skipped": self.nan_skipped,
-            "optims": {g: o.state_dict() for g, o in self.optims.items()},
+            "optims": {g: sharding.full_optimizer_state(o) if self.specs[g].model in self.sharded_models
+                       else o.state_dict() for g, o in self.optims.items()},
             "rng": {"g": self._rank_states(), "g_shared": self.g_shared.get_state(),
                     "torch": torch.get_rng_state()},
             "method_state": self.method.state_dict() if hasattr(self.method, "state_dict") else {},
@@ -333,11 +397,18 @@ class Trainer:
         tensors = load_file(str(files["models"]))
         for name, m in self.models.items():
             prefix = f"{name}."
-            m.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+            sd = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+            if name in self.sharded_models:
+                sharding.load_full_model_state(m, sd)  # every rank read the file: each keeps its shards
+            else:
+                m.load_state_dict(sd)
         other = torch.load(files["state"], weights_only=True)
         self.it, self.updates, self.nan_skipped = other["it"], other["updates"], other["nan_skipped"]
         for g, o in self.optims.items():
-            o.load_state_dict(other["optims"][g])
+            if self.specs[g].model in self.sharded_models:
+                sharding.load_full_optimizer_state(o, other["optims"][g])
+            else:
+                o.load_state_dict(other["optims"][g])
         states = other["rng"]["g"]
         states = [states] if isinstance(states, Tensor) else states  # one-process checkpoints of 0.1.0
         if len(states) != self.world:
@@ -374,24 +445,3 @@ def fm_loss(backbone: Backbone, model: nn.Module, x0: Tensor, cond: Cond, tau: T
     xt = flow.add_noise(x0, eps, tau)
     v = backbone.velocity(model, xt, tau, cond)
     return torch.nn.functional.mse_loss(v, flow.velocity_target(x0, eps))
-
-
-@torch.no_grad()
-def teacher_samples(core: Trainer, n: int, steps: int | None = None, guidance: float | None = None,
-                    chunk: int = 256) -> tuple[Tensor, Cond, Tensor]:
-    """(noise, conditions, teacher ODE samples) for ``n`` random conditions.
-
-    Used where a method needs clean latents or regression pairs and the backbone has no real
-    data: DMD's regression pairs, consistency distillation's teacher-sample cache.
-    """
-    bb = core.backbone
-    steps = steps or bb.default_teacher_steps
-    w = bb.default_teacher_cfg if guidance is None else guidance
-    sigmas = flow.uniform_schedule(steps, bb.shift)
-    cond = bb.random_cond(n, core.g).to(core.device)
-    noise = core.randn(n, *bb.latent_shape)
-    out = []
-    for i in range(0, n, chunk):
-        c = cond.select(slice(i, i + chunk))
-        out.append(flow.sample(lambda x, s: bb.velocity(core.teacher, x, s, c, w), noise[i : i + chunk], sigmas))  # noqa: B023
-    return noise, cond, torch.cat(out)

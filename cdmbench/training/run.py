@@ -95,18 +95,22 @@ def train_run(method: Method, backbone: Backbone, train_cfg: TrainConfig, out_ro
     t0 = time.perf_counter()
     trainer.train(progress)
     seconds = time.perf_counter() - t0
+    ema = trainer.unsharded("ema")  # every rank: gathers the EMA's shards when sharded
     if trainer.rank == 0:
-        export_student(trainer, run_dir, payload, seconds, sample_steps)
+        export_student(trainer, run_dir, payload, seconds, sample_steps, ema)
     return RunResult(run_dir, False, start, seconds)
 
 
 def export_student(trainer: Trainer, run_dir: Path, payload: dict[str, Any], seconds: float,
-                   sample_steps: tuple[int, ...]) -> None:
+                   sample_steps: tuple[int, ...], ema: nn.Module | None = None) -> None:
+    """Write the EMA student, its sample grid and run.json. ``ema``: a whole (unsharded)
+    EMA model, from :meth:`Trainer.unsharded`; the trainer's own by default."""
     from safetensors.torch import save_file
 
     from cdmbench.generate import generate, save_grid
 
-    state = {k: v.detach().contiguous().cpu() for k, v in trainer.ema.state_dict().items()}
+    ema = trainer.ema if ema is None else ema
+    state = {k: v.detach().contiguous().cpu() for k, v in ema.state_dict().items()}
     with atomic_path(run_dir / STUDENT_FILE) as tmp:
         save_file(state, str(tmp))
     bb, method = trainer.backbone, trainer.method
@@ -114,7 +118,7 @@ def export_student(trainer: Trainer, run_dir: Path, payload: dict[str, Any], sec
     rows = []
     for steps in sample_steps:
         spec = method.sampler(steps, bb.shift)
-        rows.append(generate(bb, trainer.ema, prompts, [1000 + i for i in range(len(prompts))], spec))
+        rows.append(generate(bb, ema, prompts, [1000 + i for i in range(len(prompts))], spec))
     save_grid(bb.decode(torch.cat(rows)), run_dir / "samples.png", nrow=len(prompts), scale=4)
     atomic_write_json(run_dir / "run.json", {
         **payload,
