@@ -1,18 +1,22 @@
 """What `--compile` buys: eager versus torch.compile'd generation, and what compiling costs.
 
 For each backbone and batch size: the teacher's generation call (``cdmbench.generate.generate``
-at the given step count and the backbone's default guidance, the path `cdmbench eval` runs)
-is timed eager, then the same model is compiled by ``cdmbench.evaluate.compile_candidate``
-(``nn.Module.compile`` in place, warmed up at the batch sizes evaluation uses: the generation
-batch and 1), and timed again. Reported per row: the compile time as `cdmbench eval --compile`
-records it (``compile_s``), eager and compiled milliseconds per call (medians, interleaving is
-impossible here because compiling is one-way, so eager is timed first and then compiled, each
-after a warm-up), the speedup, and the largest difference between eager and compiled samples
-(kernel rounding). Compilation is per process and architecture; a second candidate of the
+at the given step count and the backbone's default guidance, the path `cdmbench eval` runs),
+with the model compiled by ``cdmbench.evaluate.compile_candidate`` (``nn.Module.compile`` in
+place, warmed up at the batch sizes evaluation uses: the generation batch and 1) against an
+eager copy made before compiling, timed side by side (interleaved ABBA, medians). Reported per
+row: the compile time as `cdmbench eval --compile` records it (``compile_s``), eager and
+compiled milliseconds per call, the speedup, and the largest difference between eager and
+compiled samples (kernel rounding). Compilation is per process and architecture; a second candidate of the
 same architecture reuses the compiled code (its compile time is reported too).
 
-    python benchmarks/compile_speedup.py
+    python benchmarks/compile_speedup.py --cold   # empty inductor cache: first-use compile time
+    python benchmarks/compile_speedup.py          # inductor's on-disk cache as found (a repeat)
     python benchmarks/compile_speedup.py --backbones digits --steps 4 --digits-batches 1,256
+
+Inductor keeps compiled kernels in an on-disk cache across processes, so the compile time of
+a second process on the same machine is a fraction of the first; ``--cold`` points the cache
+at an empty temporary directory to measure the first use.
 
 Prints a markdown table and writes results/benchmarks/compile_speedup.csv.
 """
@@ -20,14 +24,18 @@ Prints a markdown table and writes results/benchmarks/compile_speedup.csv.
 from __future__ import annotations
 
 import argparse
+import copy
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+COLD = "--cold" in sys.argv
+if COLD:  # before torch is imported: inductor reads it once
+    import tempfile
+
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="cdmbench-inductor-")
 
 import torch  # noqa: E402
 
@@ -37,16 +45,6 @@ import _benchutil as bu  # noqa: E402
 from cdmbench.backbones import get_backbone  # noqa: E402
 from cdmbench.evaluate import compile_candidate, teacher_candidate  # noqa: E402
 from cdmbench.generate import generate  # noqa: E402
-
-
-def timed(fn, reps: int) -> float:
-    fn()  # warm-up
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
 
 
 def main() -> None:
@@ -59,6 +57,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--mode", default=None, help="torch.compile mode (default: torch's default)")
     ap.add_argument("--csv", default="results/benchmarks/compile_speedup.csv")
+    ap.add_argument("--cold", action="store_true", help="start from an empty inductor cache")
     args = ap.parse_args()
     bu.setup_threads(args.threads)
     info = bu.machine_info(args.threads)
@@ -76,17 +75,21 @@ def main() -> None:
             return generate(bb, model, ps, list(range(b)), spec, batch_size=b)
 
         model = cand.model
-        eager = {b: timed(lambda b=b, m=model: call(b, m), args.reps) for b in batches}
+        eager_model = copy.deepcopy(model)  # stays eager: both timed side by side after compiling
         ref = {b: call(b, model) for b in batches}
         compile_s = compile_candidate(bb, cand, prompts, [max(batches), 1], args.mode)
         second = teacher_candidate(bb)  # same architecture, new module: reuses the compiled code
         compile_s2 = compile_candidate(bb, second, prompts, [max(batches), 1], args.mode)
         for b in batches:
-            comp = timed(lambda b=b, m=model: call(b, m), args.reps)
+            a = lambda b=b, m=model: call(b, m)  # noqa: E731
+            e = lambda b=b, m=eager_model: call(b, m)  # noqa: E731
+            tc, te = bu.interleaved(a, e, args.reps, 1, warmup=2)
+            st = bu.summarize(tc, te)
             diff = float((call(b, model) - ref[b]).abs().max())
             r = {"backbone": name, "batch": b, "steps": args.steps, "guidance": spec.guidance,
-                 "mode": args.mode or "default", "compile_s": compile_s, "second_model_compile_s": compile_s2,
-                 "eager_ms": 1e3 * eager[b], "compiled_ms": 1e3 * comp, "speedup": eager[b] / comp,
+                 "mode": args.mode or "default", "inductor_cache": "cold" if COLD else "as found",
+                 "compile_s": compile_s, "second_model_compile_s": compile_s2,
+                 "eager_ms": st["bare_ms"], "compiled_ms": st["harness_ms"], "speedup": 1 / st["ratio"],
                  "max_abs_diff": diff}
             rows.append(r)
             print(bu.markdown([r], COLS, HEADERS).splitlines()[-1], flush=True)
@@ -95,12 +98,12 @@ def main() -> None:
     print(bu.describe(info) + "\n")
     print(bu.markdown(rows, COLS, HEADERS))
     print(f"\ncompile s = warm-up wall time minus the same calls compiled (what `cdmbench eval --compile` "
-          f"records as compile_s); medians of {args.reps} calls\nwrote {path}")
+          f"records as compile_s); medians of {args.reps} interleaved calls per side\nwrote {path}")
 
 
-COLS = ["backbone", "batch", "steps", "guidance", "mode", "compile_s", "second_model_compile_s", "eager_ms",
+COLS = ["backbone", "batch", "steps", "guidance", "mode", "inductor_cache", "compile_s", "second_model_compile_s", "eager_ms",
         "compiled_ms", "speedup", "max_abs_diff"]
-HEADERS = ["backbone", "batch", "steps", "cfg", "mode", "compile s", "2nd model compile s", "eager ms",
+HEADERS = ["backbone", "batch", "steps", "cfg", "mode", "inductor cache", "compile s", "2nd model compile s", "eager ms",
            "compiled ms", "speedup", "max |diff|"]
 
 if __name__ == "__main__":
