@@ -193,3 +193,19 @@ def markdown(rows: list[dict[str, Any]], columns: Sequence[str], headers: Sequen
     for r in rows:
         out.append("| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |")
     return "\n".join(out)
+
+
+def print_row(row: dict[str, Any], columns: Sequence[str], headers: Sequence[str] | None = None) -> None:
+    """One table row as soon as it is measured (the whole table is printed at the end)."""
+    print(markdown([row], columns, headers).splitlines()[-1], flush=True)
+
+
+def finish(csv_path: str | Path, csv_rows: list[dict[str, Any]], info: dict[str, Any], title: str, body: str,
+           footer: str) -> Path:
+    """Write the CSV, then print the report: title, machine, ``body`` (the tables), ``footer``."""
+    path = write_csv(csv_path, csv_rows, info)
+    print(f"\n## {title}\n")
+    print(describe(info) + "\n")
+    print(body)
+    print(f"\n{footer}\nwrote {path}")
+    return path

@@ -92,13 +92,11 @@ def main() -> None:
                  "eager_ms": st["bare_ms"], "compiled_ms": st["harness_ms"], "speedup": 1 / st["ratio"],
                  "max_abs_diff": diff}
             rows.append(r)
-            print(bu.markdown([r], COLS, HEADERS).splitlines()[-1], flush=True)
-    path = bu.write_csv(args.csv, rows, info)
-    print("\n## torch.compile: eager vs compiled generation (teacher, default guidance)\n")
-    print(bu.describe(info) + "\n")
-    print(bu.markdown(rows, COLS, HEADERS))
-    print(f"\ncompile s = warm-up wall time minus the same calls compiled (what `cdmbench eval --compile` "
-          f"records as compile_s); medians of {args.reps} interleaved calls per side\nwrote {path}")
+            bu.print_row(r, COLS, HEADERS)
+    bu.finish(args.csv, rows, info, "torch.compile: eager vs compiled generation (teacher, default guidance)",
+              bu.markdown(rows, COLS, HEADERS),
+              f"compile s = warm-up wall time minus the same calls compiled (what `cdmbench eval --compile` "
+              f"records as compile_s); medians of {args.reps} interleaved calls per side")
 
 
 COLS = ["backbone", "batch", "steps", "guidance", "mode", "inductor_cache", "compile_s", "second_model_compile_s", "eager_ms",

@@ -178,7 +178,7 @@ def main() -> None:
              **s, "speedup": 1 / s["ratio"], "speedup_min": 1 / s["ratio_min"], "cpu_speedup": 1 / s["cpu_ratio"], **(extra or {})}
         r["ok"] = "yes" if r["speedup"] >= 1.0 else "NO"
         rows.append(r)
-        print(bu.markdown([r], COLS, HEADERS).splitlines()[-1], flush=True)
+        bu.print_row(r, COLS, HEADERS)
 
     for size in args.sizes.split(","):
         # identical inputs -> identical features (the comparison is like for like)
@@ -211,15 +211,14 @@ def main() -> None:
     rows.append({"stage": "InceptionFeatures._net per batch", "images": "", "cdmbench": "", "n": "",
                  "reps": args.resize_reps, "harness_ms": prep_ms, "ok": "(info)"})
 
-    path = bu.write_csv(args.csv, rows, info)
-    print("\n## FID feature extraction: cdmbench InceptionFeatures vs clean-fid (same images, same network)\n")
-    print(bu.describe(info) + "\n")
-    print(bu.markdown([r for r in rows if r["ok"] != "(info)"], COLS, HEADERS))
-    print(f"\nInceptionFeatures._net() per batch (eval + to on first use, then cached): {prep_ms:.4f} ms")
-    print(f"\nnetwork: clean-fid's FID Inception architecture with random weights, batch {args.batch}, "
-          f"{args.threads} torch thread(s); images/s = n / median wall time; speedup = clean-fid time / "
-          f"cdmbench time (target >= 1); speedup (CPU) compares total process CPU time (all threads, so a "
-          f"resize pool of 2 threads costs CPU even where it saves wall time)\nwrote {path}")
+    bu.finish(args.csv, rows, info,
+              "FID feature extraction: cdmbench InceptionFeatures vs clean-fid (same images, same network)",
+              bu.markdown([r for r in rows if r["ok"] != "(info)"], COLS, HEADERS)
+              + f"\n\nInceptionFeatures._net() per batch (eval + to on first use, then cached): {prep_ms:.4f} ms",
+              f"network: clean-fid's FID Inception architecture with random weights, batch {args.batch}, "
+              f"{args.threads} torch thread(s); images/s = n / median wall time; speedup = clean-fid time / "
+              f"cdmbench time (target >= 1); speedup (CPU) compares total process CPU time (all threads, so a "
+              f"resize pool of 2 threads costs CPU even where it saves wall time)")
 
 
 COLS = ["stage", "images", "cdmbench", "n", "cdmbench_img_s", "cleanfid_img_s", "speedup", "pair_ratio_q1",

@@ -184,7 +184,7 @@ def main() -> None:
                          **bu.summarize(ta, tb), "max_abs_diff": err}
                     r["ok"] = "yes" if r["ratio"] <= TARGET else "NO"
                     rows.append(r)
-                    print(bu.markdown([r], COLS, HEADERS).splitlines()[-1], flush=True)
+                    bu.print_row(r, COLS, HEADERS)
             # A/A control: the bare loop against itself, the noise floor of this machine
             n = steps[len(steps) // 2]
             sigmas = flow.uniform_schedule(n, bb.shift)
@@ -195,7 +195,7 @@ def main() -> None:
             r = {"what": "A/A control: bare vs bare", "backbone": name, "batch": batch, "steps": n, "guidance": 1.0,
                  "calls_per_sample": number, "reps": args.reps, **bu.summarize(ta, tb), "ok": "(noise)"}
             rows.append(r)
-            print(bu.markdown([r], COLS, HEADERS).splitlines()[-1], flush=True)
+            bu.print_row(r, COLS, HEADERS)
             # per-sample seeded noise, its own row (part of generate, not of the network loop)
             g = torch.Generator().manual_seed(0)
             shape, dev = bb.latent_shape, bb.device
@@ -207,7 +207,7 @@ def main() -> None:
                  "guidance": "", "calls_per_sample": number, "reps": args.reps, **bu.summarize(ta, tb),
                  "max_abs_diff": "", "ok": "(info)"}
             rows.append(r)
-            print(bu.markdown([r], COLS, HEADERS).splitlines()[-1], flush=True)
+            bu.print_row(r, COLS, HEADERS)
 
     nulls = []
     if "digits" in args.backbones.split(",") and not args.no_null:
@@ -222,17 +222,14 @@ def main() -> None:
             k = (r["batch"], r["steps"], r["guidance"])
             if r["what"] == "sample+decode" and r["backbone"] == "digits" and k in extra:
                 r["systematic_ratio"] = 1 + extra[k] / (1e3 * r["bare_ms"])
-    path = bu.write_csv(args.csv, rows + nulls + [{"what": "note", "backbone": n} for n in notes], info)
-    print("\n## Sampling overhead: cdmbench sampler + decode vs a hand-written loop\n")
-    print(bu.describe(info) + "\n")
-    print(bu.markdown(rows, COLS, HEADERS))
+    body = bu.markdown(rows, COLS, HEADERS)
     if nulls:
-        print("\nCost of the code around the network (digits, network replaced by identity):\n")
-        print(bu.markdown(nulls, NULL_COLS, NULL_HEADERS))
-    for n in notes:
-        print(f"\nnote: {n}")
-    print(f"\nratio = median(harness) / median(bare), {args.reps} interleaved samples each; target <= {TARGET}"
-          f"\nwrote {path}")
+        body += ("\n\nCost of the code around the network (digits, network replaced by identity):\n\n"
+                 + bu.markdown(nulls, NULL_COLS, NULL_HEADERS))
+    body += "".join(f"\n\nnote: {n}" for n in notes)
+    bu.finish(args.csv, rows + nulls + [{"what": "note", "backbone": n} for n in notes], info,
+              "Sampling overhead: cdmbench sampler + decode vs a hand-written loop", body,
+              f"ratio = median(harness) / median(bare), {args.reps} interleaved samples each; target <= {TARGET}")
 
 
 COLS = ["what", "backbone", "batch", "steps", "guidance", "harness_ms", "bare_ms", "ratio",

@@ -348,7 +348,7 @@ def main() -> None:
         r["per_iter_bare_ms"] = r["bare_ms"] / args.block
         r["ok"] = "yes" if r["ratio"] <= TARGET else "NO"
         rows.append(r)
-        print(bu.markdown([r], COLS, HEADERS).splitlines()[-1], flush=True)
+        bu.print_row(r, COLS, HEADERS)
 
     if tr is not None and not args.no_aa:  # A/A control: two identical bare loops, the noise floor
         b1, b2 = BARE[name](tr), BARE[name](tr)
@@ -358,7 +358,7 @@ def main() -> None:
              "reps": args.reps, **bu.summarize(ta, tb), "ok": "(noise)"}
         r["per_iter_harness_ms"], r["per_iter_bare_ms"] = r["harness_ms"] / args.block, r["bare_ms"] / args.block
         rows.append(r)
-        print(bu.markdown([r], COLS, HEADERS).splitlines()[-1], flush=True)
+        bu.print_row(r, COLS, HEADERS)
 
     if tr is not None:  # the batch the core draws each iteration in train(), its own row
         gb = torch.Generator().manual_seed(0)
@@ -374,12 +374,10 @@ def main() -> None:
         r["per_iter_harness_ms"], r["per_iter_bare_ms"] = r["harness_ms"], r["bare_ms"]
         rows.append(r)
     tmp.cleanup()
-    path = bu.write_csv(args.csv, rows, info)
-    print("\n## Training overhead: Trainer.step vs a hand-written loop (digits)\n")
-    print(bu.describe(info) + "\n")
-    print(bu.markdown(rows, COLS, HEADERS))
-    print(f"\nratio = median(harness) / median(bare) over {args.reps} interleaved blocks of {args.block} "
-          f"iterations; target <= {TARGET}\nwrote {path}")
+    bu.finish(args.csv, rows, info, "Training overhead: Trainer.step vs a hand-written loop (digits)",
+              bu.markdown(rows, COLS, HEADERS),
+              f"ratio = median(harness) / median(bare) over {args.reps} interleaved blocks of {args.block} "
+              f"iterations; target <= {TARGET}")
 
 
 COLS = ["what", "method", "batch", "per_iter_harness_ms", "per_iter_bare_ms", "ratio", "pair_ratio_q1",

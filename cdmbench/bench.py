@@ -104,6 +104,7 @@ def run_bench(cfg: BenchConfig, on_train: Callable[[str, int, int], None] | None
     from cdmbench.evaluate import (
         EvalPlan,
         candidates_from_dirs,
+        default_batch_size,
         default_metrics,
         run_eval,
         teacher_candidate,
@@ -118,7 +119,7 @@ def run_bench(cfg: BenchConfig, on_train: Callable[[str, int, int], None] | None
     cands = [teacher_candidate(bb)] + candidates_from_dirs(list(run_dirs.values()), cfg.device)
     plan = EvalPlan(bb, cands, list(cfg.steps), list(cfg.metrics or default_metrics(cfg.backbone)), prompts,
                     prompt_set, per_prompt, cfg.seed, cfg.samples, ResultStore(cfg.results),
-                    batch_size=256 if cfg.backbone == "digits" else 8, compile=cfg.compile)
+                    batch_size=default_batch_size(cfg.backbone), compile=cfg.compile)
     new = run_eval(plan, on_eval)
     return run_dirs, new
 

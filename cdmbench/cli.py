@@ -15,6 +15,9 @@ from cdmbench.errors import UserError
 from cdmbench.registry import BACKBONES, METHODS, METRICS, UnknownNameError
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile
+CompileOpt = Annotated[bool, typer.Option("--compile", help="torch.compile every denoiser before evaluating; the "
+                                          "compile time is reported on its own (latency's compile_s).")]
+CompileModeOpt = Annotated[str, typer.Option(help=f"torch.compile mode with --compile: {', '.join(COMPILE_MODES)}.")]
 
 app = typer.Typer(
     name="cdmbench",
@@ -220,10 +223,8 @@ def eval_cmd(
     reference: Annotated[str, typer.Option(help="Reference images for FID (a folder); default: the backbone's real data.")] = "",
     teacher_weights: Annotated[str | None, typer.Option(help="Teacher weights (default: shipped/hub).")] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
-    compile_: Annotated[bool, typer.Option("--compile", help="torch.compile every denoiser first; the compile "
-                                           "time is reported on its own (latency's compile_s).")] = False,
-    compile_mode: Annotated[str, typer.Option(help=f"torch.compile mode with --compile: {', '.join(COMPILE_MODES)}.")]
-    = "default",
+    compile_: CompileOpt = False,
+    compile_mode: CompileModeOpt = "default",
     recompute: Annotated[str | None, typer.Option(help="Comma-separated metrics to compute again although "
                                                   "recorded, e.g. latency on another machine.")] = None,
 ) -> None:
@@ -239,6 +240,7 @@ def eval_cmd(
     from cdmbench.config import parse_steps
     from cdmbench.evaluate import (
         EvalPlan,
+        default_batch_size,
         default_metrics,
         run_candidates,
         run_eval,
@@ -268,7 +270,7 @@ def eval_cmd(
     rank, world = init_distributed(device)
     cands = [] if wanted is not None and "teacher" not in wanted else [teacher_candidate(bb, teacher_weights)]
     students = run_candidates(runs, bb, [m for m in wanted if m != "teacher"] if wanted else None, device)
-    batch_size = batch_size or (256 if backbone == "digits" else 8)
+    batch_size = batch_size or default_batch_size(backbone)
     plan = EvalPlan(bb, cands + students, step_list, metric_names, prompt_list, prompt_set, per_prompt, seed,
                     samples, ResultStore(results), batch_size, reference=reference, compile=mode,
                     recompute=again)
@@ -419,10 +421,8 @@ def bench(
     num_samples: Annotated[int | None, typer.Option(help="Samples per prompt (digits: 200, quick 50).")] = None,
     metrics: Annotated[str | None, typer.Option(help="Comma-separated metrics (default: the backbone's set).")] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
-    compile_: Annotated[bool, typer.Option("--compile", help="torch.compile every denoiser for evaluation "
-                                           "(compile time reported as compile_s).")] = False,
-    compile_mode: Annotated[str, typer.Option(help=f"torch.compile mode with --compile: {', '.join(COMPILE_MODES)}.")]
-    = "default",
+    compile_: CompileOpt = False,
+    compile_mode: CompileModeOpt = "default",
 ) -> None:
     """The main job: train every method (default budgets), evaluate at 1, 2, 4 steps, write the report.
 

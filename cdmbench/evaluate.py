@@ -119,6 +119,11 @@ def candidates_from_dirs(run_dirs: Sequence[Path], device: str = "cpu") -> list[
     return out
 
 
+def default_batch_size(backbone: str) -> int:
+    """Generation batch when none is given: digits' tiny latents go 256 at a time."""
+    return 256 if backbone == "digits" else 8
+
+
 def default_metrics(backbone: str) -> list[str]:
     """What `cdmbench eval` scores when --metrics is not given."""
     if backbone == "digits":
@@ -386,10 +391,9 @@ def run_eval(plan: EvalPlan, progress: Callable[[str, int, int], None] | None = 
         images = None
         for name, metric in metrics.items():
             mcfg = metric.config()
-            hashed = {"metric": name, **mcfg, "device": str(bb.device)}
-            if cand.compile_s is not None and "timer" in metric.needs:
-                hashed["compile"] = plan.compile  # compiled and eager timings are different numbers
-            mhash = config_hash(hashed)
+            # compiled and eager timings are different numbers: the mode keys and labels them
+            timing = {"compile": plan.compile} if cand.compile_s is not None and "timer" in metric.needs else {}
+            mhash = config_hash({"metric": name, **mcfg, "device": str(bb.device), **timing})
             if (sset.key, name, mhash) in done and name not in plan.recompute:
                 continue
             if images is None and "images" in metric.needs:
@@ -409,7 +413,7 @@ def run_eval(plan: EvalPlan, progress: Callable[[str, int, int], None] | None = 
                 "steps": steps, "schedule": spec.sigmas, "stochastic": spec.stochastic, "guidance": spec.guidance,
                 "prompt_set": plan.prompt_set, "n_samples": len(sset.files), "metric": vname, "value": float(v),
                 "higher_is_better": metric.directions.get(vname, False), "metric_name": name,
-                "metric_config": {**metric.run_config(), **({"compile": hashed["compile"]} if "compile" in hashed else {})},
+                "metric_config": {**metric.run_config(), **timing},
                 "metric_config_hash": mhash, "seed": plan.seed,
                 "device": _device_name(bb.device), "dtype": str(bb.dtype).replace("torch.", ""),
                 "versions": versions(), "git_rev": git_revision(), "time": now(), "eval_key": sset.key,

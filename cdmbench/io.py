@@ -76,3 +76,16 @@ def remove_stale_temps(folder: str | Path, recursive: bool = True) -> int:
     for p in stale:
         p.unlink(missing_ok=True)
     return len(stale)
+
+
+def module_sha256(module: Any, salt: str = "") -> str:
+    """sha256 of a module's state (names, shapes, dtypes and bytes of every parameter and
+    buffer, one tensor at a time), after ``salt``: what the module computes, whatever its
+    weights were called or where they were read from."""
+    import torch
+
+    h = hashlib.sha256(salt.encode())
+    for name, t in module.state_dict().items():
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

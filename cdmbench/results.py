@@ -95,9 +95,7 @@ class ResultStore:
                 finally:
                     os.close(fd)
         except OSError as e:
-            from cdmbench.errors import UserError
-
-            raise UserError(f"results directory {self.root} is not writable ({e.strerror}); pass --results DIR") from None
+            raise self._not_writable(e) from None
         return lines.count("\n") - lines.startswith("\n")
 
     def check_writable(self) -> None:
@@ -107,9 +105,12 @@ class ResultStore:
             with open(self.path, "a"):
                 pass
         except OSError as e:
-            from cdmbench.errors import UserError
+            raise self._not_writable(e) from None
 
-            raise UserError(f"results directory {self.root} is not writable ({e.strerror}); pass --results DIR") from None
+    def _not_writable(self, e: OSError) -> Exception:
+        from cdmbench.errors import UserError
+
+        return UserError(f"results directory {self.root} is not writable ({e.strerror}); pass --results DIR")
 
     def read(self) -> ReadReport:
         """All well-formed records; problems name each skipped line."""

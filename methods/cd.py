@@ -114,8 +114,8 @@ class CD(Method):
 
     def _clean(self, b: int, core) -> tuple[Tensor, Cond]:
         """``b`` clean latents and their conditions, drawn uniformly with replacement."""
-        if self.samples is not None:  # core.randint's draw, kept on the host where the samples are
-            pick = torch.randint(0, len(self.samples), (b,), generator=core.g)
+        if self.samples is not None:
+            pick = self.samples.draw(b, core.g)
             return self.samples.targets(pick), self.samples.cond(pick)
         x_all, cond_all = self.data
         pick = core.randint(len(x_all), b)

@@ -98,9 +98,7 @@ class DMD(Method):
             batch.cache["x0"] = x0.detach()
             terms = {"dm": dm_loss(core, x0, batch.cond, c.real_guidance, c.norm_floor)}
             if c.reg_weight > 0:
-                # core.randint's draw, kept on the host: the rows index host tensors, and a
-                # device copy would cost a sync to bring back
-                idx = torch.randint(0, len(self.reg_data), (c.reg_batch or b,), generator=core.g)
+                idx = self.reg_data.draw(c.reg_batch or b, core.g)
                 noise, cond, target = self.reg_data.batch(idx)
                 pred = bb.x0(core.student, noise, torch.ones(len(idx), device=noise.device), cond)
                 terms["reg"] = c.reg_weight * F.mse_loss(pred, target)

@@ -385,12 +385,13 @@ class SD3(Backbone):
         """A ``StableDiffusion3Pipeline`` directory holding the student (see :func:`export_student`)."""
         return export_student(self, student, out_dir, sigmas, stochastic=stochastic)
 
+    @torch.no_grad()
     def decode(self, latents: Tensor, batch: int = 8) -> Tensor:
         """Latents -> images in [0, 1] as [B, 3, H, W] float, the pipeline's VAE path."""
         vae = self.component("vae")
         cfg = vae.config
         z = latents.to(self.device).float() / cfg.scaling_factor + cfg.shift_factor
-        dtype = next(vae.parameters()).dtype  # diffusers' `.dtype` walks every module: once, not per chunk
+        dtype = _param_dtype(vae)  # diffusers' `.dtype` walks every module: once, not per chunk
         out = [vae.decode(c.to(dtype), return_dict=False)[0].float() for c in z.split(batch)]
         return (torch.cat(out) / 2 + 0.5).clamp(0, 1)
 

@@ -28,13 +28,12 @@ uint8 images to [N, D] features), e.g. a small randomly initialised network in t
 
 from __future__ import annotations
 
-import hashlib
 import os
 import platform
 import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +41,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from cdmbench.io import module_sha256
 from cdmbench.metrics.base import MissingWeightsError
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
@@ -186,22 +186,21 @@ def _resize_pil(x: np.ndarray, size: tuple[int, int], threads: int) -> np.ndarra
             out[i, j] = np.asarray(img.resize(size, resample=Image.Resampling.BICUBIC))
 
     if threads > 1 and n > 1:
-        list(_pool(threads).map(one, range(n)))
+        list(_executor("resize", threads).map(one, range(n)))
     else:
         for i in range(n):
             one(i)
     return out
 
 
-_POOLS: dict[int, ThreadPoolExecutor] = {}
+@cache
+def _executor(role: str, threads: int) -> ThreadPoolExecutor:
+    """A process-wide thread pool per role and size, started once (idle between batches).
 
-
-def _pool(threads: int) -> ThreadPoolExecutor:
-    """A process-wide resize pool per thread count, started once (threads idle between batches)."""
-    pool = _POOLS.get(threads)
-    if pool is None:
-        pool = _POOLS[threads] = ThreadPoolExecutor(threads, thread_name_prefix="cdmbench-resize")
-    return pool
+    Roles keep separate pools: the prefetch thread waits on the resize pool, which must not
+    be its own.
+    """
+    return ThreadPoolExecutor(threads, thread_name_prefix=f"cdmbench-{role}")
 
 
 def default_threads() -> int:
@@ -276,7 +275,7 @@ class ImageFeatures:
             feats = [self.embed(images[s : s + self.batch_size]) for s in starts]
         else:
             feats = []
-            ahead = _prefetcher()
+            ahead = _executor("prefetch", 1)  # prepares the next batch while the network runs
             nxt = ahead.submit(self.prepare, images[: self.batch_size])
             for s in starts:
                 cur = nxt.result()
@@ -287,23 +286,9 @@ class ImageFeatures:
         return torch.cat(out) if out else torch.empty(0, 0)
 
 
-_PREFETCH: list[ThreadPoolExecutor] = []
-
-
-def _prefetcher() -> ThreadPoolExecutor:
-    """One background thread that prepares the next batch while the network runs."""
-    if not _PREFETCH:
-        _PREFETCH.append(ThreadPoolExecutor(1, thread_name_prefix="cdmbench-prefetch"))
-    return _PREFETCH[0]
-
-
 def module_digest(module: nn.Module) -> str:
     """A content hash of a module's parameters and buffers (names, shapes, values)."""
-    h = hashlib.sha256(type(module).__qualname__.encode())
-    for name, t in module.state_dict().items():
-        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-        h.update(t.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
+    return module_sha256(module, salt=type(module).__qualname__)[:16]
 
 
 class CallableFeatures(ImageFeatures):

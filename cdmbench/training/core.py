@@ -178,9 +178,7 @@ class Trainer:
         Under sharding a collective (every rank must call it) whose result is on rank 0
         only; other ranks get an empty dict.
         """
-        m = self.models[name]
-        sd = sharding.full_model_state(m) if name in self.sharded_models else m.state_dict()
-        return {k: v.detach().contiguous().cpu() for k, v in sd.items()}
+        return cpu_state(sharding.full_model_state(self.models[name]))
 
     def unsharded(self, name: str) -> nn.Module | None:
         """``self.models[name]`` as a whole model one process can run (sampling, export).
@@ -223,7 +221,8 @@ class Trainer:
         return spec.lr * min(1.0, (k + 1) / spec.warmup) if spec.warmup > 0 else spec.lr
 
     def _allreduce_grads(self, params: list[Tensor]) -> None:
-        if self.world == 1:
+        """Average replicated gradients over ranks (FSDP2 has averaged sharded ones already)."""
+        if self.world == 1 or (params and sharding.is_dtensor(params[0])):
             return
         for p in params:
             if p.grad is not None:
@@ -245,8 +244,7 @@ class Trainer:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             params = [p for p in self._params[group] if p.grad is not None]
-            if spec.model not in self.sharded_models:  # FSDP2 has averaged the gradients already
-                self._allreduce_grads(params)
+            self._allreduce_grads(params)
             if spec.clip is not None:
                 gnorm = torch.nn.utils.clip_grad_norm_(params, spec.clip)
             else:
@@ -319,8 +317,7 @@ class Trainer:
             "it": self.it,
             "updates": self.updates,
             "nan_skipped": self.nan_skipped,
-            "optims": {g: sharding.full_optimizer_state(o) if self.specs[g].model in self.sharded_models
-                       else o.state_dict() for g, o in self.optims.items()},
+            "optims": {g: sharding.full_optimizer_state(o) for g, o in self.optims.items()},
             "rng": {"g": self._rank_states(), "g_shared": self.g_shared.get_state(),
                     "torch": torch.get_rng_state()},
             "method_state": self.method.state_dict() if hasattr(self.method, "state_dict") else {},
@@ -397,18 +394,12 @@ class Trainer:
         tensors = load_file(str(files["models"]))
         for name, m in self.models.items():
             prefix = f"{name}."
-            sd = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-            if name in self.sharded_models:
-                sharding.load_full_model_state(m, sd)  # every rank read the file: each keeps its shards
-            else:
-                m.load_state_dict(sd)
+            # every rank read the file: a sharded model keeps its shards
+            sharding.load_full_model_state(m, {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
         other = torch.load(files["state"], weights_only=True)
         self.it, self.updates, self.nan_skipped = other["it"], other["updates"], other["nan_skipped"]
         for g, o in self.optims.items():
-            if self.specs[g].model in self.sharded_models:
-                sharding.load_full_optimizer_state(o, other["optims"][g])
-            else:
-                o.load_state_dict(other["optims"][g])
+            sharding.load_full_optimizer_state(o, other["optims"][g])
         states = other["rng"]["g"]
         states = [states] if isinstance(states, Tensor) else states  # one-process checkpoints of 0.1.0
         if len(states) != self.world:
@@ -432,6 +423,11 @@ def _tensorboard(run_dir: Path):
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used: corrupt, or from another method/backbone."""
+
+
+def cpu_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A state dict's tensors detached, contiguous and on the CPU (for safetensors)."""
+    return {k: v.detach().contiguous().cpu() for k, v in state.items()}
 
 
 def dm_normalizer(x0_ref: Tensor, x0: Tensor, floor: float = 0.0) -> Tensor:

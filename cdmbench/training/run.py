@@ -27,7 +27,7 @@ from cdmbench.config import config_hash, run_payload
 from cdmbench.errors import UserError
 from cdmbench.io import atomic_path, atomic_write_json, remove_stale_temps, sha256_file
 from cdmbench.registry import METHODS
-from cdmbench.training.core import CheckpointError, TrainConfig, Trainer
+from cdmbench.training.core import CheckpointError, TrainConfig, Trainer, cpu_state
 from cdmbench.training.method import Method
 
 STUDENT_FILE = "student.safetensors"
@@ -110,7 +110,7 @@ def export_student(trainer: Trainer, run_dir: Path, payload: dict[str, Any], sec
     from cdmbench.generate import generate, save_grid
 
     ema = trainer.ema if ema is None else ema
-    state = {k: v.detach().contiguous().cpu() for k, v in ema.state_dict().items()}
+    state = cpu_state(ema.state_dict())
     with atomic_path(run_dir / STUDENT_FILE) as tmp:
         save_file(state, str(tmp))
     bb, method = trainer.backbone, trainer.method

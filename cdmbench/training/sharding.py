@@ -127,6 +127,11 @@ def is_dtensor(t: Any) -> bool:
     return mod is not None and isinstance(t, mod.DTensor)
 
 
+def is_sharded(model: nn.Module) -> bool:
+    """Whether ``model``'s parameters are FSDP2 shards (every parameter is, once the root is)."""
+    return is_dtensor(next(model.parameters(), None))
+
+
 def local(t: Tensor) -> Tensor:
     """This rank's shard of a sharded tensor (sharing its storage), else the tensor itself."""
     return t.to_local() if is_dtensor(t) else t
@@ -138,14 +143,21 @@ def full(t: Tensor) -> Tensor:
 
 
 def full_model_state(model: nn.Module) -> dict[str, Tensor]:
-    """Full CPU state dict of a sharded model on rank 0, empty on the others (a collective)."""
+    """The model's state dict; of a sharded model, the full CPU state on rank 0 and an empty
+    dict on the others (a collective)."""
+    if not is_sharded(model):
+        return model.state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def load_full_model_state(model: nn.Module, state: dict[str, Tensor]) -> None:
-    """Load a full state dict (present on every rank) into a sharded model (a collective)."""
+    """Load a full state dict into the model; into a sharded one, a collective where the state
+    is present on every rank and each keeps its shards."""
+    if not is_sharded(model):
+        model.load_state_dict(state)
+        return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     set_model_state_dict(model, dict(state), options=StateDictOptions(full_state_dict=True))
@@ -154,10 +166,13 @@ def load_full_model_state(model: nn.Module, state: dict[str, Tensor]) -> None:
 def full_optimizer_state(optim: torch.optim.Optimizer) -> dict[str, Any]:
     """``optim.state_dict()`` with every sharded tensor gathered whole to rank 0's CPU.
 
-    A collective: every rank gathers the same tensors in the same (sorted parameter id)
-    order; ranks other than 0 drop them as they come and get the state without tensors.
+    Over sharded parameters a collective: every rank gathers the same tensors in the same
+    (sorted parameter id) order; ranks other than 0 drop them as they come and get the state
+    without tensors.
     """
     sd = optim.state_dict()
+    if not any(is_dtensor(p) for group in optim.param_groups for p in group["params"]):
+        return sd
     keep = dist.get_rank() == 0
     state: dict[int, dict[str, Any]] = {}
     for i in sorted(sd["state"]):
@@ -172,8 +187,8 @@ def full_optimizer_state(optim: torch.optim.Optimizer) -> dict[str, Any]:
 
 
 def load_full_optimizer_state(optim: torch.optim.Optimizer, sd: dict[str, Any]) -> None:
-    """Load a full optimizer state dict (present on every rank) into an optimizer over
-    sharded parameters: each rank keeps its own slice, cut locally (no communication)."""
+    """Load a full optimizer state dict into an optimizer; over sharded parameters (the state
+    present on every rank) each rank keeps its own slice, cut locally (no communication)."""
     params = [p for group in optim.param_groups for p in group["params"]]
     state = {}
     for i, entry in sd["state"].items():

@@ -49,7 +49,7 @@ from torch import Tensor, nn
 
 from cdmbench import flow
 from cdmbench.backbones.base import Backbone, Cond, Prompt
-from cdmbench.io import atomic_path
+from cdmbench.io import atomic_path, module_sha256
 
 FORMAT = 1  # bump when the file layout or the meaning of a key field changes
 PREFIX = "teacher-samples-"
@@ -80,6 +80,11 @@ class TeacherSamples:
 
     def __len__(self) -> int:
         return self.x0.shape[0]
+
+    def draw(self, k: int, generator: torch.Generator) -> Tensor:
+        """``k`` sample indices, uniform with replacement, kept on the host where the samples
+        are (moving them to the device and back would cost a sync per step)."""
+        return torch.randint(0, len(self), (k,), generator=generator)
 
     def _rows(self, idx: Tensor | Sequence[int]) -> Tensor:
         return torch.as_tensor(idx, dtype=torch.long).reshape(-1).cpu()
@@ -134,21 +139,6 @@ def default_chunk(backbone: Backbone) -> int:
     return max(1, min(256, CHUNK_ELEMENTS // max(numel, 1)))
 
 
-def weights_fingerprint(model: nn.Module) -> str:
-    """sha256 over a module's state (names, dtypes, shapes, bytes), one tensor at a time.
-
-    Keys the cache by what the teacher computes rather than by how its weights were named: a
-    path or hub id can point at different weights over time, identical weights can be named
-    differently.
-    """
-    h = hashlib.sha256()
-    for name, t in model.state_dict().items():
-        t = t.detach()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)};".encode())
-        h.update(t.contiguous().reshape(-1).cpu().view(torch.uint8).numpy())
-    return h.hexdigest()
-
-
 def storage_dtype(backbone: Backbone) -> torch.dtype:
     """The backbone's dtype (bf16 on GPU for the image backbones); float32 for anything else."""
     return backbone.dtype if backbone.dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
@@ -162,7 +152,7 @@ def cache_meta(backbone: Backbone, teacher: nn.Module, seed: int, sigmas: Sequen
         "format": FORMAT,
         "backbone": backbone.name,
         "settings": backbone.generation_settings(),
-        "teacher_sha256": weights_fingerprint(teacher),
+        "teacher_sha256": module_sha256(teacher),  # what it computes, however its weights were named
         "prompts_sha256": hashlib.sha256(listing.encode()).hexdigest(),
         "n_prompts": len(prompts),
         "sampler": "euler",
