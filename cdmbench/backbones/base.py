@@ -126,6 +126,16 @@ class Backbone:
         """(latents, prompt index) of real data, where the backbone has it; else None."""
         return None
 
+    def real_images(self, split: str = "test") -> Tensor | None:
+        """Real images as float in [0, 1], [N, C, H, W], where the backbone has real data; else None."""
+        return None
+
+    def domain_classifier(self) -> nn.Module | None:
+        """A classifier of this backbone's images (``features(x)`` and ``head(features)`` on
+        inputs in [-1, 1]) whose features define domain metrics (Fréchet distance, prompt
+        accuracy); None where the backbone has none."""
+        return None
+
     def export(self, student: nn.Module, out_dir, sigmas: list[float], stochastic: bool = False) -> Path:
         """Write the student in its family's native format (diffusers layout where there is one)."""
         from cdmbench.errors import UserError

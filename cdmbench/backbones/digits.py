@@ -210,6 +210,12 @@ class Digits(Backbone):
     def decode(self, latents: Tensor) -> Tensor:
         return ((latents.float() + 1) / 2).clamp_(0, 1)
 
+    def real_images(self, split: str = "test") -> Tensor:
+        return (load_split(split)[0] + 1) / 2
+
+    def domain_classifier(self) -> DigitClassifier:
+        return self.load_classifier()
+
     def real_latents(self, split: str = "train") -> tuple[Tensor, Tensor]:
         return load_split(split)
 
