@@ -7,14 +7,10 @@ over seeds), with an empty tolerance column to fill in where the default does no
 
 Tolerance: how much worse than the baseline a value may get, in the metric's direction, either
 absolute ("0.5") or relative to the baseline's magnitude ("10%"). The first that applies wins:
-the caller's ``tolerances`` (metric -> tolerance), the row's tolerance column, DEFAULT_TOLERANCES,
-and FALLBACK_TOLERANCE (10%) for any other metric. Defaults:
-
-    fd_digits 15%   fid 10%   kid 10%   prompt_acc 0.02   precision, recall, density, coverage 0.05
-    clip_score 1.0   image_reward 0.1
-
-Machine-dependent metrics (latency_*, *_ms, *_s) are skipped unless the caller or the row gives a
-tolerance, because they measure the machine as much as the model.
+the caller's ``tolerances`` (metric -> tolerance), the row's tolerance column, the default its
+metric declares (``Metric.values``; :func:`tolerance_help` lists them), and FALLBACK_TOLERANCE
+for a value no registered metric declares. Values that measure the machine as much as the
+model (latency) declare no default: they are skipped unless the caller or the row gives one.
 
 Verdicts: "ok" (within tolerance), "better" (improved by more than the tolerance), "REGRESSION"
 (worse by more than the tolerance, or the current value is not finite), "missing" (a baseline
@@ -35,22 +31,10 @@ import pandas as pd
 
 from cdmbench.errors import UserError
 from cdmbench.io import atomic_write_text
-from cdmbench.report import (
-    DOWN,
-    UP,
-    _method_key,
-    default_direction,
-    latest_values,
-    load_records,
-    machine_dependent,
-)
+from cdmbench.metrics.base import FALLBACK_TOLERANCE, declared_values, value_spec
+from cdmbench.report import DOWN, UP
+from cdmbench.results import declared_direction, latest_values, load_records, method_key
 
-DEFAULT_TOLERANCES: dict[str, str] = {
-    "fd_digits": "15%", "fid": "10%", "kid": "10%", "prompt_acc": "0.02", "precision": "0.05",
-    "recall": "0.05", "density": "0.05", "coverage": "0.05", "clip_score": "1.0",
-    "image_reward": "0.1",
-}
-FALLBACK_TOLERANCE = "10%"
 BASELINE_COLUMNS = ["backbone", "method", "steps", "metric", "value", "higher_is_better",
                     "tolerance"]
 FAILING = ("REGRESSION", "missing")
@@ -85,10 +69,26 @@ def parse_tolerance(text: str | float | int) -> Tolerance:
 
 
 def default_tolerance(metric: str) -> str | None:
-    """The default tolerance of a metric; None for machine-dependent ones (not checked)."""
-    if metric in DEFAULT_TOLERANCES:
-        return DEFAULT_TOLERANCES[metric]
-    return None if machine_dependent(metric) else FALLBACK_TOLERANCE
+    """The tolerance value ``metric``'s metric declares (FALLBACK_TOLERANCE for a value no
+    registered metric declares); None where it measures the machine (not checked)."""
+    spec = value_spec(metric)
+    return FALLBACK_TOLERANCE if spec is None else spec.tolerance
+
+
+def tolerance_help() -> str:
+    """The default tolerances in words, from the registered metrics' declarations."""
+    by_tol: dict[str, list[str]] = {}
+    unchecked = []
+    for name, spec in declared_values().items():
+        if spec.tolerance is None:
+            unchecked.append(name)
+        else:
+            by_tol.setdefault(spec.tolerance, []).append(name)
+    parts = [f"{', '.join(names)} {tol}" for tol, names in by_tol.items()]
+    text = "; ".join(parts) + f"; any other value {FALLBACK_TOLERANCE}."
+    if unchecked:
+        text += f" Not checked unless a tolerance is given: {', '.join(unchecked)}."
+    return text
 
 
 @dataclass
@@ -277,7 +277,7 @@ def write_baseline(results_dir: str | Path, path: str | Path,
     out = vals[BASELINE_COLUMNS[:-1]].copy()
     out["higher_is_better"] = out.apply(
         lambda r: r["higher_is_better"] if isinstance(r["higher_is_better"], bool)
-        else bool(default_direction(r["metric"])), axis=1)
+        else bool(declared_direction(r["metric"])), axis=1)
     out["tolerance"] = ""
     out = out.reset_index(drop=True)
     atomic_write_text(path, out.to_csv(index=False))
@@ -313,7 +313,7 @@ def check(results_dir: str | Path, baseline_csv: str | Path,
         hib = b.higher_is_better
         if hib is None:
             cur_hib = getattr(cur, "higher_is_better", None) if cur is not None else None
-            hib = cur_hib if isinstance(cur_hib, bool) else default_direction(b.metric)
+            hib = cur_hib if isinstance(cur_hib, bool) else declared_direction(b.metric)
             if hib is None:
                 raise UserError(f"{baseline_csv}:{b.line}: higher_is_better missing and {b.metric} "
                                 "has no known direction")
@@ -329,7 +329,7 @@ def check(results_dir: str | Path, baseline_csv: str | Path,
         rows.append(CheckRow(*key, higher_is_better=bool(cur.higher_is_better), baseline=None,
                              now=float(cur.value), change=None, tolerance="", verdict="new",
                              note="not in the baseline"))
-    rows.sort(key=lambda r: (r.backbone, _method_key(r.method), r.steps, r.metric))
+    rows.sort(key=lambda r: (r.backbone, method_key(r.method), r.steps, r.metric))
     return CheckResult(rows, Path(baseline_csv), warnings)
 
 

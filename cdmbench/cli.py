@@ -7,9 +7,11 @@ import sys
 from pathlib import Path
 from typing import Annotated
 
+import click
 import typer
 from rich.console import Console
 from rich.table import Table
+from typer.core import TyperCommand
 
 from cdmbench.errors import UserError
 from cdmbench.registry import BACKBONES, METHODS, METRICS, UnknownNameError
@@ -301,6 +303,8 @@ def _prompts(spec: str, bb):
 
 
 def _print_records(new: list[dict], plan) -> None:
+    from cdmbench.report import header
+
     if not new:
         out.print(f"nothing new to compute: every requested number is already in {plan.results.path}")
         return
@@ -309,8 +313,8 @@ def _print_records(new: list[dict], plan) -> None:
     table.add_column("model")
     table.add_column("steps", justify="right")
     for m in metrics:
-        arrow = "↑" if next(r["higher_is_better"] for r in new if r["metric"] == m) else "↓"
-        table.add_column(f"{m} {arrow}", justify="right")
+        table.add_column(header(m, next(r["higher_is_better"] for r in new if r["metric"] == m)),
+                         justify="right")
     rows: dict[tuple[str, int], dict[str, float]] = {}
     for r in new:
         rows.setdefault((r["method"], r["steps"]), {})[r["metric"]] = r["value"]
@@ -368,7 +372,18 @@ def report(
 
 
 # ----------------------------------------------------------------------------- check
-@app.command()
+class _CheckCommand(TyperCommand):
+    """`check`, whose help lists the default tolerances the metrics declare, read when shown
+    (reading them imports every metric module, too slow for every start of the CLI)."""
+
+    def format_help(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        from cdmbench.check import tolerance_help
+
+        self.help = (self.help or "").replace("{tolerances}", tolerance_help())
+        super().format_help(ctx, formatter)
+
+
+@app.command(cls=_CheckCommand)
 def check(
     baseline: Annotated[Path, typer.Option(help="Baseline CSV (backbone, method, steps, metric, value, ...).")] = Path(
         "results/baseline/digits.csv"),
@@ -382,9 +397,10 @@ def check(
 ) -> None:
     """Compare the latest results with a baseline; exit 1 on a regression beyond tolerance.
 
-    Each metric's direction decides what is worse. Default tolerances: fd_digits 15%, fid 10%,
-    prompt_acc 0.02, precision/recall 0.05, clip_score 1.0, image_reward 0.1; latency is skipped
-    unless a tolerance is given. Exit status: 0 pass, 1 regression or missing row, 2 bad input.
+    Each metric's direction decides what is worse. Exit status: 0 pass, 1 regression or missing
+    row, 2 bad input.
+
+    Default tolerances, as the metrics declare them: {tolerances}
     """
     from cdmbench.check import check as run_check
     from cdmbench.check import write_baseline as do_write

@@ -15,12 +15,10 @@ of the missing samples (sample i goes to rank i % world); rank 0 scores and writ
 from __future__ import annotations
 
 import json
-import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -31,10 +29,11 @@ from cdmbench.backbones.base import Backbone, Prompt
 from cdmbench.config import config_hash
 from cdmbench.errors import UserError
 from cdmbench.generate import generate
-from cdmbench.io import atomic_path, atomic_write_json, remove_stale_temps
+from cdmbench.io import atomic_path, atomic_write_json, remove_stale_temps, to_uint8
 from cdmbench.metrics.base import EvalSet, Metric
+from cdmbench.metrics.latency import make_timer
 from cdmbench.registry import METRICS
-from cdmbench.results import ResultStore, git_revision, now, versions
+from cdmbench.results import Record, ResultStore, make_record
 from cdmbench.training.method import SamplerSpec
 
 
@@ -158,11 +157,6 @@ def _write_png(path: Path, img: np.ndarray) -> None:
         Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(tmp, format="PNG")
 
 
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """[B, C, H, W] in [0, 1] -> [B, H, W, C] uint8 (round half up, as PIL conversions do)."""
-    return (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-
-
 def ensure_samples(backbone: Backbone, cand: Candidate, steps: int, prompts: Sequence[Prompt], prompt_set: str,
                    seed: int, per_prompt: int, root: Path, batch_size: int = 256, rank: int = 0, world: int = 1,
                    on_progress: Callable[[int], None] | None = None) -> SampleSet:
@@ -194,7 +188,8 @@ def ensure_samples(backbone: Backbone, cand: Candidate, steps: int, prompts: Seq
         chunk = todo[i : i + batch_size]
         lat = generate(backbone, cand.model, [entries[k][0] for k in chunk], [entries[k][2] for k in chunk], spec,
                        batch_size=batch_size)
-        for k, img in zip(chunk, to_uint8(backbone.decode(lat)), strict=True):
+        images = to_uint8(backbone.decode(lat)).permute(0, 2, 3, 1).cpu().numpy()  # [B, H, W, C]
+        for k, img in zip(chunk, images, strict=True):
             _write_png(folder / files[k], img)
         if on_progress is not None:
             on_progress(len(chunk))
@@ -221,104 +216,6 @@ def _barrier(world: int) -> None:
         dist.barrier()
 
 
-# ------------------------------------------------------------------------------ latency
-def make_timer(backbone: Backbone, cand: Candidate, steps: int, prompts: Sequence[Prompt]):
-    """timer(batch) -> (end-to-end seconds, denoiser-only seconds) of one generation call."""
-    spec = cand.sampler(steps)
-    cuda = str(backbone.device).startswith("cuda")
-
-    def now_sync() -> float:
-        if cuda:
-            torch.cuda.synchronize()
-        return time.perf_counter()
-
-    @torch.inference_mode()
-    def timer(batch: int) -> tuple[float, float]:
-        ps = [prompts[i % len(prompts)] for i in range(batch)]
-        t0 = now_sync()
-        cond = backbone.encode(ps)
-        noise = flow.seeded_noise(backbone.latent_shape, list(range(batch)), device=backbone.device)
-        t1 = now_sync()
-        lat = flow.sample(lambda x, s: backbone.velocity(cand.model, x, s, cond, spec.guidance), noise, spec.sigmas,
-                          stochastic=spec.stochastic)
-        t2 = now_sync()
-        backbone.decode(lat)
-        t3 = now_sync()
-        return t3 - t0, t2 - t1
-
-    return timer
-
-
-class Latency(Metric):
-    """Wall time per image: warm-up, then repeats; median and p90, end to end and denoiser only."""
-
-    name = "latency"
-    directions = {"latency_ms": False, "latency_p90_ms": False, "denoiser_ms": False, "latency_batch_ms": False,
-                  "compile_s": False}
-    needs = ("timer",)
-
-    def __init__(self, warmup: int = 3, repeats: int = 20) -> None:
-        self.warmup, self.repeats = warmup, repeats
-
-    def config(self) -> dict[str, Any]:
-        return {"warmup": self.warmup, "repeats": self.repeats, "clock": "perf_counter, CUDA-synchronised on GPU",
-                "unit": "ms per image", "batch_sizes": "1 and the eval batch"}
-
-    def compute(self, data: EvalSet) -> dict[str, float]:
-        assert data.timer is not None
-        compile_s = data.extra.get("compile_s")
-        for _ in range(self.warmup):
-            data.timer(1)
-        runs = [data.timer(1) for _ in range(self.repeats)]
-        e2e = sorted(r[0] for r in runs)
-        den = sorted(r[1] for r in runs)
-        b = max(1, data.eval_batch)
-        data.timer(b)
-        per_img_batch = statistics.median(data.timer(b)[0] for _ in range(max(3, self.repeats // 4))) / b
-        out = {"latency_ms": 1e3 * statistics.median(e2e), "latency_p90_ms": 1e3 * float(np.percentile(e2e, 90)),
-               "denoiser_ms": 1e3 * statistics.median(den), "latency_batch_ms": 1e3 * per_img_batch}
-        if compile_s is not None:  # paid once per architecture and shape, reported on its own
-            out["compile_s"] = compile_s
-        return out
-
-
-# ------------------------------------------------------------------------------ digits
-class DigitsFD(Metric):
-    """Fréchet distance in the shipped digit classifier's features to the real test split."""
-
-    name = "fd_digits"
-    directions = {"fd_digits": False}
-    needs = ("images",)
-    backbones = ("digits",)
-
-    def __init__(self) -> None:
-        from cdmbench.metrics.digits import DigitsJudge
-
-        self.judge = DigitsJudge()
-
-    def config(self) -> dict[str, Any]:
-        from cdmbench.backbones.digits import DigitClassifier
-
-        return {"features": f"digits classifier penultimate ({DigitClassifier.feature_dim}-d)",
-                "reference": "digits test split (445 real images)", "dtype": "float64",
-                "input": "8-bit PNG levels"}
-
-    def compute(self, data: EvalSet) -> dict[str, float]:
-        labels = torch.tensor([p.label for p in data.prompts])
-        return {"fd_digits": self.judge.score(data.images.float() / 255.0, labels)["fd_digits"]}
-
-
-class PromptAccuracy(DigitsFD):
-    """Share of samples the digit classifier assigns to the prompted class."""
-
-    name = "prompt_acc"
-    directions = {"prompt_acc": True}
-
-    def compute(self, data: EvalSet) -> dict[str, float]:
-        labels = torch.tensor([p.label for p in data.prompts])
-        return {"prompt_acc": self.judge.score(data.images.float() / 255.0, labels)["prompt_acc"]}
-
-
 # ------------------------------------------------------------------------------ driver
 @dataclass
 class EvalPlan:
@@ -341,18 +238,17 @@ class EvalPlan:
 
 
 def build_metrics(names: Sequence[str], backbone: Backbone) -> dict[str, Metric]:
+    """The named metrics, each checked against ``backbone`` before any work."""
     out = {}
     for name in names:
         m = METRICS.get(name)()
-        if m.backbones is not None and backbone.name not in m.backbones:
-            raise UserError(f"metric '{name}' applies to {', '.join(m.backbones)} only, not '{backbone.name}'")
         m.check(backbone)
         out[name] = m
     return out
 
 
 def run_eval(plan: EvalPlan, progress: Callable[[str, int, int], None] | None = None,
-             rank: int = 0, world: int = 1) -> list[dict[str, Any]]:
+             rank: int = 0, world: int = 1) -> list[Record]:
     """Generate missing samples, compute missing metrics, append records; returns new records."""
     bb = plan.backbone
     metrics = build_metrics(plan.metrics, bb)
@@ -363,7 +259,7 @@ def run_eval(plan: EvalPlan, progress: Callable[[str, int, int], None] | None = 
     if plan.teacher_default:
         jobs += [(c, bb.default_teacher_steps) for c in plan.candidates
                  if c.name == "teacher" and bb.default_teacher_steps not in plan.steps]
-    new: list[dict[str, Any]] = []
+    new: list[Record] = []
     total = len(plan.prompts) * plan.per_prompt
     if plan.compile is not None:
         for cand in plan.candidates:
@@ -400,7 +296,8 @@ def run_eval(plan: EvalPlan, progress: Callable[[str, int, int], None] | None = 
                 images = load_images(sset)
             data = EvalSet(images=images if images is not None else torch.empty(0), prompts=sset.prompts,
                            backbone=bb, reference=plan.reference, cache_dir=plan.cache_dir,
-                           timer=make_timer(bb, cand, steps, plan.prompts) if "timer" in metric.needs else None,
+                           timer=make_timer(bb, cand.model, spec, plan.prompts)
+                           if "timer" in metric.needs else None,
                            eval_batch=plan.batch_size,
                            extra={} if cand.compile_s is None else {"compile_s": cand.compile_s})
             if progress is not None:
@@ -408,17 +305,18 @@ def run_eval(plan: EvalPlan, progress: Callable[[str, int, int], None] | None = 
             values = metric.compute(data)
             if progress is not None:
                 progress(f"{label}: {name}", 1, 1)
-            recs = [{
-                "run_id": cand.run_id, "backbone": bb.name, "method": cand.name, "checkpoint": cand.checkpoint,
-                "steps": steps, "schedule": spec.sigmas, "stochastic": spec.stochastic, "guidance": spec.guidance,
-                "prompt_set": plan.prompt_set, "n_samples": len(sset.files), "metric": vname, "value": float(v),
-                "higher_is_better": metric.directions.get(vname, False), "metric_name": name,
-                "metric_config": {**metric.run_config(), **timing},
-                "metric_config_hash": mhash, "seed": plan.seed,
-                "device": _device_name(bb.device), "dtype": str(bb.dtype).replace("torch.", ""),
-                "versions": versions(), "git_rev": git_revision(), "time": now(), "eval_key": sset.key,
-                "samples": str(sset.folder),
-            } for vname, v in values.items()]
+            recs = [make_record(
+                run_id=cand.run_id, backbone=bb.name, method=cand.name, checkpoint=cand.checkpoint,
+                steps=steps, schedule=spec.sigmas, stochastic=spec.stochastic,
+                guidance=spec.guidance, prompt_set=plan.prompt_set, n_samples=len(sset.files),
+                metric=vname, value=float(v),
+                higher_is_better=metric.values[vname].higher_is_better
+                if vname in metric.values else False,
+                metric_name=name, metric_config={**metric.run_config(), **timing},
+                metric_config_hash=mhash, seed=plan.seed, device=_device_name(bb.device),
+                dtype=str(bb.dtype).replace("torch.", ""), eval_key=sset.key,
+                samples=str(sset.folder),
+            ) for vname, v in values.items()]
             plan.results.append(recs)
             new.extend(recs)
     return new

@@ -1,4 +1,5 @@
-"""Atomic file writes and content hashes: nothing half-written is ever trusted."""
+"""Atomic file writes and content hashes (nothing half-written is ever trusted), and the 8-bit
+levels images are saved at."""
 
 from __future__ import annotations
 
@@ -9,7 +10,10 @@ import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 @contextlib.contextmanager
@@ -89,3 +93,11 @@ def module_sha256(module: Any, salt: str = "") -> str:
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
         h.update(t.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def to_uint8(images: Tensor) -> Tensor:
+    """[B, C, H, W] in [0, 1] -> uint8 [B, C, H, W], the levels the sample PNGs store
+    (``round``: nearest, ties to even)."""
+    import torch
+
+    return (images.float().clamp(0, 1) * 255).round().to(torch.uint8)

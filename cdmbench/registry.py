@@ -136,12 +136,14 @@ METHODS.register("dmd2", "cdmbench.methods.dmd2:DMD2",
                  description="DMD2: two time-scale updates, multi-step backward simulation (arXiv 2405.14867)")
 METHODS.register("cd", "cdmbench.methods.cd:CD",
                  description="Multiphase consistency distillation for flow matching (LCM/PCM style)")
-METRICS.register("latency", "cdmbench.evaluate:Latency",
+METRICS.register("latency", "cdmbench.metrics.latency:Latency",
                  description="wall time per image (median, p90; end to end and denoiser only), ms")
-METRICS.register("fd_digits", "cdmbench.evaluate:DigitsFD",
-                 description="Fréchet distance in digit-classifier features to the real test split (digits)")
-METRICS.register("prompt_acc", "cdmbench.evaluate:PromptAccuracy",
-                 description="share of samples classified as the prompted digit (digits)")
+METRICS.register("fd_digits", "cdmbench.metrics.digits:DigitsFD",
+                 description="Fréchet distance in domain-classifier features to the real test "
+                             "split (backbones with a domain classifier: digits)")
+METRICS.register("prompt_acc", "cdmbench.metrics.digits:PromptAccuracy",
+                 description="share of samples the domain classifier assigns to the prompted class "
+                             "(backbones with a domain classifier: digits)")
 METRICS.register("clip_score", "cdmbench.metrics.clip_score:ClipScore",
                  description="CLIP score, open_clip ViT-L-14/openai, torchmetrics convention (Hessel et al. 2021)")
 METRICS.register("image_reward", "cdmbench.metrics.image_reward:ImageRewardScore",

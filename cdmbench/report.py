@@ -6,11 +6,10 @@
         report.tex   booktabs tables
         report.html  one self-contained page: tables, metric-versus-steps plots, sample grids
 
-Selection. ``latest=True`` keeps the newest record (by time, then run id) per (backbone, method,
-steps, metric, prompt set, seed), and of those only the run that produced the newest one (another
-run id is another model); several seeds of that run show as mean ± std. ``latest=False`` keeps
-every run and seed as its own row (re-evaluations of the same run, seed and step count collapse to
-the newest) and adds a "mean ± std" row for each run evaluated with several seeds.
+Selection is :func:`cdmbench.results.select`. With ``latest=True`` several seeds of the newest
+run show as mean ± std; with ``latest=False`` every run and seed is its own row, plus a
+"mean ± std" row for each run evaluated with several seeds. Directions (arrows) and which
+metrics measure the machine (timings, shown last) come from the metrics' value declarations.
 
 Best values are marked per step count: within each (backbone, prompt set, steps) group, the best
 value of each metric among all models (ties all marked; nothing marked where only one model
@@ -36,17 +35,21 @@ import pandas as pd
 
 from cdmbench.errors import UserError
 from cdmbench.io import atomic_write_text
-from cdmbench.results import ResultStore
+from cdmbench.metrics.base import value_spec
+from cdmbench.results import (
+    ResultStore,
+    filter_records,
+    is_missing,
+    load_records,
+    method_key,
+    name_list,
+    order_rows,
+    select,
+)
 
 UP, DOWN = "↑", "↓"
-LATEST_KEYS = ["backbone", "method", "steps", "metric", "prompt_set", "seed"]
-VALUE_KEYS = ["backbone", "method", "steps", "metric"]
 SUMMARY_SEED = "mean ± std"
 MIN_PX, MAX_PX = 48, 128  # sample thumbnails: tiny images upscaled (nearest), large ones shrunk
-
-# Directions for records that lack higher_is_better (all current writers store it).
-_LOWER = {"fid", "fd_digits", "kid"}
-_HIGHER = {"prompt_acc", "precision", "recall", "density", "coverage", "clip_score", "image_reward"}
 
 CAPTION = ("↑ higher is better, ↓ lower is better. Bold: the best value at that step count among "
            "all models evaluated at it (per backbone and prompt set; not marked where only one "
@@ -71,173 +74,12 @@ class ReportOutputs:
         return [self.markdown, self.csv, self.latex, self.html]
 
 
-# ----------------------------------------------------------------------------- records
-def machine_dependent(metric: str) -> bool:
-    """Timing metrics, which depend on the machine rather than the model."""
-    return metric.startswith("latency") or metric.endswith(("_ms", "_s"))
-
-
-def default_direction(metric: str) -> bool | None:
-    """Known direction of a metric (True: higher is better), None if unknown."""
-    if metric in _HIGHER:
-        return True
-    if metric in _LOWER or machine_dependent(metric):
-        return False
-    return None
-
-
-def _missing(v: Any) -> bool:
-    return v is None or v == "" or (isinstance(v, float) and math.isnan(v))
-
-
-def load_records(results_dir: str | Path) -> tuple[pd.DataFrame, list[str]]:
-    """All usable records as a DataFrame sorted oldest first, and warnings for skipped ones.
-
-    Never raises on bad content: unreadable lines and records without backbone, method, steps or
-    a numeric value are skipped with a warning. Directions are made consistent per metric.
-    """
-    store = ResultStore(results_dir)
-    rep = store.read()
-    df, warnings = records_frame(rep.records, str(store.path))
-    return df, list(rep.problems) + warnings
-
-
-def _as_bool(v: Any) -> bool | None:
-    if isinstance(v, bool) or type(v).__name__ == "bool_":
-        return bool(v)
-    return None
-
-
-def _text(v: Any) -> str:
-    if _missing(v):
-        return ""
-    if isinstance(v, float) and v.is_integer():
-        return str(int(v))
-    return str(v)
-
-
-def records_frame(records: Sequence[dict[str, Any]],
-                  source: str = "records") -> tuple[pd.DataFrame, list[str]]:
-    """Records (dicts) as the normalised DataFrame the report and check work on, and warnings."""
-    warnings: list[str] = []
-    rows = []
-    for i, r in enumerate(records, 1):
-        try:
-            row = dict(r)
-            for k in ("backbone", "method", "metric", "steps"):
-                if _missing(r.get(k)):
-                    raise KeyError(k)
-            row["backbone"], row["method"] = str(r["backbone"]), str(r["method"])
-            row["metric"], row["steps"] = str(r["metric"]), int(r["steps"])
-            row["value"] = math.nan if _missing(r.get("value")) else float(r["value"])
-        except (KeyError, TypeError, ValueError) as e:
-            what = f"no {e}" if isinstance(e, KeyError) else str(e)
-            warnings.append(f"{source}: record {i} ({r.get('metric')}) skipped: {what}")
-            continue
-        rows.append(row)
-    df = pd.DataFrame(rows)
-    for col in ("run_id", "prompt_set", "time", "seed", "samples", "checkpoint"):
-        df[col] = [_text(v) for v in df[col]] if col in df.columns else ""
-    df["higher_is_better"] = ([_as_bool(v) for v in df["higher_is_better"]]
-                              if "higher_is_better" in df.columns else None)
-    if df.empty:
-        for col in VALUE_KEYS + ["value"]:
-            if col not in df.columns:
-                df[col] = pd.Series(dtype=object)
-        df["_t"] = pd.Series(dtype="datetime64[ns, UTC]")
-        return df, warnings
-    df["_t"] = pd.to_datetime(df["time"], utc=True, errors="coerce", format="ISO8601")
-    df = df.sort_values(["_t", "time", "run_id"], na_position="first", kind="stable")
-    df = df.reset_index(drop=True)
-    hib = df["higher_is_better"].astype(object)
-    for metric, idx in df.groupby("metric", sort=False).groups.items():
-        given = [v for v in hib[idx] if isinstance(v, bool)]
-        if len(set(given)) > 1:
-            warnings.append(f"metric {metric}: records disagree on its direction; "
-                            f"using the newest (higher_is_better={given[-1]})")
-        hib[idx] = given[-1] if given else default_direction(str(metric))
-    df["higher_is_better"] = hib
-    return df, warnings
-
-
-def _normalised(df: pd.DataFrame) -> pd.DataFrame:
-    """``df`` as records_frame makes it (a raw ResultStore.dataframe() is accepted too)."""
-    if "_t" in df.columns:
-        return df
-    return records_frame(df.to_dict("records"))[0]
-
-
-def select(df: pd.DataFrame, latest: bool = True) -> pd.DataFrame:
-    """The records a report shows (see the module docstring), oldest first."""
-    df = _normalised(df)
-    if df.empty:
-        return df
-    df = df.sort_values(["_t", "time", "run_id"], na_position="first", kind="stable")
-    if not latest:
-        return df.drop_duplicates(LATEST_KEYS[:-1] + ["run_id", "seed"], keep="last")
-    df = df.drop_duplicates(LATEST_KEYS, keep="last")
-    newest_run = df.groupby(LATEST_KEYS[:-1], sort=False)["run_id"].transform("last")
-    return df[df["run_id"] == newest_run]
-
-
-def latest_values(df: pd.DataFrame) -> pd.DataFrame:
-    """One number per (backbone, method, steps, metric): the latest selection, newest prompt set,
-    mean over seeds. Columns: those keys, value, std, n_seeds, higher_is_better, prompt_set."""
-    cols = VALUE_KEYS + ["value", "std", "n_seeds", "higher_is_better", "prompt_set"]
-    sel = select(df, latest=True)
-    if sel.empty:
-        return pd.DataFrame(columns=cols)
-    newest_ps = sel.groupby(VALUE_KEYS, sort=False)["prompt_set"].transform("last")
-    sel = sel[sel["prompt_set"] == newest_ps]
-    rows = []
-    for key, g in sel.groupby(VALUE_KEYS, sort=False):
-        v = g["value"]
-        hib = [h for h in g["higher_is_better"] if isinstance(h, bool)]
-        rows.append({**dict(zip(VALUE_KEYS, key, strict=True)), "value": float(v.mean()),
-                     "std": float(v.std()) if len(v) > 1 else math.nan,
-                     "n_seeds": int(g["seed"].nunique()),
-                     "higher_is_better": hib[-1] if hib else None,
-                     "prompt_set": g["prompt_set"].iloc[-1]})
-    out = pd.DataFrame(rows, columns=cols)
-    return _order_rows(out, ["backbone", "method", "steps", "metric"])
-
-
-def _method_key(m: Any) -> tuple[int, str]:
-    return (0 if m == "teacher" else 1, str(m))
-
-
-def _order_rows(df: pd.DataFrame, by: list[str],
-                extra: dict[str, Any] | None = None) -> pd.DataFrame:
-    """Sort with the teacher first, methods alphabetically, numbers numerically."""
-    if df.empty:
-        return df.reset_index(drop=True)
-    keys = {}
-    for col in by:
-        if col == "method":
-            keys[col] = df[col].map(_method_key)
-        elif extra and col in extra:
-            keys[col] = extra[col]
-        else:
-            keys[col] = df[col]
-    order = sorted(range(len(df)), key=lambda i: tuple(_sortable(keys[c].iloc[i]) for c in by))
-    return df.iloc[order].reset_index(drop=True)
-
-
-def _sortable(v: Any) -> tuple:
-    if isinstance(v, tuple):
-        return tuple(_sortable(x) for x in v)
-    if isinstance(v, (int, float)) and not (isinstance(v, float) and math.isnan(v)):
-        return (0, float(v), "")
-    try:
-        return (0, float(v), "")
-    except (TypeError, ValueError):
-        return (1, 0.0, str(v))
-
-
 # ------------------------------------------------------------------------------- pivot
 def _metric_order(df: pd.DataFrame) -> list[str]:
+    """Metrics in order of appearance, those that measure the machine (timings) last."""
     seen = list(dict.fromkeys(df["metric"]))
-    return [m for m in seen if not machine_dependent(m)] + [m for m in seen if machine_dependent(m)]
+    timing = {m for m in seen if (spec := value_spec(m)) is not None and spec.machine_dependent}
+    return [m for m in seen if m not in timing] + [m for m in seen if m in timing]
 
 
 def header(metric: str, higher_is_better: bool | None) -> str:
@@ -292,7 +134,7 @@ def pivot(records_df: pd.DataFrame, latest: bool = True) -> pd.DataFrame:
         first = sel.groupby("run_id")["_t"].min()
         extra["run_id"] = out["run_id"].map(lambda r: (str(first.get(r)), r))
         extra["seed"] = out["seed"].map(lambda s: (1, s) if s == SUMMARY_SEED else (0, s))
-    out = _order_rows(out, row_keys, extra)
+    out = order_rows(out, row_keys, extra)
     out.attrs = {"row_keys": row_keys, "latest": latest, "metrics": heads,
                  "higher_is_better": hib}
     return out
@@ -353,7 +195,7 @@ def _decimals(values: Sequence[float]) -> int:
 
 
 def _fmt(v: Any, d: int) -> str:
-    if _missing(v):
+    if is_missing(v):
         return "–"
     return f"{float(v):.{d}f}"
 
@@ -377,11 +219,11 @@ def _display(df: pd.DataFrame, drop: Sequence[str] = ()) -> tuple[list[str], lis
     rows = []
     for pos in range(len(df)):
         r = df.iloc[pos]
-        cells = [_Cell("" if _missing(r[k]) else str(r[k]), numeric=k in ("steps", "seeds"))
+        cells = [_Cell("" if is_missing(r[k]) else str(r[k]), numeric=k in ("steps", "seeds"))
                  for k in keys]
         for h in metrics:
             text = _fmt(r[h], decimals[h])
-            if std[h] in df.columns and not _missing(r[std[h]]):
+            if std[h] in df.columns and not is_missing(r[std[h]]):
                 text += f" ± {_fmt(r[std[h]], decimals[h])}"
             cells.append(_Cell(text, (pos, h) in best, True))
         rows.append(cells)
@@ -481,7 +323,7 @@ def _rich_esc(s: str) -> str:
 
 # -------------------------------------------------------------------------- provenance
 def _counted(values: Sequence[Any], unit: str = "record") -> list[str]:
-    counts = Counter(v for v in values if not _missing(v))
+    counts = Counter(v for v in values if not is_missing(v))
     return [f"{v} ({n} {unit}{'s' if n > 1 else ''})" for v, n in counts.most_common()]
 
 
@@ -501,7 +343,7 @@ def provenance(sel: pd.DataFrame) -> tuple[list[tuple[str, list[str]]], list[str
         ", ".join(f"{k} {v}" for k, v in sorted(d.items())) if isinstance(d, dict) else d
         for d in col("versions")])))
     secs.append(("Git revisions", _counted(col("git_rev"))))
-    dev = [f"{d}, {t}" if not _missing(t) else d
+    dev = [f"{d}, {t}" if not is_missing(t) else d
            for d, t in zip(col("device"), col("dtype") or [None] * len(sel), strict=False)]
     secs.append(("Devices", _counted(dev)))
     secs.append(("Prompt sets", _counted(col("prompt_set"))))
@@ -512,15 +354,15 @@ def provenance(sel: pd.DataFrame) -> tuple[list[tuple[str, list[str]]], list[str
              for n in per["n_samples"]], "evaluation")))
     secs.append(("Runs", [f"{r.backbone} / {r.method}: {r.run_id}"
                           + (f" (checkpoint {r.checkpoint})" if r.checkpoint else "")
-                          for r in _order_rows(runs, ["backbone", "method"]).itertuples()]))
+                          for r in order_rows(runs, ["backbone", "method"]).itertuples()]))
     lines = []
     if "metric_config" in sel.columns:
         name = sel["metric_name"] if "metric_name" in sel.columns else sel["metric"]
-        name = [m if not _missing(m) else v for m, v in zip(name, sel["metric"], strict=True)]
+        name = [m if not is_missing(m) else v for m, v in zip(name, sel["metric"], strict=True)]
         for m in dict.fromkeys(name):
             cfgs = list(dict.fromkeys(_json(c) for c, n in zip(sel["metric_config"], name,
                                                               strict=True)
-                                      if n == m and not _missing(c)))
+                                      if n == m and not is_missing(c)))
             lines += [f"{m}: {c}" for c in cfgs]
             if len(cfgs) > 1:
                 warnings.append(f"metric {m} was computed with {len(cfgs)} different configs in "
@@ -551,7 +393,7 @@ def plot_metric(df: pd.DataFrame, col: str) -> str:
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     steps: set[int] = set()
-    methods = sorted(data["method"].unique(), key=_method_key)
+    methods = sorted(data["method"].unique(), key=method_key)
     for method in methods:
         s = data[data["method"] == method].groupby("steps")[col].mean().dropna()
         if s.empty:
@@ -653,7 +495,7 @@ def sample_grid(sel: pd.DataFrame, results_dir: Path, k: int, warnings: list[str
     if k <= 0 or "samples" not in sel.columns:
         return ""
     newest = sel.drop_duplicates(["method", "steps"], keep="last")
-    methods = sorted(newest["method"].unique(), key=_method_key)
+    methods = sorted(newest["method"].unique(), key=method_key)
     steps = sorted(int(s) for s in newest["steps"].unique())
     ref: tuple[str, list[tuple]] | None = None
     ref_entries: list[dict[str, Any]] = []
@@ -703,39 +545,6 @@ def sample_grid(sel: pd.DataFrame, results_dir: Path, k: int, warnings: list[str
 
 
 # ------------------------------------------------------------------------------ driver
-def _as_list(v: str | Sequence[str] | None) -> list[str] | None:
-    if v is None:
-        return None
-    if isinstance(v, str):
-        v = v.split(",")
-    out = [s.strip() for s in v if s and s.strip()]
-    return out or None
-
-
-def filter_records(df: pd.DataFrame, backbone: str | None = None,
-                   methods: str | Sequence[str] | None = None,
-                   metrics: str | Sequence[str] | None = None) -> pd.DataFrame:
-    """Records of the given backbone, methods and metrics; UserError naming what exists if a
-    filter value matches nothing."""
-    def need(col: str, wanted: list[str] | None, d: pd.DataFrame, what: str) -> pd.DataFrame:
-        if wanted is None:
-            return d
-        have = sorted(d[col].unique(), key=_method_key)
-        unknown = [w for w in wanted if w not in have]
-        if unknown:
-            where = f" for backbone {backbone}" if backbone and col != "backbone" else ""
-            raise UserError(f"no results for {what} {', '.join(unknown)}{where} "
-                            f"(have: {', '.join(map(str, have)) or 'nothing'})")
-        return d[d[col].isin(wanted)]
-
-    df = need("backbone", [backbone] if backbone else None, df, "backbone")
-    df = need("method", _as_list(methods), df, "method")
-    df = need("metric", _as_list(metrics), df, "metric")
-    if df.empty:
-        raise UserError("no results match the chosen backbone, methods and metrics together")
-    return df
-
-
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em;color:#222;
 max-width:1400px}
@@ -787,8 +596,8 @@ def build_report(results_dir: str | Path, out_dir: str | Path, backbone: str | N
     stamp = time.strftime("%Y-%m-%d %H:%M:%S %z")
     mode = "latest result per model, step count and seed" if latest else "all runs and seeds"
     filt = ", ".join(f"{k}: {', '.join(v) if isinstance(v, list) else v}" for k, v in
-                     (("backbone", backbone), ("methods", _as_list(methods)),
-                      ("metrics", _as_list(metrics))) if v)
+                     (("backbone", backbone), ("methods", name_list(methods)),
+                      ("metrics", name_list(metrics))) if v)
     intro = (f"Generated {stamp} from `{store.path}` ({len(sel)} records shown: {mode}"
              + (f"; {filt}" if filt else "") + ").")
 

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from cdmbench.metrics.base import EvalSet, Metric, MissingWeightsError
+from cdmbench.metrics.base import EvalSet, Metric, MissingWeightsError, Value
 
 CONVENTION = "max(mean_i 100*cos(E_image_i, E_text_i), 0) (torchmetrics CLIPScore)"
 
@@ -75,7 +75,7 @@ class ClipScore(Metric):
     """CLIP score, 100 x image-prompt cosine in open_clip (Hessel et al. 2021; torchmetrics)."""
 
     name = "clip_score"
-    directions = {"clip_score": True}
+    values = {"clip_score": Value(higher_is_better=True, tolerance="1.0")}
     needs = ("images", "prompts")
 
     def __init__(self, model: str = "ViT-L-14", pretrained: str | None = "openai", *,

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from cdmbench.errors import UserError
-from cdmbench.metrics.base import EvalSet, Metric
+from cdmbench.metrics.base import EvalSet, Metric, Value
 from cdmbench.metrics.features import ImageFeatures, as_features
 from cdmbench.metrics.frechet import feature_stats, frechet_distance
 from cdmbench.metrics.reference import resolve_reference
@@ -36,7 +36,7 @@ class FID(Metric):
     """Fréchet Inception Distance (Heusel et al. 2017), clean-fid's convention (Parmar 2022)."""
 
     name = "fid"
-    directions = {"fid": False}
+    values = {"fid": Value(higher_is_better=False, tolerance="10%")}
     needs = ("images", "reference")
 
     def __init__(self, features: ImageFeatures | Callable[[Tensor], Any] | None = None, *,

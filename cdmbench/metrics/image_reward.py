@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from cdmbench.metrics.base import EvalSet, Metric, MissingWeightsError
+from cdmbench.metrics.base import EvalSet, Metric, MissingWeightsError, Value
 
 ENV = "CDMBENCH_IMAGEREWARD"
 REPO = "THUDM/ImageReward"
@@ -57,7 +57,7 @@ class ImageRewardScore(Metric):
     """ImageReward-v1.0 reward of each image for its prompt, averaged (Xu et al. 2023)."""
 
     name = "image_reward"
-    directions = {"image_reward": True}
+    values = {"image_reward": Value(higher_is_better=True, tolerance="0.1")}
     needs = ("images", "prompts")
 
     def __init__(self, weights: str | os.PathLike | None = None,

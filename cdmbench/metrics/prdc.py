@@ -6,9 +6,10 @@ share of real features inside at least one generated ball (radii from the genera
 A point on a ball's boundary counts as inside (``<=``, as the authors' and StyleGAN2-ADA's
 code). Distances are Euclidean, in float64, chunked so that 10k x 10k sets fit in memory.
 
-Feature space: the one FID uses (clean-fid Inception) on general backbones; on `digits`, the
-digit classifier's penultimate features with the digits test split as the reference (the
-space of ``fd_digits``), because Inception features of 8x8 digits say little.
+Feature space: on a backbone with a domain classifier and real images (`digits`), the
+classifier's penultimate features with the backbone's test split as the reference (the space
+of ``fd_digits``), because Inception features of 8x8 digits say little; elsewhere the one FID
+uses (clean-fid Inception).
 """
 
 from __future__ import annotations
@@ -20,13 +21,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from cdmbench.backbones.base import Backbone
 from cdmbench.errors import UserError
-from cdmbench.metrics.base import EvalSet, Metric
+from cdmbench.metrics.base import EvalSet, Metric, Value
+from cdmbench.metrics.digits import DigitsJudge, domain_judge, no_domain
 from cdmbench.metrics.features import ImageFeatures, as_features
 from cdmbench.metrics.fid import REFERENCE_DEFAULT
 from cdmbench.metrics.reference import resolve_reference
 
-SPACES = ("auto", "features", "digits")
+SPACES = ("auto", "features", "domain", "digits")  # "digits" is accepted for "domain"
 
 
 def _distances(a: Tensor, b: Tensor) -> Tensor:
@@ -74,7 +77,8 @@ class PrecisionRecall(Metric):
     """Improved precision and recall, k-NN manifolds (Kynkäänniemi et al. 2019)."""
 
     name = "precision_recall"
-    directions = {"precision": True, "recall": True}
+    values = {"precision": Value(higher_is_better=True, tolerance="0.05"),
+              "recall": Value(higher_is_better=True, tolerance="0.05")}
     needs = ("images", "reference")
 
     def __init__(self, k: int = 3, features: ImageFeatures | Callable[[Tensor], Any] | None = None,
@@ -83,36 +87,49 @@ class PrecisionRecall(Metric):
                  reference: str | None = None, n_ref: int | None = None, batch_size: int = 64,
                  inception_path: str | os.PathLike | None = None,
                  device: str | torch.device | None = None, chunk: int = 1024) -> None:
-        """``space``: "auto" (digits classifier on `digits`, else the FID features),
-        "features" (always the FID features or ``feature_fn``) or "digits"."""
+        """``space``: "auto" (the domain classifier where the backbone has one, else the FID
+        features), "features" (always the FID features or ``feature_fn``) or "domain"."""
         if space not in SPACES:
             raise ValueError(f"unknown space '{space}' ({', '.join(SPACES)})")
         if space == "auto" and (features is not None or feature_fn is not None):
             space = "features"  # an explicit extractor is used on every backbone
-        self.k, self.space, self.chunk = k, space, chunk
+        self.k, self.space, self.chunk = k, "domain" if space == "digits" else space, chunk
         self.features = as_features(features, feature_fn=feature_fn, feature_id=feature_id,
                                     inception_path=inception_path, batch_size=batch_size,
                                     device=device)
         self.reference, self.n_ref, self.device = reference, n_ref, device
-        self._judge: Any = None
+        self._domain: tuple[Backbone, DigitsJudge | None] | None = None  # (backbone, its judge)
         self.last: dict[str, Any] = {}
 
-    def check(self, backbone=None) -> None:
+    def _judge(self, backbone: Backbone) -> DigitsJudge | None:
+        """The domain judge this metric uses on ``backbone``; None: the FID features."""
+        if self.space == "features":
+            return None
+        if self._domain is None or self._domain[0] is not backbone:
+            self._domain = (backbone, domain_judge(backbone))
+        judge = self._domain[1]
+        if judge is None and self.space == "domain":
+            raise no_domain("precision_recall with space 'domain'", backbone)
+        return judge
+
+    def check(self, backbone: Backbone | None = None) -> None:
         # without a backbone "auto" learns it only in compute(), which checks again before any work
-        on_digits = backbone is not None and backbone.name == "digits"
-        if self.space == "features" or (self.space == "auto" and backbone is not None and not on_digits):
+        if self.space == "features" or (backbone is not None and self._judge(backbone) is None):
             self.features.check()
 
     def config(self) -> dict[str, Any]:
-        from cdmbench.backbones.digits import DigitClassifier
-
-        digits = (f"digits classifier penultimate ({DigitClassifier.feature_dim}-d), "
-                  "reference = digits test split (445 images)")
+        judge = None if self._domain is None else self._domain[1]
+        if judge is None:  # not bound to a backbone, or it has no domain classifier
+            domain = "its domain classifier's penultimate features, reference = its test split"
+        else:
+            d = judge.describe()
+            domain = f"{d['features']}, reference = {d['reference']} ({d['n_ref']} images)"
         feats = {**self.features.config(),
                  "reference": self.reference if self.reference is not None else REFERENCE_DEFAULT,
                  "n_ref": self.n_ref or "all"}
-        space: dict[str, Any] = {"auto": {"digits": digits, "other backbones": feats},
-                                 "features": feats, "digits": digits}[self.space]
+        auto = {judge.backbone.name if judge is not None else "backbones with a domain classifier":
+                domain, "other backbones": feats}
+        space: dict[str, Any] = {"auto": auto, "features": feats, "domain": domain}[self.space]
         return {"k": self.k, "space": space, "n_gen": "all samples", "distance": "L2, float64",
                 "ball": "closed (d <= k-NN radius)"}
 
@@ -120,28 +137,17 @@ class PrecisionRecall(Metric):
         """``config()`` plus what the last :meth:`compute` used: space, reference, N_ref, N_gen."""
         return {**self.config(), **self.last}
 
-    def _uses_digits(self, data: EvalSet) -> bool:
-        return self.space == "digits" or (self.space == "auto" and data.backbone.name == "digits")
-
-    def _digits_features(self, data: EvalSet) -> tuple[Tensor, Tensor, dict[str, Any]]:
-        from cdmbench.backbones.digits import Digits, load_split
-        from cdmbench.metrics.digits import DigitsJudge
-
-        if self._judge is None:
-            bb = data.backbone if isinstance(data.backbone, Digits) else None
-            self._judge = DigitsJudge(bb)
-        x, _ = load_split(self._judge.reference)
-        real = self._judge.features_and_logits((x + 1) / 2)[0]  # as DigitsJudge.reference_stats
-        fake = self._judge.features_and_logits(data.images.float() / 255.0)[0]
-        return real, fake, {"space": "digits classifier", "reference": "digits:test",
-                            "n_ref": len(real)}
-
     def compute(self, data: EvalSet) -> dict[str, float]:
         if data.images.shape[0] <= self.k:
             raise UserError(f"precision/recall with k = {self.k} needs more than {self.k} "
                             f"generated images, got {data.images.shape[0]}")
-        if self._uses_digits(data):
-            real, fake, info = self._digits_features(data)
+        judge = self._judge(data.backbone)
+        if judge is not None:
+            real = judge.reference_features
+            fake = judge.features_and_logits(data.images.float() / 255.0)[0]
+            d = judge.describe()
+            info = {"space": d["classifier"],
+                    "reference": f"{data.backbone.name}:{judge.reference}", "n_ref": d["n_ref"]}
         else:
             self.features.check()
             self.features.to(self.device if self.device is not None else data.backbone.device)

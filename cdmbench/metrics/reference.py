@@ -24,7 +24,7 @@ from torch import Tensor
 
 from cdmbench.backbones.base import Backbone
 from cdmbench.errors import UserError
-from cdmbench.io import atomic_path
+from cdmbench.io import atomic_path, to_uint8
 from cdmbench.metrics.features import ImageFeatures
 from cdmbench.metrics.frechet import feature_stats
 
@@ -47,11 +47,6 @@ def read_image(path: str | Path) -> Tensor:
     with Image.open(path) as img:
         arr = np.array(img.convert("RGB"))
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
-
-
-def to_uint8(images: Tensor) -> Tensor:
-    """[B, C, H, W] in [0, 1] -> uint8, rounded as the sample PNGs are."""
-    return (images.float().clamp(0, 1) * 255).round().to(torch.uint8)
 
 
 def _slug(text: str) -> str:
@@ -189,5 +184,4 @@ def resolve_reference(spec: str, backbone: Backbone, n_ref: int | None = None) -
     return _backbone_reference(backbone, spec or "test", n_ref)
 
 
-__all__ = ["IMAGE_EXTENSIONS", "Reference", "image_files", "read_image", "resolve_reference",
-           "to_uint8"]
+__all__ = ["IMAGE_EXTENSIONS", "Reference", "image_files", "read_image", "resolve_reference"]
