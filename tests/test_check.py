@@ -20,15 +20,16 @@ HIB = {"fd_digits": False, "prompt_acc": True, "latency_ms": False}
 
 
 def recs(values: dict[tuple[str, int, str], float], t: int = 0,
-         backbone: str = "digits") -> list[dict[str, Any]]:
+         backbone: str = "digits", hib: dict[str, bool] = HIB) -> list[dict[str, Any]]:
     return [{"run_id": f"{m}-run", "backbone": backbone, "method": m, "steps": s, "metric": k,
-             "value": v, "higher_is_better": HIB[k], "prompt_set": "digits", "seed": 0,
+             "value": v, "higher_is_better": hib[k], "prompt_set": "digits", "seed": 0,
              "time": f"2026-01-01T00:00:{t:02d}+0000", "n_samples": 10}
             for (m, s, k), v in values.items()]
 
 
-def results_dir(tmp: Path, name: str, values: dict[tuple[str, int, str], float]) -> Path:
-    ResultStore(tmp / name).append(recs(values))
+def results_dir(tmp: Path, name: str, values: dict[tuple[str, int, str], float],
+                hib: dict[str, bool] = HIB) -> Path:
+    ResultStore(tmp / name).append(recs(values, hib=hib))
     return tmp / name
 
 
@@ -208,3 +209,64 @@ def test_render_rich(baseline, tmp_path):
     text = console.export_text()
     assert "REGRESSION" in text and "+8.000 (+20.0%)" in text and "fd_digits ↓" in text
     console.print(result.render_rich(only_changes=True))
+
+
+# ------------------------------------------------------------ tolerances the metrics declare
+DECLARED = {"fd_digits": "15%", "fid": "10%", "prompt_acc": "0.02", "precision": "0.05",
+            "recall": "0.05", "clip_score": "1.0", "image_reward": "0.1"}
+TIMINGS = ("latency_ms", "latency_p90_ms", "denoiser_ms", "latency_batch_ms", "compile_s")
+
+
+def test_default_tolerances_are_the_metrics_declarations():
+    from cdmbench.check import FALLBACK_TOLERANCE, default_tolerance
+    from cdmbench.metrics.base import value_spec
+
+    for name, tol in DECLARED.items():
+        assert default_tolerance(name) == tol, name
+        assert not value_spec(name).machine_dependent
+    for name in TIMINGS:
+        spec = value_spec(name)
+        assert default_tolerance(name) is None and spec.machine_dependent
+        assert spec.higher_is_better is False
+    # a value no registered metric declares: the fallback, whatever its name looks like
+    assert default_tolerance("sharpness_ms") == FALLBACK_TOLERANCE == "10%"
+    assert value_spec("sharpness_ms") is None
+    assert value_spec("sharpness_ms", higher_is_better=True).higher_is_better is True
+
+
+def test_undeclared_metric_uses_the_stored_direction_and_the_fallback(tmp_path):
+    hib = {"sharpness": True}  # a third-party metric's value: only the records know it
+    path = tmp_path / "b.csv"
+    write_baseline(results_dir(tmp_path, "base", {("cdm", 1, "sharpness"): 10.0}, hib), path)
+    assert read_baseline(path)["higher_is_better"].tolist() == [True]
+    worse = check(results_dir(tmp_path, "worse", {("cdm", 1, "sharpness"): 8.9}, hib), path)
+    ok = check(results_dir(tmp_path, "ok", {("cdm", 1, "sharpness"): 9.1}, hib), path)
+    assert verdict(worse, metric="sharpness") == "REGRESSION"  # 11% lower, 10% allowed
+    assert verdict(ok, metric="sharpness") == "ok"
+    assert worse.rows[0].tolerance == "10%"
+
+
+def test_check_help_lists_the_declared_tolerances(capsys):
+    from cdmbench.cli import main
+
+    try:
+        main(["check", "--help"])
+    except SystemExit as e:
+        assert e.code in (0, None)
+    text = " ".join(capsys.readouterr().out.split())
+    for name, tol in DECLARED.items():
+        assert f"{name} {tol}" in text or f"{name}, " in text, name
+    assert "precision, recall 0.05" in text and "any other value 10%" in text
+    assert "{tolerances}" not in text
+    assert all(t in text for t in TIMINGS)
+
+
+def test_check_uses_only_public_names_of_report():
+    import ast
+
+    import cdmbench.check
+
+    tree = ast.parse(Path(cdmbench.check.__file__).read_text())
+    private = [a.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+               for a in node.names if a.name.startswith("_")]
+    assert private == []

@@ -20,7 +20,7 @@ from cdmbench.evaluate import (
     teacher_candidate,
 )
 from cdmbench.registry import METHODS
-from cdmbench.results import ResultStore
+from cdmbench.results import RECORD_FIELDS, ResultStore, make_record
 from cdmbench.training.run import train_run
 
 
@@ -54,6 +54,31 @@ def test_records_for_every_model_and_step(tmp_path, runs_root):
         assert r[field] not in (None, "", {})
     stored = ResultStore(tmp_path / "results").read()
     assert len(stored.records) == len(new) and not stored.problems
+    assert all(list(r) == list(RECORD_FIELDS) for r in new)  # the schema, nothing else
+    assert all(set(r) == set(RECORD_FIELDS) for r in stored.records)
+
+
+def test_make_record_takes_exactly_the_schema():
+    fields = {k: 0 for k in RECORD_FIELDS if k not in ("versions", "git_rev", "time")}
+    rec = make_record(**fields)
+    assert list(rec) == list(RECORD_FIELDS) and rec["versions"]["python"] and rec["time"]
+    with pytest.raises(TypeError, match="missing"):
+        make_record(**{k: v for k, v in fields.items() if k != "seed"})
+    with pytest.raises(TypeError, match="unknown"):
+        make_record(**fields, colour="red")
+
+
+def test_metric_config_hashes_stay_those_of_the_committed_records(tmp_path):
+    """Stored records are reused by (sample key, metric, metric config hash): these are the
+    hashes in results/records.jsonl; a change recomputes every committed number."""
+    bb = get_backbone("digits")
+    plan = EvalPlan(bb, [teacher_candidate(bb)], [1],
+                    ["fd_digits", "prompt_acc", "precision_recall", "latency"], bb.prompts(),
+                    "digits", 1, 0, tmp_path / "samples", ResultStore(tmp_path / "results"),
+                    batch_size=16, teacher_default=False)
+    hashes = {r["metric_name"]: r["metric_config_hash"] for r in run_eval(plan)}
+    assert hashes == {"fd_digits": "df60c9f131d9", "prompt_acc": "400e018dfe5e",
+                      "precision_recall": "bae5896041b9", "latency": "4a2ae0e3196e"}
 
 
 def test_rerun_computes_nothing_and_half_deleted_folder_regenerates_half(tmp_path, runs_root):

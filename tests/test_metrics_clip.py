@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from cdmbench.backbones.base import Backbone, Prompt
-from cdmbench.metrics.base import EvalSet, MissingWeightsError
+from cdmbench.metrics.base import EvalSet, MissingWeightsError, Value
 from cdmbench.metrics.clip_score import (
     ClipScore,
     aggregate_clip_score,
@@ -217,7 +217,7 @@ def test_registered_and_config_is_recorded():
     assert cfg["convention"].startswith("max(mean_i 100*cos")
     assert cfg["quick_gelu"] is True  # OpenAI's weights were trained with QuickGELU
     assert cfg["preprocess"]["size"] == [224, 224] and cfg["preprocess"]["interpolation"] == "bicubic"
-    assert ClipScore.directions == {"clip_score": True}
+    assert ClipScore.values == {"clip_score": Value(higher_is_better=True, tolerance="1.0")}
 
 
 def _one_line_error(metric: ClipScore) -> str:

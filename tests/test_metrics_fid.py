@@ -17,7 +17,8 @@ from torch import Tensor, nn
 from cdmbench.backbones.base import Backbone
 from cdmbench.backbones.digits import Digits, load_split
 from cdmbench.errors import UserError
-from cdmbench.metrics.base import EvalSet, MissingWeightsError
+from cdmbench.io import to_uint8
+from cdmbench.metrics.base import EvalSet, MissingWeightsError, Value
 from cdmbench.metrics.features import (
     INCEPTION_ENV,
     INCEPTION_FILE,
@@ -29,7 +30,6 @@ from cdmbench.metrics.features import (
 )
 from cdmbench.metrics.fid import FID
 from cdmbench.metrics.frechet import frechet_distance_features
-from cdmbench.metrics.reference import to_uint8
 
 
 @pytest.fixture(autouse=True)
@@ -298,4 +298,4 @@ def test_fid_registered():
     from cdmbench.registry import METRICS
 
     cls = METRICS.get("fid")
-    assert cls is FID and cls.directions == {"fid": False}
+    assert cls is FID and cls.values == {"fid": Value(higher_is_better=False, tolerance="10%")}

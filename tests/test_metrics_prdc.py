@@ -14,10 +14,10 @@ from torch import Tensor
 
 from cdmbench.backbones.base import Backbone
 from cdmbench.backbones.digits import Digits, load_split
+from cdmbench.io import to_uint8
 from cdmbench.metrics.base import EvalSet, MissingWeightsError
 from cdmbench.metrics.features import INCEPTION_ENV, INCEPTION_FILE
 from cdmbench.metrics.prdc import PrecisionRecall, knn_radii, precision_recall
-from cdmbench.metrics.reference import to_uint8
 
 
 @pytest.fixture(autouse=True)

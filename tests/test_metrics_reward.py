@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from cdmbench.backbones.base import Backbone, Prompt
-from cdmbench.metrics.base import EvalSet, MissingWeightsError
+from cdmbench.metrics.base import EvalSet, MissingWeightsError, Value
 from cdmbench.metrics.image_reward import ENV, ImageRewardScore
 from cdmbench.registry import METRICS
 
@@ -253,4 +253,5 @@ def test_registered_and_config_is_recorded():
     json.dumps(cfg)  # stored with every value
     assert cfg["model"] == "ImageReward-v1.0"
     assert "0.16717362830052426" in cfg["convention"]
-    assert ImageRewardScore.directions == {"image_reward": True}
+    assert ImageRewardScore.values == {"image_reward": Value(higher_is_better=True,
+                                                             tolerance="0.1")}

@@ -18,12 +18,11 @@ from cdmbench.report import (
     SUMMARY_SEED,
     best_cells,
     build_report,
-    load_records,
     pivot,
     render_markdown,
     render_rich,
 )
-from cdmbench.results import ResultStore
+from cdmbench.results import ResultStore, load_records
 
 VERSIONS = {"cdmbench": "0.1.0", "torch": "2.4.0", "python": "3.11.7"}
 
