@@ -373,8 +373,8 @@ def report(
 
 # ----------------------------------------------------------------------------- check
 class _CheckCommand(TyperCommand):
-    """`check`, whose help lists the default tolerances the metrics declare, read when shown
-    (reading them imports every metric module, too slow for every start of the CLI)."""
+    """`check`, whose help lists the default tolerances the metrics declare, read only when the
+    help is shown: reading them imports every metric module, and torch with them."""
 
     def format_help(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         from cdmbench.check import tolerance_help
