@@ -46,7 +46,8 @@ from cdmbench.backbones import get_backbone  # noqa: E402
 from cdmbench.backbones.digits import NULL_CLASS, NUM_CLASSES  # noqa: E402
 from cdmbench.config import resolve  # noqa: E402
 from cdmbench.registry import METHODS  # noqa: E402
-from cdmbench.training.core import Batch, Trainer  # noqa: E402
+from cdmbench.training.core import Trainer  # noqa: E402
+from cdmbench.training.method import Batch  # noqa: E402
 
 TARGET = 1.05
 LO, HI = flow.SIGMA_MIN, flow.SIGMA_MAX

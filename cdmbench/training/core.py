@@ -190,7 +190,7 @@ class Trainer:
                 p.grad.div_(self.world)
 
     def step(self, batch: Batch) -> dict[str, Tensor]:
-        """One iteration: every group the method schedules, in its order.
+        """One iteration: the method's ``prepare``, then every group it schedules, in its order.
 
         Returns the loss terms and grad norms as detached tensors; converting them to floats
         is left to the logging cadence. One host sync per group remains: the finiteness check
