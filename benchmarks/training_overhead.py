@@ -46,7 +46,8 @@ from cdmbench.backbones import get_backbone  # noqa: E402
 from cdmbench.backbones.digits import NULL_CLASS, NUM_CLASSES  # noqa: E402
 from cdmbench.config import resolve  # noqa: E402
 from cdmbench.registry import METHODS  # noqa: E402
-from cdmbench.training.core import Batch, Trainer  # noqa: E402
+from cdmbench.training.core import Trainer  # noqa: E402
+from cdmbench.training.method import Batch  # noqa: E402
 
 TARGET = 1.05
 LO, HI = flow.SIGMA_MIN, flow.SIGMA_MAX
@@ -73,7 +74,7 @@ class Bare:
         self.gs.set_state(tr.g_shared.get_state())
         self.it = 0
         self.k_student = 0
-        self.ema_cap = tr.cfg.ema_cap
+        self.ema_cap = tr.config.ema_cap
         spec = tr.specs["student"]
         self.opt_S = torch.optim.AdamW(self.Sp, lr=spec.lr, betas=spec.betas, weight_decay=spec.weight_decay)
         self.S_lr, self.S_warm, self.S_clip = spec.lr, spec.warmup, spec.clip
@@ -143,7 +144,7 @@ class Bare:
 class BareCDM(Bare):
     def __init__(self, tr: Trainer) -> None:
         super().__init__(tr)
-        self.c = tr.method.cfg
+        self.c = tr.method.config
         self.shift = tr.backbone.shift
 
     def dm_target(self, x0s, tau, y):
@@ -200,7 +201,7 @@ class BareCDM(Bare):
 class BareDMD(Bare):
     def __init__(self, tr: Trainer) -> None:
         super().__init__(tr)
-        self.c = tr.method.cfg
+        self.c = tr.method.config
         pn, pc, pt = tr.method.pairs
         self.pairs = (pn, pc.tensors["label"], pt)
 
@@ -230,7 +231,7 @@ class BareDMD(Bare):
 class BareDMD2(BareDMD):
     def __init__(self, tr: Trainer) -> None:
         Bare.__init__(self, tr)
-        self.c = tr.method.cfg
+        self.c = tr.method.config
         self.sig = flow.explicit_schedule(self.c.train_sigmas, tr.backbone.shift)[:-1]
 
     def iteration(self, y, noise) -> None:
@@ -256,7 +257,7 @@ class BareCD(Bare):
     def __init__(self, tr: Trainer) -> None:
         super().__init__(tr)
         m = tr.method
-        self.c, self.grid, self.w = m.cfg, m.grid, m.w
+        self.c, self.grid, self.w = m.config, m.grid, m.w
         self.x_all, self.y_all = m.data[0], m.data[1].tensors["label"]
         self.ends = torch.tensor([*self.c.edges[1:], self.c.grid])
         self.TG = copy.deepcopy(tr.models["target"])

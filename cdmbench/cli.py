@@ -119,8 +119,7 @@ def sample(
     import torch
 
     from cdmbench.config import parse_steps
-    from cdmbench.generate import generate, save_grid, seeds_for
-    from cdmbench.training.method import SamplerSpec
+    from cdmbench.generate import SamplerSpec, generate, save_grid, seeds_for
 
     step_list = parse_steps(steps)
     if run is not None:
@@ -240,6 +239,7 @@ def eval_cmd(
 
     from cdmbench.backbones import get_backbone
     from cdmbench.config import parse_steps
+    from cdmbench.distributed import init_distributed
     from cdmbench.evaluate import (
         EvalPlan,
         default_batch_size,
@@ -249,7 +249,6 @@ def eval_cmd(
         teacher_candidate,
     )
     from cdmbench.results import ResultStore
-    from cdmbench.training.core import init_distributed
 
     step_list = parse_steps(steps)
     mode = _compile_mode(compile_, compile_mode)

@@ -27,14 +27,14 @@ from torch import nn
 from cdmbench import flow
 from cdmbench.backbones.base import Backbone, Prompt
 from cdmbench.config import config_hash
+from cdmbench.distributed import barrier
 from cdmbench.errors import UserError
-from cdmbench.generate import generate
+from cdmbench.generate import SamplerSpec, generate
 from cdmbench.io import atomic_path, atomic_write_json, remove_stale_temps, to_uint8
 from cdmbench.metrics.base import EvalSet, Metric
 from cdmbench.metrics.latency import make_timer
 from cdmbench.registry import METRICS
 from cdmbench.results import Record, ResultStore, make_record
-from cdmbench.training.method import SamplerSpec
 
 
 @dataclass
@@ -179,7 +179,7 @@ def ensure_samples(backbone: Backbone, cand: Candidate, steps: int, prompts: Seq
         if not (folder / "manifest.jsonl").is_file() or (folder / "manifest.jsonl").read_text() != manifest:
             with atomic_path(folder / "manifest.jsonl") as tmp:
                 tmp.write_text(manifest)
-    _barrier(world)
+    barrier(world)
     todo = [k for k in range(len(entries)) if k % world == rank and not (folder / files[k]).is_file()]
     done_before = len(entries) - len(todo)
     if on_progress is not None and done_before:
@@ -193,7 +193,7 @@ def ensure_samples(backbone: Backbone, cand: Candidate, steps: int, prompts: Seq
             _write_png(folder / files[k], img)
         if on_progress is not None:
             on_progress(len(chunk))
-    _barrier(world)
+    barrier(world)
     return SampleSet(folder, key, [e[0] for e in entries], files, len(todo))
 
 
@@ -209,11 +209,6 @@ def load_images(sset: SampleSet) -> torch.Tensor:
     return torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).contiguous()
 
 
-def _barrier(world: int) -> None:
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
 
 
 # ------------------------------------------------------------------------------ driver

@@ -24,15 +24,28 @@ VelocityFn = Callable[[Tensor, Tensor], Tensor]  # (x, s[B]) -> v
 SIGMA_MIN, SIGMA_MAX = 0.02, 0.98  # the clamp every DMD-family method applies to sigmas
 
 
-# --------------------------------------------------------------------------- conversions
-def _bcast(s: Tensor | float, x: Tensor) -> Tensor:
+# --------------------------------------------------------------------------- broadcasting
+def append_dims(x: Tensor, ndim: int) -> Tensor:
+    """``x`` with trailing singleton dimensions up to ``ndim`` (a view): a per-sample [B]
+    value broadcasts against [B, ...] tensors (k-diffusion's ``append_dims``)."""
+    if x.ndim > ndim:
+        raise ValueError(f"cannot extend a {x.ndim}-d tensor to {ndim} dimensions")
+    return x.reshape(*x.shape, *([1] * (ndim - x.ndim)))
+
+
+def sigma_like(s: Tensor | float, x: Tensor) -> Tensor:
+    """A sigma (a float or a per-sample [B] tensor) as float32 on ``x``'s device, broadcastable
+    against ``x``; a scalar stays a scalar."""
     s = torch.as_tensor(s, dtype=torch.float32, device=x.device)
-    return s.reshape(-1, *([1] * (x.ndim - 1))) if s.ndim else s
+    return append_dims(s, x.ndim) if s.ndim else s
+
+
+# --------------------------------------------------------------------------- conversions
 
 
 def add_noise(x0: Tensor, eps: Tensor, s: Tensor | float) -> Tensor:
     """x_s = (1 - s) x0 + s eps."""
-    s = _bcast(s, x0)
+    s = sigma_like(s, x0)
     return (1 - s) * x0 + s * eps
 
 
@@ -43,22 +56,22 @@ def velocity_target(x0: Tensor, eps: Tensor) -> Tensor:
 
 def x0_from_v(x: Tensor, s: Tensor | float, v: Tensor) -> Tensor:
     """x0 = x_s - s v, in float32 whatever the network's dtype."""
-    return x.float() - _bcast(s, x) * v.float()
+    return x.float() - sigma_like(s, x) * v.float()
 
 
 def eps_from_v(x: Tensor, s: Tensor | float, v: Tensor) -> Tensor:
     """eps = x_s + (1 - s) v."""
-    return x.float() + (1 - _bcast(s, x)) * v.float()
+    return x.float() + (1 - sigma_like(s, x)) * v.float()
 
 
 def v_from_x0(x: Tensor, s: Tensor | float, x0: Tensor) -> Tensor:
     """Inverse of :func:`x0_from_v` (undefined at s = 0)."""
-    return (x.float() - x0.float()) / _bcast(s, x)
+    return (x.float() - x0.float()) / sigma_like(s, x)
 
 
 def euler_step(x: Tensor, s: Tensor | float, s_next: Tensor | float, v: Tensor) -> Tensor:
     """Deterministic ODE step x_{s'} = x_s + (s' - s) v."""
-    return x.float() + (_bcast(s_next, x) - _bcast(s, x)) * v.float()
+    return x.float() + (sigma_like(s_next, x) - sigma_like(s, x)) * v.float()
 
 
 def renoise_step(x0_hat: Tensor, s_next: Tensor | float, eps_new: Tensor) -> Tensor:
@@ -81,6 +94,12 @@ def time_shift(s: Tensor | Sequence[float] | float, shift: float) -> Tensor:
     """SD3 resolution shift s' = k s / (1 + (k - 1) s); identity for k = 1."""
     s = torch.as_tensor(s, dtype=torch.float64)
     return shift * s / (1 + (shift - 1) * s)
+
+
+def unshift(sigmas: Sequence[float], shift: float) -> list[float]:
+    """Inverse of :func:`time_shift`: s = s' / (k - (k - 1) s')."""
+    t = torch.as_tensor(list(sigmas), dtype=torch.float64)
+    return [float(v) for v in (t / (shift - (shift - 1) * t))]
 
 
 def _finish(sigmas: Tensor, shift: float) -> list[float]:

@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from cdmbench import flow
 from cdmbench.backbones.base import Backbone, Prompt
-from cdmbench.training.method import SamplerSpec
+
+
+@dataclass
+class SamplerSpec:
+    """How a model generates at a step count: the post-shift sigmas and the update rule."""
+
+    sigmas: list[float]
+    stochastic: bool = False  # re-noise with fresh noise between steps (DMD2-style)
+    guidance: float = 1.0  # students have guidance distilled in
 
 
 def seeds_for(run_seed: int, prompts: Sequence[Prompt], per_prompt: int) -> list[tuple[Prompt, int, int]]:

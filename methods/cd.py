@@ -30,12 +30,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from cdmbench import flow
 from cdmbench.backbones.base import Cond
-from cdmbench.training.core import OptimSpec, ema_update_
-from cdmbench.training.method import Method, SamplerSpec
+from cdmbench.losses import pseudo_huber
+from cdmbench.training.core import ema_update_
+from cdmbench.training.method import Batch, Core, Method, OptimSpec, SamplerSpec
 from cdmbench.training.teacher_data import TeacherSamples
 
 
@@ -54,33 +55,29 @@ class CDConfig:
     cache_size: int = 10_000  # teacher samples cached when data is "teacher"
 
 
-def pseudo_huber(pred: Tensor, target: Tensor, c: float) -> Tensor:
-    """mean(sqrt((pred - target)^2 + c^2) - c) (Song & Dhariwal 2023; as in LCM/PCM code)."""
-    return (torch.sqrt((pred.float() - target.float()) ** 2 + c * c) - c).mean()
-
-
 def phase_end(n: Tensor, edges: tuple[int, ...], grid: int) -> Tensor:
     """Index of the end of the phase that grid index ``n`` lies in."""
     ends = torch.tensor([*edges[1:], grid], device=n.device)
     return ends[torch.searchsorted(ends, n, right=True)]
 
 
-class CD(Method):
+class CD(Method[None]):
     """Multiphase consistency distillation for flow matching (LCM/PCM style)."""
 
     name = "cd"
     Config = CDConfig
-    optim_groups_names = ("student",)
     backbone_defaults = {
         # digits: one phase (LCM), so one student serves 1, 2 and 4 steps; measured FD at 1 / 2 /
         # 4 steps: 4 phases 88.7 / 10.9 / 5.8, one phase 5.7 / 5.8 / 5.1.
         "digits": {"student_lr": 1e-4, "warmup": 50, "edges": (0,), "train": {"iters": 1500, "batch": 128}},
     }
 
-    def build(self, core) -> dict:
-        c, bb = self.cfg, core.backbone
-        self.grid = torch.tensor(flow.uniform_schedule(c.grid, bb.shift), dtype=torch.float32, device=core.device)
-        self.w = c.teacher_guidance if c.teacher_guidance is not None else (bb.default_teacher_cfg or 4.5)
+    def build(self, core: Core) -> dict[str, nn.Module]:
+        c, bb = self.config, core.backbone
+        self.grid = torch.tensor(flow.uniform_schedule(c.grid, bb.shift), dtype=torch.float32,
+                                 device=core.device)
+        w = c.teacher_guidance
+        self.w = w if w is not None else (bb.default_teacher_guidance or 4.5)
         real = bb.real_latents("train") if c.data in ("auto", "real") else None
         self.data: tuple[Tensor, Cond] | None = None  # real (x0, conditions), on the device
         self.samples: TeacherSamples | None = None  # otherwise teacher samples
@@ -96,9 +93,10 @@ class CD(Method):
             models["target"] = bb.clone(core.student).requires_grad_(False).eval()
         return models
 
-    def optim_groups(self, core) -> dict[str, OptimSpec]:
-        return {"student": OptimSpec("student", lr=self.cfg.student_lr, weight_decay=self.cfg.weight_decay,
-                                     warmup=self.cfg.warmup)}
+    def optim_groups(self, core: Core) -> dict[str, OptimSpec]:
+        c = self.config
+        return {"student": OptimSpec("student", lr=c.student_lr, weight_decay=c.weight_decay,
+                                     warmup=c.warmup)}
 
     def groups_to_update(self, it: int) -> list[str]:
         return ["student"]
@@ -106,13 +104,13 @@ class CD(Method):
     def sampler(self, steps: int, shift: float) -> SamplerSpec:
         """Phase edges when ``steps`` equals the phase count; a one-phase (LCM) student uses
         LCM's multistep sampler at any other count (predict x0, re-noise); otherwise Euler."""
-        c = self.cfg
+        c = self.config
         if steps == len(c.edges):
             grid = flow.uniform_schedule(c.grid, shift)
             return SamplerSpec([grid[i] for i in c.edges] + [0.0])
         return SamplerSpec(flow.uniform_schedule(steps, shift), stochastic=len(c.edges) == 1)
 
-    def _clean(self, b: int, core) -> tuple[Tensor, Cond]:
+    def _clean(self, b: int, core: Core) -> tuple[Tensor, Cond]:
         """``b`` clean latents and their conditions, drawn uniformly with replacement."""
         if self.samples is not None:
             pick = self.samples.draw(b, core.g)
@@ -121,23 +119,24 @@ class CD(Method):
         pick = core.randint(len(x_all), b)
         return x_all[pick], cond_all.select(pick)
 
-    def losses(self, group: str, it: int, batch, core) -> dict[str, Tensor]:
-        c, bb = self.cfg, core.backbone
+    def losses(self, group: str, it: int, batch: Batch, state: None, core: Core
+               ) -> dict[str, Tensor]:
+        c, bb = self.config, core.backbone
         b = len(batch)
         x0, cond = self._clean(b, core)
         n = core.randint(c.grid, b)
         e = phase_end(n, c.edges, c.grid)
         s_n, s_n1, s_e = self.grid[n], self.grid[n + 1], self.grid[e]
-        view = (-1,) + (1,) * (x0.ndim - 1)
         x_n = flow.add_noise(x0, batch.noise, s_n)
         with torch.no_grad():
             x_n1 = flow.euler_step(x_n, s_n, s_n1, bb.velocity(core.teacher, x_n, s_n, cond, self.w))
             tgt_model = core.models["target"] if c.target == "ema" else core.student
             v_t = bb.velocity(tgt_model, x_n1, s_n1, cond)
-            target = torch.where((n + 1 == e).view(view), x_n1, x_n1 + (s_e - s_n1).view(view) * v_t)
-        pred = x_n + (s_e - s_n).view(view) * bb.velocity(core.student, x_n, s_n, cond)
+            last = flow.append_dims(n + 1 == e, x0.ndim)  # the teacher's step ends the phase
+            target = torch.where(last, x_n1, flow.euler_step(x_n1, s_n1, s_e, v_t))
+        pred = flow.euler_step(x_n, s_n, s_e, bb.velocity(core.student, x_n, s_n, cond))
         return {"huber": pseudo_huber(pred, target, c.huber_c)}
 
-    def after_step(self, group: str, it: int, core) -> None:
-        if self.cfg.target == "ema":
-            ema_update_(core.models["target"], core.student, self.cfg.target_ema)
+    def after_step(self, group: str, it: int, core: Core) -> None:
+        if self.config.target == "ema":
+            ema_update_(core.models["target"], core.student, self.config.target_ema)

@@ -6,7 +6,7 @@ off-trajectory term on latents extrapolated along the student's velocity. Per it
 1. Backward simulation (no grad, student at CFG 1, deterministic Euler) on a random
    schedule: N ~ U{1..n_max}, N-1 inner sigmas ~ U(0.25, 0.95) sorted, 1.0 prepended,
    shifted, 0 appended. Record xt[n], x0[n] = xt[n] - s[n] v[n], v[n]. One trajectory
-   index per sample, shared by every branch below.
+   index per sample, shared by every branch below (the iteration's state, ``prepare``).
 2. Fake score F: flow-matching MSE on x0F = x0[idx] at tau ~ U(0.02, 0.98); then merge
    the student into F: theta_F <- 0.999 theta_F + 0.001 theta_S.
 3. Student, every ``update_ratio`` fake steps, three terms in x0 space, each normalised per
@@ -48,11 +48,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from cdmbench import flow
-from cdmbench.training.core import OptimSpec, dm_normalizer, fm_loss, merge_
-from cdmbench.training.method import Method, SamplerSpec
+from cdmbench.losses import dm_normalizer, dm_target, fm_loss
+from cdmbench.training.core import merge_
+from cdmbench.training.method import Batch, Core, Method, OptimSpec, SamplerSpec
 
 
 @dataclass
@@ -76,12 +77,23 @@ class CDMConfig:
     eval_sigmas: tuple[float, ...] = (1.0, 0.75, 0.5, 0.25)  # pre-shift 4-step list
 
 
-class CDM(Method):
+@dataclass
+class Simulation:
+    """Step 1's result: per sample, the anchor on the student's trajectory (xt at sigma s),
+    the velocity recorded there and its x0 = xt - s v."""
+
+    xt: Tensor
+    v: Tensor
+    x0: Tensor
+    s: Tensor  # [B]
+    n_steps: int  # the schedule's length N
+
+
+class CDM(Method[Simulation]):
     """Continuous-Time Distribution Matching (arXiv 2605.06376)."""
 
     name = "cdm"
     Config = CDMConfig
-    optim_groups_names = ("fake", "student")
     backbone_defaults = {
         # digits: schedules of 1-8 steps suffice; the teacher's few-step FD is best at CFG 1, so
         # the CFG-augmentation term (which pushes toward guidance 1 + scale) is off, and the fake
@@ -91,34 +103,34 @@ class CDM(Method):
                    "train": {"iters": 1500, "batch": 128}},
     }
 
-    def build(self, core) -> dict:
+    def build(self, core: Core) -> dict[str, nn.Module]:
         fake = core.backbone.clone(core.student).requires_grad_(True).train()
         return {"fake": fake}
 
-    def optim_groups(self, core) -> dict[str, OptimSpec]:
-        c = self.cfg
+    def optim_groups(self, core: Core) -> dict[str, OptimSpec]:
+        c = self.config
         return {
             "fake": OptimSpec("fake", lr=c.fake_lr, weight_decay=c.weight_decay, warmup=c.warmup),
             "student": OptimSpec("student", lr=c.student_lr, weight_decay=c.weight_decay, warmup=c.warmup),
         }
 
     def groups_to_update(self, it: int) -> list[str]:
-        return ["fake", "student"] if it % self.cfg.update_ratio == 0 else ["fake"]
+        return ["fake", "student"] if it % self.config.update_ratio == 0 else ["fake"]
 
     def sampler(self, steps: int, shift: float) -> SamplerSpec:
-        if steps == len(self.cfg.eval_sigmas):
-            return SamplerSpec(flow.explicit_schedule(self.cfg.eval_sigmas, shift))
+        if steps == len(self.config.eval_sigmas):
+            return SamplerSpec(flow.explicit_schedule(self.config.eval_sigmas, shift))
         return SamplerSpec(flow.uniform_schedule(steps, shift))
 
     # ------------------------------------------------------------------------------
-    def _schedule(self, core) -> list[float]:
-        c = self.cfg
+    def _schedule(self, core: Core) -> list[float]:
+        c = self.config
         if c.schedule == "fixed":
             return flow.explicit_schedule(c.eval_sigmas, core.backbone.shift)
         return flow.random_schedule(core.g_shared, 1, c.n_max, c.inner_lo, c.inner_hi, core.backbone.shift)
 
     @torch.no_grad()
-    def _simulate(self, batch, core) -> dict[str, Tensor]:
+    def prepare(self, it: int, batch: Batch, core: Core) -> Simulation:
         """Step 1: backward simulation on a schedule, one anchor per sample."""
         bb = core.backbone
         sigmas = self._schedule(core)
@@ -131,54 +143,47 @@ class CDM(Method):
         v = torch.stack(traj.v)[idx, rows]
         x0 = torch.stack(traj.x0)[idx, rows]
         s = torch.tensor(sigmas[:-1], dtype=torch.float32, device=xt.device)[idx]
-        return {"xt": xt, "v": v, "x0": x0, "s": s, "n_steps": len(sigmas) - 1}
+        return Simulation(xt, v, x0, s, len(sigmas) - 1)
 
-    def _dm_target(self, x0s: Tensor, tau: Tensor, batch, core) -> Tensor:
+    def _dm_target(self, x0s: Tensor, tau: Tensor, batch: Batch, core: Core) -> Tensor:
         """sg(x0s) + (x0_real - x0_fake) / n at a re-noised point (teacher and F at CFG 1)."""
-        bb = core.backbone
-        with torch.no_grad():
-            x0s = x0s.detach()
-            x_tau = flow.add_noise(x0s, core.randn(*x0s.shape), tau)
-            x0_real = bb.x0(core.teacher, x_tau, tau, batch.cond)
-            x0_fake = bb.x0(core.models["fake"], x_tau, tau, batch.cond)
-            n = dm_normalizer(x0_real, x0s, self.cfg.norm_floor)
-            return x0s + (x0_real - x0_fake) / n
+        return dm_target(core.backbone, core.teacher, core.models["fake"], x0s, batch.cond, tau,
+                         core.randn(*x0s.shape), floor=self.config.norm_floor)
 
-    def losses(self, group: str, it: int, batch, core) -> dict[str, Tensor]:
-        c, bb = self.cfg, core.backbone
-        if "sim" not in batch.cache:
-            batch.cache["sim"] = self._simulate(batch, core)
-        sim = batch.cache["sim"]
+    def losses(self, group: str, it: int, batch: Batch, state: Simulation, core: Core
+               ) -> dict[str, Tensor]:
+        c, bb, sim = self.config, core.backbone, state
         b = len(batch)
 
         if group == "fake":
             tau = flow.clamp_sigma(core.rand(b))
-            return {"fm": fm_loss(bb, core.models["fake"], sim["x0"], batch.cond, tau, core.randn(*sim["x0"].shape))}
+            return {"fm": fm_loss(bb, core.models["fake"], sim.x0, batch.cond, tau,
+                                  core.randn(*sim.x0.shape))}
 
         terms: dict[str, Tensor] = {}
-        s_anchor = sim["s"]
         if c.cfg_aug_scale > 0 or c.ontraj:
-            x0s = bb.x0(core.student, sim["xt"], s_anchor, batch.cond)
+            x0s = bb.x0(core.student, sim.xt, sim.s, batch.cond)
             if c.cfg_aug_scale > 0:
-                tau = flow.clamp_sigma(core.rand(b) * s_anchor)
+                tau = flow.clamp_sigma(core.rand(b) * sim.s)
                 with torch.no_grad():
                     sg = x0s.detach()
                     x_tau = flow.add_noise(sg, core.randn(*sg.shape), tau)
                     v_u, v_c = bb.velocity_uc(core.teacher, x_tau, tau, batch.cond)
                     x0_u, x0_c = flow.x0_from_v(x_tau, tau, v_u), flow.x0_from_v(x_tau, tau, v_c)
-                    target = sg + c.cfg_aug_scale * (x0_c - x0_u) / dm_normalizer(x0_c, sg, c.norm_floor)
+                    n = dm_normalizer(x0_c, sg, c.norm_floor)
+                    target = sg + c.cfg_aug_scale * (x0_c - x0_u) / n
                 terms["cfg_aug"] = F.mse_loss(x0s, target)
             if c.ontraj:
-                tau = core.rand(b) * (s_anchor if c.cap_dm_tau else 1.0)
-                terms["dm_on"] = F.mse_loss(x0s, self._dm_target(x0s, flow.clamp_sigma(tau), batch, core))
+                tau = flow.clamp_sigma(core.rand(b) * (sim.s if c.cap_dm_tau else 1.0))
+                terms["dm_on"] = F.mse_loss(x0s, self._dm_target(x0s, tau, batch, core))
         if c.offtraj:
-            sp = flow.clamp_sigma(core.rand(b) * (s_anchor if c.cap_offtraj_sigma else 1.0))
-            x_off = sim["xt"] + (sp - s_anchor).view(-1, *[1] * (sim["xt"].ndim - 1)) * sim["v"]
+            sp = flow.clamp_sigma(core.rand(b) * (sim.s if c.cap_offtraj_sigma else 1.0))
+            x_off = flow.euler_step(sim.xt, sim.s, sp, sim.v)  # xt + (sigma' - s) v
             x0_off = bb.x0(core.student, x_off, sp, batch.cond)
             tau = flow.clamp_sigma(core.rand(b))
             terms["dm_off"] = F.mse_loss(x0_off, self._dm_target(x0_off, tau, batch, core))
         return terms
 
-    def after_step(self, group: str, it: int, core) -> None:
-        if group == "fake" and self.cfg.merge > 0:
-            merge_(core.models["fake"], core.student, self.cfg.merge)
+    def after_step(self, group: str, it: int, core: Core) -> None:
+        if group == "fake" and self.config.merge > 0:
+            merge_(core.models["fake"], core.student, self.config.merge)

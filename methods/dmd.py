@@ -29,13 +29,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from cdmbench import flow
 from cdmbench.backbones.base import Cond
-from cdmbench.training.core import OptimSpec, dm_normalizer, fm_loss
-from cdmbench.training.method import Method, SamplerSpec
+from cdmbench.losses import dm_loss, fm_loss, regression_loss
+from cdmbench.training.method import Batch, Core, Method, OptimSpec, SamplerSpec
 from cdmbench.training.teacher_data import TeacherSamples
 
 
@@ -52,24 +51,31 @@ class DMDConfig:
     norm_floor: float = 1e-6
 
 
-class DMD(Method):
+@dataclass
+class DMDState:
+    """One iteration's generator sample, made by the student group and trained on by the fake."""
+
+    x0: Tensor | None = None  # sg(x0) = eps - v_S(eps, 1)
+
+
+class DMD(Method[DMDState]):
     """Distribution Matching Distillation, one step + regression (arXiv 2311.18828)."""
 
     name = "dmd"
     Config = DMDConfig
-    optim_groups_names = ("student", "fake")
     backbone_defaults = {
         # digits: real score at CFG 1, where the teacher's FD is best (as for dmd2)
         "digits": {"student_lr": 1e-4, "fake_lr": 1e-4, "real_guidance": 1.0, "reg_pairs": 2048,
                    "warmup": 50, "train": {"iters": 1500, "batch": 128}},
     }
 
-    def build(self, core) -> dict:
+    def build(self, core: Core) -> dict[str, nn.Module]:
         # regression targets: the teacher's ODE at the real score's guidance, so both losses
         # pull toward the same distribution
+        c = self.config
         self.reg_data: TeacherSamples | None = None
-        if self.cfg.reg_weight > 0:
-            self.reg_data = TeacherSamples.for_trainer(core, self.cfg.reg_pairs, guidance=self.cfg.real_guidance)
+        if c.reg_weight > 0:
+            self.reg_data = TeacherSamples.for_trainer(core, c.reg_pairs, guidance=c.real_guidance)
         return {"fake": core.backbone.clone(core.student).requires_grad_(True).train()}
 
     @property
@@ -78,8 +84,8 @@ class DMD(Method):
         device: for inspecting small sets; training draws its batches from ``reg_data``."""
         return self.reg_data.batch(torch.arange(len(self.reg_data)))
 
-    def optim_groups(self, core) -> dict[str, OptimSpec]:
-        c = self.cfg
+    def optim_groups(self, core: Core) -> dict[str, OptimSpec]:
+        c = self.config
         return {"student": OptimSpec("student", lr=c.student_lr, weight_decay=c.weight_decay, warmup=c.warmup),
                 "fake": OptimSpec("fake", lr=c.fake_lr, weight_decay=c.weight_decay, warmup=c.warmup)}
 
@@ -89,33 +95,28 @@ class DMD(Method):
     def sampler(self, steps: int, shift: float) -> SamplerSpec:
         return SamplerSpec(flow.uniform_schedule(steps, shift), stochastic=steps > 1)
 
-    def losses(self, group: str, it: int, batch, core) -> dict[str, Tensor]:
-        c, bb = self.cfg, core.backbone
+    def prepare(self, it: int, batch: Batch, core: Core) -> DMDState:
+        return DMDState()
+
+    def losses(self, group: str, it: int, batch: Batch, state: DMDState, core: Core
+               ) -> dict[str, Tensor]:
+        c, bb = self.config, core.backbone
         b = len(batch)
         ones = torch.ones(b, device=batch.noise.device)
         if group == "student":
             x0 = bb.x0(core.student, batch.noise, ones, batch.cond)
-            batch.cache["x0"] = x0.detach()
-            terms = {"dm": dm_loss(core, x0, batch.cond, c.real_guidance, c.norm_floor)}
+            state.x0 = x0.detach()
+            tau = flow.clamp_sigma(core.rand(b))
+            terms = {"dm": dm_loss(bb, core.teacher, core.models["fake"], x0, batch.cond, tau,
+                                   core.randn(*x0.shape), c.real_guidance, c.norm_floor)}
             if c.reg_weight > 0:
                 idx = self.reg_data.draw(c.reg_batch or b, core.g)
                 noise, cond, target = self.reg_data.batch(idx)
-                pred = bb.x0(core.student, noise, torch.ones(len(idx), device=noise.device), cond)
-                terms["reg"] = c.reg_weight * F.mse_loss(pred, target)
+                terms["reg"] = c.reg_weight * regression_loss(bb, core.student, noise, cond, target)
             return terms
-        x0 = batch.cache["x0"]
+        if state.x0 is None:  # the student group did not run first: generate without grad
+            with torch.no_grad():
+                state.x0 = bb.x0(core.student, batch.noise, ones, batch.cond)
+        x0 = state.x0
         tau = flow.clamp_sigma(core.rand(b))
         return {"fm": fm_loss(bb, core.models["fake"], x0, batch.cond, tau, core.randn(*x0.shape))}
-
-
-def dm_loss(core, x0: Tensor, cond, real_guidance: float, floor: float) -> Tensor:
-    """DMD's distribution-matching loss 0.5 * MSE(x0, sg(x0 - grad)) (Eq. 7-8)."""
-    bb = core.backbone
-    with torch.no_grad():
-        tau = flow.clamp_sigma(core.rand(x0.shape[0]))
-        x_tau = flow.add_noise(x0.detach(), core.randn(*x0.shape), tau)
-        x0_real = bb.x0(core.teacher, x_tau, tau, cond, real_guidance)
-        x0_fake = bb.x0(core.models["fake"], x_tau, tau, cond)
-        grad = (x0_fake - x0_real) / dm_normalizer(x0_real, x0.detach(), floor)
-        target = x0.detach() - grad
-    return 0.5 * F.mse_loss(x0, target)

@@ -4,10 +4,11 @@ Changes from DMD: no regression loss; two time-scale update rule (the fake score
 every iteration, the generator every ``update_ratio``-th, Sec. 4.1); multi-step generators
 trained by backward simulation on a fixed discrete list (Sec. 4.4): pick a step k of the
 list, run the student from pure noise for k steps with no grad (predict x0, re-noise with
-fresh noise at the next sigma), then predict x0 at step k with grad and apply the
-distribution-matching loss of :mod:`cdmbench.methods.dmd` there. Inference runs the same
-stochastic loop. The GAN head (Sec. 4.3) is off by default and not built here: it needs real
-images, and the benchmark compares the distillation objectives themselves.
+fresh noise at the next sigma), then predict x0 at step k with grad and apply DMD's
+distribution-matching loss there; the fake score trains on the same sample. The simulation
+is the iteration's state (:meth:`DMD2.prepare`), shared by both groups. Inference runs the
+same stochastic loop. The GAN head (Sec. 4.3) is off by default and not built here: it needs
+real images, and the benchmark compares the distillation objectives themselves.
 
 Defaults (SDXL setting of the paper): generator and fake lr 5e-7, AdamW betas (0.9, 0.999),
 weight decay 1e-2, real guidance 8.0, update ratio 5, 4-step list [999, 749, 499, 249] /
@@ -19,12 +20,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from cdmbench import flow
-from cdmbench.methods.dmd import dm_loss
-from cdmbench.training.core import OptimSpec, fm_loss
-from cdmbench.training.method import Method, SamplerSpec
+from cdmbench.losses import dm_loss, fm_loss
+from cdmbench.training.method import Batch, Core, Method, OptimSpec, SamplerSpec
 
 
 @dataclass
@@ -39,12 +39,21 @@ class DMD2Config:
     norm_floor: float = 1e-6
 
 
-class DMD2(Method):
+@dataclass
+class Simulation:
+    """One iteration's backward simulation: the student's sample x at sigma s, and its x0
+    prediction there once a group has made it."""
+
+    x: Tensor
+    s: Tensor  # [B], every entry the sigma of the chosen step
+    x0: Tensor | None = None  # sg(x0_S(x, s))
+
+
+class DMD2(Method[Simulation]):
     """DMD2: two time-scale updates, multi-step backward simulation (arXiv 2405.14867)."""
 
     name = "dmd2"
     Config = DMD2Config
-    optim_groups_names = ("fake", "student")
     backbone_defaults = {
         # digits: the teacher's few-step FD is best at CFG 1, so the real score runs at w = 1
         # (measured: w = 2 gave FD 56.9 / 18.1 at 1 / 2 steps, w = 1 gave 15.2 / 8.0).
@@ -52,45 +61,49 @@ class DMD2(Method):
                    "warmup": 50, "train": {"iters": 1500, "batch": 128}},
     }
 
-    def build(self, core) -> dict:
+    def build(self, core: Core) -> dict[str, nn.Module]:
         return {"fake": core.backbone.clone(core.student).requires_grad_(True).train()}
 
-    def optim_groups(self, core) -> dict[str, OptimSpec]:
-        c = self.cfg
+    def optim_groups(self, core: Core) -> dict[str, OptimSpec]:
+        c = self.config
         return {"fake": OptimSpec("fake", lr=c.fake_lr, weight_decay=c.weight_decay, warmup=c.warmup),
                 "student": OptimSpec("student", lr=c.student_lr, weight_decay=c.weight_decay, warmup=c.warmup)}
 
     def groups_to_update(self, it: int) -> list[str]:
-        return ["fake", "student"] if it % self.cfg.update_ratio == 0 else ["fake"]
+        return ["fake", "student"] if it % self.config.update_ratio == 0 else ["fake"]
 
     def sampler(self, steps: int, shift: float) -> SamplerSpec:
-        if steps == len(self.cfg.train_sigmas):
-            return SamplerSpec(flow.explicit_schedule(self.cfg.train_sigmas, shift), stochastic=True)
+        sigmas = self.config.train_sigmas
+        if steps == len(sigmas):
+            return SamplerSpec(flow.explicit_schedule(sigmas, shift), stochastic=True)
         return SamplerSpec(flow.uniform_schedule(steps, shift), stochastic=True)
 
     @torch.no_grad()
-    def _backward_simulate(self, batch, core) -> tuple[Tensor, Tensor]:
-        """(x at the chosen step, its sigma): k student steps from noise with re-noising."""
+    def prepare(self, it: int, batch: Batch, core: Core) -> Simulation:
+        """Backward simulation: k ~ U{0..K-1} shared by all processes, then k student steps
+        from the batch noise, each predicting x0 and re-noising to the next sigma."""
         bb = core.backbone
-        sigmas = flow.explicit_schedule(self.cfg.train_sigmas, bb.shift)[:-1]
+        sigmas = flow.explicit_schedule(self.config.train_sigmas, bb.shift)[:-1]
         k = int(torch.randint(0, len(sigmas), (1,), generator=core.g_shared).item())
         x = batch.noise
         for j in range(k):
-            x0 = bb.x0(core.student, x, torch.full((len(x),), sigmas[j], device=x.device), batch.cond)
-            x = flow.renoise_step(x0, sigmas[j + 1], core.randn(*x.shape))
-        return x, torch.full((len(x),), sigmas[k], device=x.device)
+            s = torch.full((len(x),), sigmas[j], device=x.device)
+            x = flow.renoise_step(bb.x0(core.student, x, s, batch.cond), sigmas[j + 1],
+                                  core.randn(*x.shape))
+        return Simulation(x, torch.full((len(x),), sigmas[k], device=x.device))
 
-    def losses(self, group: str, it: int, batch, core) -> dict[str, Tensor]:
-        c, bb = self.cfg, core.backbone
-        if "x" not in batch.cache:
-            batch.cache["x"], batch.cache["s"] = self._backward_simulate(batch, core)
+    def losses(self, group: str, it: int, batch: Batch, state: Simulation, core: Core
+               ) -> dict[str, Tensor]:
+        c, bb = self.config, core.backbone
         if group == "student":
-            x0 = bb.x0(core.student, batch.cache["x"], batch.cache["s"], batch.cond)
-            batch.cache["x0"] = x0.detach()
-            return {"dm": dm_loss(core, x0, batch.cond, c.real_guidance, c.norm_floor)}
-        if "x0" not in batch.cache:  # fake-only iteration: generate without grad
+            x0 = bb.x0(core.student, state.x, state.s, batch.cond)
+            state.x0 = x0.detach()
+            tau = flow.clamp_sigma(core.rand(len(batch)))
+            return {"dm": dm_loss(bb, core.teacher, core.models["fake"], x0, batch.cond, tau,
+                                  core.randn(*x0.shape), c.real_guidance, c.norm_floor)}
+        if state.x0 is None:  # fake-only iteration: generate without grad
             with torch.no_grad():
-                batch.cache["x0"] = bb.x0(core.student, batch.cache["x"], batch.cache["s"], batch.cond)
-        x0 = batch.cache["x0"]
+                state.x0 = bb.x0(core.student, state.x, state.s, batch.cond)
         tau = flow.clamp_sigma(core.rand(len(batch)))
-        return {"fm": fm_loss(bb, core.models["fake"], x0, batch.cond, tau, core.randn(*x0.shape))}
+        return {"fm": fm_loss(bb, core.models["fake"], state.x0, batch.cond, tau,
+                              core.randn(*state.x0.shape))}

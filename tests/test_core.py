@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from toy import Toy
 
+from cdmbench.losses import dm_normalizer
 from cdmbench.methods.cd import CD, CDConfig
 from cdmbench.methods.cdm import CDM, CDMConfig
 from cdmbench.methods.dmd import DMD, DMDConfig
@@ -18,15 +19,13 @@ from cdmbench.methods.dmd2 import DMD2, DMD2Config
 from cdmbench.training.core import (
     CheckpointError,
     NonFiniteLossError,
-    OptimSpec,
     TrainConfig,
     Trainer,
-    dm_normalizer,
     ema_decay,
     ema_update_,
     merge_,
 )
-from cdmbench.training.method import Method
+from cdmbench.training.method import Batch, Core, Method, OptimSpec
 
 
 def _dir(path):
@@ -133,18 +132,19 @@ class Probe(Method):
     name = "probe"
     Config = ProbeConfig
 
-    def optim_groups(self, core) -> dict[str, OptimSpec]:
-        c = self.cfg
+    def optim_groups(self, core: Core) -> dict[str, OptimSpec]:
+        c = self.config
         return {"student": OptimSpec("student", lr=c.lr, clip=c.clip, warmup=c.warmup,
                                      weight_decay=0.0)}
 
     def groups_to_update(self, it: int) -> list[str]:
         return ["student"]
 
-    def losses(self, group, it, batch, core):
+    def losses(self, group: str, it: int, batch: Batch, state: None, core: Core
+               ) -> dict[str, torch.Tensor]:
         ones = torch.ones(len(batch))
-        x0 = core.x0(core.student, batch.noise, ones, batch.cond)
-        return {"mse": self.cfg.scale * (x0 - 5.0).pow(2).mean()}
+        x0 = core.backbone.x0(core.student, batch.noise, ones, batch.cond)
+        return {"mse": self.config.scale * (x0 - 5.0).pow(2).mean()}
 
 
 def _record_steps(trainer: Trainer) -> dict[str, list]:
@@ -209,6 +209,57 @@ def test_trainer_updates_student_ema_with_warm_started_decay(tmp_path):
     for p, e in zip(tr.ema.parameters(), ema, strict=True):
         torch.testing.assert_close(p.detach(), e, rtol=1e-5, atol=1e-6)
     assert not any(p.requires_grad for p in tr.ema.parameters())
+
+
+# ----------------------------------------------------------------------- method interface
+def test_trainer_provides_the_core_interface(tmp_path):
+    tr = Trainer(Toy(), Probe(), _cfg(), tmp_path)
+    assert isinstance(tr, Core)  # every attribute and helper the protocol names
+    assert tr.models["student"] is tr.student and tr.models["ema"] is tr.ema
+    batch = tr.next_batch()
+    assert isinstance(batch, Batch) and len(batch) == 16
+
+
+class Recorder(Probe):
+    """Two groups on a cadence; logs the core's calls and the state each group is given."""
+
+    name = "recorder"
+
+    def __init__(self, config=None) -> None:
+        super().__init__(config)
+        self.calls: list[tuple] = []
+
+    def build(self, core: Core) -> dict[str, nn.Module]:
+        return {"fake": core.backbone.clone(core.student).requires_grad_(True).train()}
+
+    def optim_groups(self, core: Core) -> dict[str, OptimSpec]:
+        return {"fake": OptimSpec("fake", warmup=0), "student": OptimSpec("student", warmup=0)}
+
+    def groups_to_update(self, it: int) -> list[str]:
+        return ["fake", "student"] if it % 2 == 0 else ["fake"]
+
+    def prepare(self, it: int, batch: Batch, core: Core) -> tuple[str, int]:
+        self.calls.append(("prepare", it))
+        return ("state", it)
+
+    def losses(self, group, it, batch, state, core):
+        self.calls.append((group, it, state))
+        ones = torch.ones(len(batch))
+        x0 = core.backbone.x0(core.models[group], batch.noise, ones, batch.cond)
+        return {"mse": (x0 - 5.0).pow(2).mean()}
+
+
+def test_prepare_runs_once_per_iteration_and_its_state_reaches_every_group(tmp_path):
+    method = Recorder()
+    tr = Trainer(Toy(), method, _cfg(), tmp_path)
+    for _ in range(3):
+        tr.step(tr.next_batch())
+    assert method.calls == [
+        ("prepare", 0), ("fake", 0, ("state", 0)), ("student", 0, ("state", 0)),
+        ("prepare", 1), ("fake", 1, ("state", 1)),
+        ("prepare", 2), ("fake", 2, ("state", 2)), ("student", 2, ("state", 2)),
+    ]
+    assert tr.updates == {"fake": 3, "student": 2}
 
 
 # ------------------------------------------------------------------------------- cadence
@@ -324,8 +375,8 @@ class NaNAt(CD):
 
     bad_it = 1
 
-    def losses(self, group, it, batch, core):
-        terms = super().losses(group, it, batch, core)
+    def losses(self, group, it, batch, state, core):
+        terms = super().losses(group, it, batch, state, core)
         if it == self.bad_it:
             terms["boom"] = terms["huber"] * float("nan")
         return terms

@@ -115,6 +115,31 @@ def test_euler_step_per_sample_sigmas():
         torch.testing.assert_close(out[i], x[i] + (s_next[i] - s[i]) * v[i])
 
 
+def test_euler_step_matches_the_written_out_update_bit_for_bit():
+    # methods step off the grid with per-sample sigmas (CD's phase-end projection, CDM's
+    # off-trajectory point); the helper must give exactly x + (s' - s) v as written out
+    x, v = _pair((6, 1, 8, 8), seed=3)
+    g = _gen(4)
+    s, s_next = torch.rand(6, generator=g), torch.rand(6, generator=g)
+    written = x + (s_next - s).view(-1, 1, 1, 1) * v
+    assert torch.equal(flow.euler_step(x, s, s_next, v), written)
+
+
+def test_append_dims_and_sigma_like_broadcast_per_sample_values():
+    s = torch.tensor([0.1, 0.2, 0.3])
+    assert flow.append_dims(s, 4).shape == (3, 1, 1, 1)
+    assert flow.append_dims(s, 1).shape == (3,)
+    assert flow.append_dims(s, 4).data_ptr() == s.data_ptr()  # a view
+    with pytest.raises(ValueError):
+        flow.append_dims(torch.zeros(2, 3), 1)
+    x = torch.zeros(3, 2, 5, dtype=torch.bfloat16)
+    b = flow.sigma_like(s.double(), x)
+    assert b.shape == (3, 1, 1) and b.dtype == torch.float32
+    assert torch.equal(b.flatten(), s)
+    scalar = flow.sigma_like(0.5, x)
+    assert scalar.ndim == 0 and scalar.dtype == torch.float32 and float(scalar) == 0.5
+
+
 def test_renoise_step_formula():
     x0, eps = _pair()
     torch.testing.assert_close(flow.renoise_step(x0, 0.3, eps), 0.7 * x0 + 0.3 * eps)
@@ -296,6 +321,15 @@ def test_time_shift_identity_and_monotone():
         # k > 1 moves sigmas towards noise, k < 1 towards data
         inner = slice(1, -1)
         assert torch.all(out[inner] > s[inner]) if k > 1 else torch.all(out[inner] < s[inner])
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0, 0.5])
+def test_unshift_inverts_time_shift(shift):
+    s = [1.0, 0.9, 0.62, 0.3, 0.05, 0.0]
+    back = flow.unshift(flow.time_shift(s, shift).tolist(), shift)
+    assert isinstance(back, list) and back == pytest.approx(s, abs=1e-12)
+    # the SD3 pipeline's published 4-step list at shift 3
+    assert flow.unshift([1.0, 0.9, 0.75, 0.5], 3.0) == pytest.approx([1.0, 0.75, 0.5, 0.25])
 
 
 def test_explicit_schedule_sd3_published_list():

@@ -14,13 +14,13 @@ from torch import nn
 from toy import Toy
 
 from cdmbench import flow
-from cdmbench.generate import generate, seeds_for
-from cdmbench.methods.cd import CD, CDConfig, phase_end, pseudo_huber
+from cdmbench.generate import SamplerSpec, generate, seeds_for
+from cdmbench.losses import dm_loss, pseudo_huber
+from cdmbench.methods.cd import CD, CDConfig, phase_end
 from cdmbench.methods.cdm import CDM, CDMConfig
-from cdmbench.methods.dmd import DMD, DMDConfig, dm_loss
+from cdmbench.methods.dmd import DMD, DMDConfig, DMDState
 from cdmbench.methods.dmd2 import DMD2, DMD2Config
 from cdmbench.training.core import TrainConfig, Trainer
-from cdmbench.training.method import SamplerSpec
 
 
 # ------------------------------------------------------------------------------- helpers
@@ -89,13 +89,12 @@ def test_cdm_random_schedule_length_start_end():
 
 
 def _simulated(m: CDM, tr: Trainer, min_steps: int = 3):
-    """A batch with its backward simulation cached, and the schedule the simulation used."""
+    """A batch, its backward simulation (the iteration's state) and the schedule it used."""
     for _ in range(20):
         batch = tr.next_batch()
         g = _clone(tr.g_shared)
-        sim = m._simulate(batch, tr)
-        if sim["n_steps"] >= min_steps:
-            batch.cache["sim"] = sim
+        sim = m.prepare(0, batch, tr)
+        if sim.n_steps >= min_steps:
             sigmas = m._schedule(SimpleNamespace(g_shared=g, backbone=tr.backbone))
             return batch, sim, sigmas
     raise AssertionError("no schedule long enough")
@@ -105,7 +104,7 @@ def test_cdm_simulation_records_trajectory_and_fake_target(tmp_path):
     m = CDM(CDMConfig(n_max=6))
     tr = _trainer(m, tmp_path)
     batch, sim, sigmas = _simulated(m, tr)
-    assert sim["n_steps"] == len(sigmas) - 1
+    assert sim.n_steps == len(sigmas) - 1
     y = _labels(batch)
     # reference: the student's deterministic Euler trajectory from the batch noise
     x, xs, vs = batch.noise, [], []
@@ -115,21 +114,21 @@ def test_cdm_simulation_records_trajectory_and_fake_target(tmp_path):
         vs.append(v)
         x = x + (sigmas[n + 1] - sigmas[n]) * v
     s_grid = torch.tensor(sigmas[:-1], dtype=torch.float32)
-    idx = (sim["s"][:, None] == s_grid[None]).float().argmax(1)
-    assert torch.equal(s_grid[idx], sim["s"])
+    idx = (sim.s[:, None] == s_grid[None]).float().argmax(1)
+    assert torch.equal(s_grid[idx], sim.s)
     assert len(set(idx.tolist())) > 1  # anchors spread over the trajectory
     rows = torch.arange(len(batch))
     xt_ref, v_ref = torch.stack(xs)[idx, rows], torch.stack(vs)[idx, rows]
-    torch.testing.assert_close(sim["xt"], xt_ref, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(sim["v"], v_ref, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(sim["x0"], sim["xt"] - sim["s"][:, None] * sim["v"])
+    torch.testing.assert_close(sim.xt, xt_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(sim.v, v_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(sim.x0, sim.xt - sim.s[:, None] * sim.v)
     # the next recorded point lies on the anchor's line: xt + (s[n+1] - s[n]) v = xt[n+1]
     for n in range(len(sigmas) - 2):
         torch.testing.assert_close(xs[n] + (sigmas[n + 1] - sigmas[n]) * vs[n], xs[n + 1])
 
     # fake step: flow matching on x0F = the trajectory's x0 at the chosen index
     g = _clone(tr.g)
-    fm = m.losses("fake", 0, batch, tr)["fm"]
+    fm = m.losses("fake", 0, batch, sim, tr)["fm"]
     b = len(batch)
     tau = torch.rand(b, generator=g).clamp(0.02, 0.98)
     eps = torch.randn((b, 2), generator=g)
@@ -138,7 +137,7 @@ def test_cdm_simulation_records_trajectory_and_fake_target(tmp_path):
         xt = (1 - tau[:, None]) * x0f + tau[:, None] * eps
         return F.mse_loss(_v(tr.models["fake"], xt, tau, y), eps - x0f)
 
-    torch.testing.assert_close(fm, expected(sim["x0"]))
+    torch.testing.assert_close(fm, expected(sim.x0))
     final = torch.stack(xs)[-1] - sigmas[-2] * torch.stack(vs)[-1]  # the simulation's output
     assert not torch.allclose(fm, expected(final), rtol=1e-3, atol=0)
 
@@ -150,19 +149,19 @@ def test_cdm_offtrajectory_extrapolates_along_recorded_velocity(tmp_path, capped
     batch, sim, _ = _simulated(m, tr)
     seen = []
     hook = tr.student.register_forward_hook(lambda mod, args, out: seen.append(args))
-    terms = m.losses("student", 0, batch, tr)
+    terms = m.losses("student", 0, batch, sim, tr)
     hook.remove()
     assert set(terms) == {"dm_off"} and len(seen) == 1  # one student forward: at (x', s')
     x_off, t, _ = seen[0]
     sp = t / 1000.0
-    s, xt, v = sim["s"], sim["xt"], sim["v"]
+    s, xt, v = sim.s, sim.xt, sim.v
     torch.testing.assert_close(x_off, xt + (sp - s)[:, None] * v, rtol=1e-5, atol=1e-5)
     # x' is on the straight line through the anchor: between its x0 and its implied noise
     eps_hat = xt + (1 - s)[:, None] * v
-    torch.testing.assert_close(x_off, flow.add_noise(sim["x0"], eps_hat, sp), rtol=1e-5,
+    torch.testing.assert_close(x_off, flow.add_noise(sim.x0, eps_hat, sp), rtol=1e-5,
                                atol=1e-5)
     # sigma' = 0 gives the recorded x0 = xt - s v; sigma' = s gives the anchor itself
-    torch.testing.assert_close(xt + (0 - s)[:, None] * v, sim["x0"])
+    torch.testing.assert_close(xt + (0 - s)[:, None] * v, sim.x0)
     torch.testing.assert_close(xt + (s - s)[:, None] * v, xt)
     assert float(sp.min()) >= 0.02 - 1e-6 and float(sp.max()) <= 0.98 + 1e-6
     if capped:
@@ -178,7 +177,8 @@ def test_cdm_stop_gradients_student_and_fake_steps(tmp_path):
     tr.teacher.requires_grad_(True)  # would collect gradients if anything leaked into it
     tr.ema.requires_grad_(True)
     batch = tr.next_batch()
-    terms = m.losses("student", 0, batch, tr)
+    state = m.prepare(0, batch, tr)
+    terms = m.losses("student", 0, batch, state, tr)
     assert set(terms) == {"cfg_aug", "dm_on", "dm_off"}
     sum(terms.values()).backward()
     assert all(p.grad is not None for p in tr.student.parameters())
@@ -189,7 +189,7 @@ def test_cdm_stop_gradients_student_and_fake_steps(tmp_path):
 
     for p in tr.student.parameters():
         p.grad = None
-    m.losses("fake", 0, batch, tr)["fm"].backward()
+    m.losses("fake", 0, batch, state, tr)["fm"].backward()
     assert all(p.grad is not None for p in tr.models["fake"].parameters())
     assert all(p.grad is None for p in tr.student.parameters())
     assert all(p.grad is None for p in tr.teacher.parameters())
@@ -208,12 +208,12 @@ def test_cdm_dm_target_value_and_detached_gradient(tmp_path):
 
     h = tr.student.register_forward_hook(hook)
     g = _clone(tr.g)
-    loss = m.losses("student", 0, batch, tr)["dm_on"]
+    loss = m.losses("student", 0, batch, sim, tr)["dm_on"]
     h.remove()
     loss.backward()
     # replay: tau ~ U(0, 1) clamped; re-noise sg(x0s); target = x0s + (real - fake) / n
-    s = sim["s"]
-    x0s = (sim["xt"] - s[:, None] * _v(tr.student, sim["xt"], s, y)).detach()
+    s = sim.s
+    x0s = (sim.xt - s[:, None] * _v(tr.student, sim.xt, s, y)).detach()
     tau = torch.rand(b, generator=g).clamp(0.02, 0.98)
     x_tau = (1 - tau[:, None]) * x0s + tau[:, None] * torch.randn((b, 2), generator=g)
     real, fake = _x0(tr.teacher, x_tau, tau, y), _x0(tr.models["fake"], x_tau, tau, y)
@@ -231,7 +231,7 @@ def test_cdm_dm_target_is_the_student_sample_when_fake_equals_teacher(tmp_path):
     m = CDM(CDMConfig(n_max=4, cfg_aug_scale=0.0))
     tr = _trainer(m, tmp_path)  # the fake starts as a copy of the student = the teacher
     batch = tr.next_batch()
-    terms = m.losses("student", 0, batch, tr)
+    terms = m.losses("student", 0, batch, m.prepare(0, batch, tr), tr)
     assert set(terms) == {"dm_on", "dm_off"}
     assert terms["dm_on"].item() == 0.0 and terms["dm_off"].item() == 0.0
     x0s = torch.randn(len(batch), 2)
@@ -253,8 +253,9 @@ def test_cdm_toggles_name_the_loss_terms(tmp_path, kw, names):
     m = CDM(CDMConfig(n_max=3, **kw))
     tr = _trainer(m, tmp_path, batch=8)
     batch = tr.next_batch()
-    assert set(m.losses("fake", 0, batch, tr)) == {"fm"}
-    terms = m.losses("student", 0, batch, tr)
+    state = m.prepare(0, batch, tr)
+    assert set(m.losses("fake", 0, batch, state, tr)) == {"fm"}
+    terms = m.losses("student", 0, batch, state, tr)
     assert set(terms) == names
     assert all(t.ndim == 0 and bool(torch.isfinite(t)) for t in terms.values())
 
@@ -281,13 +282,14 @@ def test_dmd_one_step_generator_and_zero_dm_when_fake_is_teacher(tmp_path):
     m = DMD(DMDConfig(real_guidance=1.0, reg_weight=0.0, reg_pairs=16))
     tr = _trainer(m, tmp_path)
     batch = tr.next_batch()
-    terms = m.losses("student", 0, batch, tr)
+    state = m.prepare(0, batch, tr)
+    terms = m.losses("student", 0, batch, state, tr)
     assert set(terms) == {"dm"}
     assert float(terms["dm"]) == 0.0  # fake == teacher, no CFG: the gradient vanishes
     x0_ref = batch.noise - _v(tr.student, batch.noise, 1.0, _labels(batch))
-    torch.testing.assert_close(batch.cache["x0"], x0_ref)
-    m.cfg.real_guidance = 3.0  # the real score with CFG differs from the fake's
-    assert float(m.losses("student", 0, batch, tr)["dm"]) > 0
+    torch.testing.assert_close(state.x0, x0_ref)
+    m.config.real_guidance = 3.0  # the real score with CFG differs from the fake's
+    assert float(m.losses("student", 0, batch, m.prepare(0, batch, tr), tr)["dm"]) > 0
 
 
 @pytest.mark.parametrize("w", [1.0, 2.5])
@@ -296,16 +298,13 @@ def test_dmd_dm_loss_gradient_is_normalised_score_difference(w):
     teacher = bb.load_teacher()
     fake = _perturb_(bb.clone(teacher), 0.1)
     g = torch.Generator().manual_seed(3)
-    core = SimpleNamespace(backbone=bb, teacher=teacher, models={"fake": fake},
-                           rand=lambda n: torch.rand(n, generator=g),
-                           randn=lambda *shape: torch.randn(shape, generator=g))
+    tau = torch.rand(8, generator=g).clamp(0.02, 0.98)
+    eps = torch.randn((8, 2), generator=g)
     y = torch.tensor([0, 1] * 4)
     x0 = (2 * torch.randn(8, 2, generator=torch.Generator().manual_seed(4))).requires_grad_(True)
-    replay = _clone(g)
-    loss = dm_loss(core, x0, bb.encode_labels(y), real_guidance=w, floor=1e-6)
+    loss = dm_loss(bb, teacher, fake, x0, bb.encode_labels(y), tau, eps, guidance=w, floor=1e-6)
     loss.backward()
-    tau = torch.rand(8, generator=replay).clamp(0.02, 0.98)
-    x_tau = (1 - tau[:, None]) * x0.detach() + tau[:, None] * torch.randn((8, 2), generator=replay)
+    x_tau = (1 - tau[:, None]) * x0.detach() + tau[:, None] * eps
     with torch.no_grad():
         real, fk = _x0(teacher, x_tau, tau, y, w), _x0(fake, x_tau, tau, y)
     grad = (fk - real) / (x0.detach() - real).abs().mean(1, keepdim=True)
@@ -331,16 +330,34 @@ def test_dmd_regression_term_on_cached_teacher_pairs(tmp_path):
     torch.testing.assert_close(target[:6], x, rtol=1e-4, atol=1e-5)
 
     batch = tr.next_batch()
+    state = m.prepare(0, batch, tr)
     g = _clone(tr.g)
-    terms = m.losses("student", 0, batch, tr)
+    terms = m.losses("student", 0, batch, state, tr)
     assert set(terms) == {"dm", "reg"}
     torch.rand(16, generator=g), torch.randn((16, 2), generator=g)  # the DM term's draws
     idx = torch.randint(0, 48, (16,), generator=g)
     pred = noise[idx] - _v(tr.student, noise[idx], 1.0, y[idx])
     torch.testing.assert_close(terms["reg"], 0.25 * F.mse_loss(pred, target[idx]))
     assert float(terms["reg"]) > 0  # a 1-step student is not yet the 32-step teacher
-    m.cfg.reg_weight = 0.0
-    assert set(m.losses("student", 0, tr.next_batch(), tr)) == {"dm"}
+    m.config.reg_weight = 0.0
+    batch = tr.next_batch()
+    assert set(m.losses("student", 0, batch, m.prepare(0, batch, tr), tr)) == {"dm"}
+
+
+def test_dmd_fake_group_does_not_depend_on_the_student_group_running_first(tmp_path):
+    m = DMD(DMDConfig(reg_weight=0.0, reg_pairs=16))
+    tr = _trainer(m, tmp_path)
+    _perturb_(tr.models["fake"])
+    batch = tr.next_batch()
+    g = _clone(tr.g)
+    alone = DMDState()  # the fake group first: it makes the sample itself, without grad
+    fm_alone = m.losses("fake", 0, batch, alone, tr)["fm"]
+    assert alone.x0 is not None and not alone.x0.requires_grad
+    after = m.prepare(0, batch, tr)
+    m.losses("student", 0, batch, after, tr)  # the student group first fills the state
+    assert torch.equal(after.x0, alone.x0)
+    tr.g.set_state(g.get_state())
+    assert torch.equal(m.losses("fake", 0, batch, after, tr)["fm"], fm_alone)
 
 
 # ========================================================================= DMD2 (5.2)
@@ -355,7 +372,8 @@ def test_dmd2_backward_simulation_lands_on_train_sigmas(tmp_path):
     for _ in range(24):
         batch = tr.next_batch()
         gs, g = _clone(tr.g_shared), _clone(tr.g)
-        x, s = m._backward_simulate(batch, tr)
+        sim = m.prepare(0, batch, tr)
+        x, s = sim.x, sim.s
         k = int(torch.randint(0, 4, (1,), generator=gs))
         assert torch.equal(s, torch.full((8,), sig[k], dtype=torch.float32))
         landed.add(k)
@@ -374,11 +392,13 @@ def test_dmd2_cadence_and_losses(tmp_path):
     assert all("fake" in m.groups_to_update(it) for it in range(16))
     tr = _trainer(m, tmp_path, batch=8)
     batch = tr.next_batch()
-    terms = m.losses("student", 0, batch, tr)
+    state = m.prepare(0, batch, tr)
+    terms = m.losses("student", 0, batch, state, tr)
     assert set(terms) == {"dm"} and float(terms["dm"]) == 0.0  # fake == teacher, no CFG
-    assert set(m.losses("fake", 0, batch, tr)) == {"fm"}
+    assert set(m.losses("fake", 0, batch, state, tr)) == {"fm"}
     fake_only = tr.next_batch()  # a fake-only iteration generates its own sample
-    assert set(m.losses("fake", 1, fake_only, tr)) == {"fm"} and "x0" in fake_only.cache
+    state = m.prepare(1, fake_only, tr)
+    assert set(m.losses("fake", 1, fake_only, state, tr)) == {"fm"} and state.x0 is not None
     assert m.sampler(4, 1.0).stochastic and m.sampler(4, 1.0).sigmas == [1.0, .75, .5, .25, 0.0]
 
 
@@ -451,11 +471,11 @@ def test_cd_target_equals_prediction_on_an_exact_straight_field(tmp_path, target
     tr = _trainer(m, tmp_path, batch=128, backbone=PointMass())
     assert m.w == 1.0  # the backbone's default CFG
     assert ("target" in tr.models) == (target == "ema")
-    loss = m.losses("student", 0, tr.next_batch(), tr)["huber"]
+    loss = m.losses("student", 0, tr.next_batch(), None, tr)["huber"]
     assert float(loss) < 1e-8  # pred == target up to rounding (Huber ~ d^2 / 2c)
     with torch.no_grad():
         tr.student.scale.fill_(1.2)  # a wrong student: its jump misses the teacher's
-    assert float(m.losses("student", 0, tr.next_batch(), tr)["huber"]) > 1e-3
+    assert float(m.losses("student", 0, tr.next_batch(), None, tr)["huber"]) > 1e-3
 
 
 # ============================================== distillation on the 2-D Gaussian mixture

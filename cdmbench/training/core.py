@@ -5,7 +5,7 @@ models a method builds (fake score, EMA target), one optimizer per group with it
 learning rate, betas, weight decay, warm-up, clipping and cadence, the student EMA,
 checkpoint/resume of everything, numerical guards, logging and progress. A method only
 says which models it needs, which groups to update at an iteration and what their losses
-are (see :class:`cdmbench.training.method.Method`).
+are (see :mod:`cdmbench.training.method`).
 
 Multi-process: the core reads the usual launcher variables (``accelerate launch``,
 ``torchrun``), seeds the per-process generator from (seed, rank) and the shared generator
@@ -21,10 +21,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,26 +31,15 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from cdmbench import flow
-from cdmbench.backbones.base import Backbone, Cond
+from cdmbench.backbones.base import Backbone
+from cdmbench.distributed import init_distributed
 from cdmbench.io import atomic_path, atomic_write_json, sha256_file
 from cdmbench.training import sharding
+from cdmbench.training.method import Batch, Method, OptimSpec
 
 
 class NonFiniteLossError(RuntimeError):
     """Training produced a NaN/inf loss or gradient."""
-
-
-@dataclass
-class OptimSpec:
-    """One optimizer group: which model it trains and how."""
-
-    model: str  # name of the model in core.models
-    lr: float = 1e-5
-    betas: tuple[float, float] = (0.9, 0.999)
-    weight_decay: float = 1e-4
-    clip: float | None = 1.0  # max grad norm; None disables
-    warmup: int = 100  # linear warm-up, in updates of this group
 
 
 @dataclass
@@ -71,18 +59,6 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         sharding.check_shard_mode(self.shard)
-
-
-@dataclass
-class Batch:
-    """What one iteration works on: conditions, their noise, and a per-iteration cache."""
-
-    cond: Cond
-    noise: Tensor
-    cache: dict[str, Any] = field(default_factory=dict)
-
-    def __len__(self) -> int:
-        return self.noise.shape[0]
 
 
 def ema_decay(k: int, cap: float = 0.999) -> float:
@@ -108,30 +84,17 @@ def merge_(target: nn.Module, source: nn.Module, alpha: float) -> None:
     ema_update_(target, source, 1.0 - alpha)
 
 
-def dist_info() -> tuple[int, int]:
-    """(rank, world size) from the launcher's environment; (0, 1) for a plain run."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
-def init_distributed(device: str) -> tuple[int, int]:
-    """Join the launcher's process group; on GPU each process takes its local device, so
-    that "cuda" names a different GPU in every process (NCCL and FSDP2 need that)."""
-    rank, world = dist_info()
-    if world > 1 and device == "cuda" and torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count())))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("gloo" if device == "cpu" else "nccl")
-    return rank, world
-
-
 class Trainer:
-    """Runs a method on a backbone; everything it holds is checkpointed."""
+    """Runs a method on a backbone; everything it holds is checkpointed.
 
-    def __init__(self, backbone: Backbone, method, config: TrainConfig, run_dir: str | Path,
+    Provides the :class:`~cdmbench.training.method.Core` interface methods are given.
+    """
+
+    def __init__(self, backbone: Backbone, method: Method, config: TrainConfig, run_dir: str | Path,
                  teacher_weights: str | None = None, log: Callable[[dict], None] | None = None) -> None:
         self.backbone = backbone
         self.method = method
-        self.cfg = config
+        self.config = config
         self.run_dir = Path(run_dir)
         self.teacher_weights = teacher_weights
         self.rank, self.world = init_distributed(config.device)
@@ -206,11 +169,8 @@ class Trainer:
     def randint(self, high: int, n: int) -> Tensor:
         return torch.randint(0, high, (n,), generator=self.g).to(self.device)
 
-    def x0(self, model: nn.Module, x: Tensor, s: Tensor, cond: Cond, guidance: float = 1.0) -> Tensor:
-        return self.backbone.x0(model, x, s, cond, guidance)
-
     def next_batch(self) -> Batch:
-        n = self.cfg.batch
+        n = self.config.batch
         cond = self.backbone.random_cond(n, self.g).to(self.device)
         return Batch(cond, self.randn(n, *self.backbone.latent_shape))
 
@@ -230,16 +190,17 @@ class Trainer:
                 p.grad.div_(self.world)
 
     def step(self, batch: Batch) -> dict[str, Tensor]:
-        """One iteration: every group the method schedules, in its order.
+        """One iteration: the method's ``prepare``, then every group it schedules, in its order.
 
         Returns the loss terms and grad norms as detached tensors; converting them to floats
         is left to the logging cadence. One host sync per group remains: the finiteness check
         that decides whether the optimizer may step.
         """
         logs: dict[str, Tensor] = {}
+        state = self.method.prepare(self.it, batch, self)
         for group in self.method.groups_to_update(self.it):
             spec, opt = self.specs[group], self.optims[group]
-            terms = self.method.losses(group, self.it, batch, self)
+            terms = self.method.losses(group, self.it, batch, state, self)
             loss = sum(terms.values())
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -260,7 +221,8 @@ class Trainer:
             self.updates[group] += 1
             self.method.after_step(group, self.it, self)
             if spec.model == "student":
-                ema_update_(self.ema, self.student, ema_decay(self.updates[group] - 1, self.cfg.ema_cap))
+                decay = ema_decay(self.updates[group] - 1, self.config.ema_cap)
+                ema_update_(self.ema, self.student, decay)
             for k, v in terms.items():
                 logs[f"{group}/{k}"] = v.detach()
             logs[f"{group}/grad_norm"] = gnorm.detach()
@@ -269,7 +231,7 @@ class Trainer:
 
     def _non_finite(self, group: str, terms: dict[str, float]) -> None:
         bad = ", ".join(f"{k}={v}" for k, v in terms.items() if not math.isfinite(v)) or str(terms)
-        if self.cfg.on_nan == "skip":
+        if self.config.on_nan == "skip":
             self.nan_skipped += 1
             return
         raise NonFiniteLossError(
@@ -284,11 +246,11 @@ class Trainer:
         writer = _tensorboard(self.run_dir) if self.rank == 0 else None
         t0 = time.perf_counter()
         latest: dict[str, Tensor] = {}  # last value of every term, also of groups not updated this step
-        while self.it < self.cfg.iters:
+        while self.it < self.config.iters:
             latest.update(self.step(self.next_batch()))
-            if self.it % self.cfg.ckpt_every == 0 and self.it < self.cfg.iters:
+            if self.it % self.config.ckpt_every == 0 and self.it < self.config.iters:
                 self.save_checkpoint()
-            if self.it % self.cfg.log_every != 0 and self.it != self.cfg.iters:
+            if self.it % self.config.log_every != 0 and self.it != self.config.iters:
                 continue  # floats (a host sync on GPU) only at the logging cadence
             logs = {k: float(v) for k, v in latest.items()}
             if self.rank == 0:
@@ -320,7 +282,7 @@ class Trainer:
             "optims": {g: sharding.full_optimizer_state(o) for g, o in self.optims.items()},
             "rng": {"g": self._rank_states(), "g_shared": self.g_shared.get_state(),
                     "torch": torch.get_rng_state()},
-            "method_state": self.method.state_dict() if hasattr(self.method, "state_dict") else {},
+            "method_state": self.method.state_dict(),
             "method": self.method.name,
             "backbone": self.backbone.name,
         }
@@ -408,8 +370,7 @@ class Trainer:
         self.g.set_state(states[self.rank])
         self.g_shared.set_state(other["rng"]["g_shared"])
         torch.set_rng_state(other["rng"]["torch"])
-        if hasattr(self.method, "load_state_dict"):
-            self.method.load_state_dict(other["method_state"])
+        self.method.load_state_dict(other["method_state"])
 
 
 def _tensorboard(run_dir: Path):
@@ -429,15 +390,3 @@ def cpu_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
     """A state dict's tensors detached, contiguous and on the CPU (for safetensors)."""
     return {k: v.detach().contiguous().cpu() for k, v in state.items()}
 
-
-def dm_normalizer(x0_ref: Tensor, x0: Tensor, floor: float = 0.0) -> Tensor:
-    """Per-sample max(mean |x0_ref - x0|, floor), broadcastable to x0 (DMD Eq. 7, CDM floor 0.1)."""
-    n = (x0_ref - x0).abs().flatten(1).mean(1).clamp_min(floor)
-    return n.reshape(-1, *([1] * (x0.ndim - 1)))
-
-
-def fm_loss(backbone: Backbone, model: nn.Module, x0: Tensor, cond: Cond, tau: Tensor, eps: Tensor) -> Tensor:
-    """Flow-matching MSE of ``model`` on clean samples ``x0`` (the fake-score objective)."""
-    xt = flow.add_noise(x0, eps, tau)
-    v = backbone.velocity(model, xt, tau, cond)
-    return torch.nn.functional.mse_loss(v, flow.velocity_target(x0, eps))

@@ -1,26 +1,127 @@
-"""The method plugin interface, and how a method's student samples at evaluation."""
+"""The method interface: what a distillation method tells the training core, and what it may
+use of it.
+
+A method is a subclass of :class:`Method` in a module of its own (``methods/cdm.py``),
+registered under a name: the built-in ones in :data:`cdmbench.registry.METHODS`, a
+third-party one through the ``cdmbench.methods`` entry-point group of its package. The
+training core (:class:`cdmbench.training.core.Trainer`) owns the frozen teacher, the student
+and its EMA, one optimizer per group, checkpoints, numerical guards and the loop. The method
+says:
+
+    build(core) -> {name: module}             auxiliary models (fake score, target), once
+    optim_groups(core) -> {group: OptimSpec}  one optimizer per group: model, lr, warm-up, clip
+    groups_to_update(it) -> [group, ...]      the groups that step at iteration ``it``, in order
+    prepare(it, batch, core) -> state         per-iteration work the groups share (default None)
+    losses(group, it, batch, state, core)     -> {term: scalar}; the core sums and backpropagates
+    after_step(group, it, core)               after a group's optimizer step (merges, targets)
+    sampler(steps, shift) -> SamplerSpec      how the student samples at ``steps`` steps
+
+One iteration of the core:
+
+    batch = Batch(cond, noise)                    random conditions, their noise
+    state = method.prepare(it, batch, core)
+    for group in method.groups_to_update(it):
+        loss = sum(method.losses(group, it, batch, state, core).values())
+        backward, average over processes, clip, step the group's optimizer
+        method.after_step(group, it, core)
+        a step of a group that trains "student" also updates the student's EMA
+
+``state`` is a value of the method's own type (a dataclass: ``Method[MyState]``), made once
+per iteration by :meth:`Method.prepare`, e.g. a backward simulation every group trains on.
+A group that needs something another group computes (DMD's fake score trains on the
+student's sample) finds it in the state or computes it there itself, so no group depends on
+the order of the others.
+
+``core`` is a :class:`Core`: everything a method may use of the trainer. All randomness
+comes from its generators, which the core checkpoints: ``randn``/``rand``/``randint`` (and
+``g``) differ per process; ``g_shared`` is identical on every process, for choices that all
+processes must agree on (a schedule length, a step count).
+
+A method's options are ``Config``, a dataclass whose defaults are the paper's, in
+``self.config``; ``backbone_defaults`` scales them per backbone (and the core's
+:class:`~cdmbench.training.core.TrainConfig` under the key ``"train"``). Losses shared by
+methods are in :mod:`cdmbench.losses`, the flow-matching conventions, schedules and samplers
+in :mod:`cdmbench.flow`. State that must survive a resume other than models and RNGs goes
+through :meth:`Method.state_dict` / :meth:`Method.load_state_dict`.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, is_dataclass, replace
-from typing import Any, ClassVar
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar, runtime_checkable
 
+import torch
 from torch import Tensor, nn
 
 from cdmbench import flow
+from cdmbench.backbones.base import Backbone, Cond
+from cdmbench.generate import SamplerSpec
+
+if TYPE_CHECKING:
+    from cdmbench.training.core import TrainConfig
+
+__all__ = ["Batch", "Core", "Method", "OptimSpec", "SamplerSpec", "config_to_dict"]
 
 
 @dataclass
-class SamplerSpec:
-    """How a student generates at a step count: the post-shift sigmas and the update rule."""
+class Batch:
+    """What one iteration works on: random conditions and their initial noise."""
 
-    sigmas: list[float]
-    stochastic: bool = False  # re-noise with fresh noise between steps (DMD2-style)
-    guidance: float = 1.0  # students have guidance distilled in
+    cond: Cond
+    noise: Tensor
+
+    def __len__(self) -> int:
+        return self.noise.shape[0]
 
 
-class Method:
-    """Base class for distillation methods (one module per method in ``methods/``).
+@dataclass
+class OptimSpec:
+    """One optimizer group: which model it trains and how (AdamW)."""
+
+    model: str  # name of the model in core.models
+    lr: float = 1e-5
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 1e-4
+    clip: float | None = 1.0  # max grad norm; None disables
+    warmup: int = 100  # linear warm-up, in updates of this group
+
+
+@runtime_checkable
+class Core(Protocol):
+    """What a method may use of the training core."""
+
+    backbone: Backbone
+    teacher: nn.Module  # frozen
+    student: nn.Module
+    ema: nn.Module  # the student's EMA, updated by the core
+    models: dict[str, nn.Module]  # "student", "ema" and what Method.build returned
+    config: TrainConfig  # the core's settings (seed, batch, device)
+    device: torch.device
+    run_dir: Path  # the run's directory; its parent holds caches shared by runs
+    rank: int  # this process, of ``world``
+    world: int
+    g: torch.Generator  # per process
+    g_shared: torch.Generator  # identical on every process
+
+    def randn(self, *shape: int) -> Tensor:
+        """Standard normals of ``shape`` from ``g``, on the device."""
+        ...
+
+    def rand(self, n: int) -> Tensor:
+        """``n`` uniforms in [0, 1) from ``g``, on the device."""
+        ...
+
+    def randint(self, high: int, n: int) -> Tensor:
+        """``n`` integers in [0, high) from ``g``, on the device."""
+        ...
+
+
+StateT = TypeVar("StateT")
+
+
+class Method(Generic[StateT]):
+    """Base class of distillation methods; ``StateT`` is what :meth:`prepare` returns.
 
     Subclasses set ``name``, ``Config`` (a dataclass of the method's options with the
     reference defaults) and ``backbone_defaults`` (per-backbone overrides of those options,
@@ -31,44 +132,59 @@ class Method:
     Config: ClassVar[type] = object
     backbone_defaults: ClassVar[dict[str, dict[str, Any]]] = {}
 
-    def __init__(self, config=None) -> None:
-        self.cfg = config if config is not None else self.Config()
+    def __init__(self, config: Any = None) -> None:
+        self.config = config if config is not None else self.Config()
 
     @classmethod
-    def default_config(cls, backbone: str):
+    def default_config(cls, backbone: str) -> Any:
         """The method's config with the backbone's scaled defaults applied."""
         over = {k: v for k, v in cls.backbone_defaults.get(backbone, {}).items() if k != "train"}
         return replace(cls.Config(), **over)
 
     @classmethod
     def default_train(cls, backbone: str) -> dict[str, Any]:
+        """The backbone's overrides of the core's ``TrainConfig``."""
         return dict(cls.backbone_defaults.get(backbone, {}).get("train", {}))
 
     # -- what the core calls
-    def build(self, core) -> dict[str, nn.Module]:
+    def build(self, core: Core) -> dict[str, nn.Module]:
         """Auxiliary models (fake score, targets); the student and its EMA exist already."""
         return {}
 
-    def optim_groups(self, core) -> dict:
+    def optim_groups(self, core: Core) -> dict[str, OptimSpec]:
+        """One optimizer per group, by group name."""
         raise NotImplementedError
 
     def groups_to_update(self, it: int) -> list[str]:
-        return list(self.optim_groups_names)
+        """The groups that step at iteration ``it``, in order (default: ``"student"``)."""
+        return ["student"]
 
-    def losses(self, group: str, it: int, batch, core) -> dict[str, Tensor]:
+    def prepare(self, it: int, batch: Batch, core: Core) -> StateT | None:
+        """Work shared by this iteration's groups, done once before them (default: none)."""
+        return None
+
+    def losses(self, group: str, it: int, batch: Batch, state: StateT, core: Core
+               ) -> dict[str, Tensor]:
+        """The group's loss terms (scalars); the core backpropagates their sum."""
         raise NotImplementedError
 
-    def after_step(self, group: str, it: int, core) -> None:
-        pass
+    def after_step(self, group: str, it: int, core: Core) -> None:
+        """Called after the group's optimizer step."""
 
     def sampler(self, steps: int, shift: float) -> SamplerSpec:
         """The schedule this method's student uses at ``steps`` (default: uniform Euler)."""
         return SamplerSpec(flow.uniform_schedule(steps, shift))
 
-    optim_groups_names: ClassVar[tuple[str, ...]] = ("student",)
+    def state_dict(self) -> dict[str, Any]:
+        """What of the method, beyond models and generators, a checkpoint keeps (default: none)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
 
 
-def config_to_dict(cfg) -> dict[str, Any]:
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """A config dataclass as a dict of its fields ({} for anything else)."""
     if not is_dataclass(cfg):
         return {}
     return {f.name: getattr(cfg, f.name) for f in fields(cfg)}

@@ -67,7 +67,7 @@ def train_run(method: Method, backbone: Backbone, train_cfg: TrainConfig, out_ro
     ``resume=None`` continues from a checkpoint when one exists; ``True`` requires one;
     ``False`` refuses to touch an existing checkpoint.
     """
-    payload = run_payload(method.name, backbone.name, train_cfg, method.cfg, teacher_id(backbone, teacher_weights))
+    payload = run_payload(method.name, backbone.name, train_cfg, method.config, teacher_id(backbone, teacher_weights))
     run_dir = run_dir_for(out_root, payload)
     if (run_dir / "run.json").is_file() and (run_dir / STUDENT_FILE).is_file():
         return RunResult(run_dir, True, train_cfg.iters, 0.0)

@@ -41,15 +41,18 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from cdmbench import flow
+from cdmbench import distributed, flow
 from cdmbench.backbones.base import Backbone, Cond, Prompt
 from cdmbench.io import atomic_path, module_sha256
+
+if TYPE_CHECKING:
+    from cdmbench.training.method import Core
 
 FORMAT = 1  # bump when the file layout or the meaning of a key field changes
 PREFIX = "teacher-samples-"
@@ -108,12 +111,13 @@ class TeacherSamples:
         return self.noise(idx), self.cond(idx), self.targets(idx)
 
     @classmethod
-    def for_trainer(cls, core, n: int, steps: int | None = None, guidance: float | None = None,
-                    chunk: int | None = None, progress: Progress | None = None) -> TeacherSamples:
+    def for_trainer(cls, core: Core, n: int, steps: int | None = None,
+                    guidance: float | None = None, chunk: int | None = None,
+                    progress: Progress | None = None) -> TeacherSamples:
         """The set a training run needs: the core's teacher, seed, device and processes, cached
         beside the run directory (``runs/<backbone>/``)."""
         return build_teacher_samples(
-            core.backbone, core.teacher, n, seed=core.cfg.seed, steps=steps, guidance=guidance,
+            core.backbone, core.teacher, n, seed=core.config.seed, steps=steps, guidance=guidance,
             device=core.device, cache_dir=Path(core.run_dir).parent, rank=core.rank,
             world=core.world, chunk=chunk, progress=progress)
 
@@ -253,10 +257,6 @@ class _StderrProgress:
         print(f"{self.label}: {done}/{total} generated{left}", file=sys.stderr, flush=True)
 
 
-def _distributed(world: int) -> bool:
-    return world > 1 and dist.is_available() and dist.is_initialized()
-
-
 def _comm_device(device: torch.device) -> torch.device:
     """Where collectives run: NCCL needs CUDA tensors, gloo takes CPU ones."""
     return device if dist.get_backend() == "nccl" else torch.device("cpu")
@@ -278,7 +278,7 @@ def build_teacher_samples(backbone: Backbone, teacher: nn.Module, n: int, *, see
     """
     bb, device = backbone, torch.device(device)
     steps = steps or bb.default_teacher_steps
-    w = bb.default_teacher_cfg if guidance is None else guidance
+    w = bb.default_teacher_guidance if guidance is None else guidance
     sigmas = flow.uniform_schedule(steps, bb.shift)
     dtype = storage_dtype(bb)
     shape = tuple(int(d) for d in bb.latent_shape)
@@ -286,8 +286,8 @@ def build_teacher_samples(backbone: Backbone, teacher: nn.Module, n: int, *, see
     prompts = list(bb.prompts("train"))
     index = torch.tensor(prompt_indices(seed, len(prompts), n), dtype=torch.long)
     seeds = torch.tensor(noise_seeds(seed, prompts, index.tolist()), dtype=torch.long)
-    distributed = _distributed(world)
-    comm = _comm_device(device) if distributed else device
+    collective = distributed.active(world)
+    comm = _comm_device(device) if collective else device
 
     meta: dict[str, Any] = {}
     path, cached = None, None
@@ -303,7 +303,7 @@ def build_teacher_samples(backbone: Backbone, teacher: nn.Module, n: int, *, see
         if start:
             x0[:start] = cached
     del cached
-    if distributed:
+    if collective:
         start = _broadcast_prefix(x0, start, comm, chunk * world)
 
     if progress is None and rank == 0:
@@ -322,7 +322,7 @@ def build_teacher_samples(backbone: Backbone, teacher: nn.Module, n: int, *, see
     last_save = time.perf_counter()
     for r in range(0, len(chunks), world):
         round_ = chunks[r : r + world]
-        if distributed:
+        if collective:
             _generate_round(x0, round_, rank, world, chunk, shape, dtype, comm, generate)
         else:
             lo, hi = round_[0]

@@ -1,0 +1,40 @@
+"""Several processes, one per device, as ``accelerate launch`` or ``torchrun`` start them.
+
+The launcher's environment names each process (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``);
+a plain ``python`` run is rank 0 of a world of 1 and never touches ``torch.distributed``.
+Training and evaluation both join the process group here.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def rank_world() -> tuple[int, int]:
+    """(rank, world size) from the launcher's environment; (0, 1) for a plain run."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def init_distributed(device: str) -> tuple[int, int]:
+    """Join the launcher's process group; on GPU each process takes its local device, so
+    that "cuda" names a different GPU in every process (NCCL and FSDP2 need that)."""
+    rank, world = rank_world()
+    if world > 1 and device == "cuda" and torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count())))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("gloo" if device == "cpu" else "nccl")
+    return rank, world
+
+
+def active(world: int) -> bool:
+    """Whether collectives are to be run: several processes and a joined process group."""
+    return world > 1 and dist.is_available() and dist.is_initialized()
+
+
+def barrier(world: int) -> None:
+    """Wait for every process (nothing to wait for in a one-process run)."""
+    if world > 1:
+        dist.barrier()
