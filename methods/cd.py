@@ -80,7 +80,7 @@ class CD(Method):
     def build(self, core) -> dict:
         c, bb = self.cfg, core.backbone
         self.grid = torch.tensor(flow.uniform_schedule(c.grid, bb.shift), dtype=torch.float32, device=core.device)
-        self.w = c.teacher_guidance if c.teacher_guidance is not None else (bb.default_teacher_cfg or 4.5)
+        self.w = c.teacher_guidance if c.teacher_guidance is not None else (bb.default_teacher_guidance or 4.5)
         real = bb.real_latents("train") if c.data in ("auto", "real") else None
         self.data: tuple[Tensor, Cond] | None = None  # real (x0, conditions), on the device
         self.samples: TeacherSamples | None = None  # otherwise teacher samples

@@ -260,7 +260,7 @@ def test_method_trains_on_tiny_sd3_and_reuses_the_cache(tiny, tmp_path, method, 
     assert len(data) == 4 and data.generated == 4
     assert data.x0.device.type == "cpu" and data.x0.dtype == tiny.dtype
     assert data.path.parent == runs / "tiny-sd3" and data.path.is_file()
-    assert data.meta["guidance"] == (m.cfg.real_guidance if method == "dmd" else tiny.default_teacher_cfg)
+    assert data.meta["guidance"] == (m.cfg.real_guidance if method == "dmd" else tiny.default_teacher_guidance)
     assert (res.run_dir / "run.json").is_file() and res.run_dir.parent == runs / "tiny-sd3"
     noise, cond, x0 = data.batch(torch.tensor([3, 0]))
     assert noise.shape == x0.shape == (2, 16, 8, 8)

@@ -278,7 +278,7 @@ def build_teacher_samples(backbone: Backbone, teacher: nn.Module, n: int, *, see
     """
     bb, device = backbone, torch.device(device)
     steps = steps or bb.default_teacher_steps
-    w = bb.default_teacher_cfg if guidance is None else guidance
+    w = bb.default_teacher_guidance if guidance is None else guidance
     sigmas = flow.uniform_schedule(steps, bb.shift)
     dtype = storage_dtype(bb)
     shape = tuple(int(d) for d in bb.latent_shape)
