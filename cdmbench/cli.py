@@ -18,8 +18,8 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 CompileOpt = Annotated[bool, typer.Option("--compile", help="torch.compile every denoiser before evaluating; the "
                                           "compile time is reported on its own (latency's compile_s).")]
 CompileModeOpt = Annotated[str, typer.Option(help=f"torch.compile mode with --compile: {', '.join(COMPILE_MODES)}.")]
-BackboneSetOpt = Annotated[list[str] | None, typer.Option("--set", help="Backbone setting, e.g. --set "
-                                                          "backbone.resolution=512 (see its Settings).")]
+BackboneSetOpt = Annotated[list[str] | None, typer.Option(
+    "--set", help="Backbone setting, e.g. --set backbone.resolution=512 (see its Settings).")]
 
 app = typer.Typer(
     name="cdmbench",
@@ -66,7 +66,8 @@ def list_cmd(
 # --------------------------------------------------------------------------- teacher
 @app.command()
 def teacher(
-    backbone: Annotated[str, typer.Option(help="Backbone whose teacher to train (one that trains its own).")] = "digits",
+    backbone: Annotated[str, typer.Option(
+        help="Backbone whose teacher to train (one that trains its own).")] = "digits",
     out_dir: Annotated[Path | None, typer.Option("--out", help="Where to write the safetensors "
                                                  "(default: runs/teacher/BACKBONE).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of both trainings.")] = 0,
@@ -83,7 +84,8 @@ def teacher(
 
     cls = BACKBONES.get(backbone)
     if not cls.trains_teacher:
-        raise UserError(f"backbone '{backbone}' loads a pretrained teacher; it trains none of its own")
+        raise UserError(f"backbone '{backbone}' loads a pretrained teacher; "
+                        "it trains none of its own")
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -102,8 +104,8 @@ def teacher(
                 tasks[what] = bar.add_task(what, total=total, loss=loss)
             bar.update(tasks[what], completed=it + 1, loss=loss)
 
-        summary = bb.train_teacher_assets(out_dir or Path("runs/teacher") / backbone, seed=seed, iters=iters,
-                                          epochs=epochs, progress=progress)
+        summary = bb.train_teacher_assets(out_dir or Path("runs/teacher") / backbone, seed=seed,
+                                          iters=iters, epochs=epochs, progress=progress)
     out.print(summary)
 
 
@@ -143,7 +145,8 @@ def sample(
         from cdmbench.training.run import load_run
 
         if set_:
-            raise UserError("--set with --run: a run's backbone settings are those it was trained with")
+            raise UserError("--set with --run: a run's backbone settings are those it was "
+                            "trained with")
         loaded = load_run(run, teacher_weights=teacher_weights)
         bb, model = loaded.backbone, loaded.student
         spec_for = lambda n: loaded.method.sampler(n, bb.shift)  # noqa: E731
@@ -171,10 +174,10 @@ def train(
     iters: Annotated[int | None, typer.Option(help="Training iterations (method's backbone default if unset).")] = None,
     batch: Annotated[int | None, typer.Option(help="Batch size per process.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the run.")] = 0,
-    config: Annotated[str | None, typer.Option(help="TOML file with [train], [method] and [backbone] "
-                                               "tables.")] = None,
-    set_: Annotated[list[str] | None, typer.Option("--set", help="Override, e.g. --set method.update_ratio=3 "
-                                                   "or --set backbone.resolution=512.")] = None,
+    config: Annotated[str | None, typer.Option(
+        help="TOML file with [train], [method] and [backbone] tables.")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help=(
+        "Override, e.g. --set method.update_ratio=3 or --set backbone.resolution=512."))] = None,
     out_root: Annotated[Path, typer.Option("--out", help="Root of run directories.")] = Path("runs"),
     resume: Annotated[bool, typer.Option("--resume", help="Require and continue an existing checkpoint.")] = False,
     on_nan: Annotated[str, typer.Option(help="On a non-finite loss: stop (keep last checkpoint) or skip the step.")] = "stop",
@@ -231,20 +234,22 @@ def eval_cmd(
     methods: Annotated[str | None, typer.Option(help="Comma-separated methods and/or 'teacher' "
                                                 "(default: every trained run of the backbone plus the teacher).")] = None,
     steps: Annotated[str, typer.Option(help="Comma-separated step counts.")] = "1,2,4",
-    metrics: Annotated[str | None, typer.Option(help="Comma-separated metrics (default: the backbone's "
-                                                "eval_metrics).")] = None,
-    prompts: Annotated[str | None, typer.Option(help="Prompt set name (digits, general, default) or a prompt "
-                                                "file (default: the backbone's eval_prompts).")] = None,
-    num_samples: Annotated[int | None, typer.Option(help="Samples per prompt (default: the backbone's "
-                                                    "eval_samples).")] = None,
+    metrics: Annotated[str | None, typer.Option(
+        help="Comma-separated metrics (default: the backbone's eval_metrics).")] = None,
+    prompts: Annotated[str | None, typer.Option(
+        help="Prompt set name (digits, general, default) or a prompt file "
+             "(default: the backbone's eval_prompts).")] = None,
+    num_samples: Annotated[int | None, typer.Option(
+        help="Samples per prompt (default: the backbone's eval_samples).")] = None,
     seed: Annotated[int, typer.Option(help="Run seed; per-sample seeds derive from it.")] = 0,
     runs: Annotated[Path, typer.Option(help="Root of training run directories.")] = Path("runs"),
     samples: Annotated[Path, typer.Option(help="Where generated samples are kept (content-keyed).")] = Path("runs/samples"),
     results: Annotated[Path, typer.Option(help="Results directory (records.jsonl).")] = Path("results"),
-    batch_size: Annotated[int | None, typer.Option(help="Generation batch size (default: the backbone's "
-                                                   "eval_batch).")] = None,
-    reference: Annotated[str | None, typer.Option(help="Reference images for FID (a folder); default: the "
-                                                  "backbone's fid_reference, else its real data.")] = None,
+    batch_size: Annotated[int | None, typer.Option(
+        help="Generation batch size (default: the backbone's eval_batch).")] = None,
+    reference: Annotated[str | None, typer.Option(
+        help="Reference images for FID (a folder); default: the backbone's fid_reference, "
+             "else its real data.")] = None,
     teacher_weights: Annotated[str | None, typer.Option(help="Teacher weights (default: shipped/hub).")] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     compile_: CompileOpt = False,
@@ -275,7 +280,8 @@ def eval_cmd(
     for m in wanted or []:
         if m != "teacher":
             METHODS.entry(m)
-    metric_names = [m.strip() for m in metrics.split(",")] if metrics else list(defaults.eval_metrics)
+    metric_names = ([m.strip() for m in metrics.split(",")] if metrics
+                    else list(defaults.eval_metrics))
     for m in metric_names:
         METRICS.entry(m)
     again = tuple(m.strip() for m in recompute.split(",")) if recompute else ()
@@ -424,18 +430,20 @@ def bench(
     backbone: Annotated[str, typer.Option(help="Backbone.")] = "digits",
     methods: Annotated[str | None, typer.Option(help="Comma-separated methods (default: all built-in).")] = None,
     steps: Annotated[str, typer.Option(help="Step counts to evaluate.")] = "1,2,4",
-    quick: Annotated[bool, typer.Option("--quick", help="CI budget: 1/5 of the training iterations, the "
-                                        "backbone's eval_samples_quick samples per prompt.")] = False,
+    quick: Annotated[bool, typer.Option("--quick", help=(
+        "CI budget: 1/5 of the training iterations, the backbone's eval_samples_quick samples "
+        "per prompt."))] = False,
     seed: Annotated[int, typer.Option(help="Seed of training and evaluation.")] = 0,
     runs: Annotated[Path, typer.Option(help="Root of training run directories.")] = Path("runs"),
     samples: Annotated[Path, typer.Option(help="Where generated samples are kept.")] = Path("runs/samples"),
     results: Annotated[Path, typer.Option(help="Results directory; the report is written there too.")] = Path("results"),
     workers: Annotated[int, typer.Option(help="Methods trained in parallel on CPU (one thread each).")] = 2,
     iters: Annotated[int | None, typer.Option(help="Override every method's training iterations.")] = None,
-    num_samples: Annotated[int | None, typer.Option(help="Samples per prompt (default: the backbone's "
-                                                    "eval_samples, or eval_samples_quick).")] = None,
-    metrics: Annotated[str | None, typer.Option(help="Comma-separated metrics (default: the backbone's "
-                                                "eval_metrics).")] = None,
+    num_samples: Annotated[int | None, typer.Option(
+        help="Samples per prompt (default: the backbone's eval_samples, or eval_samples_quick)."
+    )] = None,
+    metrics: Annotated[str | None, typer.Option(
+        help="Comma-separated metrics (default: the backbone's eval_metrics).")] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     compile_: CompileOpt = False,
     compile_mode: CompileModeOpt = "default",

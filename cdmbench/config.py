@@ -117,7 +117,8 @@ def resolve(method_cls, backbone: str, config_file: str | None = None, sets: lis
 
 
 def backbone_settings(backbone_cls: type[Backbone], config_file: str | None = None,
-                      sets: list[str] | None = None, only_backbone: bool = False) -> BackboneSettings:
+                      sets: list[str] | None = None,
+                      only_backbone: bool = False) -> BackboneSettings:
     """The backbone's ``Settings``: declared defaults < TOML ``[backbone]`` < ``--set
     backbone.KEY=VALUE``. ``only_backbone``: other sections are an error (eval, sample and
     bench configure no training)."""
@@ -160,6 +161,6 @@ def run_payload(method: str, backbone: Backbone, train: TrainConfig, method_cfg,
     t = config_to_dict(train)
     for k in ("device", "threads", "log_every", "ckpt_every", "on_nan", "shard"):  # do not change results
         t.pop(k, None)
-    return {"method": method, "backbone": backbone.name, "backbone_settings": backbone.run_settings(),
-            "train": t, "method_config": config_to_dict(method_cfg),
+    return {"method": method, "backbone": backbone.name,
+            "backbone_settings": backbone.run_settings(), "train": t, "method_config": config_to_dict(method_cfg),
             "teacher": backbone.teacher_id(teacher_weights), "cdmbench": __version__}

@@ -104,8 +104,8 @@ def run_candidates(runs_root: str | Path, backbone: Backbone, methods: Sequence[
     if methods is not None:
         missing = [m for m in methods if m != "teacher" and m not in newest]
         if missing:
-            raise UserError(f"no finished run of {', '.join(missing)} on {backbone.name} with these "
-                            f"backbone settings under {runs_root}; train it first: "
+            raise UserError(f"no finished run of {', '.join(missing)} on {backbone.name} with "
+                            f"these backbone settings under {runs_root}; train it first: "
                             f"cdmbench train {missing[0]} --backbone {backbone.name}")
     return candidates_from_dirs([newest[m] for m in sorted(newest)], device)
 

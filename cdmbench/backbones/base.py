@@ -81,11 +81,13 @@ class BackboneSettings:
 
 
 class Backbone:
-    """Base class: a subclass sets the class attributes, declares its ``Settings`` and
-    implements the abstract methods; everything else has a working default.
+    """Base class. A subclass sets ``name`` and ``latent_shape`` (``shift`` where its
+    schedules are shifted), declares its ``Settings`` (a frozen dataclass subclassing
+    :class:`BackboneSettings`) and implements ``load_teacher``, ``prompts``, ``encode``,
+    ``forward`` and ``decode``; everything else has a working default.
 
     Construction: ``Backbone(device, settings)`` with ``settings`` a ``Settings`` instance
-    or a mapping of its fields (values as text are coerced), or keyword settings.
+    or a mapping of its fields (values as text are coerced), and/or keyword settings.
     """
 
     name: str = "backbone"
@@ -99,7 +101,8 @@ class Backbone:
     channels_last: bool | None = None
     trains_teacher: ClassVar[bool] = False  # `cdmbench teacher` can build its weights
 
-    def __init__(self, device: str = "cpu", settings: BackboneSettings | Mapping[str, Any] | None = None,
+    def __init__(self, device: str = "cpu",
+                 settings: BackboneSettings | Mapping[str, Any] | None = None,
                  **kwargs: Any) -> None:
         self.device = str(device)
         self.settings = self.make_settings(settings, **kwargs)

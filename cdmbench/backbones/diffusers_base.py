@@ -167,12 +167,14 @@ class DiffusersBackbone(Backbone):
         super().__init__(device, settings, **kwargs)
         s = self.settings
         self.dtype = resolve_dtype(s.dtype, self.device)
-        self.train_dtype = self.dtype if s.train_dtype == "auto" else resolve_dtype(s.train_dtype, "cpu")
+        self.train_dtype = (self.dtype if s.train_dtype == "auto"
+                            else resolve_dtype(s.train_dtype, "cpu"))
         self.weights = self.default_weights() if s.weights is None else s.weights
         if self.weights is not None and not is_hub_id(self.weights) \
                 and not Path(self.weights).expanduser().is_dir():
             path = Path(self.weights).expanduser()
-            what = "are a file, not a diffusers pipeline directory" if path.exists() else "not found"
+            what = ("are a file, not a diffusers pipeline directory" if path.exists()
+                    else "not found")
             raise self.missing(f"weights {path} {what}")
         self._root: Path | None = None
         self._parts: dict[str, Any] = {}
@@ -253,16 +255,19 @@ class DiffusersBackbone(Backbone):
         try:
             return dict(cls.load_config(src, subfolder=name, revision=self.settings.revision))
         except Exception as e:
-            raise self.missing(f"{name} config not readable from {src} ({type(e).__name__})") from None
+            raise self.missing(f"{name} config not readable from {src} "
+                               f"({type(e).__name__})") from None
 
-    def load_part(self, name: str, root: str | Path | None = None, subfolder: str | None = "") -> Any:
+    def load_part(self, name: str, root: str | Path | None = None,
+                  subfolder: str | None = "") -> Any:
         """One component as stored (on the CPU, models in ``dtype``)."""
         cls = self.classes[name]
         plain = name.startswith("tokenizer") or name == "scheduler"
         kwargs = {} if plain else {dtype_kwarg(cls): self.dtype}
         root = self.weights_dir if root is None else root
         try:
-            return cls.from_pretrained(root, subfolder=name if subfolder == "" else subfolder, **kwargs)
+            sub = name if subfolder == "" else subfolder
+            return cls.from_pretrained(root, subfolder=sub, **kwargs)
         except OSError as e:
             raise self.missing(f"component '{name}' is missing or unreadable under {root} "
                                f"({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
@@ -433,4 +438,5 @@ def build_tiny_states(cls: type[TinyTwin], seed: int) -> dict[str, dict[str, Ten
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         modules = {k: build() for k, build in cls.tiny_builders().items()}
-    return {k: {n: v.detach().clone() for n, v in m.state_dict().items()} for k, m in modules.items()}
+    return {k: {n: v.detach().clone() for n, v in m.state_dict().items()}
+            for k, m in modules.items()}

@@ -202,10 +202,10 @@ class Digits(Backbone):
     def train_teacher_assets(self, out_dir: str | Path, *, seed: int = 0, iters: int | None = None,
                              epochs: int | None = None, progress=None) -> str:
         """Train the classifier and the teacher (:func:`build_assets`) into ``out_dir``."""
-        teacher = TeacherConfig(seed=seed) if iters is None else TeacherConfig(seed=seed, iters=iters)
-        clf = ClassifierConfig(seed=seed) if epochs is None else ClassifierConfig(seed=seed, epochs=epochs)
-        info = build_assets(out_dir, teacher, clf, progress)
-        return f"classifier test accuracy {info['classifier_test_accuracy']:.4f}; weights in {out_dir}"
+        teacher = TeacherConfig(seed=seed, **({} if iters is None else {"iters": iters}))
+        clf = ClassifierConfig(seed=seed, **({} if epochs is None else {"epochs": epochs}))
+        acc = build_assets(out_dir, teacher, clf, progress)["classifier_test_accuracy"]
+        return f"classifier test accuracy {acc:.4f}; weights in {out_dir}"
 
     def load_teacher(self, weights: str | None = None) -> nn.Module:
         net = VelocityMLP()

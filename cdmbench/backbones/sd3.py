@@ -290,7 +290,8 @@ class TinySD3(TinyTwin, SD3):
         return {  # the construction order fixes the weights
             "transformer": lambda: SD3Transformer2DModel(**cfg["transformer"]),
             "vae": lambda: AutoencoderKL(**cfg["vae"]),
-            "text_encoder": lambda: CLIPTextModelWithProjection(CLIPTextConfig(**cfg["text_encoder"])),
+            "text_encoder": lambda: CLIPTextModelWithProjection(
+                CLIPTextConfig(**cfg["text_encoder"])),
             "text_encoder_2": lambda: CLIPTextModelWithProjection(
                 CLIPTextConfig(**cfg["text_encoder_2"])),
             "text_encoder_3": lambda: T5EncoderModel(T5Config(**cfg["text_encoder_3"])),
