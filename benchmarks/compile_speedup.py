@@ -66,7 +66,7 @@ def main() -> None:
     for name in args.backbones.split(","):
         bb = get_backbone(name)
         prompts = bb.prompts("test")
-        batches = [int(b) for b in (args.digits_batches if name == "digits" else args.sd3_batches).split(",")]
+        batches = [int(b) for b in {"digits": args.digits_batches}.get(name, args.sd3_batches).split(",")]
         cand = teacher_candidate(bb)
         spec = cand.sampler(args.steps)
 

@@ -20,6 +20,8 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 CompileOpt = Annotated[bool, typer.Option("--compile", help="torch.compile every denoiser before evaluating; the "
                                           "compile time is reported on its own (latency's compile_s).")]
 CompileModeOpt = Annotated[str, typer.Option(help=f"torch.compile mode with --compile: {', '.join(COMPILE_MODES)}.")]
+BackboneSetOpt = Annotated[list[str] | None, typer.Option(
+    "--set", help="Backbone setting, e.g. --set backbone.resolution=512 (see its Settings).")]
 
 app = typer.Typer(
     name="cdmbench",
@@ -66,20 +68,26 @@ def list_cmd(
 # --------------------------------------------------------------------------- teacher
 @app.command()
 def teacher(
-    backbone: Annotated[str, typer.Option(help="Backbone whose teacher to train (digits).")] = "digits",
-    out_dir: Annotated[Path, typer.Option("--out", help="Where to write the safetensors.")] = Path("runs/teacher/digits"),
+    backbone: Annotated[str, typer.Option(
+        help="Backbone whose teacher to train (one that trains its own).")] = "digits",
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Where to write the safetensors "
+                                                 "(default: runs/teacher/BACKBONE).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of both trainings.")] = 0,
     iters: Annotated[int, typer.Option(help="Teacher iterations.")] = 6000,
     epochs: Annotated[int, typer.Option(help="Classifier epochs.")] = 60,
 ) -> None:
-    """Reproduce the shipped `digits` teacher and classifier (seeded; minutes on 2 CPU cores).
+    """Reproduce a backbone's shipped teacher (and classifier) where it trains its own: digits
+    (seeded; minutes on 2 CPU cores).
 
     The package already ships both checkpoints; this command exists to rebuild them. Use the
     result with `cdmbench train ... --teacher-weights OUT/digits_teacher.safetensors`.
     """
-    if backbone != "digits":
-        BACKBONES.entry(backbone)
-        raise UserError(f"backbone '{backbone}' loads a pretrained teacher; only digits trains its own")
+    from cdmbench.backbones import get_backbone
+
+    cls = BACKBONES.get(backbone)
+    if not cls.trains_teacher:
+        raise UserError(f"backbone '{backbone}' loads a pretrained teacher; "
+                        "it trains none of its own")
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -88,8 +96,7 @@ def teacher(
         TimeRemainingColumn,
     )
 
-    from cdmbench.backbones import digits as D
-
+    bb = get_backbone(backbone)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   TextColumn("loss {task.fields[loss]:.4f}"), console=console) as bar:
         tasks: dict[str, int] = {}
@@ -99,8 +106,20 @@ def teacher(
                 tasks[what] = bar.add_task(what, total=total, loss=loss)
             bar.update(tasks[what], completed=it + 1, loss=loss)
 
-        info = D.build_assets(out_dir, D.TeacherConfig(seed=seed, iters=iters), D.ClassifierConfig(seed=seed, epochs=epochs), progress)
-    out.print(f"classifier test accuracy {info['classifier_test_accuracy']:.4f}; weights in {out_dir}")
+        summary = bb.train_teacher_assets(out_dir or Path("runs/teacher") / backbone, seed=seed,
+                                          iters=iters, epochs=epochs, progress=progress)
+    out.print(summary)
+
+
+def _backbone(name: str, sets: list[str] | None, device: str = "cpu", config: str | None = None,
+              only_backbone: bool = True):
+    """The named backbone built with its settings from ``--config`` [backbone] and ``--set
+    backbone.KEY=VALUE`` (``only_backbone``: other sections are an error)."""
+    from cdmbench.backbones import get_backbone
+    from cdmbench.config import backbone_settings
+
+    settings = backbone_settings(BACKBONES.get(name), config, sets, only_backbone=only_backbone)
+    return get_backbone(name, device=device, settings=settings)
 
 
 # ---------------------------------------------------------------------------- sample
@@ -114,6 +133,7 @@ def sample(
     seed: Annotated[int, typer.Option(help="Run seed (per-sample seeds derive from it).")] = 0,
     out_path: Annotated[Path, typer.Option("--out", help="PNG to write.")] = Path("samples.png"),
     teacher_weights: Annotated[str | None, typer.Option(help="Teacher weights (default: shipped/hub).")] = None,
+    set_: BackboneSetOpt = None,
 ) -> None:
     """Write an image grid: one row block per step count, one column per prompt."""
     import torch
@@ -125,15 +145,16 @@ def sample(
     if run is not None:
         from cdmbench.training.run import load_run
 
+        if set_:
+            raise UserError("--set with --run: a run's backbone settings are those it was "
+                            "trained with")
         loaded = load_run(run, teacher_weights=teacher_weights)
         bb, model = loaded.backbone, loaded.student
         spec_for = lambda n: loaded.method.sampler(n, bb.shift)  # noqa: E731
     else:
-        from cdmbench.backbones import get_backbone
-
-        bb = get_backbone(backbone)
+        bb = _backbone(backbone, set_)
         model = bb.load_teacher(teacher_weights)
-        w = bb.default_teacher_cfg if guidance is None else guidance
+        w = bb.default_teacher_guidance if guidance is None else guidance
         spec_for = lambda n: SamplerSpec(bb.schedule(n), guidance=w)  # noqa: E731
     prompts = bb.prompts("train")
     triples = seeds_for(seed, prompts, per_prompt)
@@ -154,8 +175,10 @@ def train(
     iters: Annotated[int | None, typer.Option(help="Training iterations (method's backbone default if unset).")] = None,
     batch: Annotated[int | None, typer.Option(help="Batch size per process.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the run.")] = 0,
-    config: Annotated[str | None, typer.Option(help="TOML file with [train] and [method] tables.")] = None,
-    set_: Annotated[list[str] | None, typer.Option("--set", help="Override, e.g. --set method.update_ratio=3.")] = None,
+    config: Annotated[str | None, typer.Option(
+        help="TOML file with [train], [method] and [backbone] tables.")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help=(
+        "Override, e.g. --set method.update_ratio=3 or --set backbone.resolution=512."))] = None,
     out_root: Annotated[Path, typer.Option("--out", help="Root of run directories.")] = Path("runs"),
     resume: Annotated[bool, typer.Option("--resume", help="Require and continue an existing checkpoint.")] = False,
     on_nan: Annotated[str, typer.Option(help="On a non-finite loss: stop (keep last checkpoint) or skip the step.")] = "stop",
@@ -167,12 +190,11 @@ def train(
     The run directory is named by a hash of the resolved configuration: the same command
     again reuses a finished run and continues an interrupted one from its last checkpoint.
     """
-    from cdmbench.backbones import get_backbone
     from cdmbench.config import resolve
     from cdmbench.training.run import train_run
 
     method_cls = METHODS.get(method)
-    bb_obj = get_backbone(backbone, device=device)
+    bb_obj = _backbone(backbone, set_, device, config, only_backbone=False)
     if on_nan not in ("stop", "skip"):
         raise UserError(f"bad --on-nan '{on_nan}': use stop or skip")
     train_cfg, method_cfg = resolve(method_cls, backbone, config, set_, iters=iters, batch=batch, seed=seed,
@@ -213,21 +235,29 @@ def eval_cmd(
     methods: Annotated[str | None, typer.Option(help="Comma-separated methods and/or 'teacher' "
                                                 "(default: every trained run of the backbone plus the teacher).")] = None,
     steps: Annotated[str, typer.Option(help="Comma-separated step counts.")] = "1,2,4",
-    metrics: Annotated[str | None, typer.Option(help="Comma-separated metrics (default: the backbone's set).")] = None,
-    prompts: Annotated[str, typer.Option(help="Prompt set name (digits, general) or a prompt file.")] = "default",
-    num_samples: Annotated[int | None, typer.Option(help="Samples per prompt (digits default 200, else 1).")] = None,
+    metrics: Annotated[str | None, typer.Option(
+        help="Comma-separated metrics (default: the backbone's eval_metrics).")] = None,
+    prompts: Annotated[str | None, typer.Option(
+        help="Prompt set name (digits, general, default) or a prompt file "
+             "(default: the backbone's eval_prompts).")] = None,
+    num_samples: Annotated[int | None, typer.Option(
+        help="Samples per prompt (default: the backbone's eval_samples).")] = None,
     seed: Annotated[int, typer.Option(help="Run seed; per-sample seeds derive from it.")] = 0,
     runs: Annotated[Path, typer.Option(help="Root of training run directories.")] = Path("runs"),
     samples: Annotated[Path, typer.Option(help="Where generated samples are kept (content-keyed).")] = Path("runs/samples"),
     results: Annotated[Path, typer.Option(help="Results directory (records.jsonl).")] = Path("results"),
-    batch_size: Annotated[int | None, typer.Option(help="Generation batch size (digits 256, else 8).")] = None,
-    reference: Annotated[str, typer.Option(help="Reference images for FID (a folder); default: the backbone's real data.")] = "",
+    batch_size: Annotated[int | None, typer.Option(
+        help="Generation batch size (default: the backbone's eval_batch).")] = None,
+    reference: Annotated[str | None, typer.Option(
+        help="Reference images for FID (a folder); default: the backbone's fid_reference, "
+             "else its real data.")] = None,
     teacher_weights: Annotated[str | None, typer.Option(help="Teacher weights (default: shipped/hub).")] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     compile_: CompileOpt = False,
     compile_mode: CompileModeOpt = "default",
     recompute: Annotated[str | None, typer.Option(help="Comma-separated metrics to compute again although "
                                                   "recorded, e.g. latency on another machine.")] = None,
+    set_: BackboneSetOpt = None,
 ) -> None:
     """Generate with every student and the teacher at each step count, score, and append records.
 
@@ -237,27 +267,22 @@ def eval_cmd(
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from cdmbench.backbones import get_backbone
     from cdmbench.config import parse_steps
     from cdmbench.distributed import init_distributed
-    from cdmbench.evaluate import (
-        EvalPlan,
-        default_batch_size,
-        default_metrics,
-        run_candidates,
-        run_eval,
-        teacher_candidate,
-    )
+    from cdmbench.evaluate import EvalPlan, run_candidates, run_eval, teacher_candidate
+    from cdmbench.prompts_io import load_prompt_set
     from cdmbench.results import ResultStore
 
     step_list = parse_steps(steps)
     mode = _compile_mode(compile_, compile_mode)
-    bb = get_backbone(backbone, device=device)
+    bb = _backbone(backbone, set_, device)
+    defaults = bb.settings
     wanted = [m.strip() for m in methods.split(",")] if methods else None
     for m in wanted or []:
         if m != "teacher":
             METHODS.entry(m)
-    metric_names = [m.strip() for m in metrics.split(",")] if metrics else default_metrics(backbone)
+    metric_names = ([m.strip() for m in metrics.split(",")] if metrics
+                    else list(defaults.eval_metrics))
     for m in metric_names:
         METRICS.entry(m)
     again = tuple(m.strip() for m in recompute.split(",")) if recompute else ()
@@ -266,12 +291,13 @@ def eval_cmd(
         if m not in metric_names:
             raise UserError(f"--recompute {m}: not among the metrics of this run ({', '.join(metric_names)}); "
                             f"add it to --metrics")
-    prompt_set, prompt_list = _prompts(prompts, bb)
-    per_prompt = num_samples or (200 if backbone == "digits" else 1)
+    prompt_set, prompt_list = load_prompt_set(prompts or defaults.eval_prompts, backbone=bb)
+    per_prompt = num_samples or defaults.eval_samples
     rank, world = init_distributed(device)
     cands = [] if wanted is not None and "teacher" not in wanted else [teacher_candidate(bb, teacher_weights)]
     students = run_candidates(runs, bb, [m for m in wanted if m != "teacher"] if wanted else None, device)
-    batch_size = batch_size or default_batch_size(backbone)
+    batch_size = batch_size or defaults.eval_batch
+    reference = defaults.fid_reference if reference is None else reference
     plan = EvalPlan(bb, cands + students, step_list, metric_names, prompt_list, prompt_set, per_prompt, seed,
                     samples, ResultStore(results), batch_size, reference=reference, compile=mode,
                     recompute=again)
@@ -293,12 +319,6 @@ def _compile_mode(on: bool, mode: str) -> str | None:
     if mode not in COMPILE_MODES:
         raise UserError(f"unknown --compile-mode '{mode}'; use one of {', '.join(COMPILE_MODES)}")
     return mode if on else None
-
-
-def _prompts(spec: str, bb):
-    from cdmbench.prompts_io import load_prompt_set
-
-    return load_prompt_set("digits" if spec == "default" and bb.name == "digits" else spec, backbone=bb)
 
 
 def _print_records(new: list[dict], plan) -> None:
@@ -425,19 +445,24 @@ def bench(
     backbone: Annotated[str, typer.Option(help="Backbone.")] = "digits",
     methods: Annotated[str | None, typer.Option(help="Comma-separated methods (default: all built-in).")] = None,
     steps: Annotated[str, typer.Option(help="Step counts to evaluate.")] = "1,2,4",
-    quick: Annotated[bool, typer.Option("--quick", help="CI budget: 1/5 of the training iterations, "
-                                        "50 samples per prompt.")] = False,
+    quick: Annotated[bool, typer.Option("--quick", help=(
+        "CI budget: 1/5 of the training iterations, the backbone's eval_samples_quick samples "
+        "per prompt."))] = False,
     seed: Annotated[int, typer.Option(help="Seed of training and evaluation.")] = 0,
     runs: Annotated[Path, typer.Option(help="Root of training run directories.")] = Path("runs"),
     samples: Annotated[Path, typer.Option(help="Where generated samples are kept.")] = Path("runs/samples"),
     results: Annotated[Path, typer.Option(help="Results directory; the report is written there too.")] = Path("results"),
     workers: Annotated[int, typer.Option(help="Methods trained in parallel on CPU (one thread each).")] = 2,
     iters: Annotated[int | None, typer.Option(help="Override every method's training iterations.")] = None,
-    num_samples: Annotated[int | None, typer.Option(help="Samples per prompt (digits: 200, quick 50).")] = None,
-    metrics: Annotated[str | None, typer.Option(help="Comma-separated metrics (default: the backbone's set).")] = None,
+    num_samples: Annotated[int | None, typer.Option(
+        help="Samples per prompt (default: the backbone's eval_samples, or eval_samples_quick)."
+    )] = None,
+    metrics: Annotated[str | None, typer.Option(
+        help="Comma-separated metrics (default: the backbone's eval_metrics).")] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     compile_: CompileOpt = False,
     compile_mode: CompileModeOpt = "default",
+    set_: BackboneSetOpt = None,
 ) -> None:
     """The main job: train every method (default budgets), evaluate at 1, 2, 4 steps, write the report.
 
@@ -449,11 +474,12 @@ def bench(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from cdmbench.bench import BenchConfig, methods_arg, run_bench
-    from cdmbench.config import parse_steps
+    from cdmbench.config import backbone_settings, parse_steps
     from cdmbench.report import build_report, render_rich
+    from cdmbench.settings import as_dict
 
     mode = _compile_mode(compile_, compile_mode)
-    BACKBONES.entry(backbone)
+    settings = backbone_settings(BACKBONES.get(backbone), None, set_, only_backbone=True)
     ms = methods_arg(methods, ("cdm", "dmd", "dmd2", "cd"))
     for m in ms:
         METHODS.entry(m)
@@ -462,7 +488,8 @@ def bench(
         METRICS.entry(m)
     cfg = BenchConfig(backbone=backbone, methods=ms, steps=tuple(parse_steps(steps)), quick=quick, seed=seed,
                       runs=runs, samples=samples, results=results, workers=workers, device=device, iters=iters,
-                      per_prompt=num_samples, metrics=metric_names, compile=mode)
+                      per_prompt=num_samples, metrics=metric_names, compile=mode,
+                      backbone_settings=as_dict(settings))
     t0 = time.perf_counter()
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console) as bar:

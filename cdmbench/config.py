@@ -1,15 +1,20 @@
-"""Typed run configuration: dataclass defaults < backbone defaults < TOML file < --set."""
+"""Typed run configuration: dataclass defaults < backbone defaults < TOML file < --set.
+
+Three sections: ``train`` (the core's :class:`TrainConfig`), ``method`` (the method's
+``Config``) and ``backbone`` (the backbone's ``Settings``); each is a TOML table and a
+``--set SECTION.KEY=VALUE`` prefix, checked and coerced by :mod:`cdmbench.settings`.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import typing
 from dataclasses import fields, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cdmbench.errors import UserError
+from cdmbench.settings import apply
 
 try:
     import tomllib
@@ -17,6 +22,11 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 from cdmbench.training.core import TrainConfig
 from cdmbench.training.method import config_to_dict
+
+if TYPE_CHECKING:
+    from cdmbench.backbones.base import Backbone, BackboneSettings
+
+SECTIONS = ("train", "method", "backbone")
 
 
 def parse_steps(text: str) -> list[int]:
@@ -37,48 +47,6 @@ def parse_steps(text: str) -> list[int]:
     return steps
 
 
-def _coerce(value: str | Any, current: Any, annotation: Any, key: str) -> Any:
-    if isinstance(value, list):  # TOML arrays
-        return tuple(value)
-    if not isinstance(value, str):
-        return value
-    kind = type(current) if current is not None else None
-    hints = typing.get_args(annotation) if typing.get_args(annotation) else (annotation,)
-    try:
-        if kind is bool or annotation is bool:
-            if value.lower() in ("1", "true", "yes", "on"):
-                return True
-            if value.lower() in ("0", "false", "no", "off"):
-                return False
-            raise ValueError(value)
-        if kind is int:
-            return int(value)
-        if kind is tuple or typing.get_origin(annotation) is tuple:
-            elem = hints[0] if hints and hints[0] in (int, float) else None
-            parts = [v.strip() for v in value.strip("()[] ").split(",") if v.strip()]
-            return tuple((elem or (float if "." in v else int))(v) for v in parts)
-        if kind is float or float in hints:
-            return None if value.lower() == "none" else float(value)
-        return value
-    except ValueError:
-        raise UserError(f"bad value '{value}' for '{key}': expected {kind.__name__ if kind else annotation}") from None
-
-
-def _apply(obj, updates: dict[str, Any], section: str):
-    known = {f.name: f for f in fields(obj)}
-    clean = {}
-    for k, v in updates.items():
-        if k not in known:
-            from cdmbench.registry import suggest
-
-            close = suggest(k, list(known))
-            hint = f" — did you mean '{section}.{close}'?" if close else ""
-            raise UserError(f"unknown setting '{section}.{k}'{hint}")
-        hints = typing.get_type_hints(type(obj))
-        clean[k] = _coerce(v, getattr(obj, k), hints.get(k), f"{section}.{k}")
-    return replace(obj, **clean)
-
-
 def parse_pairs(items: list[str] | None, flag: str, usage: str) -> dict[str, str]:
     """['k=v', ...] -> {k: v}; an item without '=' is a UserError quoting ``usage``."""
     out = {}
@@ -94,56 +62,105 @@ def parse_sets(sets: list[str] | None) -> dict[str, str]:
     return parse_pairs(sets, "--set", "use key=value, e.g. --set train.iters=500")
 
 
+def read_toml(config_file: str | Path) -> dict[str, Any]:
+    """The tables of a TOML config file; a missing or malformed file is a UserError."""
+    path = Path(config_file)
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"config file {path} not found") from None
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"config file {path} is not valid TOML: {e}") from None
+    unknown = [k for k, v in data.items() if isinstance(v, dict) and k not in SECTIONS]
+    if unknown:
+        raise UserError(f"config file {path}: unknown table [{unknown[0]}]; use "
+                        f"{', '.join(f'[{s}]' for s in SECTIONS)}")
+    return data
+
+
+def _section_of(key: str, train_fields: set[str], method_name: str | None) -> tuple[str, str]:
+    """('train' | 'method' | 'backbone', name) of a --set key; a bare key is the core's
+    setting if it is one, else the method's."""
+    section, _, name = key.rpartition(".")
+    if section == "":
+        section = "train" if name in train_fields else "method"
+    if method_name is not None and section == method_name:
+        section = "method"
+    if section not in SECTIONS:
+        raise UserError(f"unknown section '{section}' in '{key}': use train.KEY, method.KEY or "
+                        "backbone.KEY")
+    return section, name
+
+
 def resolve(method_cls, backbone: str, config_file: str | None = None, sets: list[str] | None = None,
             **train_overrides: Any) -> tuple[TrainConfig, Any]:
-    """TrainConfig and the method's config for ``backbone``, with every override applied."""
+    """TrainConfig and the method's config for ``backbone``, with every override applied
+    (``backbone.`` keys are :func:`backbone_settings`' to check)."""
     train = replace(TrainConfig(), **method_cls.default_train(backbone))
     method = method_cls.default_config(backbone)
     layers: list[dict[str, Any]] = []
     if config_file:
-        path = Path(config_file)
-        try:
-            data = tomllib.loads(path.read_text())
-        except FileNotFoundError:
-            raise UserError(f"config file {path} not found") from None
-        except tomllib.TOMLDecodeError as e:
-            raise UserError(f"config file {path} is not valid TOML: {e}") from None
+        data = read_toml(config_file)
         layers.append({f"train.{k}": v for k, v in data.get("train", {}).items()})
         layers.append({f"method.{k}": v for k, v in data.get("method", {}).items()})
     layers.append({f"train.{k}": v for k, v in train_overrides.items() if v is not None})
     layers.append(parse_sets(sets))
     train_fields = {f.name for f in fields(TrainConfig)}
     for layer in layers:
-        t_up, m_up = {}, {}
+        up: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
         for key, v in layer.items():
-            section, _, name = key.rpartition(".")
-            if section == "":  # bare key: core setting if it is one, else the method's
-                section = "train" if name in train_fields else "method"
-            if section == "train":
-                t_up[name] = v
-            elif section in ("method", method_cls.name):
-                m_up[name] = v
-            else:
-                raise UserError(f"unknown section '{section}' in '{key}': use train.KEY or method.KEY")
-        train = _apply(train, t_up, "train")
-        method = _apply(method, m_up, "method")
+            section, name = _section_of(key, train_fields, method_cls.name)
+            up[section][name] = v
+        train = apply(train, up["train"], "train")
+        method = apply(method, up["method"], "method")
     return train, method
+
+
+def backbone_settings(backbone_cls: type[Backbone], config_file: str | None = None,
+                      sets: list[str] | None = None,
+                      only_backbone: bool = False) -> BackboneSettings:
+    """The backbone's ``Settings``: declared defaults < TOML ``[backbone]`` < ``--set
+    backbone.KEY=VALUE``. ``only_backbone``: other sections are an error (eval, sample and
+    bench configure no training)."""
+    settings = backbone_cls.Settings()
+    layers = []
+    if config_file:
+        layers.append(read_toml(config_file).get("backbone", {}))
+    pairs = parse_sets(sets)
+    ups = {}
+    for key, v in pairs.items():
+        section, name = _section_of(key, set(), None) if "." in key else ("", key)
+        if section != "backbone":
+            if only_backbone:
+                raise UserError(f"--set {key}: only backbone.KEY settings apply here, e.g. "
+                                "--set backbone.resolution=512")
+            continue
+        ups[name] = v
+    layers.append(ups)
+    for layer in layers:
+        settings = apply(settings, layer, "backbone")
+    return settings
 
 
 def config_hash(payload: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def run_payload(method: str, backbone: str, train: TrainConfig, method_cfg, teacher: str) -> dict[str, Any]:
+def run_payload(method: str, backbone: Backbone, train: TrainConfig, method_cfg,
+                teacher_weights: str | None = None) -> dict[str, Any]:
     """What identifies a training run; its hash names the run directory.
 
-    The package version is part of it: a release that changes a method's maths trains anew
-    instead of silently continuing (or reusing) a run made by the previous code.
+    The backbone's settings that change results are part of it, and so is the identity of
+    the weights it loads (:meth:`Backbone.teacher_id`): a different model never reuses a
+    finished run. The package version is part of it: a release that changes a method's
+    maths trains anew instead of silently continuing (or reusing) a run made by the
+    previous code.
     """
     from cdmbench import __version__
 
     t = config_to_dict(train)
     for k in ("device", "threads", "log_every", "ckpt_every", "on_nan", "shard"):  # do not change results
         t.pop(k, None)
-    return {"method": method, "backbone": backbone, "train": t, "method_config": config_to_dict(method_cfg),
-            "teacher": teacher, "cdmbench": __version__}
+    return {"method": method, "backbone": backbone.name,
+            "backbone_settings": backbone.run_settings(), "train": t, "method_config": config_to_dict(method_cfg),
+            "teacher": backbone.teacher_id(teacher_weights), "cdmbench": __version__}

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,6 +36,7 @@ from cdmbench.metrics.base import EvalSet, Metric
 from cdmbench.metrics.latency import make_timer
 from cdmbench.registry import METRICS
 from cdmbench.results import Record, ResultStore, make_record
+from cdmbench.settings import as_dict
 
 
 @dataclass
@@ -80,30 +82,41 @@ def compile_candidate(backbone: Backbone, cand: Candidate, prompts: Sequence[Pro
 
 
 def teacher_candidate(backbone: Backbone, weights: str | None = None) -> Candidate:
-    from cdmbench.training.run import teacher_id
-
-    tid = teacher_id(backbone, weights)
+    """The backbone's teacher at its reference guidance, named by its weights' identity."""
+    tid = backbone.teacher_id(weights)
     model = backbone.load_teacher(weights)
-    w = backbone.default_teacher_cfg
+    w = backbone.default_teacher_guidance
     return Candidate("teacher", f"teacher-{tid.split(':')[-1][:12]}", tid, model,
                      lambda n: SamplerSpec(flow.uniform_schedule(n, backbone.shift), guidance=w))
 
 
 def run_candidates(runs_root: str | Path, backbone: Backbone, methods: Sequence[str] | None = None,
                    device: str = "cpu") -> list[Candidate]:
-    """The newest finished run of each method under ``runs_root/<backbone>``."""
+    """The newest finished run of each method under ``runs_root/<backbone>`` trained with
+    this backbone's settings (those that change results)."""
     root = Path(runs_root) / backbone.name
     newest: dict[str, Path] = {}
+    mine = backbone.run_settings()
     for info in sorted(root.glob("*/run.json"), key=lambda p: p.stat().st_mtime) if root.is_dir() else []:
         method = info.parent.name.rsplit("-", 1)[0]
-        if methods is None or method in methods:
+        if (methods is None or method in methods) and _run_settings(backbone, info) == mine:
             newest[method] = info.parent
     if methods is not None:
         missing = [m for m in methods if m != "teacher" and m not in newest]
         if missing:
-            raise UserError(f"no finished run of {', '.join(missing)} on {backbone.name} under {runs_root}; "
-                            f"train it first: cdmbench train {missing[0]} --backbone {backbone.name}")
+            raise UserError(f"no finished run of {', '.join(missing)} on {backbone.name} with "
+                            f"these backbone settings under {runs_root}; train it first: "
+                            f"cdmbench train {missing[0]} --backbone {backbone.name}")
     return candidates_from_dirs([newest[m] for m in sorted(newest)], device)
+
+
+def _run_settings(backbone: Backbone, run_json: Path) -> dict[str, Any] | None:
+    """The hashed backbone settings a finished run was trained with (None if unreadable)."""
+    try:
+        stored = json.loads(run_json.read_text()).get("backbone_settings") or {}
+        return as_dict(type(backbone).make_settings(stored), hashed_only=True)
+    except (json.JSONDecodeError, UserError, TypeError):
+        return None
 
 
 def candidates_from_dirs(run_dirs: Sequence[Path], device: str = "cpu") -> list[Candidate]:
@@ -116,18 +129,6 @@ def candidates_from_dirs(run_dirs: Sequence[Path], device: str = "cpu") -> list[
         out.append(Candidate(r.info["method"], Path(run_dir).name, "sha256:" + r.info["student_sha256"][:16],
                              r.student, lambda n, r=r: r.method.sampler(n, r.backbone.shift)))
     return out
-
-
-def default_batch_size(backbone: str) -> int:
-    """Generation batch when none is given: digits' tiny latents go 256 at a time."""
-    return 256 if backbone == "digits" else 8
-
-
-def default_metrics(backbone: str) -> list[str]:
-    """What `cdmbench eval` scores when --metrics is not given."""
-    if backbone == "digits":
-        return ["fd_digits", "prompt_acc", "precision_recall", "latency"]
-    return ["fid", "clip_score", "precision_recall", "latency"]
 
 
 # --------------------------------------------------------------------------- generation

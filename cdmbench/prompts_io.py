@@ -44,11 +44,11 @@ import json
 import os
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from cdmbench.backbones.base import Backbone, Prompt
 from cdmbench.errors import UserError
 
 PACKAGE = "cdmbench.prompts"
@@ -58,11 +58,27 @@ TEXT_KEYS = ("text", "prompt", "caption")  # jsonl fields, in order of preferenc
 TEXT_COLUMNS = ("prompt", "text", "caption", "prompts")  # csv columns, matched in any case
 _SUFFIXES = ".txt, .jsonl, .json, .csv or .tsv"
 
+
+@dataclass
+class Prompt:
+    id: str
+    text: str
+    label: int | None = None  # the class on class-conditional backbones
+
+
+class PromptSource(Protocol):
+    """What ``default`` reads prompts from: a backbone (its test prompts, named after it)."""
+
+    name: str
+
+    def prompts(self, split: str = "train") -> list[Prompt]: ...
+
+
 # An item read from a file: (where it is, e.g. "line 3", for error messages; the prompt).
 _Item = tuple[str, Prompt]
 
 
-def load_prompt_set(name_or_path: str | os.PathLike, backbone: Backbone | None = None,
+def load_prompt_set(name_or_path: str | os.PathLike, backbone: PromptSource | None = None,
                     limit: int | None = None, *, fmt: str | None = None,
                     captions_per_image: int | None = 1) -> tuple[str, list[Prompt]]:
     """(set id, prompts) of a packaged set name or a prompt file; see the module docstring.
@@ -94,7 +110,7 @@ def prompt_set_hash(prompts: Sequence[Prompt]) -> str:
 
 
 # ------------------------------------------------------------------------ packaged sets
-def _packaged(name: str, backbone: Backbone | None) -> tuple[str, list[Prompt]]:
+def _packaged(name: str, backbone: PromptSource | None) -> tuple[str, list[Prompt]]:
     """The prompts of ``digits``, ``general`` or ``default``."""
     if name == "default":
         if backbone is None:

@@ -65,6 +65,17 @@ def bad_inputs(tmp: Path, corrupt: Path) -> list[tuple[list[str], str]]:
         (["train", "cdm", "--set", "iters"], "use key=value"),
         (["train", "cdm", "--set", "train.iters=abc"], "bad value"),
         (["train", "cdm", "--set", "foo.bar=1"], "unknown section"),
+        (["train", "cdm", "--backbone", "tiny-sd3", "--set", "backbone.resolutoin=64"],
+         "did you mean 'backbone.resolution'"),
+        (["train", "cdm", "--set", "backbone.teacher_steps=lots"], "backbone.teacher_steps"),
+        (["train", "cdm", "--backbone", "tiny-sd3", "--set", "backbone.resolution=100"], "multiple of 16"),
+        (["train", "cdm", "--backbone", "tiny-sd3", "--set", "backbone.dtype=float8"], "use one of"),
+        (["eval", "--set", "train.iters=3"], "only backbone.KEY"),
+        (["eval", "--set", "backbone.eval_bach=3"], "did you mean 'backbone.eval_batch'"),
+        (["sample", "--set", "backbone.teacher_stps=3"], "did you mean 'backbone.teacher_steps'"),
+        (["sample", "--run", str(corrupt), "--set", "backbone.teacher_steps=3"], "--set with --run"),
+        (["bench", "--set", "method.n_max=3"], "only backbone.KEY"),
+        (["teacher", "--backbone", "tiny-sd3"], "pretrained teacher"),
         (["train", "cdm", "--config", str(tmp / "missing.toml")], "not found"),
         (["train", "cdm", "--config", str(bad_toml)], "not valid TOML"),
         (["train", "cdm", "--on-nan", "ignore"], "--on-nan"),
@@ -122,6 +133,56 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path, corrupt_run, capsys, monkeypa
         assert "Traceback" not in err
     after = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     assert after == before  # nothing written, nothing lost
+
+
+def _run_dirs(root: Path) -> set[Path]:
+    return set(root.glob("tiny-sd3/cdm-*"))
+
+
+def test_backbone_settings_reach_the_run_and_its_hash(tmp_path, capsys):
+    """`--set backbone.KEY=VALUE` and TOML [backbone] configure the backbone; the settings
+    are part of the run's identity and `load_run` rebuilds the backbone with them."""
+    from cdmbench.training.run import load_run
+
+    runs = tmp_path / "runs"
+    base = ["train", "cdm", "--backbone", "tiny-sd3", "--iters", "2", "--batch", "2", "--out", str(runs),
+            "--set", "method.n_max=2"]
+    code, _, err = run(capsys, *base, "--set", "backbone.gradient_checkpointing=true",
+                       "--set", "backbone.resolution=64")
+    assert code == 0, err
+    (with_settings,) = _run_dirs(runs)
+    info = json.loads((with_settings / "run.json").read_text())
+    assert info["backbone_settings"]["gradient_checkpointing"] is True
+    assert info["backbone_settings"]["resolution"] == 64
+    assert info["teacher"] == "tiny-sd3-default"
+    code, _, err = run(capsys, *base)
+    assert code == 0, err
+    assert len(_run_dirs(runs)) == 2  # without those settings: another run directory
+
+    cfg = tmp_path / "run.toml"
+    cfg.write_text("[backbone]\nresolution = 128\n")
+    code, _, err = run(capsys, *base, "--config", str(cfg))
+    assert code == 0, err
+    (big,) = [d for d in _run_dirs(runs)
+              if json.loads((d / "run.json").read_text())["backbone_settings"]["resolution"] == 128]
+    loaded = load_run(big)
+    assert loaded.backbone.settings.resolution == 128 and loaded.backbone.latent_shape == (16, 16, 16)
+    assert load_run(with_settings).backbone.latent_shape == (16, 8, 8)
+
+    # eval finds the run trained with the backbone settings it is given, and only that one
+    code, out, err = run(capsys, "eval", "--backbone", "tiny-sd3", "--runs", str(runs), "--methods", "cdm",
+                         "--metrics", "latency", "--steps", "1", "--num-samples", "1",
+                         "--samples", str(tmp_path / "samples"), "--results", str(tmp_path / "results"),
+                         "--prompts", str(_two_prompts(tmp_path)), "--set", "backbone.resolution=128")
+    assert code == 0, err
+    recs = [json.loads(line) for line in (tmp_path / "results" / "records.jsonl").read_text().splitlines()]
+    assert {r["run_id"] for r in recs} == {big.name}
+
+
+def _two_prompts(tmp: Path) -> Path:
+    p = tmp / "two.txt"
+    p.write_text("a red bicycle\na lighthouse at dusk\n")
+    return p
 
 
 def test_debug_shows_traceback(capsys):

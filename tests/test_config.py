@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cdmbench.config import parse_sets, parse_steps, resolve
+from cdmbench.config import backbone_settings, parse_sets, parse_steps, resolve
 from cdmbench.errors import UserError
 from cdmbench.registry import METHODS
 from cdmbench.training.core import TrainConfig
@@ -200,3 +200,43 @@ def test_resolve_toml_unknown_key_and_errors(tmp_path):
         resolve(CDM, "digits", config_file=str(bad_toml))
     with pytest.raises(UserError, match="not found"):
         resolve(CDM, "digits", config_file=str(tmp_path / "missing.toml"))
+
+
+# ------------------------------------------------------------------------ backbone section
+def test_backbone_settings_layers_and_coercion(tmp_path):
+    from cdmbench.backbones.sd3 import SD3
+
+    cfg = tmp_path / "run.toml"
+    cfg.write_text("[train]\niters = 3\n\n[backbone]\nresolution = 512\ndrop_t5 = true\n"
+                   "teacher_guidance = 5\n")
+    s = backbone_settings(SD3, str(cfg), ["backbone.resolution=768", "train.iters=4", "n_max=2"])
+    assert (s.resolution, s.drop_t5, s.teacher_guidance) == (768, True, 5)  # --set beats the file
+    assert type(s.resolution) is int and s.max_sequence_length == 256  # declared default kept
+    # the backbone section does not leak into train/method, and theirs not into it
+    train, method = resolve(CDM, "sd3", config_file=str(cfg), sets=["backbone.resolution=768"])
+    assert train.iters == 3 and not hasattr(method, "resolution")
+    with pytest.raises(UserError, match="did you mean 'backbone.drop_t5'"):
+        backbone_settings(SD3, sets=["backbone.drop_t4=1"])
+    with pytest.raises(UserError, match="only backbone.KEY"):
+        backbone_settings(SD3, sets=["train.iters=4"], only_backbone=True)
+    with pytest.raises(UserError, match="backbone.drop_t5"):
+        backbone_settings(SD3, sets=["backbone.drop_t5=maybe"])
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[backbone]\nresolutoin = 64\n")
+    with pytest.raises(UserError, match="did you mean 'backbone.resolution'"):
+        backbone_settings(SD3, str(bad))
+    bad.write_text("[backbones]\nresolution = 64\n")
+    with pytest.raises(UserError, match="unknown table"):
+        backbone_settings(SD3, str(bad))
+
+
+def test_unhashed_settings_stay_out_of_the_run_payload():
+    from cdmbench.backbones import get_backbone
+    from cdmbench.config import run_payload
+
+    a, b = get_backbone("digits"), get_backbone("digits", eval_batch=7, eval_samples=3)
+    pa = run_payload("cdm", a, TrainConfig(), CDMConfig())
+    assert pa == run_payload("cdm", b, TrainConfig(), CDMConfig())
+    assert pa["backbone_settings"] == {"teacher_steps": 50, "teacher_guidance": 2.0}
+    c = get_backbone("digits", teacher_guidance=3.0)
+    assert run_payload("cdm", c, TrainConfig(), CDMConfig()) != pa

@@ -9,9 +9,9 @@ import torch
 from cdmbench import flow
 from cdmbench.backbones import digits as D
 from cdmbench.backbones import get_backbone
-from cdmbench.backbones.base import Prompt
 from cdmbench.cli import main
 from cdmbench.metrics.digits import DigitsJudge, quantize
+from cdmbench.prompts_io import Prompt
 
 
 def test_split_is_fixed_disjoint_and_stratified():
@@ -94,6 +94,14 @@ def test_quantize_matches_png_levels():
     q = quantize(x)
     levels = ((q + 1) * 127.5).round()
     assert torch.allclose((q + 1) * 127.5, levels, atol=1e-4) and levels.max() <= 255
+
+
+def test_digits_settings_are_its_evaluation_defaults():
+    s = get_backbone("digits").settings
+    assert (s.eval_batch, s.eval_samples, s.eval_samples_quick, s.eval_prompts) == (256, 200, 50, "digits")
+    assert s.eval_metrics == ("fd_digits", "prompt_acc", "precision_recall", "latency")
+    assert (s.teacher_steps, s.teacher_guidance) == (50, 2.0)
+    assert get_backbone("digits").trains_teacher and not get_backbone("tiny-sd3").trains_teacher
 
 
 def test_sample_command_writes_grid(tmp_path, capsys):

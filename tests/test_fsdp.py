@@ -251,6 +251,7 @@ def _worker(out: Path) -> None:
     if rank == 0:
         teacher = _backbone().load_teacher()
         save_file({k: v.contiguous() for k, v in teacher.state_dict().items()}, str(out / "teacher.safetensors"))
+    dist.barrier()  # no rank tears gloo down while another still works (an abort at exit under load)
     dist.destroy_process_group()
 
 

@@ -347,3 +347,20 @@ def test_not_utf8(tmp_path):
 
 def test_unknown_format(tmp_path):
     user_error(write(tmp_path, "a.txt", "a red apple\n"), "unknown prompt format", fmt="yaml")
+
+
+def test_prompts_do_not_import_backbones():
+    """Dependencies point down: the prompt module imports no backbone (nor torch)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, cdmbench.prompts_io as p; "
+            "print(any(m.startswith('cdmbench.backbones') or m == 'torch' for m in sys.modules), "
+            "p.Prompt.__module__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "cdmbench.prompts_io"]
+    from cdmbench.backbones import Prompt as FromBackbones
+    from cdmbench.prompts_io import Prompt
+
+    assert FromBackbones is Prompt
+

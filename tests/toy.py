@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
@@ -22,7 +23,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cdmbench import flow
-from cdmbench.backbones.base import Backbone, Cond, Prompt
+from cdmbench.backbones.base import Backbone, BackboneSettings, Cond
+from cdmbench.prompts_io import Prompt
+from cdmbench.settings import setting
 
 NUM_CLASSES = 2
 NULL_CLASS = 2
@@ -86,12 +89,24 @@ def _trained_teacher(iters: int = 800, batch: int = 256, seed: int = 0) -> ToyNe
     return net.eval().requires_grad_(False)
 
 
+@dataclass(frozen=True)
+class ToySettings(BackboneSettings):
+    teacher_steps: int = 32
+    teacher_guidance: float = 1.0
+    eval_metrics: tuple[str, ...] = setting(("latency",), hashed=False)
+
+
 class Toy(Backbone):
     """The 2-D mixture backbone (latent_shape (2,), shift 1, null class 2)."""
 
-    def __init__(self, device: str = "cpu", name: str = "toy") -> None:
-        super().__init__(name=name, latent_shape=(2,), shift=1.0, default_teacher_steps=32,
-                         default_teacher_cfg=1.0, device=device)
+    name = "toy"
+    Settings = ToySettings
+    latent_shape = (2,)
+    shift = 1.0
+
+    def __init__(self, device: str = "cpu", name: str = "toy", settings=None, **kwargs) -> None:
+        super().__init__(device, settings, **kwargs)
+        self.name = name
 
     def load_teacher(self, weights: str | None = None) -> nn.Module:
         net = copy.deepcopy(_trained_teacher())
@@ -109,14 +124,16 @@ class Toy(Backbone):
         return Cond({"label": labels.to(self.device)},
                     {"label": torch.tensor([NULL_CLASS], device=self.device)})
 
-    def random_cond(self, n: int, generator: torch.Generator) -> Cond:
-        return self.encode_labels(torch.randint(0, NUM_CLASSES, (n,), generator=generator))
-
     def forward(self, model: nn.Module, x: Tensor, s: Tensor, cond: dict[str, Tensor]) -> Tensor:
         return model(x, flow.timestep(s), cond["label"])
 
     def decode(self, latents: Tensor) -> Tensor:
-        return latents.float()
+        """Each point as an 8x8 grey image of [-3, 3]^2: a Gaussian splat where it lies."""
+        grid = torch.linspace(-3.0, 3.0, 8, device=latents.device)
+        gy, gx = torch.meshgrid(-grid, grid, indexing="ij")  # row 0 at the top: y = +3
+        p = latents.float()[:, :, None, None]
+        d2 = (gx - p[:, 0]) ** 2 + (gy - p[:, 1]) ** 2  # [B, 8, 8]
+        return torch.exp(-d2 / (2 * 0.5**2))[:, None]
 
     def real_latents(self, split: str = "train") -> tuple[Tensor, Tensor]:
         return sample_mixture(4096, torch.Generator().manual_seed(1 if split == "train" else 2))

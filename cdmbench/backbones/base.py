@@ -1,27 +1,29 @@
 """The backbone contract: one family of models behind a small interface.
 
 Methods, samplers and metrics only talk to a model through a :class:`Backbone`, so every
-method and metric works unchanged on `digits`, `sd3` and `longcat`.
+method and metric works unchanged on `digits`, `sd3` and `longcat`. A backbone owns its
+settings (a typed ``Settings`` dataclass, reachable from TOML ``[backbone]`` and
+``--set backbone.KEY=VALUE``) and its evaluation defaults; nothing outside the backbone
+branches on its name.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+import hashlib
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, is_dataclass
 from pathlib import Path
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from cdmbench import flow
-
-
-@dataclass
-class Prompt:
-    id: str
-    text: str
-    label: int | None = None  # the class on class-conditional backbones
+from cdmbench.errors import UserError
+from cdmbench.prompts_io import Prompt
+from cdmbench.settings import apply, as_dict, setting
 
 
 @dataclass
@@ -55,24 +57,95 @@ class Cond:
                     {k: v.to(device) for k, v in self.null.items()})
 
 
-@dataclass
+@dataclass(frozen=True)
+class BackboneSettings:
+    """What every backbone declares: its teacher's reference sampler and how `cdmbench eval`
+    and `bench` run on it. A backbone's ``Settings`` subclasses this, changing defaults and
+    adding its own fields; ``hashed=False`` marks those that do not change a run's result."""
+
+    teacher_steps: int = 50  # steps of the teacher's reference Euler sampler
+    teacher_guidance: float = 1.0  # its CFG scale
+    eval_batch: int = setting(8, hashed=False)  # images per generation call in eval
+    eval_samples: int = setting(1, hashed=False)  # samples per prompt, full evaluation
+    eval_samples_quick: int = setting(1, hashed=False)  # samples per prompt, `bench --quick`
+    eval_metrics: tuple[str, ...] = setting(  # what eval scores without --metrics
+        ("fid", "clip_score", "precision_recall", "latency"), hashed=False)
+    eval_prompts: str = setting("default", hashed=False)  # prompt set or file of eval
+    fid_reference: str = setting("", hashed=False)  # FID reference folder; "": the real data
+
+    def __post_init__(self) -> None:
+        for name in ("teacher_steps", "eval_batch", "eval_samples", "eval_samples_quick"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise UserError(f"backbone.{name} must be a whole number >= 1, "
+                                f"got {getattr(self, name)!r}")
+
+
 class Backbone:
-    """Base class; subclasses set the class attributes and implement the abstract methods."""
+    """Base class. A subclass sets ``name`` and ``latent_shape`` (``shift`` where its
+    schedules are shifted), declares its ``Settings`` (a frozen dataclass subclassing
+    :class:`BackboneSettings`) and implements ``load_teacher``, ``prompts``, ``encode``,
+    ``forward`` and ``decode``; everything else has a working default.
+
+    Construction: ``Backbone(device, settings)`` with ``settings`` a ``Settings`` instance
+    or a mapping of its fields (values as text are coerced), and/or keyword settings.
+    """
 
     name: str = "backbone"
+    Settings: ClassVar[type[BackboneSettings]] = BackboneSettings
     latent_shape: tuple[int, ...] = ()
     shift: float = 1.0  # SD3 time shift applied to every schedule
-    default_teacher_steps: int = 50
-    default_teacher_cfg: float = 1.0
-    device: str = "cpu"
     dtype: torch.dtype = torch.float32
-    fsdp_wrap_classes: tuple[type, ...] = field(default_factory=tuple)
+    fsdp_wrap_classes: tuple[type, ...] = ()
     # convolutional parts (the VAE) in channels-last memory format; None: on CUDA only, where
     # cuDNN's NHWC kernels are the fast ones
     channels_last: bool | None = None
+    trains_teacher: ClassVar[bool] = False  # `cdmbench teacher` can build its weights
+
+    def __init__(self, device: str = "cpu",
+                 settings: BackboneSettings | Mapping[str, Any] | None = None,
+                 **kwargs: Any) -> None:
+        self.device = str(device)
+        self.settings = self.make_settings(settings, **kwargs)
+
+    @classmethod
+    def make_settings(cls, settings: BackboneSettings | Mapping[str, Any] | None = None,
+                      **kwargs: Any) -> BackboneSettings:
+        """``Settings`` from an instance, a mapping and/or keywords (later ones win)."""
+        if isinstance(settings, cls.Settings):
+            base, given = settings, {}
+        else:  # a mapping, another backbone's Settings (its shared fields), or None
+            base = cls.Settings()
+            given = as_dict(settings) if is_dataclass(settings) else dict(settings or {})
+        updates = {**given, **kwargs}
+        return apply(base, {k: _plain(v) for k, v in updates.items()}, "backbone")
+
+    @property
+    def default_teacher_steps(self) -> int:
+        return self.settings.teacher_steps
+
+    @property
+    def default_teacher_guidance(self) -> float:
+        return self.settings.teacher_guidance
+
+    def run_settings(self) -> dict[str, Any]:
+        """The settings that change what a run computes, as JSON values (part of its hash;
+        ``load_run`` rebuilds the backbone from them)."""
+        return as_dict(self.settings, hashed_only=True)
+
+    def teacher_id(self, weights: str | None = None) -> str:
+        """Identity of the weights ``load_teacher(weights)`` loads, for a run's hash: a
+        file's content hash, a folder's fingerprint (:func:`weights_fingerprint`)."""
+        return f"{self.name}-default" if weights is None else weights_fingerprint(weights)
 
     def use_channels_last(self) -> bool:
         return str(self.device).startswith("cuda") if self.channels_last is None else self.channels_last
+
+    def train_teacher_assets(self, out_dir: str | Path, *, seed: int = 0, iters: int | None = None,
+                             epochs: int | None = None, progress=None) -> str:
+        """Train this backbone's own teacher (and whatever its metrics need) into
+        ``out_dir``; returns a one-line summary. Only where ``trains_teacher``."""
+        raise UserError(f"backbone '{self.name}' loads a pretrained teacher; it has no teacher "
+                        "training of its own")
 
     # ---- models
     def load_teacher(self, weights: str | None = None) -> nn.Module:
@@ -93,6 +166,13 @@ class Backbone:
 
     def encode(self, prompts: Sequence[Prompt]) -> Cond:
         raise NotImplementedError
+
+    def random_cond(self, n: int, generator: torch.Generator) -> Cond:
+        """``n`` training prompts drawn uniformly with replacement, encoded (the trainer's
+        conditioning for each batch)."""
+        prompts = self.prompts("train")
+        idx = torch.randint(0, len(prompts), (n,), generator=generator).tolist()
+        return self.encode([prompts[i] for i in idx])
 
     # ---- the network as a velocity field
     def forward(self, model: nn.Module, x: Tensor, s: Tensor, cond: dict[str, Tensor]) -> Tensor:
@@ -138,8 +218,6 @@ class Backbone:
 
     def export(self, student: nn.Module, out_dir, sigmas: list[float], stochastic: bool = False) -> Path:
         """Write the student in its family's native format (diffusers layout where there is one)."""
-        from cdmbench.errors import UserError
-
         raise UserError(f"backbone '{self.name}' has no native export format; its student is the run's "
                         "student.safetensors")
 
@@ -152,6 +230,41 @@ class Backbone:
         given noise and prompt (text encoders, sequence length, guidance variant), as plain
         JSON values: content-keyed caches of teacher samples hash them. Subclasses extend it."""
         return {"name": self.name, "latent_shape": list(self.latent_shape), "shift": self.shift}
+
+
+def weights_fingerprint(spec: str | os.PathLike) -> str:
+    """Identity of weights named by ``spec``: ``sha256:`` + 16 hex digits of a file's content;
+    for a folder ``folder:`` + 16 hex digits of sha256 over the sorted (relative path, size,
+    mtime_ns) of every file under it (links followed, as loaders follow them); else the spec.
+
+    A folder is fingerprinted by its listing, not its bytes: reading tens of GB per run would
+    cost minutes, while any rewrite of a file changes its size or mtime. The error this
+    allows is a copy without preserved mtimes hashing anew, which costs a retrain, never a
+    wrong reuse.
+    """
+    from cdmbench.io import sha256_file
+
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return "sha256:" + sha256_file(path)[:16]
+    if path.is_dir():
+        rows = []
+        for root, _, files in os.walk(path, followlinks=True):
+            for f in files:
+                p = Path(root) / f
+                st = p.stat()
+                rows.append(f"{p.relative_to(path).as_posix()}\t{st.st_size}\t{st.st_mtime_ns}")
+        return "folder:" + hashlib.sha256("\n".join(sorted(rows)).encode()).hexdigest()[:16]
+    return os.fspath(spec)
+
+
+def _plain(value: Any) -> Any:
+    """A Python-side setting value as its plain form: dtypes by name, paths as text."""
+    if isinstance(value, torch.dtype):
+        return str(value).removeprefix("torch.")
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    return value
 
 
 def _sigma_rows(s: Tensor | float, x: Tensor) -> Tensor:

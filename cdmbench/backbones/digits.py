@@ -27,7 +27,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cdmbench import flow
-from cdmbench.backbones.base import Backbone, Cond, Prompt
+from cdmbench.backbones.base import Backbone, BackboneSettings, Cond
+from cdmbench.prompts_io import Prompt
+from cdmbench.settings import setting
 
 NUM_CLASSES = 10
 NULL_CLASS = NUM_CLASSES  # the unconditional input
@@ -170,18 +172,40 @@ def _load_safetensors(module: nn.Module, path: str | Path, what: str) -> nn.Modu
     return module.eval().requires_grad_(False)
 
 
+@dataclass(frozen=True)
+class DigitsSettings(BackboneSettings):
+    """Digits has no model options; its settings are the teacher's sampler and eval's defaults."""
+
+    teacher_steps: int = 50
+    teacher_guidance: float = 2.0  # measured: FD is lowest near w = 2 at 50 steps
+    eval_batch: int = setting(256, hashed=False)  # 64-value latents: 256 per call
+    eval_samples: int = setting(200, hashed=False)  # 2,000 samples: FD's noise floor is low
+    eval_samples_quick: int = setting(50, hashed=False)  # CI budget
+    eval_metrics: tuple[str, ...] = setting(
+        ("fd_digits", "prompt_acc", "precision_recall", "latency"), hashed=False)
+    eval_prompts: str = setting("digits", hashed=False)  # the ten class prompts
+
+
 class Digits(Backbone):
     """8x8 handwritten digits (scikit-learn), class-conditional MLP teacher."""
 
-    def __init__(self, device: str = "cpu") -> None:
-        super().__init__(
-            name="digits",
-            latent_shape=(1, 8, 8),
-            shift=1.0,  # 64-d data: no resolution shift
-            default_teacher_steps=50,
-            default_teacher_cfg=2.0,  # measured: FD is lowest near w = 2 at 50 steps
-            device=device,
-        )
+    name = "digits"
+    Settings = DigitsSettings
+    latent_shape = (1, 8, 8)
+    shift = 1.0  # 64-d data: no resolution shift
+    trains_teacher = True
+
+    def teacher_id(self, weights: str | None = None) -> str:
+        """The content hash of the teacher file (the shipped one by default)."""
+        return super().teacher_id(str(_asset_path(TEACHER_FILE)) if weights is None else weights)
+
+    def train_teacher_assets(self, out_dir: str | Path, *, seed: int = 0, iters: int | None = None,
+                             epochs: int | None = None, progress=None) -> str:
+        """Train the classifier and the teacher (:func:`build_assets`) into ``out_dir``."""
+        teacher = TeacherConfig(seed=seed, **({} if iters is None else {"iters": iters}))
+        clf = ClassifierConfig(seed=seed, **({} if epochs is None else {"epochs": epochs}))
+        acc = build_assets(out_dir, teacher, clf, progress)["classifier_test_accuracy"]
+        return f"classifier test accuracy {acc:.4f}; weights in {out_dir}"
 
     def load_teacher(self, weights: str | None = None) -> nn.Module:
         net = VelocityMLP()
@@ -200,9 +224,6 @@ class Digits(Backbone):
 
     def encode_labels(self, labels: Tensor) -> Cond:
         return Cond({"label": labels.to(self.device)}, {"label": torch.tensor([NULL_CLASS], device=self.device)})
-
-    def random_cond(self, n: int, generator: torch.Generator) -> Cond:
-        return self.encode_labels(torch.randint(0, NUM_CLASSES, (n,), generator=generator))
 
     def forward(self, model: nn.Module, x: Tensor, s: Tensor, cond: dict[str, Tensor]) -> Tensor:
         return model(x, flow.timestep(s), cond["label"])

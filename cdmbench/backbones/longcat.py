@@ -64,34 +64,46 @@ the chat-template special tokens. Resolution 64 (latents [16, 8, 8]), 4 teacher 
 from __future__ import annotations
 
 import math
-import os
-import re
-from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
+from dataclasses import dataclass
 from functools import lru_cache
-from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
+from diffusers import (
+    AutoencoderKL,
+    FlowMatchEulerDiscreteScheduler,
+    LongCatImagePipeline,
+    LongCatImageTransformer2DModel,
+)
+from diffusers.models.transformers.transformer_longcat_image import (
+    LongCatImageSingleTransformerBlock,
+    LongCatImageTransformerBlock,
+)
 from torch import Tensor, nn
+from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
 
 from cdmbench import flow
-from cdmbench.backbones.base import Backbone, Cond, Prompt
+from cdmbench.backbones.base import Cond
+from cdmbench.backbones.diffusers_base import (
+    DiffusersBackbone,
+    DiffusersSettings,
+    TinyTwin,
+    param_dtype,
+    transformers_major,
+)
 from cdmbench.errors import UserError
 
 HUB_ID = "meituan-longcat/LongCat-Image"
 ENV_VAR = "CDMBENCH_LONGCAT"
-COMPONENTS = ("scheduler", "vae", "text_encoder", "tokenizer", "transformer")
 TEXT_TOKENS = 512  # LongCatImagePipeline.tokenizer_max_length: prompt length, image id offset
-DEFAULT_STEPS = 50  # LongCatImagePipeline.__call__(num_inference_steps=50)
-DEFAULT_CFG = 4.5  # LongCatImagePipeline.__call__(guidance_scale=4.5)
-PROMPT_SET = "general"
-FETCH_HINT = (f"fetch them with `hf download {HUB_ID} --local-dir DIR` and pass weights=DIR "
-              f"(or set {ENV_VAR}=DIR)")
-
-
-class LongCatWeightsError(UserError, FileNotFoundError):
-    """LongCat-Image weights are missing; the one-line message says what to fetch."""
+CLASSES: dict[str, Any] = {
+    "scheduler": FlowMatchEulerDiscreteScheduler,
+    "vae": AutoencoderKL,
+    "text_encoder": Qwen2_5_VLForConditionalGeneration,
+    "tokenizer": Qwen2Tokenizer,
+    "transformer": LongCatImageTransformer2DModel,
+}
 
 
 # --------------------------------------------------------------------------- conventions
@@ -123,314 +135,105 @@ def shift_for(scheduler_config: Mapping[str, Any], seq_len: int) -> float:
     return float(math.exp(mu)) if kind == "exponential" else float(mu)
 
 
-def default_dtype(device: str | torch.device) -> torch.dtype:
-    """bf16 on GPU, float32 elsewhere."""
-    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-
-
-def _hub_id(spec: str) -> bool:
-    """``owner/name`` as on the Hugging Face hub (a path that does not exist is not one)."""
-    return re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", spec) is not None
-
-
-def resolve_weights(weights: str | os.PathLike | None = None) -> str:
-    """The weights source: ``weights``, else ``$CDMBENCH_LONGCAT``, else the hub id.
-
-    A local directory must be a diffusers pipeline folder (``model_index.json`` and the
-    component subfolders); a hub id must be reachable, or cached when ``HF_HUB_OFFLINE=1``.
-    Anything else raises :class:`LongCatWeightsError` at once, in one line.
-    """
-    spec = os.fspath(weights) if weights is not None else os.environ.get(ENV_VAR) or HUB_ID
-    path = Path(spec).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise LongCatWeightsError(f"LongCat-Image weights at {path} are a file, not a "
-                                      f"diffusers pipeline directory; {FETCH_HINT}")
-        missing = [c + "/" for c in COMPONENTS if not (path / c).is_dir()]
-        if not (path / "model_index.json").is_file():
-            missing.insert(0, "model_index.json")
-        if missing:
-            raise LongCatWeightsError(f"LongCat-Image weights in {path} lack {', '.join(missing)}; "
-                                      f"{FETCH_HINT}")
-        return str(path)
-    if not _hub_id(spec):
-        raise LongCatWeightsError(f"LongCat-Image weights not found: {spec} does not exist; "
-                                  f"{FETCH_HINT}")
-    from huggingface_hub import hf_hub_download
-
-    try:
-        hf_hub_download(spec, "model_index.json")
-    except Exception as e:  # offline and not cached, unknown repo, no network
-        raise LongCatWeightsError(f"LongCat-Image weights '{spec}' are not available "
-                                  f"({type(e).__name__}); {FETCH_HINT}") from None
-    return spec
-
-
 # ------------------------------------------------------------------------------ backbone
-class LongCat(Backbone):
+@dataclass(frozen=True)
+class LongCatSettings(DiffusersSettings):
+    """LongCat's settings: the shared diffusers ones plus its guidance variant."""
+
+    resolution: int | tuple[int, int] = 1024  # pixels: a side, or (height, width)
+    cfg_renorm: bool = False  # the pipeline's CFG renorm in velocity (off: plain CFG)
+    cfg_renorm_min: float = 0.0  # lower clamp of the renorm scale (the pipeline's)
+    teacher_steps: int = 50  # LongCatImagePipeline.__call__(num_inference_steps=50)
+    teacher_guidance: float = 4.5  # LongCatImagePipeline.__call__(guidance_scale=4.5)
+
+
+class LongCat(DiffusersBackbone):
     """LongCat-Image (arXiv:2512.07584) through diffusers' ``LongCatImagePipeline``.
 
-    Args:
-        device: where models and conditions live.
-        weights: a diffusers pipeline directory or hub id (default ``$CDMBENCH_LONGCAT``,
-            else ``meituan-longcat/LongCat-Image``). Only configs are read here; the text
-            encoder, VAE and transformer load on first use.
-        resolution: image size in pixels, an int or (height, width), multiple of 16.
-        dtype: dtype of the teacher, text encoder and VAE (default bf16 on GPU, float32 on
-            CPU).
-        train_dtype: the student and its copies (fake score, EMA) are cast to it: float32
-            master weights by default; on GPU their forward then runs under bf16 autocast.
-        cfg_renorm: apply the pipeline's CFG renorm in :meth:`velocity` (off: plain CFG).
-        cfg_renorm_min: lower clamp of the renorm scale (the pipeline's ``cfg_renorm_min``).
-        gradient_checkpointing: enable it on students made by :meth:`make_student`.
+    Settings (:class:`LongCatSettings`): ``weights``, a diffusers pipeline directory or hub
+    id (default ``$CDMBENCH_LONGCAT``, else ``meituan-longcat/LongCat-Image``); only configs
+    are read at construction, the text encoder, VAE and transformer load on first use.
+    ``resolution``: an int or (height, width), a multiple of 16. ``cfg_renorm``: the
+    pipeline's CFG renorm in :meth:`velocity`. ``gradient_checkpointing``: on students
+    made by :meth:`make_student`.
     """
 
-    encode_batch = 8  # prompts per text-encoder call
+    name = "longcat"
+    Settings: ClassVar[type[LongCatSettings]] = LongCatSettings
+    label = "LongCat-Image"
+    hub_id = HUB_ID
+    weights_env = ENV_VAR
+    classes = CLASSES
+    fsdp_wrap_classes = (LongCatImageTransformerBlock, LongCatImageSingleTransformerBlock)
     decode_batch = 4  # images per VAE decode call
-    cache_size = 4096  # prompt embeddings kept (LRU, on CPU)
 
-    def __init__(self, device: str = "cpu", weights: str | os.PathLike | None = None,
-                 resolution: int | tuple[int, int] = 1024, dtype: torch.dtype | None = None,
-                 train_dtype: torch.dtype | None = torch.float32, cfg_renorm: bool = False,
-                 cfg_renorm_min: float = 0.0, gradient_checkpointing: bool = False) -> None:
-        from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
-
-        self.source = resolve_weights(weights)
-        sched = self._config(FlowMatchEulerDiscreteScheduler, "scheduler")
-        vae = self._config(AutoencoderKL, "vae")
-        self._setup("longcat", device, dtype, train_dtype, resolution, sched, vae, DEFAULT_STEPS,
-                    DEFAULT_CFG, cfg_renorm, cfg_renorm_min, gradient_checkpointing)
-
-    # ------------------------------------------------------------------------ set-up
-    def _setup(self, name: str, device: str, dtype: torch.dtype | None,
-               train_dtype: torch.dtype | None, resolution: int | tuple[int, int],
-               scheduler_config: Mapping[str, Any], vae_config: Mapping[str, Any],
-               steps: int, cfg: float, cfg_renorm: bool,
-               cfg_renorm_min: float, gradient_checkpointing: bool) -> None:
-        from diffusers.models.transformers.transformer_longcat_image import (
-            LongCatImageSingleTransformerBlock,
-            LongCatImageTransformerBlock,
-        )
-
-        h, w = (resolution, resolution) if isinstance(resolution, int) else resolution
-        f = 2 ** (len(vae_config["block_out_channels"]) - 1)  # the pipeline's vae_scale_factor
+    def __init__(self, device: str = "cpu", settings: Any = None, **kwargs: Any) -> None:
+        super().__init__(device, settings, **kwargs)
+        res = self.settings.resolution
+        h, w = (res, res) if isinstance(res, int) else res
+        self.scheduler_config = self.component_config("scheduler")
+        self.vae_config = self.component_config("vae")
+        f = 2 ** (len(self.vae_config["block_out_channels"]) - 1)  # the pipeline's vae_scale_factor
         if h % (2 * f) or w % (2 * f):
             raise UserError(f"LongCat resolution {h}x{w} must be a multiple of {2 * f} "
                             "(VAE scale x 2x2 packing)")
         self.height, self.width, self.vae_scale_factor = h, w, f
-        self.scheduler_config = dict(scheduler_config)
-        self.vae_config = dict(vae_config)
-        self.cfg_renorm, self.cfg_renorm_min = cfg_renorm, cfg_renorm_min
-        self.gradient_checkpointing = gradient_checkpointing
-        super().__init__(
-            name=name,
-            latent_shape=(int(vae_config.get("latent_channels", 16)), h // f, w // f),
-            shift=shift_for(scheduler_config, image_seq_len(h, w, f)),
-            default_teacher_steps=steps,
-            default_teacher_cfg=cfg,
-            device=str(device),
-            dtype=dtype or default_dtype(device),
-            fsdp_wrap_classes=(LongCatImageTransformerBlock, LongCatImageSingleTransformerBlock),
-        )
-        self.train_dtype = train_dtype or self.dtype
-        self._pipe = None
-        self._embeds: OrderedDict[str, Tensor] = OrderedDict()
-        self._null: Tensor | None = None
+        self.latent_shape = (int(self.vae_config.get("latent_channels", 16)), h // f, w // f)
+        self.shift = shift_for(self.scheduler_config, image_seq_len(h, w, f))
+        self._pipe: LongCatImagePipeline | None = None
         self._ids: dict[tuple, tuple[Tensor, Tensor]] = {}
-        self._prompt_list: list[Prompt] | None = None
-
-    def _config(self, cls: type, subfolder: str) -> dict[str, Any]:
-        try:
-            return dict(cls.load_config(self.source, subfolder=subfolder))
-        except Exception as e:
-            raise LongCatWeightsError(f"LongCat-Image {subfolder} config not found in "
-                                      f"{self.source} ({type(e).__name__}); {FETCH_HINT}") from None
-
-    def _pretrained(self, cls: type, subfolder: str, source: str | None = None, **kw: Any) -> Any:
-        src = source or self.source
-        try:
-            return cls.from_pretrained(src, subfolder=subfolder, **kw)
-        except Exception as e:
-            raise LongCatWeightsError(f"LongCat-Image {subfolder} could not be loaded from {src} "
-                                      f"({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
-                                      f"{FETCH_HINT}") from None
-
-    # ---------------------------------------------------------------- components (hooks)
-    def _build_transformer(self, weights: str | os.PathLike | None) -> nn.Module:
-        from diffusers import LongCatImageTransformer2DModel
-
-        if weights is None:
-            return self._pretrained(LongCatImageTransformer2DModel, "transformer",
-                                    torch_dtype=self.dtype)
-        path = Path(weights).expanduser()
-        if path.is_file():  # a state dict for this architecture (a saved student)
-            cfg = self._config(LongCatImageTransformer2DModel, "transformer")
-            model = LongCatImageTransformer2DModel.from_config(cfg)
-            return _load_state_file(model, path)
-        if (path / "model_index.json").is_file():
-            return self._pretrained(LongCatImageTransformer2DModel, "transformer", str(path),
-                                    torch_dtype=self.dtype)
-        if (path / "config.json").is_file():
-            return self._pretrained(LongCatImageTransformer2DModel, None, str(path),
-                                    torch_dtype=self.dtype)
-        raise LongCatWeightsError(f"LongCat-Image transformer weights not found at {path}; "
-                                  f"{FETCH_HINT}")
-
-    def _build_text_encoder(self) -> nn.Module:
-        import transformers
-        from transformers import Qwen2_5_VLForConditionalGeneration
-
-        key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
-        return self._pretrained(Qwen2_5_VLForConditionalGeneration, "text_encoder",
-                                **{key: self.dtype})
-
-    def _build_tokenizer(self) -> Any:
-        from transformers import Qwen2Tokenizer
-
-        return self._pretrained(Qwen2Tokenizer, "tokenizer")
-
-    def _build_vae(self) -> nn.Module:
-        from diffusers import AutoencoderKL
-
-        return self._pretrained(AutoencoderKL, "vae", torch_dtype=self.dtype)
-
-    def _place(self, model: nn.Module) -> nn.Module:
-        """Move to the backbone's dtype (only where needed: diffusers warns on every cast)
-        and device, in eval mode."""
-        if any(p.dtype != self.dtype for p in model.parameters() if p.is_floating_point()):
-            model = model.to(self.dtype)
-        return model.to(self.device).eval()
 
     # ------------------------------------------------------------------------ pipeline
     @property
-    def pipe(self) -> Any:
+    def pipe(self) -> LongCatImagePipeline:
         """A ``LongCatImagePipeline`` of this backbone's text encoder, tokenizer, VAE and
         scheduler (no transformer): the pipeline's own prompt encoding, packing and decoding."""
         if self._pipe is None:
-            from diffusers import FlowMatchEulerDiscreteScheduler, LongCatImagePipeline
-
-            te = self._place(self._build_text_encoder()).requires_grad_(False)
-            vae = self._place(self._build_vae()).requires_grad_(False)
-            if self.use_channels_last():
-                vae = vae.to(memory_format=torch.channels_last)
-            self._pipe = LongCatImagePipeline(
-                scheduler=FlowMatchEulerDiscreteScheduler.from_config(self.scheduler_config),
-                vae=vae, text_encoder=te, tokenizer=self._build_tokenizer(),
-                text_processor=None, transformer=None)
-            self._pipe.set_progress_bar_config(disable=True)
+            self._pipe = self.pipeline(None)
         return self._pipe
 
     @property
     def text_encoder(self) -> nn.Module:
-        return self.pipe.text_encoder
+        return self.component("text_encoder")
 
     @property
     def tokenizer(self) -> Any:
-        return self.pipe.tokenizer
+        return self.component("tokenizer")
 
     @property
     def vae(self) -> nn.Module:
-        return self.pipe.vae
+        return self.component("vae")
 
-    def pipeline(self, transformer: nn.Module) -> Any:
-        """A full diffusers ``LongCatImagePipeline`` around ``transformer`` (teacher or
-        student) sharing this backbone's components. It has no ``text_processor``: call it
+    def pipeline(self, transformer: nn.Module | None) -> LongCatImagePipeline:
+        """A diffusers ``LongCatImagePipeline`` around ``transformer`` (teacher, student or
+        None) sharing this backbone's components. It has no ``text_processor``: call it
         with ``enable_prompt_rewrite=False``."""
-        from diffusers import FlowMatchEulerDiscreteScheduler, LongCatImagePipeline
-
-        p = self.pipe
         pipe = LongCatImagePipeline(
             scheduler=FlowMatchEulerDiscreteScheduler.from_config(self.scheduler_config),
-            vae=p.vae, text_encoder=p.text_encoder, tokenizer=p.tokenizer, text_processor=None,
-            transformer=transformer)
+            vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer,
+            text_processor=None, transformer=transformer)
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
-    # -------------------------------------------------------------------------- models
-    def load_teacher(self, weights: str | os.PathLike | None = None) -> nn.Module:
-        """The frozen transformer: from the backbone's weights, or ``weights`` (a pipeline or
-        transformer directory, or a safetensors state dict of the same architecture)."""
-        return self._place(self._build_transformer(weights)).requires_grad_(False)
-
-    def make_student(self, teacher: nn.Module) -> nn.Module:
-        """A trainable copy of the teacher in ``train_dtype``."""
-        student = self.clone(teacher)
-        if _param_dtype(student) != self.train_dtype:
-            student = student.to(self.train_dtype)
-        if self.gradient_checkpointing:
-            student.enable_gradient_checkpointing()
-        return student.requires_grad_(True).train()
-
     # -------------------------------------------------------------------- conditioning
-    def prompts(self, split: str = "train") -> list[Prompt]:
-        """The packaged ``general`` prompt set (the same prompts for every split: distillation
-        here is data-free, so there is nothing to hold out)."""
-        if split not in ("train", "test", "all"):
-            raise ValueError(f"unknown split '{split}' (train, test, all)")
-        if self._prompt_list is None:
-            from cdmbench.prompts_io import load_prompt_set
-
-            self._prompt_list = load_prompt_set(PROMPT_SET)[1]
-        return list(self._prompt_list)
-
-    def _run_text_encoder(self, texts: list[str]) -> Tensor:
-        """The pipeline's ``encode_prompt`` (template, quote splitting, 512-token padding).
-
-        Runs outside inference mode so cached embeddings can feed training graphs later.
-        """
-        with torch.inference_mode(False), torch.no_grad():
-            emb, _ = self.pipe.encode_prompt(prompt=list(texts))
-        return emb
-
-    def encode_texts(self, texts: Sequence[str]) -> Tensor:
-        """Prompt embeddings [n, 512, D] on the device, cached per prompt text."""
-        todo = list(dict.fromkeys(t for t in texts if t not in self._embeds))
-        for i in range(0, len(todo), self.encode_batch):
-            chunk = todo[i : i + self.encode_batch]
-            for t, e in zip(chunk, self._run_text_encoder(chunk), strict=True):
-                self._embeds[t] = e.to("cpu")
-        out = []
-        for t in texts:
-            self._embeds.move_to_end(t)
-            out.append(self._embeds[t])
-        while len(self._embeds) > max(self.cache_size, len(texts)):
-            self._embeds.popitem(last=False)
-        return torch.stack(out).to(self.device, self.dtype)
-
-    def null_embedding(self) -> Tensor:
-        """The unconditional input: the pipeline's negative prompt "" , [1, 512, D]."""
-        if self._null is None:
-            self._null = self._run_text_encoder([""]).to(self.device, self.dtype)
-        return self._null
-
-    def encode(self, prompts: Sequence[Prompt]) -> Cond:
-        emb = self.encode_texts([p.text for p in prompts])
-        return Cond({"prompt_embeds": emb}, {"prompt_embeds": self.null_embedding()})
+    def _encode_texts(self, texts: list[str]) -> dict[str, Tensor]:
+        """The pipeline's ``encode_prompt`` (template, quote splitting, 512-token padding)."""
+        emb, _ = self.pipe.encode_prompt(prompt=list(texts))
+        return {"prompt_embeds": emb}
 
     def generation_settings(self) -> dict:
-        """The base settings plus the weights' source (the text encoder comes from it) and the
-        guidance variant."""
-        return {**super().generation_settings(), "weights": str(self.source),
-                "cfg_renorm": self.cfg_renorm, "cfg_renorm_min": self.cfg_renorm_min}
-
-    def random_cond(self, n: int, generator: torch.Generator) -> Cond:
-        """``n`` prompts drawn uniformly (with replacement) from the ``general`` set."""
-        pool = self.prompts("train")
-        idx = torch.randint(0, len(pool), (n,), generator=generator).tolist()
-        return self.encode([pool[i] for i in idx])
+        """The shared settings plus the guidance variant."""
+        return {**super().generation_settings(), "cfg_renorm": self.settings.cfg_renorm,
+                "cfg_renorm_min": self.settings.cfg_renorm_min}
 
     # ------------------------------------------------------------------ network call
     def pack(self, x: Tensor) -> Tensor:
         """[B, C, h, w] latents -> [B, hw/4, 4C] tokens (the pipeline's ``_pack_latents``)."""
-        from diffusers import LongCatImagePipeline
-
         b, c, h, w = x.shape
         return LongCatImagePipeline._pack_latents(x, b, c, h, w)
 
     def unpack(self, tokens: Tensor, h: int, w: int) -> Tensor:
         """Inverse of :meth:`pack` for latents of size h x w (``_unpack_latents``)."""
-        from diffusers import LongCatImagePipeline
-
         f = self.vae_scale_factor
         return LongCatImagePipeline._unpack_latents(tokens, h * f, w * f, f)
 
@@ -451,14 +254,12 @@ class LongCat(Backbone):
     def forward(self, model: nn.Module, x: Tensor, s: Tensor, cond: dict[str, Tensor]) -> Tensor:
         """v(x, s) in cdmbench's layout and sign, via the packed-token transformer call."""
         b, _, h, w = x.shape
-        dtype = _param_dtype(model)
+        dtype = param_dtype(model)
         emb = cond["prompt_embeds"].to(x.device, dtype)
         txt_ids, img_ids = self.position_ids(emb.shape[1], h, w, x.device)
         s = torch.as_tensor(s, dtype=torch.float32, device=x.device).expand(b)
         t = flow.timestep(s).to(dtype) / 1000  # the pipeline's `timestep / 1000`
-        autocast = x.device.type == "cuda" and dtype != self.dtype and self.dtype in (
-            torch.bfloat16, torch.float16)
-        with torch.autocast("cuda", dtype=self.dtype, enabled=autocast):
+        with self.autocast(dtype, x.device):
             out = model(hidden_states=self.pack(x.to(dtype)), encoder_hidden_states=emb,
                         timestep=t, img_ids=img_ids, txt_ids=txt_ids, return_dict=False)[0]
         return self.unpack(out.float(), h, w)
@@ -467,13 +268,13 @@ class LongCat(Backbone):
                  guidance: float = 1.0) -> Tensor:
         """Plain CFG (the base contract); with ``cfg_renorm`` and ``w > 1`` the pipeline's
         renorm: per packed token, ``v`` scaled by clamp(|v_c| / |v|, cfg_renorm_min, 1)."""
-        if not self.cfg_renorm or guidance <= 1.0:
+        if not self.settings.cfg_renorm or guidance <= 1.0:
             return super().velocity(model, x, s, cond, guidance)
         v_u, v_c = self.velocity_uc(model, x, s, cond)
         v = self.pack(flow.cfg(v_u, v_c, guidance))
         c_norm = torch.norm(self.pack(v_c), dim=-1, keepdim=True)
         v_norm = torch.norm(v, dim=-1, keepdim=True)
-        scale = (c_norm / (v_norm + 1e-8)).clamp(self.cfg_renorm_min, 1.0)
+        scale = (c_norm / (v_norm + 1e-8)).clamp(self.settings.cfg_renorm_min, 1.0)
         return self.unpack(v * scale, x.shape[2], x.shape[3])
 
     # -------------------------------------------------------------------------- pixels
@@ -483,7 +284,7 @@ class LongCat(Backbone):
         ``vae.decode(z / scaling_factor + shift_factor)`` then ``postprocess(.., "pt")``."""
         pipe = self.pipe
         vae = pipe.vae
-        dtype = next(vae.parameters()).dtype  # diffusers' `.dtype` walks every module: once, not per chunk
+        dtype = param_dtype(vae)  # diffusers' `.dtype` walks every module: once, not per chunk
         out = []
         for z in latents.split(self.decode_batch):
             z = z.to(self.device) / vae.config.scaling_factor + vae.config.shift_factor
@@ -502,26 +303,6 @@ class LongCat(Backbone):
             z = vae.encode(x).latent_dist.mode()
             out.append((z.float() - vae.config.shift_factor) * vae.config.scaling_factor)
         return torch.cat(out)
-
-    def real_latents(self, split: str = "train") -> None:
-        return None
-
-
-def _param_dtype(model: nn.Module) -> torch.dtype:
-    return next(model.parameters()).dtype
-
-
-def _load_state_file(model: nn.Module, path: Path) -> nn.Module:
-    from safetensors.torch import load_file
-
-    try:
-        state = load_file(str(path))
-    except Exception as e:
-        raise LongCatWeightsError(f"cannot read transformer weights {path} ({type(e).__name__}); "
-                                  "pass a safetensors state dict of the backbone's transformer"
-                                  ) from None
-    model.load_state_dict(state)
-    return model
 
 
 # ------------------------------------------------------------------------- tiny variant
@@ -549,12 +330,13 @@ TINY_SCHEDULER: dict[str, Any] = {
 }
 
 
+@lru_cache(maxsize=1)
 def tiny_tokenizer() -> Any:
     """A byte-level BPE ``Qwen2Tokenizer`` built in code: the 256 byte symbols (no merges)
     plus the Qwen chat/vision special tokens, so the pipeline's template tokenises as in
-    Qwen2.5 (``<|im_start|>`` etc. are single tokens; pad is ``<|endoftext|>``)."""
+    Qwen2.5 (``<|im_start|>`` etc. are single tokens; pad is ``<|endoftext|>``). Shared:
+    tokenizers are never changed."""
     from tokenizers.pre_tokenizers import ByteLevel
-    from transformers import Qwen2Tokenizer
 
     vocab = {c: i for i, c in enumerate(sorted(ByteLevel.alphabet()))}
     for tok in TINY_SPECIALS:
@@ -564,14 +346,13 @@ def tiny_tokenizer() -> Any:
 
 def tiny_text_config() -> Any:
     """A 2-layer Qwen2.5-VL config (hidden 32, M-RoPE sections summing to head_dim / 2)."""
-    import transformers
     from transformers import Qwen2_5_VLConfig
 
     n = len(TINY_SPECIALS) + 256
     ids = {t: 256 + i for i, t in enumerate(TINY_SPECIALS)}
     mrope = [2, 3, 3]
     rope = ({"rope_parameters": {"rope_type": "default", "mrope_section": mrope, "rope_theta": 1e6}}
-            if int(transformers.__version__.split(".")[0]) >= 5
+            if transformers_major() >= 5
             else {"rope_scaling": {"type": "mrope", "mrope_section": mrope}, "rope_theta": 1e6})
     text = {"vocab_size": n + 1, "hidden_size": TINY_TEXT_HIDDEN, "intermediate_size": 64,
             "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
@@ -586,80 +367,41 @@ def tiny_text_config() -> Any:
                             vision_end_token_id=ids["<|vision_end|>"])
 
 
-def _tiny_modules() -> dict[str, nn.Module]:
-    from diffusers import AutoencoderKL, LongCatImageTransformer2DModel
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
-    return {
-        "text_encoder": Qwen2_5_VLForConditionalGeneration(tiny_text_config()).eval(),
-        "vae": AutoencoderKL(**TINY_VAE).eval(),
-        "transformer": LongCatImageTransformer2DModel(**TINY_TRANSFORMER).eval(),
-    }
+@dataclass(frozen=True)
+class TinyLongCatSettings(LongCatSettings):
+    seed: int = 0  # of the random weights
+    resolution: int | tuple[int, int] = 64  # latents [16, 8, 8]
+    teacher_steps: int = 4
 
 
-def build_tiny_states(seed: int) -> dict[str, dict[str, Tensor]]:
-    """Random weights of the tiny components from ``seed`` (global RNG left untouched)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        mods = _tiny_modules()
-    return {k: {n: v.detach().clone() for n, v in m.state_dict().items()} for k, m in mods.items()}
+class TinyLongCat(TinyTwin, LongCat):
+    """LongCat-Image's classes from small configs with seeded random weights (offline).
 
+    A 1+1-block transformer (width 32), a 4-level AutoencoderKL with 16 latent channels, a
+    2-layer Qwen2.5-VL (hidden 32, with a one-block vision tower because the class has one;
+    the pipeline only uses its text path) and a byte-level BPE tokenizer built in code.
+    """
 
-@lru_cache(maxsize=4)
-def tiny_states(seed: int) -> dict[str, dict[str, Tensor]]:
-    """:func:`build_tiny_states`, once per process and seed."""
-    return build_tiny_states(seed)
+    name = "tiny-longcat"
+    Settings: ClassVar[type[TinyLongCatSettings]] = TinyLongCatSettings
 
+    @classmethod
+    def tiny_configs(cls) -> dict[str, dict[str, Any]]:
+        return {"transformer": TINY_TRANSFORMER, "vae": TINY_VAE, "scheduler": TINY_SCHEDULER}
 
-class TinyLongCat(LongCat):
-    """LongCat-Image's classes from small configs with seeded random weights (offline)."""
+    @classmethod
+    def tiny_builders(cls) -> dict[str, Any]:
+        return {  # the construction order fixes the weights
+            "text_encoder": lambda: Qwen2_5_VLForConditionalGeneration(tiny_text_config()),
+            "vae": lambda: AutoencoderKL(**TINY_VAE),
+            "transformer": lambda: LongCatImageTransformer2DModel(**TINY_TRANSFORMER),
+        }
 
-    def __init__(self, device: str = "cpu", seed: int = 0, resolution: int | tuple[int, int] = 64,
-                 dtype: torch.dtype | None = None, train_dtype: torch.dtype | None = torch.float32,
-                 cfg_renorm: bool = False, cfg_renorm_min: float = 0.0) -> None:
-        self.source = "tiny"
-        self.seed = seed
-        self._setup("tiny-longcat", device, dtype, train_dtype, resolution, TINY_SCHEDULER,
-                    TINY_VAE, 4, DEFAULT_CFG, cfg_renorm, cfg_renorm_min, False)
-
-    def _tiny(self, name: str) -> nn.Module:
-        from diffusers import AutoencoderKL, LongCatImageTransformer2DModel
-        from transformers import Qwen2_5_VLForConditionalGeneration
-
-        with torch.random.fork_rng(devices=[]):  # construction draws; the states overwrite them
-            if name == "transformer":
-                m = LongCatImageTransformer2DModel(**TINY_TRANSFORMER)
-            elif name == "vae":
-                m = AutoencoderKL(**TINY_VAE)
-            else:
-                m = Qwen2_5_VLForConditionalGeneration(tiny_text_config())
-        m.load_state_dict(tiny_states(self.seed)[name])
-        return m.eval()
-
-    def _build_transformer(self, weights: str | os.PathLike | None) -> nn.Module:
-        if weights is None:
-            return self._tiny("transformer")
-        from diffusers import LongCatImageTransformer2DModel
-
-        path = Path(weights).expanduser()
-        if path.is_file():
-            with torch.random.fork_rng(devices=[]):
-                model = LongCatImageTransformer2DModel(**TINY_TRANSFORMER).eval()
-            return _load_state_file(model, path)
-        if (path / "config.json").is_file():
-            return LongCatImageTransformer2DModel.from_pretrained(str(path)).eval()
-        raise LongCatWeightsError(f"tiny-longcat transformer weights not found at {path}; pass "
-                                  "a safetensors state dict or a transformer directory, or none")
-
-    def _build_text_encoder(self) -> nn.Module:
-        return self._tiny("text_encoder")
-
-    def _build_tokenizer(self) -> Any:
-        return tiny_tokenizer()
-
-    def _build_vae(self) -> nn.Module:
-        return self._tiny("vae")
+    @classmethod
+    def tiny_plain(cls) -> dict[str, Any]:
+        return {"tokenizer": tiny_tokenizer(),
+                "scheduler": FlowMatchEulerDiscreteScheduler.from_config(TINY_SCHEDULER)}
 
     def generation_settings(self) -> dict:
         """LongCat's settings plus the seed of the random tiny text encoder."""
-        return {**super().generation_settings(), "seed": self.seed}
+        return {**super().generation_settings(), "seed": self.settings.seed}

@@ -25,15 +25,13 @@ How the pipeline's conventions map onto cdmbench's (DESIGN.md section 2):
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import json
 import os
-import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from diffusers import (
@@ -54,7 +52,13 @@ from transformers import (
 )
 
 from cdmbench import flow
-from cdmbench.backbones.base import Backbone, Cond, Prompt
+from cdmbench.backbones.diffusers_base import (
+    DiffusersBackbone,
+    DiffusersSettings,
+    TinyTwin,
+    param_dtype,
+    unwrap,
+)
 from cdmbench.errors import UserError
 
 HUB_ID = "stabilityai/stable-diffusion-3-medium-diffusers"
@@ -78,203 +82,54 @@ CLASSES: dict[str, Any] = {
 }
 
 
-class MissingWeightsError(UserError, FileNotFoundError):
-    """Weights that are not on this machine; the one-line message names what to fetch."""
-
-
-# ------------------------------------------------------------------------------ weights
-def _is_hub_id(spec: str) -> bool:
-    """'owner/name' that is not an existing local path."""
-    return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", spec)) and not Path(spec).exists()
-
-
-def _fetch_hint(spec: str) -> str:
-    repo = spec if _is_hub_id(spec) else HUB_ID
-    return (f"fetch them with `hf download {repo}` (a gated repo: accept its licence on "
-            f"huggingface.co and run `hf auth login` first), or pass a local diffusers "
-            f"directory as weights (or set {WEIGHTS_ENV})")
-
-
-def resolve_weights(spec: str, parts: Sequence[str]) -> Path:
-    """The local diffusers directory that ``spec`` (a directory or a hub id) names.
-
-    A hub id is looked up in the local cache first and downloaded only when not cached and
-    the hub is not offline (HF_HUB_OFFLINE=1); any failure is one :class:`MissingWeightsError`.
-    """
-    if not _is_hub_id(spec):
-        path = Path(spec).expanduser()
-        if path.is_dir():
-            return path
-        raise MissingWeightsError(f"SD3 weights: no directory {path}; {_fetch_hint(spec)}")
-    from huggingface_hub import snapshot_download
-
-    patterns = ["model_index.json", *(f"{p}/*" for p in parts)]
-    ignore = ["*.bin", "*.ckpt", "*.msgpack", "*.onnx*", "*fp16*"]
-    try:
-        return Path(snapshot_download(spec, allow_patterns=patterns, ignore_patterns=ignore,
-                                      local_files_only=True))
-    except Exception:  # not cached: try the hub below
-        pass
-    try:
-        return Path(snapshot_download(spec, allow_patterns=patterns, ignore_patterns=ignore))
-    except Exception as e:  # offline, gated, no network: all one user error
-        raise MissingWeightsError(f"SD3 weights '{spec}' are not in the local Hugging Face cache "
-                                  f"and could not be downloaded ({type(e).__name__}); "
-                                  f"{_fetch_hint(spec)}") from None
-
-
-def _dtype_kwarg(cls: type) -> str:
-    """transformers >= 5 takes ``dtype=``; diffusers and older transformers ``torch_dtype=``."""
-    if cls.__module__.startswith("transformers"):
-        import transformers
-
-        return "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
-    return "torch_dtype"
-
-
-def load_part(root: Path, name: str, dtype: torch.dtype) -> Any:
-    """One pipeline component from a diffusers directory (a model in ``dtype``)."""
-    cls = CLASSES[name]
-    plain = name.startswith("tokenizer") or name == "scheduler"
-    kwargs = {} if plain else {_dtype_kwarg(cls): dtype}
-    try:
-        return cls.from_pretrained(root, subfolder=name, **kwargs)
-    except OSError as e:
-        raise MissingWeightsError(f"SD3 component '{name}' is missing or unreadable under {root} "
-                                  f"({type(e).__name__}); {_fetch_hint(str(root))}") from None
-
-
-def load_transformer(spec: str | os.PathLike, dtype: torch.dtype) -> SD3Transformer2DModel:
-    """The denoiser from a pipeline directory, a transformer directory or a hub id."""
-    spec = os.fspath(spec)
-    path = Path(spec).expanduser()
-    if path.is_dir() and (path / "config.json").is_file():
-        try:
-            return SD3Transformer2DModel.from_pretrained(path, torch_dtype=dtype)
-        except OSError as e:
-            raise MissingWeightsError(f"SD3 transformer under {path} is unreadable "
-                                      f"({type(e).__name__}); {_fetch_hint(spec)}") from None
-    return load_part(resolve_weights(spec, ["transformer"]), "transformer", dtype)
-
-
-def _param_dtype(model: nn.Module) -> torch.dtype:
-    return next(model.parameters()).dtype
-
-
-def _to(module: nn.Module, device: str | torch.device, dtype: torch.dtype) -> nn.Module:
-    """``module`` on ``device`` in ``dtype``, casting only when needed (diffusers warns on
-    every dtype cast through ``.to``)."""
-    module = module.to(device)
-    return module if _param_dtype(module) == dtype else module.to(dtype)
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The module under DDP/FSDP (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers."""
-    while True:
-        inner = getattr(model, "module", None)
-        if not isinstance(inner, nn.Module):
-            inner = getattr(model, "_orig_mod", None)
-        if not isinstance(inner, nn.Module):
-            return model
-        model = inner
-
-
 # ----------------------------------------------------------------------------- backbone
-class SD3(Backbone):
+@dataclass(frozen=True)
+class SD3Settings(DiffusersSettings):
+    """SD3's settings: the shared diffusers ones (weights, dtypes, resolution, prompts) plus
+    its text encoders'."""
+
+    drop_t5: bool = False  # no T5-XXL: zeros in its place, as the pipeline without text_encoder_3
+    max_sequence_length: int = 256  # T5 tokens, the pipeline's default
+    teacher_steps: int = 28  # SD3-Medium's usual step count
+    teacher_guidance: float = 7.0  # the pipeline's default guidance_scale
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.resolution % 16 or self.resolution < 16:
+            raise UserError(f"SD3 resolution must be a multiple of 16 (VAE 8 x patch 2), "
+                            f"got {self.resolution}")
+
+
+class SD3(DiffusersBackbone):
     """Stable Diffusion 3 Medium (Esser et al. 2024, arXiv 2403.03206) through diffusers.
 
-    ``weights``: a local diffusers directory or a hub id (default: $CDMBENCH_SD3, else
-    ``stabilityai/stable-diffusion-3-medium-diffusers``); nothing is read before first use.
-    ``dtype``: bfloat16 on GPU, float32 on CPU by default; the teacher and the text encoders
-    run in it. ``train_dtype``: the student and its copies (fake score, EMA) are cast to it
-    (float32 master weights by default; on GPU the forward then runs under bf16 autocast).
-    ``drop_t5``: no T5-XXL (zeros in its place, as the pipeline does without
-    ``text_encoder_3``). ``gradient_checkpointing``: on the student and its trainable copies.
+    Settings (:class:`SD3Settings`): ``weights``, a local diffusers directory or a hub id
+    (default: $CDMBENCH_SD3, else ``stabilityai/stable-diffusion-3-medium-diffusers``);
+    nothing is read before first use. ``dtype``: the teacher and the text encoders run in
+    it. ``train_dtype``: the student and its copies (fake score, EMA). ``drop_t5``: no
+    T5-XXL. ``gradient_checkpointing``: on the student and its trainable copies.
     """
 
-    def __init__(self, device: str = "cpu", weights: str | os.PathLike | None = None,
-                 dtype: torch.dtype | None = None, train_dtype: torch.dtype | None = torch.float32,
-                 resolution: int = 1024, drop_t5: bool = False,
-                 gradient_checkpointing: bool = False, train_prompts: str = "general",
-                 test_prompts: str = "general", max_sequence_length: int = 256,
-                 teacher_steps: int = 28, teacher_cfg: float = 7.0, name: str = "sd3") -> None:
-        on_gpu = str(device).startswith("cuda")
-        dtype = dtype or (torch.bfloat16 if on_gpu else torch.float32)
-        if resolution % 16:
-            raise UserError(f"SD3 resolution must be a multiple of 16 (VAE 8 x patch 2), "
-                            f"got {resolution}")
-        super().__init__(
-            name=name,
-            latent_shape=(16, resolution // 8, resolution // 8),
-            shift=SHIFT,
-            default_teacher_steps=teacher_steps,  # SD3-Medium's usual 28 steps
-            default_teacher_cfg=teacher_cfg,  # the pipeline's default guidance_scale
-            device=device,
-            dtype=dtype,
-            fsdp_wrap_classes=(JointTransformerBlock,),
-        )
-        self.weights = self.default_weights() if weights is None else os.fspath(weights)
-        if self.weights is not None and not _is_hub_id(self.weights) \
-                and not Path(self.weights).expanduser().is_dir():
-            raise MissingWeightsError(f"SD3 weights: no directory {self.weights}; "
-                                      f"{_fetch_hint(self.weights)}")
-        self.train_dtype = train_dtype or dtype
-        self.resolution = resolution
-        self.drop_t5 = drop_t5
-        self.gradient_checkpointing = gradient_checkpointing
-        self.train_prompts = train_prompts
-        self.test_prompts = test_prompts
-        self.max_sequence_length = max_sequence_length
-        self._root: Path | None = None
-        self._parts: dict[str, Any] = {}
-        self._text_pipe: StableDiffusion3Pipeline | None = None
-        self._cache: dict[str, tuple[Tensor, Tensor]] = {}  # prompt text -> (embeds, pooled)
-        self._prompt_sets: dict[str, list[Prompt]] = {}
+    name = "sd3"
+    Settings: ClassVar[type[SD3Settings]] = SD3Settings
+    label = "SD3"
+    hub_id = HUB_ID
+    weights_env = WEIGHTS_ENV
+    classes = CLASSES
+    shift = SHIFT
+    fsdp_wrap_classes = (JointTransformerBlock,)
+    encode_batch = 1  # one text per call: an embedding does not depend on its batch mates
 
-    # ------------------------------------------------------------------- components
-    def default_weights(self) -> str | None:
-        """$CDMBENCH_SD3, else the hub id."""
-        return os.environ.get(WEIGHTS_ENV) or HUB_ID
+    def __init__(self, device: str = "cpu", settings: Any = None, **kwargs: Any) -> None:
+        super().__init__(device, settings, **kwargs)
+        side = self.settings.resolution // 8
+        self.latent_shape = (16, side, side)
+        self._text_pipe: StableDiffusion3Pipeline | None = None
 
     @property
     def parts(self) -> tuple[str, ...]:
         """The pipeline components this backbone uses (no T5 with ``drop_t5``)."""
-        names = ("transformer", "scheduler", "vae", *TEXT_PARTS)
-        return tuple(n for n in names if not (self.drop_t5 and n in T5_PARTS))
-
-    @property
-    def weights_dir(self) -> Path | None:
-        """The local diffusers directory (resolved, downloaded if allowed) or None."""
-        if self.weights is None:
-            return None
-        if self._root is None:
-            self._root = resolve_weights(self.weights, self.parts)
-        return self._root
-
-    def _load(self, name: str) -> Any:
-        """A component, on the CPU, as stored."""
-        return load_part(self.weights_dir, name, self.dtype)
-
-    def component(self, name: str) -> Any:
-        """A frozen component (loaded once), on the backbone's device; not the transformer."""
-        if name == "transformer":
-            raise ValueError("the transformer is not shared: use load_teacher()")
-        if self.drop_t5 and name in T5_PARTS:
-            return None
-        if name not in self._parts:
-            part = self._load(name)
-            if isinstance(part, nn.Module):
-                part = _to(part, self.device, self.dtype).eval().requires_grad_(False)
-                if name == "vae" and self.use_channels_last():
-                    part = part.to(memory_format=torch.channels_last)
-            self._parts[name] = part
-        return self._parts[name]
-
-    def transformer_config(self) -> dict[str, Any]:
-        return dict(SD3Transformer2DModel.load_config(self.weights_dir, subfolder="transformer"))
-
-    def _new_transformer(self) -> SD3Transformer2DModel:
-        return self._load("transformer")
+        return tuple(n for n in CLASSES if not (self.settings.drop_t5 and n in T5_PARTS))
 
     def pipeline(self, transformer: nn.Module | None = None,
                  scheduler: FlowMatchEulerDiscreteScheduler | None = None,
@@ -288,32 +143,7 @@ class SD3(Backbone):
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
-    # ------------------------------------------------------------------------ models
-    def load_teacher(self, weights: str | None = None) -> nn.Module:
-        """A fresh frozen copy of the denoiser (each call a new module: ``load_run`` loads a
-        student's state into it)."""
-        if weights is None:
-            model = self._new_transformer()
-        else:
-            model = load_transformer(weights, self.dtype)
-        return _to(model, self.device, self.dtype).eval().requires_grad_(False)
-
-    def make_student(self, teacher: nn.Module) -> nn.Module:
-        student = _to(self.clone(teacher), self.device, self.train_dtype)
-        if self.gradient_checkpointing:
-            student.enable_gradient_checkpointing()
-        return student.requires_grad_(True).train()
-
     # ------------------------------------------------------------------ conditioning
-    def prompts(self, split: str = "train") -> list[Prompt]:
-        """The training prompts (``train_prompts``) or the evaluation ones (``test_prompts``)."""
-        from cdmbench.prompts_io import load_prompt_set
-
-        name = self.train_prompts if split == "train" else self.test_prompts
-        if name not in self._prompt_sets:
-            self._prompt_sets[name] = load_prompt_set(name)[1]
-        return self._prompt_sets[name]
-
     def _text_pipeline(self) -> StableDiffusion3Pipeline:
         """The pipeline without transformer and VAE, for ``encode_prompt``.
 
@@ -322,57 +152,30 @@ class SD3(Backbone):
         """
         if self._text_pipe is None:
             skeleton = None
-            if self.drop_t5:
+            if self.settings.drop_t5:
                 with torch.device("meta"):
                     skeleton = SD3Transformer2DModel.from_config(self.transformer_config())
             self._text_pipe = self.pipeline(transformer=skeleton, vae=False)
         return self._text_pipe
 
-    def _embed(self, texts: Sequence[str]) -> tuple[Tensor, Tensor]:
-        """(prompt_embeds, pooled_prompt_embeds) stacked, each text encoded once and cached.
-
-        Texts are encoded one at a time, so an embedding does not depend on which texts it
-        was batched with; normal (not inference-mode) tensors, since training uses them.
-        """
-        missing = [t for t in dict.fromkeys(texts) if t not in self._cache]
-        if missing:
-            pipe = self._text_pipeline()
-            with torch.inference_mode(False), torch.no_grad():
-                for text in missing:
-                    emb, _, pooled, _ = pipe.encode_prompt(
-                        prompt=[text], prompt_2=None, prompt_3=None,
-                        device=torch.device(self.device),
-                        do_classifier_free_guidance=False,
-                        max_sequence_length=self.max_sequence_length)
-                    self._cache[text] = (emb[0], pooled[0])
-        embs, pooled = zip(*(self._cache[t] for t in texts), strict=True)
-        return torch.stack(embs), torch.stack(pooled)
-
-    def encode(self, prompts: Sequence[Prompt]) -> Cond:
-        """Cond {"prompt_embeds", "pooled_projections"}; the null row is the empty prompt."""
-        emb, pooled = self._embed([p.text for p in prompts])
-        null_emb, null_pooled = self._embed([""])
-        return Cond({"prompt_embeds": emb, "pooled_projections": pooled},
-                    {"prompt_embeds": null_emb, "pooled_projections": null_pooled})
+    def _encode_texts(self, texts: list[str]) -> dict[str, Tensor]:
+        """Cond {"prompt_embeds", "pooled_projections"} from the pipeline's ``encode_prompt``."""
+        emb, _, pooled, _ = self._text_pipeline().encode_prompt(
+            prompt=texts, prompt_2=None, prompt_3=None, device=torch.device(self.device),
+            do_classifier_free_guidance=False,
+            max_sequence_length=self.settings.max_sequence_length)
+        return {"prompt_embeds": emb, "pooled_projections": pooled}
 
     def generation_settings(self) -> dict:
-        """The base settings plus where the text encoders come from and how they are run."""
-        return {**super().generation_settings(), "weights": self.weights, "drop_t5": self.drop_t5,
-                "max_sequence_length": self.max_sequence_length}
-
-    def random_cond(self, n: int, generator: torch.Generator) -> Cond:
-        """``n`` training prompts drawn uniformly with replacement."""
-        prompts = self.prompts("train")
-        idx = torch.randint(0, len(prompts), (n,), generator=generator).tolist()
-        return self.encode([prompts[i] for i in idx])
+        """The shared settings plus how the text encoders are run."""
+        return {**super().generation_settings(), "drop_t5": self.settings.drop_t5,
+                "max_sequence_length": self.settings.max_sequence_length}
 
     # ---------------------------------------------------------------------- network
     def forward(self, model: nn.Module, x: Tensor, s: Tensor, cond: dict[str, Tensor]) -> Tensor:
         """v(x, s | cond), called as the pipeline calls the transformer (timestep 1000 s)."""
-        dtype = _param_dtype(model)
-        autocast = (x.device.type == "cuda" and dtype != self.dtype
-                    and self.dtype in (torch.bfloat16, torch.float16))
-        with torch.autocast("cuda", dtype=self.dtype) if autocast else contextlib.nullcontext():
+        dtype = param_dtype(model)
+        with self.autocast(dtype, x.device):
             out = model(hidden_states=x.to(dtype), timestep=flow.timestep(s.float()),
                         encoder_hidden_states=cond["prompt_embeds"].to(dtype),
                         pooled_projections=cond["pooled_projections"].to(dtype),
@@ -391,7 +194,7 @@ class SD3(Backbone):
         vae = self.component("vae")
         cfg = vae.config
         z = latents.to(self.device).float() / cfg.scaling_factor + cfg.shift_factor
-        dtype = _param_dtype(vae)  # diffusers' `.dtype` walks every module: once, not per chunk
+        dtype = param_dtype(vae)  # diffusers' `.dtype` walks every module: once, not per chunk
         out = [vae.decode(c.to(dtype), return_dict=False)[0].float() for c in z.split(batch)]
         return (torch.cat(out) / 2 + 0.5).clamp(0, 1)
 
@@ -442,74 +245,65 @@ def tiny_configs() -> dict[str, dict[str, Any]]:
     }
 
 
-@lru_cache(maxsize=2)
-def tiny_parts(seed: int = TINY_SEED) -> dict[str, Any]:
-    """Tiny SD3 components with seeded random weights, float32, CPU, eval mode.
-
-    Built under a forked RNG: the global torch RNG is left as it was. Cached per process;
-    callers get copies (:meth:`TinySD3._load`).
-    """
+@lru_cache(maxsize=1)
+def _tiny_plain() -> dict[str, Any]:
     from cdmbench.backbones.tiny_tokenizers import clip_tokenizer, t5_tokenizer
 
-    cfg = tiny_configs()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        parts: dict[str, Any] = {
-            "transformer": SD3Transformer2DModel(**cfg["transformer"]),
-            "vae": AutoencoderKL(**cfg["vae"]),
-            "text_encoder": CLIPTextModelWithProjection(CLIPTextConfig(**cfg["text_encoder"])),
-            "text_encoder_2": CLIPTextModelWithProjection(CLIPTextConfig(**cfg["text_encoder_2"])),
-            "text_encoder_3": T5EncoderModel(T5Config(**cfg["text_encoder_3"])),
-        }
-    for part in parts.values():
-        part.eval().requires_grad_(False)  # eval: T5's dropout would make outputs random
-    parts["scheduler"] = FlowMatchEulerDiscreteScheduler(**cfg["scheduler"])
-    parts["tokenizer"] = clip_tokenizer(merges=TINY_CLIP_MERGES)
-    parts["tokenizer_2"] = clip_tokenizer(pad_token="!", merges=TINY_CLIP_MERGES)  # as SD3's
-    parts["tokenizer_3"] = t5_tokenizer()
-    return parts
+    return {"scheduler": FlowMatchEulerDiscreteScheduler(**tiny_configs()["scheduler"]),
+            "tokenizer": clip_tokenizer(merges=TINY_CLIP_MERGES),
+            "tokenizer_2": clip_tokenizer(pad_token="!", merges=TINY_CLIP_MERGES),  # as SD3's
+            "tokenizer_3": t5_tokenizer()}
 
 
-class TinySD3(SD3):
+@dataclass(frozen=True)
+class TinySD3Settings(SD3Settings):
+    seed: int = 0  # of the random weights
+    resolution: int = TINY_RESOLUTION  # up to 256: the tiny transformer's 16 x 16 patch grid
+    train_dtype: str = "auto"
+    teacher_steps: int = 4
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.resolution > 256:
+            raise UserError(f"tiny-sd3 resolution must be at most 256 (16 x 16 patches), "
+                            f"got {self.resolution}")
+
+
+class TinySD3(TinyTwin, SD3):
     """SD3's classes from tiny configs with seeded random weights; fully offline.
 
-    Latents [16, 8, 8], images 64 x 64; the same transformer every ``load_teacher()`` call.
-    ``weights``: a directory (e.g. an exported tiny pipeline) to load instead.
+    Latents [16, 8, 8] at the default 64 x 64 pixels; the same transformer every
+    ``load_teacher()`` call. ``weights``: a directory (e.g. an exported tiny pipeline) to
+    load instead.
     """
 
-    def __init__(self, device: str = "cpu", weights: str | os.PathLike | None = None,
-                 dtype: torch.dtype | None = None, seed: int = TINY_SEED,
-                 drop_t5: bool = False, gradient_checkpointing: bool = False,
-                 train_prompts: str = "general", test_prompts: str = "general",
-                 max_sequence_length: int = 256, teacher_steps: int = 4,
-                 teacher_cfg: float = 7.0) -> None:
-        super().__init__(device=device, weights=weights, dtype=dtype, train_dtype=None,
-                         resolution=TINY_RESOLUTION, drop_t5=drop_t5,
-                         gradient_checkpointing=gradient_checkpointing,
-                         train_prompts=train_prompts, test_prompts=test_prompts,
-                         max_sequence_length=max_sequence_length, teacher_steps=teacher_steps,
-                         teacher_cfg=teacher_cfg, name="tiny-sd3")
-        self.seed = seed
+    name = "tiny-sd3"
+    Settings: ClassVar[type[TinySD3Settings]] = TinySD3Settings
 
-    def default_weights(self) -> str | None:
-        """None: random tiny weights, built in code."""
-        return None
+    @classmethod
+    def tiny_configs(cls) -> dict[str, dict[str, Any]]:
+        return tiny_configs()
 
-    def _load(self, name: str) -> Any:
-        if self.weights is not None:
-            return super()._load(name)
-        part = tiny_parts(self.seed)[name]
-        # a copy: the caller may move or cast it (tokenizers are not changed: shared)
-        return part if name.startswith("tokenizer") else copy.deepcopy(part)
+    @classmethod
+    def tiny_builders(cls) -> dict[str, Any]:
+        cfg = tiny_configs()
+        return {  # the construction order fixes the weights
+            "transformer": lambda: SD3Transformer2DModel(**cfg["transformer"]),
+            "vae": lambda: AutoencoderKL(**cfg["vae"]),
+            "text_encoder": lambda: CLIPTextModelWithProjection(
+                CLIPTextConfig(**cfg["text_encoder"])),
+            "text_encoder_2": lambda: CLIPTextModelWithProjection(
+                CLIPTextConfig(**cfg["text_encoder_2"])),
+            "text_encoder_3": lambda: T5EncoderModel(T5Config(**cfg["text_encoder_3"])),
+        }
 
-    def transformer_config(self) -> dict[str, Any]:
-        if self.weights is not None:
-            return super().transformer_config()
-        return dict(tiny_parts(self.seed)["transformer"].config)
+    @classmethod
+    def tiny_plain(cls) -> dict[str, Any]:
+        return _tiny_plain()
 
     def generation_settings(self) -> dict:
         """SD3's settings plus the seed of the random tiny text encoders."""
-        return {**super().generation_settings(), "seed": self.seed}
+        return {**super().generation_settings(), "seed": self.settings.seed}
 
 
 # ------------------------------------------------------------------------------- export
@@ -537,7 +331,7 @@ def export_student(backbone: SD3, student: nn.Module, out_dir: str | os.PathLike
         raise ValueError(f"sigmas must be a descending list ending in 0, got {sig}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    transformer = _unwrap(student)
+    transformer = unwrap(student)
     if not isinstance(transformer, SD3Transformer2DModel):
         raise TypeError(f"expected an SD3Transformer2DModel, got {type(transformer).__name__}")
     scheduler = FlowMatchEulerDiscreteScheduler.from_config(
@@ -551,7 +345,7 @@ def export_student(backbone: SD3, student: nn.Module, out_dir: str | os.PathLike
         scheduler.save_pretrained(out / "scheduler")
         index = json.loads((root / "model_index.json").read_text())
         for name in ("vae", *TEXT_PARTS):
-            if backbone.drop_t5 and name in T5_PARTS:
+            if backbone.settings.drop_t5 and name in T5_PARTS:
                 index[name] = [None, None]
                 continue
             link = out / name

@@ -22,7 +22,7 @@ from cdmbench.backbones.base import Backbone, Prompt
 from cdmbench.metrics.base import EvalSet, Metric, Value
 
 if TYPE_CHECKING:
-    from cdmbench.training.method import SamplerSpec
+    from cdmbench.generate import SamplerSpec
 
 
 def make_timer(backbone: Backbone, model: nn.Module, spec: SamplerSpec,

@@ -1,7 +1,7 @@
 """A training run on disk: content-keyed directory, resume, export of the student.
 
     runs/<backbone>/<method>-<hash>/
-        config.json          resolved configuration (the hash is over it)
+        config.json          resolved configuration, backbone settings included (the hash is over it)
         log.jsonl            loss terms every ``log_every`` iterations
         checkpoint/          everything needed to resume (hash-verified)
         student.safetensors  the student's EMA weights, written last
@@ -33,19 +33,6 @@ from cdmbench.training.method import Method
 STUDENT_FILE = "student.safetensors"
 
 
-def teacher_id(backbone: Backbone, weights: str | None) -> str:
-    """A short content hash of the teacher weights (or the weights spec where not a file)."""
-    from importlib import resources
-
-    if weights is None and backbone.name == "digits":
-        from cdmbench.backbones.digits import ASSETS, TEACHER_FILE
-
-        weights = str(resources.files(ASSETS).joinpath(TEACHER_FILE))
-    if weights and Path(weights).is_file():
-        return "sha256:" + sha256_file(weights)[:16]
-    return str(weights or f"{backbone.name}-default")
-
-
 def run_dir_for(out_root: str | Path, payload: dict[str, Any]) -> Path:
     return Path(out_root) / payload["backbone"] / f"{payload['method']}-{config_hash(payload)}"
 
@@ -67,7 +54,7 @@ def train_run(method: Method, backbone: Backbone, train_cfg: TrainConfig, out_ro
     ``resume=None`` continues from a checkpoint when one exists; ``True`` requires one;
     ``False`` refuses to touch an existing checkpoint.
     """
-    payload = run_payload(method.name, backbone.name, train_cfg, method.config, teacher_id(backbone, teacher_weights))
+    payload = run_payload(method.name, backbone, train_cfg, method.config, teacher_weights)
     run_dir = run_dir_for(out_root, payload)
     if (run_dir / "run.json").is_file() and (run_dir / STUDENT_FILE).is_file():
         return RunResult(run_dir, True, train_cfg.iters, 0.0)
@@ -141,7 +128,8 @@ class LoadedRun:
 
 
 def load_run(run_dir: str | Path, device: str = "cpu", teacher_weights: str | None = None) -> LoadedRun:
-    """Backbone, configured method and student (EMA weights, hash-verified) of a finished run."""
+    """Backbone (rebuilt with the run's settings), configured method and student (EMA
+    weights, hash-verified) of a finished run."""
     from dataclasses import replace
 
     from safetensors.torch import load_file
@@ -157,7 +145,8 @@ def load_run(run_dir: str | Path, device: str = "cpu", teacher_weights: str | No
     weights = run_dir / STUDENT_FILE
     if not weights.is_file() or sha256_file(weights) != info.get("student_sha256"):
         raise UserError(f"student weights in {run_dir} are missing or corrupt (hash mismatch); retrain the run")
-    backbone = get_backbone(info["backbone"], device=device)
+    # the settings the run was trained with (declared defaults for runs that stored none)
+    backbone = get_backbone(info["backbone"], device=device, settings=info.get("backbone_settings") or {})
     method_cls = METHODS.get(info["method"])
     cfg = method_cls.Config()
     mc = {k: tuple(v) if isinstance(getattr(cfg, k, None), tuple) else v for k, v in info["method_config"].items()}

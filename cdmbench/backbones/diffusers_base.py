@@ -1,0 +1,442 @@
+"""What the diffusers backbones (`sd3`, `longcat` and their tiny twins) share.
+
+- Weights: ``backbone.weights`` is a local diffusers pipeline directory or a hub id
+  (``owner/name``, at ``backbone.revision``), else ``$<weights_env>``, else the family's hub
+  id. A hub id is read from the local Hugging Face cache first and downloaded only when
+  not cached and the hub is not offline (``HF_HUB_OFFLINE=1``). Every failure is one
+  :class:`MissingWeightsError` whose one-line message says what to fetch.
+- Identity: a run's hash holds the hub id and the commit actually loaded, or the local
+  folder's fingerprint (:func:`cdmbench.backbones.base.weights_fingerprint`).
+- Dtypes: ``dtype`` (teacher, text encoders, VAE; ``auto``: bfloat16 on GPU, float32
+  elsewhere) and ``train_dtype`` (the student and its copies: float32 master weights by
+  default, run under autocast in ``dtype`` on GPU).
+- Prompts: training and test prompt sets by name or file; embeddings computed by the
+  pipeline's own ``encode_prompt``, cached per prompt text on the CPU (LRU, bounded).
+- Tiny twins: the same classes from small configs with seeded random weights, offline.
+
+A family subclasses :class:`DiffusersBackbone` and keeps only what is its own: component
+classes, the text-encoder call, the network call's conventions, decoding, export.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import re
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from cdmbench.backbones.base import Backbone, BackboneSettings, Cond, weights_fingerprint
+from cdmbench.errors import UserError
+from cdmbench.prompts_io import Prompt, load_prompt_set
+from cdmbench.settings import setting
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name on the Hugging Face hub
+# files a diffusers directory may hold that no loader here reads
+IGNORE = ["*.bin", "*.ckpt", "*.msgpack", "*.onnx*", "*fp16*"]
+
+
+class MissingWeightsError(UserError, FileNotFoundError):
+    """Weights that are not on this machine; the one-line message names what to fetch."""
+
+
+# ------------------------------------------------------------------------------ weights
+def is_hub_id(spec: str) -> bool:
+    """'owner/name' that is not an existing local path."""
+    return HUB_ID.fullmatch(spec) is not None and not Path(spec).expanduser().exists()
+
+
+def transformers_major() -> int:
+    import transformers
+
+    return int(transformers.__version__.split(".")[0])
+
+
+def dtype_kwarg(cls: type) -> str:
+    """transformers >= 5 takes ``dtype=``; diffusers and older transformers ``torch_dtype=``."""
+    if cls.__module__.startswith("transformers"):
+        return "dtype" if transformers_major() >= 5 else "torch_dtype"
+    return "torch_dtype"
+
+
+def param_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of a model's first parameter (diffusers' ``.dtype`` walks every module)."""
+    return next(model.parameters()).dtype
+
+
+def place(module: nn.Module, device: str | torch.device, dtype: torch.dtype) -> nn.Module:
+    """``module`` on ``device`` in ``dtype``, casting only when needed (diffusers warns on
+    every dtype cast through ``.to``)."""
+    module = module.to(device)
+    if any(p.dtype != dtype for p in module.parameters() if p.is_floating_point()):
+        module = module.to(dtype)
+    return module
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module under DDP/FSDP (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers."""
+    while True:
+        inner = getattr(model, "module", None)
+        if not isinstance(inner, nn.Module):
+            inner = getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
+def resolve_dtype(name: str, device: str) -> torch.dtype:
+    """``auto``: bfloat16 on GPU, float32 elsewhere; else the named dtype."""
+    if name == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+# ----------------------------------------------------------------------------- settings
+@dataclass(frozen=True)
+class DiffusersSettings(BackboneSettings):
+    """Settings of every diffusers backbone; a family changes defaults and adds its own."""
+
+    weights: str | None = None  # diffusers directory or hub id; None: $<ENV>, else the hub id
+    revision: str | None = None  # hub branch, tag or commit; None: main
+    dtype: str = setting("auto", choices=DTYPES)  # teacher, text encoders, VAE
+    train_dtype: str = setting("float32", choices=DTYPES)  # student and copies; auto: = dtype
+    resolution: int = 1024  # image side in pixels
+    # activations recomputed in the student's backward: less memory; bitwise the same
+    # gradients on CPU, but not a guarantee on every GPU kernel, so part of the run's hash
+    gradient_checkpointing: bool = False
+    train_prompts: str = "general"  # prompt set or file the trainer draws from
+    test_prompts: str = setting("general", hashed=False)  # the set eval's "default" names
+    teacher_steps: int = 28
+    teacher_guidance: float = 7.0
+
+
+class PromptCache:
+    """Embeddings per prompt text on the CPU, least recently used evicted beyond ``size``."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.rows: OrderedDict[str, dict[str, Tensor]] = OrderedDict()
+
+    def __contains__(self, text: str) -> bool:
+        return text in self.rows
+
+    def keys(self):
+        return self.rows.keys()
+
+    def put(self, text: str, row: dict[str, Tensor]) -> None:
+        self.rows[text] = {k: v.to("cpu") for k, v in row.items()}
+
+    def stack(self, texts: Sequence[str]) -> dict[str, Tensor]:
+        """The rows of ``texts`` stacked (every text must be cached); then evict."""
+        rows = []
+        for t in texts:
+            self.rows.move_to_end(t)
+            rows.append(self.rows[t])
+        out = {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+        while len(self.rows) > max(self.size, len(texts)):
+            self.rows.popitem(last=False)
+        return out
+
+
+# ----------------------------------------------------------------------------- backbone
+class DiffusersBackbone(Backbone):
+    """A diffusers pipeline's components behind the backbone contract; see the module doc.
+
+    Subclasses set ``label``, ``hub_id``, ``weights_env``, ``classes`` (component name ->
+    class, the transformer included) and implement :meth:`_encode_texts`.
+    """
+
+    Settings: ClassVar[type[DiffusersSettings]] = DiffusersSettings
+    label: ClassVar[str] = "diffusers"  # the family's name in messages
+    hub_id: ClassVar[str] = ""
+    weights_env: ClassVar[str] = ""
+    classes: ClassVar[dict[str, Any]] = {}
+    encode_batch: ClassVar[int] = 8  # prompts per text-encoder call
+    cache_size: ClassVar[int] = 4096  # prompt embeddings kept (LRU, on CPU)
+
+    def __init__(self, device: str = "cpu", settings: Any = None, **kwargs: Any) -> None:
+        super().__init__(device, settings, **kwargs)
+        s = self.settings
+        self.dtype = resolve_dtype(s.dtype, self.device)
+        self.train_dtype = (self.dtype if s.train_dtype == "auto"
+                            else resolve_dtype(s.train_dtype, "cpu"))
+        self.weights = self.default_weights() if s.weights is None else s.weights
+        if self.weights is not None and not is_hub_id(self.weights) \
+                and not Path(self.weights).expanduser().is_dir():
+            path = Path(self.weights).expanduser()
+            what = ("are a file, not a diffusers pipeline directory" if path.exists()
+                    else "not found")
+            raise self.missing(f"weights {path} {what}")
+        self._root: Path | None = None
+        self._parts: dict[str, Any] = {}
+        self._embeds = PromptCache(self.cache_size)
+        self._null: dict[str, Tensor] | None = None
+        self._prompt_sets: dict[str, list[Prompt]] = {}
+
+    # ------------------------------------------------------------------------- weights
+    def default_weights(self) -> str | None:
+        """``$<weights_env>``, else the hub id; None for weights built in code."""
+        return os.environ.get(self.weights_env) or self.hub_id
+
+    def missing(self, what: str, spec: str | None = None) -> MissingWeightsError:
+        """A one-line error: ``<label> <what>; <how to fetch them>``."""
+        spec = self.weights if spec is None else spec
+        repo = spec if spec and is_hub_id(spec) else self.hub_id
+        return MissingWeightsError(
+            f"{self.label} {what}; fetch them with `hf download {repo}` (a gated repo: accept "
+            f"its licence on huggingface.co and run `hf auth login` first), or set "
+            f"backbone.weights to a local diffusers directory (or ${self.weights_env})")
+
+    @property
+    def parts(self) -> tuple[str, ...]:
+        """The pipeline components this configuration uses."""
+        return tuple(self.classes)
+
+    @property
+    def weights_dir(self) -> Path | None:
+        """The local diffusers directory (resolved, downloaded if allowed) or None."""
+        if self.weights is None:
+            return None
+        if self._root is None:
+            self._root = self.resolve(self.weights, self.parts)
+        return self._root
+
+    def resolve(self, spec: str, parts: Sequence[str]) -> Path:
+        """The local directory holding ``parts`` of the pipeline ``spec`` names."""
+        if not is_hub_id(spec):
+            path = Path(spec).expanduser()
+            if not path.is_dir():
+                raise self.missing(f"weights {path} not found", spec)
+            lack = [p + "/" for p in parts if not (path / p).is_dir()]
+            if not (path / "model_index.json").is_file():
+                lack.insert(0, "model_index.json")
+            if lack:
+                raise self.missing(f"weights in {path} lack {', '.join(lack)}", spec)
+            return path
+        from huggingface_hub import snapshot_download
+
+        kw = dict(revision=self.settings.revision, allow_patterns=[
+            "model_index.json", *(f"{p}/*" for p in parts)], ignore_patterns=IGNORE)
+        try:
+            return Path(snapshot_download(spec, local_files_only=True, **kw))
+        except Exception:  # not cached: try the hub below
+            pass
+        try:
+            return Path(snapshot_download(spec, **kw))
+        except Exception as e:  # offline, gated, no network: all one user error
+            raise self.missing(f"weights '{spec}' are not in the local Hugging Face cache and "
+                               f"could not be downloaded ({type(e).__name__})", spec) from None
+
+    def teacher_id(self, weights: str | None = None) -> str:
+        """``hf:<hub id>@<commit>`` for hub weights, a folder or file fingerprint for local
+        ones; the backbone's own weights when ``weights`` is None."""
+        spec = self.weights if weights is None else os.fspath(weights)
+        if spec is None:
+            return super().teacher_id(None)
+        if is_hub_id(spec):
+            root = self.resolve(spec, ["transformer"] if weights is not None else self.parts)
+            commit = root.name if root.parent.name == "snapshots" else self.settings.revision
+            return f"hf:{spec}@{commit or 'main'}"
+        return weights_fingerprint(spec)
+
+    def component_config(self, name: str) -> dict[str, Any]:
+        """A component's config, read without loading weights (a hub id: that file only)."""
+        cls = self.classes[name]
+        src = self._root or (self.weights if is_hub_id(self.weights) else self.weights_dir)
+        try:
+            return dict(cls.load_config(src, subfolder=name, revision=self.settings.revision))
+        except Exception as e:
+            raise self.missing(f"{name} config not readable from {src} "
+                               f"({type(e).__name__})") from None
+
+    def load_part(self, name: str, root: str | Path | None = None,
+                  subfolder: str | None = "") -> Any:
+        """One component as stored (on the CPU, models in ``dtype``)."""
+        cls = self.classes[name]
+        plain = name.startswith("tokenizer") or name == "scheduler"
+        kwargs = {} if plain else {dtype_kwarg(cls): self.dtype}
+        root = self.weights_dir if root is None else root
+        try:
+            sub = name if subfolder == "" else subfolder
+            return cls.from_pretrained(root, subfolder=sub, **kwargs)
+        except OSError as e:
+            raise self.missing(f"component '{name}' is missing or unreadable under {root} "
+                               f"({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
+
+    def _load(self, name: str) -> Any:
+        """A component as stored; tiny twins build theirs."""
+        return self.load_part(name)
+
+    def component(self, name: str) -> Any:
+        """A frozen component (loaded once) on the backbone's device; None where this
+        configuration does not use it. Not the transformer: see :meth:`load_teacher`."""
+        if name == "transformer":
+            raise ValueError("the transformer is not shared: use load_teacher()")
+        if name not in self.parts:
+            return None
+        if name not in self._parts:
+            part = self._load(name)
+            if isinstance(part, nn.Module):
+                part = place(part, self.device, self.dtype).eval().requires_grad_(False)
+                if name == "vae" and self.use_channels_last():
+                    part = part.to(memory_format=torch.channels_last)
+            self._parts[name] = part
+        return self._parts[name]
+
+    def transformer_config(self) -> dict[str, Any]:
+        return self.component_config("transformer")
+
+    # -------------------------------------------------------------------------- models
+    def load_teacher(self, weights: str | os.PathLike | None = None) -> nn.Module:
+        """A fresh frozen denoiser (a new module each call: ``load_run`` loads a student's
+        state into it): the backbone's own, or ``weights``: a pipeline or transformer
+        directory, a hub id, or a safetensors state dict of this architecture."""
+        model = self._load("transformer") if weights is None else self._load_transformer(weights)
+        return place(model, self.device, self.dtype).eval().requires_grad_(False)
+
+    def _load_transformer(self, weights: str | os.PathLike) -> nn.Module:
+        spec = os.fspath(weights)
+        path = Path(spec).expanduser()
+        if path.is_file():  # a state dict for this architecture (a saved student)
+            from safetensors.torch import load_file
+
+            with torch.random.fork_rng(devices=[]):  # construction draws; the state replaces them
+                model = self.classes["transformer"].from_config(self.transformer_config())
+            try:
+                model.load_state_dict(load_file(str(path)))
+            except Exception as e:
+                raise self.missing(f"cannot read transformer weights {path} ({type(e).__name__}); "
+                                   "pass a safetensors state dict of the backbone's transformer",
+                                   spec) from None
+            return model
+        if path.is_dir() and (path / "config.json").is_file():
+            return self.load_part("transformer", path, subfolder=None)
+        return self.load_part("transformer", self.resolve(spec, ["transformer"]))
+
+    def make_student(self, teacher: nn.Module) -> nn.Module:
+        """A trainable copy of the teacher in ``train_dtype``."""
+        student = place(self.clone(teacher), self.device, self.train_dtype)
+        if self.settings.gradient_checkpointing:
+            student.enable_gradient_checkpointing()
+        return student.requires_grad_(True).train()
+
+    def autocast(self, model_dtype: torch.dtype, device: torch.device):
+        """bf16/fp16 autocast for a float32 student on GPU; nothing otherwise."""
+        if device.type == "cuda" and model_dtype != self.dtype and self.dtype in (
+                torch.bfloat16, torch.float16):
+            return torch.autocast("cuda", dtype=self.dtype)
+        return contextlib.nullcontext()
+
+    # -------------------------------------------------------------------- conditioning
+    def prompts(self, split: str = "train") -> list[Prompt]:
+        """The training prompts (``train_prompts``) or the evaluation ones (``test_prompts``)."""
+        if split not in ("train", "test", "all"):
+            raise ValueError(f"unknown split '{split}' (train, test, all)")
+        name = self.settings.train_prompts if split == "train" else self.settings.test_prompts
+        if name not in self._prompt_sets:
+            self._prompt_sets[name] = load_prompt_set(name)[1]
+        return list(self._prompt_sets[name])
+
+    def _encode_texts(self, texts: list[str]) -> dict[str, Tensor]:
+        """The pipeline's ``encode_prompt`` on ``texts``: the Cond tensors, batch first."""
+        raise NotImplementedError
+
+    def embed(self, texts: Sequence[str]) -> dict[str, Tensor]:
+        """Cond tensors of ``texts`` on the device, each text encoded once and cached.
+
+        Runs outside inference mode, so cached embeddings can feed training graphs later.
+        """
+        todo = list(dict.fromkeys(t for t in texts if t not in self._embeds))
+        for i in range(0, len(todo), self.encode_batch):
+            chunk = todo[i : i + self.encode_batch]
+            with torch.inference_mode(False), torch.no_grad():
+                out = self._encode_texts(chunk)
+            for j, t in enumerate(chunk):
+                self._embeds.put(t, {k: v[j] for k, v in out.items()})
+        return {k: v.to(self.device, self.dtype) for k, v in self._embeds.stack(texts).items()}
+
+    def null_cond(self) -> dict[str, Tensor]:
+        """The unconditional input: the pipeline's negative prompt "", batch of 1."""
+        if self._null is None:
+            self._null = self.embed([""])
+        return self._null
+
+    def encode(self, prompts: Sequence[Prompt]) -> Cond:
+        return Cond(self.embed([p.text for p in prompts]), self.null_cond())
+
+    def generation_settings(self) -> dict:
+        """The base settings plus where the text encoders come from and how they run."""
+        return {**super().generation_settings(), "weights": self.weights}
+
+
+# ---------------------------------------------------------------------------- tiny twins
+class TinyTwin:
+    """Mixin for a family's tiny twin: its components from small configs with seeded random
+    weights, built offline; the same weights every call (a fresh module each time).
+
+    The twin lists its random modules' constructors in :meth:`tiny_builders` (called in
+    that order under one seed, with the global RNG left as it was) and its other parts
+    (tokenizers, scheduler) in :meth:`tiny_plain`. ``backbone.weights`` still loads a
+    directory (an exported tiny pipeline) instead.
+    """
+
+    weights: str | None
+    settings: Any
+
+    def default_weights(self) -> str | None:
+        """None: random tiny weights, built in code."""
+        return None
+
+    @classmethod
+    def tiny_builders(cls) -> dict[str, Callable[[], nn.Module]]:
+        raise NotImplementedError
+
+    @classmethod
+    def tiny_plain(cls) -> dict[str, Any]:
+        """Tokenizers and the scheduler (cache it: tokenizers are shared, never changed)."""
+        return {}
+
+    @classmethod
+    def tiny_configs(cls) -> dict[str, dict[str, Any]]:
+        raise NotImplementedError
+
+    def component_config(self, name: str) -> dict[str, Any]:
+        if self.weights is not None:
+            return super().component_config(name)  # type: ignore[misc]
+        return dict(self.tiny_configs()[name])
+
+    def _load(self, name: str) -> Any:
+        if self.weights is not None:
+            return super()._load(name)  # type: ignore[misc]
+        builders = self.tiny_builders()
+        if name not in builders:  # a scheduler has state a pipeline call changes: a copy
+            part = self.tiny_plain()[name]
+            return part if name.startswith("tokenizer") else copy.deepcopy(part)
+        with torch.random.fork_rng(devices=[]):  # construction draws; the state replaces them
+            module = builders[name]()
+        module.load_state_dict(tiny_states(type(self), self.settings.seed)[name])
+        return module.eval()
+
+
+@lru_cache(maxsize=8)
+def tiny_states(cls: type[TinyTwin], seed: int) -> dict[str, dict[str, Tensor]]:
+    """The tiny twin's random weights from ``seed``, once per process (global RNG untouched)."""
+    return build_tiny_states(cls, seed)
+
+
+def build_tiny_states(cls: type[TinyTwin], seed: int) -> dict[str, dict[str, Tensor]]:
+    """:func:`tiny_states` without the cache."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        modules = {k: build() for k, build in cls.tiny_builders().items()}
+    return {k: {n: v.detach().clone() for n, v in m.state_dict().items()}
+            for k, m in modules.items()}
