@@ -67,9 +67,11 @@ def machine_info(threads: int) -> dict[str, Any]:
 
 
 def describe(info: dict[str, Any]) -> str:
-    return (f"machine: {info['cpu']}, {info['cores']} cores ({info['cores_usable']} usable), "
-            f"torch {info['torch']}, python {info['python']}, torch threads {info['torch_threads']}, "
-            f"load average at start {info['loadavg_start']} (1/5/15 min)")
+    return (
+        f"machine: {info['cpu']}, {info['cores']} cores ({info['cores_usable']} usable), "
+        f"torch {info['torch']}, python {info['python']}, torch threads {info['torch_threads']}, "
+        f"load average at start {info['loadavg_start']} (1/5/15 min)"
+    )
 
 
 def setup_threads(threads: int) -> None:
@@ -125,8 +127,9 @@ class Samples(list):
         self.cpu.append(wall_cpu[1])
 
 
-def interleaved(a: Callable[[], Any], b: Callable[[], Any], reps: int, number: int,
-                warmup: int = 2) -> tuple[Samples, Samples]:
+def interleaved(
+    a: Callable[[], Any], b: Callable[[], Any], reps: int, number: int, warmup: int = 2
+) -> tuple[Samples, Samples]:
     """Per-call seconds of ``a`` and ``b``, ``reps`` samples each, sampled in ABBA order."""
     for _ in range(warmup):
         _sample(a, number)
@@ -154,12 +157,21 @@ def summarize(ta: Samples, tb: Samples) -> dict[str, float]:
     ma, mb = statistics.median(ta), statistics.median(tb)
     pair = [x / y for x, y in zip(ta, tb, strict=True)]
     lo, hi = quartiles(pair)
-    out = {"harness_ms": 1e3 * ma, "bare_ms": 1e3 * mb, "ratio": ma / mb,
-           "pair_ratio_q1": lo, "pair_ratio_q3": hi, "ratio_min": min(ta) / min(tb)}
+    out = {
+        "harness_ms": 1e3 * ma,
+        "bare_ms": 1e3 * mb,
+        "ratio": ma / mb,
+        "pair_ratio_q1": lo,
+        "pair_ratio_q3": hi,
+        "ratio_min": min(ta) / min(tb),
+    }
     ca, cb = getattr(ta, "cpu", None), getattr(tb, "cpu", None)
     if ca and cb:
-        out |= {"harness_cpu_ms": 1e3 * statistics.median(ca), "bare_cpu_ms": 1e3 * statistics.median(cb),
-                "cpu_ratio": statistics.median(ca) / max(statistics.median(cb), 1e-12)}
+        out |= {
+            "harness_cpu_ms": 1e3 * statistics.median(ca),
+            "bare_cpu_ms": 1e3 * statistics.median(cb),
+            "cpu_ratio": statistics.median(ca) / max(statistics.median(cb), 1e-12),
+        }
     return out
 
 
@@ -187,7 +199,9 @@ def fmt(v: Any) -> str:
     return str(v)
 
 
-def markdown(rows: list[dict[str, Any]], columns: Sequence[str], headers: Sequence[str] | None = None) -> str:
+def markdown(
+    rows: list[dict[str, Any]], columns: Sequence[str], headers: Sequence[str] | None = None
+) -> str:
     headers = list(headers or columns)
     out = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for r in rows:
@@ -195,13 +209,21 @@ def markdown(rows: list[dict[str, Any]], columns: Sequence[str], headers: Sequen
     return "\n".join(out)
 
 
-def print_row(row: dict[str, Any], columns: Sequence[str], headers: Sequence[str] | None = None) -> None:
+def print_row(
+    row: dict[str, Any], columns: Sequence[str], headers: Sequence[str] | None = None
+) -> None:
     """One table row as soon as it is measured (the whole table is printed at the end)."""
     print(markdown([row], columns, headers).splitlines()[-1], flush=True)
 
 
-def finish(csv_path: str | Path, csv_rows: list[dict[str, Any]], info: dict[str, Any], title: str, body: str,
-           footer: str) -> Path:
+def finish(
+    csv_path: str | Path,
+    csv_rows: list[dict[str, Any]],
+    info: dict[str, Any],
+    title: str,
+    body: str,
+    footer: str,
+) -> Path:
     """Write the CSV, then print the report: title, machine, ``body`` (the tables), ``footer``."""
     path = write_csv(csv_path, csv_rows, info)
     print(f"\n## {title}\n")

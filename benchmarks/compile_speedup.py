@@ -48,7 +48,9 @@ from cdmbench.generate import generate  # noqa: E402
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--backbones", default="digits,tiny-sd3")
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--digits-batches", default="1,256")
@@ -66,7 +68,9 @@ def main() -> None:
     for name in args.backbones.split(","):
         bb = get_backbone(name)
         prompts = bb.prompts("test")
-        batches = [int(b) for b in {"digits": args.digits_batches}.get(name, args.sd3_batches).split(",")]
+        batches = [
+            int(b) for b in {"digits": args.digits_batches}.get(name, args.sd3_batches).split(",")
+        ]
         cand = teacher_candidate(bb)
         spec = cand.sampler(args.steps)
 
@@ -86,23 +90,61 @@ def main() -> None:
             tc, te = bu.interleaved(a, e, args.reps, 1, warmup=2)
             st = bu.summarize(tc, te)
             diff = float((call(b, model) - ref[b]).abs().max())
-            r = {"backbone": name, "batch": b, "steps": args.steps, "guidance": spec.guidance,
-                 "mode": args.mode or "default", "inductor_cache": "cold" if COLD else "as found",
-                 "compile_s": compile_s, "second_model_compile_s": compile_s2,
-                 "eager_ms": st["bare_ms"], "compiled_ms": st["harness_ms"], "speedup": 1 / st["ratio"],
-                 "max_abs_diff": diff}
+            r = {
+                "backbone": name,
+                "batch": b,
+                "steps": args.steps,
+                "guidance": spec.guidance,
+                "mode": args.mode or "default",
+                "inductor_cache": "cold" if COLD else "as found",
+                "compile_s": compile_s,
+                "second_model_compile_s": compile_s2,
+                "eager_ms": st["bare_ms"],
+                "compiled_ms": st["harness_ms"],
+                "speedup": 1 / st["ratio"],
+                "max_abs_diff": diff,
+            }
             rows.append(r)
             bu.print_row(r, COLS, HEADERS)
-    bu.finish(args.csv, rows, info, "torch.compile: eager vs compiled generation (teacher, default guidance)",
-              bu.markdown(rows, COLS, HEADERS),
-              f"compile s = warm-up wall time minus the same calls compiled (what `cdmbench eval --compile` "
-              f"records as compile_s); medians of {args.reps} interleaved calls per side")
+    bu.finish(
+        args.csv,
+        rows,
+        info,
+        "torch.compile: eager vs compiled generation (teacher, default guidance)",
+        bu.markdown(rows, COLS, HEADERS),
+        f"compile s = warm-up wall time minus the same calls compiled (what `cdmbench eval --compile` "
+        f"records as compile_s); medians of {args.reps} interleaved calls per side",
+    )
 
 
-COLS = ["backbone", "batch", "steps", "guidance", "mode", "inductor_cache", "compile_s", "second_model_compile_s", "eager_ms",
-        "compiled_ms", "speedup", "max_abs_diff"]
-HEADERS = ["backbone", "batch", "steps", "cfg", "mode", "inductor cache", "compile s", "2nd model compile s", "eager ms",
-           "compiled ms", "speedup", "max |diff|"]
+COLS = [
+    "backbone",
+    "batch",
+    "steps",
+    "guidance",
+    "mode",
+    "inductor_cache",
+    "compile_s",
+    "second_model_compile_s",
+    "eager_ms",
+    "compiled_ms",
+    "speedup",
+    "max_abs_diff",
+]
+HEADERS = [
+    "backbone",
+    "batch",
+    "steps",
+    "cfg",
+    "mode",
+    "inductor cache",
+    "compile s",
+    "2nd model compile s",
+    "eager ms",
+    "compiled ms",
+    "speedup",
+    "max |diff|",
+]
 
 if __name__ == "__main__":
     main()

@@ -39,7 +39,9 @@ def score(bb, judge, model, spec, per_class: int, seed: int) -> dict[str, float]
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--methods", default="cdm,dmd,dmd2,cd")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--steps", default="1,2,4")
@@ -59,8 +61,17 @@ def main() -> None:
     for w in (1.0, 2.0):
         for n in steps:
             for seed in seeds:
-                r = score(bb, judge, teacher, SamplerSpec(flow.uniform_schedule(n, bb.shift), guidance=w), args.per_class, seed)
-                rows.append({"model": f"teacher (cfg {w:g})", "seed": seed, "steps": n, **r, "train_s": 0.0})
+                r = score(
+                    bb,
+                    judge,
+                    teacher,
+                    SamplerSpec(flow.uniform_schedule(n, bb.shift), guidance=w),
+                    args.per_class,
+                    seed,
+                )
+                rows.append(
+                    {"model": f"teacher (cfg {w:g})", "seed": seed, "steps": n, **r, "train_s": 0.0}
+                )
     for name in args.methods.split(","):
         cls = METHODS.get(name)
         for seed in seeds:
@@ -70,11 +81,22 @@ def main() -> None:
             train_s = time.perf_counter() - t0
             run = load_run(res.run_dir)
             for n in steps:
-                r = score(bb, judge, run.student, run.method.sampler(n, bb.shift), args.per_class, seed)
-                rows.append({"model": name, "seed": seed, "steps": n, **r, "train_s": round(train_s, 1)})
-            print(f"{name} seed {seed}: " + ", ".join(
-                f"{x['steps']}-step FD {x['fd_digits']:.1f}" for x in rows if x["model"] == name and x["seed"] == seed),
-                f"(train {train_s:.0f}s, {res.run_dir})", flush=True)
+                r = score(
+                    bb, judge, run.student, run.method.sampler(n, bb.shift), args.per_class, seed
+                )
+                rows.append(
+                    {"model": name, "seed": seed, "steps": n, **r, "train_s": round(train_s, 1)}
+                )
+            print(
+                f"{name} seed {seed}: "
+                + ", ".join(
+                    f"{x['steps']}-step FD {x['fd_digits']:.1f}"
+                    for x in rows
+                    if x["model"] == name and x["seed"] == seed
+                ),
+                f"(train {train_s:.0f}s, {res.run_dir})",
+                flush=True,
+            )
     Path(args.csv).parent.mkdir(parents=True, exist_ok=True)
     with open(args.csv, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))

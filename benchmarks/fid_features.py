@@ -123,10 +123,19 @@ def cleanfid_features(images: torch.Tensor, model_fn, batch: int) -> np.ndarray:
 
     rgb = images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
     if len(rgb) % batch:
-        raise ValueError("clean-fid's get_model_features needs whole batches: n must be a multiple of batch")
+        raise ValueError(
+            "clean-fid's get_model_features needs whole batches: n must be a multiple of batch"
+        )
     it = iter(rgb.split(batch))
-    return get_model_features(lambda z: next(it), model_fn, mode="clean", num_gen=len(rgb), batch_size=batch,
-                              device=torch.device("cpu"), verbose=False)
+    return get_model_features(
+        lambda z: next(it),
+        model_fn,
+        mode="clean",
+        num_gen=len(rgb),
+        batch_size=batch,
+        device=torch.device("cpu"),
+        verbose=False,
+    )
 
 
 def cleanfid_resize(images: torch.Tensor) -> torch.Tensor:
@@ -135,7 +144,10 @@ def cleanfid_resize(images: torch.Tensor) -> torch.Tensor:
 
     fn = build_resizer("clean")
     rgb = images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
-    out = [torch.tensor(fn(img.cpu().numpy().transpose((1, 2, 0))).transpose((2, 0, 1))).unsqueeze(0) for img in rgb]
+    out = [
+        torch.tensor(fn(img.cpu().numpy().transpose((1, 2, 0))).transpose((2, 0, 1))).unsqueeze(0)
+        for img in rgb
+    ]
     return torch.cat(out)
 
 
@@ -152,14 +164,18 @@ def test_images(size: str, n: int, seed: int = 0) -> torch.Tensor:
 
 # --------------------------------------------------------------------------------- main
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--sizes", default="8g,64,1024", help="image sizes; a trailing g means grey")
     ap.add_argument("--n", type=int, default=16, help="images per timed call (full pipeline)")
     ap.add_argument("--batch", type=int, default=8, help="network batch size, both sides")
     ap.add_argument("--reps", type=int, default=4, help="samples per side, full pipeline")
     ap.add_argument("--resize-n", type=int, default=64, help="images per timed call (resize stage)")
     ap.add_argument("--resize-reps", type=int, default=10)
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (the network, both sides)")
+    ap.add_argument(
+        "--threads", type=int, default=1, help="torch threads (the network, both sides)"
+    )
     ap.add_argument("--csv", default="results/benchmarks/fid_features.csv")
     args = ap.parse_args()
     bu.setup_threads(args.threads)
@@ -167,15 +183,28 @@ def main() -> None:
     print(bu.describe(info), flush=True)
     net = random_fid_inception()
     model_fn = cleanfid_model_fn(net)
-    ours = {"auto": InceptionFeatures(model=net, batch_size=args.batch),
-            "1": InceptionFeatures(model=net, batch_size=args.batch, threads=1)}
+    ours = {
+        "auto": InceptionFeatures(model=net, batch_size=args.batch),
+        "1": InceptionFeatures(model=net, batch_size=args.batch, threads=1),
+    }
     rows = []
 
     def add(stage, size, variant, n, ta, tb, reps, extra=None):
         s = bu.summarize(ta, tb)
-        r = {"stage": stage, "images": size, "cdmbench": variant, "n": n, "reps": reps,
-             "cdmbench_img_s": n / (s["harness_ms"] / 1e3), "cleanfid_img_s": n / (s["bare_ms"] / 1e3),
-             **s, "speedup": 1 / s["ratio"], "speedup_min": 1 / s["ratio_min"], "cpu_speedup": 1 / s["cpu_ratio"], **(extra or {})}
+        r = {
+            "stage": stage,
+            "images": size,
+            "cdmbench": variant,
+            "n": n,
+            "reps": reps,
+            "cdmbench_img_s": n / (s["harness_ms"] / 1e3),
+            "cleanfid_img_s": n / (s["bare_ms"] / 1e3),
+            **s,
+            "speedup": 1 / s["ratio"],
+            "speedup_min": 1 / s["ratio_min"],
+            "cpu_speedup": 1 / s["cpu_ratio"],
+            **(extra or {}),
+        }
         r["ok"] = "yes" if r["speedup"] >= 1.0 else "NO"
         rows.append(r)
         bu.print_row(r, COLS, HEADERS)
@@ -183,48 +212,101 @@ def main() -> None:
     for size in args.sizes.split(","):
         # identical inputs -> identical features (the comparison is like for like)
         probe = test_images(size, args.batch, seed=1)
-        fa, fb = ours["auto"](probe), torch.from_numpy(cleanfid_features(probe, model_fn, args.batch))
+        fa, fb = (
+            ours["auto"](probe),
+            torch.from_numpy(cleanfid_features(probe, model_fn, args.batch)),
+        )
         diff = float((fa - fb).abs().max() / fb.abs().max())
         ra, rb = clean_resize(probe), cleanfid_resize(probe)
         if diff > 1e-5 or not torch.equal(ra, rb):
-            raise SystemExit(f"{size}: cdmbench and clean-fid disagree (features rel diff {diff:.3g}, resize "
-                             f"equal {torch.equal(ra, rb)}); the comparison is not like for like")
+            raise SystemExit(
+                f"{size}: cdmbench and clean-fid disagree (features rel diff {diff:.3g}, resize "
+                f"equal {torch.equal(ra, rb)}); the comparison is not like for like"
+            )
         # resize stage alone
         imgs = test_images(size, args.resize_n)
         for variant, threads in (("threads auto", None), ("threads 1", 1)):
             a = lambda threads=threads, imgs=imgs: clean_resize(imgs, threads=threads)  # noqa: E731
             b = lambda imgs=imgs: cleanfid_resize(imgs)  # noqa: E731
-            ta, tb = bu.interleaved(a, b, args.resize_reps, bu.calibrate([a, b], 0.05, max_number=50), warmup=1)
+            ta, tb = bu.interleaved(
+                a, b, args.resize_reps, bu.calibrate([a, b], 0.05, max_number=50), warmup=1
+            )
             add("resize", size, variant, args.resize_n, ta, tb, args.resize_reps)
         # the whole pipeline (cdmbench as the FID metric builds it: default resize pool)
         imgs = test_images(size, args.n)
         a = lambda imgs=imgs: ours["auto"](imgs)  # noqa: E731
         b = lambda imgs=imgs: cleanfid_features(imgs, model_fn, args.batch)  # noqa: E731
         ta, tb = bu.interleaved(a, b, args.reps, number=1, warmup=1)
-        add("resize + network", size, "threads auto", args.n, ta, tb, args.reps, {"feature_rel_diff": diff})
+        add(
+            "resize + network",
+            size,
+            "threads auto",
+            args.n,
+            ta,
+            tb,
+            args.reps,
+            {"feature_rel_diff": diff},
+        )
 
     # glue inside InceptionFeatures.forward per batch: _net() (eval + to once, then a cached lookup)
     prep = bu.Samples()
     for _ in range(args.resize_reps):
         prep.add(bu._sample2(lambda: ours["auto"]._net(torch.device("cpu")), 5))
     prep_ms = 1e3 * sorted(prep)[len(prep) // 2]
-    rows.append({"stage": "InceptionFeatures._net per batch", "images": "", "cdmbench": "", "n": "",
-                 "reps": args.resize_reps, "harness_ms": prep_ms, "ok": "(info)"})
+    rows.append(
+        {
+            "stage": "InceptionFeatures._net per batch",
+            "images": "",
+            "cdmbench": "",
+            "n": "",
+            "reps": args.resize_reps,
+            "harness_ms": prep_ms,
+            "ok": "(info)",
+        }
+    )
 
-    bu.finish(args.csv, rows, info,
-              "FID feature extraction: cdmbench InceptionFeatures vs clean-fid (same images, same network)",
-              bu.markdown([r for r in rows if r["ok"] != "(info)"], COLS, HEADERS)
-              + f"\n\nInceptionFeatures._net() per batch (eval + to on first use, then cached): {prep_ms:.4f} ms",
-              f"network: clean-fid's FID Inception architecture with random weights, batch {args.batch}, "
-              f"{args.threads} torch thread(s); images/s = n / median wall time; speedup = clean-fid time / "
-              f"cdmbench time (target >= 1); speedup (CPU) compares total process CPU time (all threads, so a "
-              f"resize pool of 2 threads costs CPU even where it saves wall time)")
+    bu.finish(
+        args.csv,
+        rows,
+        info,
+        "FID feature extraction: cdmbench InceptionFeatures vs clean-fid (same images, same network)",
+        bu.markdown([r for r in rows if r["ok"] != "(info)"], COLS, HEADERS)
+        + f"\n\nInceptionFeatures._net() per batch (eval + to on first use, then cached): {prep_ms:.4f} ms",
+        f"network: clean-fid's FID Inception architecture with random weights, batch {args.batch}, "
+        f"{args.threads} torch thread(s); images/s = n / median wall time; speedup = clean-fid time / "
+        f"cdmbench time (target >= 1); speedup (CPU) compares total process CPU time (all threads, so a "
+        f"resize pool of 2 threads costs CPU even where it saves wall time)",
+    )
 
 
-COLS = ["stage", "images", "cdmbench", "n", "cdmbench_img_s", "cleanfid_img_s", "speedup", "pair_ratio_q1",
-        "pair_ratio_q3", "speedup_min", "cpu_speedup", "ok"]
-HEADERS = ["stage", "images", "cdmbench resize pool", "n", "cdmbench img/s", "clean-fid img/s",
-           "speedup (wall)", "pair q1 (A/B)", "pair q3 (A/B)", "speedup of mins", "speedup (CPU)", ">= 1"]
+COLS = [
+    "stage",
+    "images",
+    "cdmbench",
+    "n",
+    "cdmbench_img_s",
+    "cleanfid_img_s",
+    "speedup",
+    "pair_ratio_q1",
+    "pair_ratio_q3",
+    "speedup_min",
+    "cpu_speedup",
+    "ok",
+]
+HEADERS = [
+    "stage",
+    "images",
+    "cdmbench resize pool",
+    "n",
+    "cdmbench img/s",
+    "clean-fid img/s",
+    "speedup (wall)",
+    "pair q1 (A/B)",
+    "pair q3 (A/B)",
+    "speedup of mins",
+    "speedup (CPU)",
+    ">= 1",
+]
 
 if __name__ == "__main__":
     main()

@@ -25,16 +25,45 @@ import torch
 
 from cdmbench import flow
 
-SD3_MEDIUM = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
-                  num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
-                  pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192)
-SD3_VAE = dict(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(128, 256, 512, 512),
-               layers_per_block=2, down_block_types=("DownEncoderBlock2D",) * 4,
-               up_block_types=("UpDecoderBlock2D",) * 4, use_quant_conv=False, use_post_quant_conv=False,
-               scaling_factor=1.5305, shift_factor=0.0609)
-TINY = dict(sample_size=8, patch_size=2, in_channels=16, num_layers=1, attention_head_dim=8, num_attention_heads=2,
-            joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=32, out_channels=16,
-            pos_embed_max_size=16)
+SD3_MEDIUM = dict(
+    sample_size=128,
+    patch_size=2,
+    in_channels=16,
+    num_layers=24,
+    attention_head_dim=64,
+    num_attention_heads=24,
+    joint_attention_dim=4096,
+    caption_projection_dim=1536,
+    pooled_projection_dim=2048,
+    out_channels=16,
+    pos_embed_max_size=192,
+)
+SD3_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    latent_channels=16,
+    block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    use_quant_conv=False,
+    use_post_quant_conv=False,
+    scaling_factor=1.5305,
+    shift_factor=0.0609,
+)
+TINY = dict(
+    sample_size=8,
+    patch_size=2,
+    in_channels=16,
+    num_layers=1,
+    attention_head_dim=8,
+    num_attention_heads=2,
+    joint_attention_dim=32,
+    caption_projection_dim=16,
+    pooled_projection_dim=32,
+    out_channels=16,
+    pos_embed_max_size=16,
+)
 TINY_VAE = dict(SD3_VAE, block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4)
 
 
@@ -66,9 +95,13 @@ def timed(fn, device: str, warmup: int, repeats: int) -> list[float]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--tiny", action="store_true", help="tiny configs (CPU smoke test of this script)")
+    ap.add_argument(
+        "--tiny", action="store_true", help="tiny configs (CPU smoke test of this script)"
+    )
     ap.add_argument("--steps", default="1,2,4,28")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=10)
@@ -80,40 +113,74 @@ def main() -> None:
     tr, vae, sched = build(args.tiny, args.device, dtype)
     cfgt = tr.config
     res = cfgt.sample_size * 8
-    seq, dim, pooled = (16, cfgt.joint_attention_dim, cfgt.pooled_projection_dim) if args.tiny else (333, 4096, 2048)
+    seq, dim, pooled = (
+        (16, cfgt.joint_attention_dim, cfgt.pooled_projection_dim)
+        if args.tiny
+        else (333, 4096, 2048)
+    )
     g = torch.Generator().manual_seed(0)
     pe = torch.randn(1, seq, dim, generator=g).to(args.device, dtype)
     pp = torch.randn(1, pooled, generator=g).to(args.device, dtype)
     ne, npool = torch.zeros_like(pe), torch.zeros_like(pp)
     latents = torch.randn(1, 16, res // 8, res // 8, generator=g).to(args.device)
-    pipe = StableDiffusion3Pipeline(transformer=tr, scheduler=sched, vae=vae, text_encoder=None, tokenizer=None,
-                                    text_encoder_2=None, tokenizer_2=None, text_encoder_3=None, tokenizer_3=None)
+    pipe = StableDiffusion3Pipeline(
+        transformer=tr,
+        scheduler=sched,
+        vae=vae,
+        text_encoder=None,
+        tokenizer=None,
+        text_encoder_2=None,
+        tokenizer_2=None,
+        text_encoder_3=None,
+        tokenizer_3=None,
+    )
     pipe.set_progress_bar_config(disable=True)
 
     def velocity_fn(w: float):
         def v(x, s):
             t = flow.timestep(s)
             if w == 1.0:
-                return tr(hidden_states=x.to(dtype), timestep=t, encoder_hidden_states=pe,
-                          pooled_projections=pp, return_dict=False)[0]
-            out = tr(hidden_states=torch.cat([x, x]).to(dtype), timestep=torch.cat([t, t]),
-                     encoder_hidden_states=torch.cat([ne, pe]), pooled_projections=torch.cat([npool, pp]),
-                     return_dict=False)[0].float()
+                return tr(
+                    hidden_states=x.to(dtype),
+                    timestep=t,
+                    encoder_hidden_states=pe,
+                    pooled_projections=pp,
+                    return_dict=False,
+                )[0]
+            out = tr(
+                hidden_states=torch.cat([x, x]).to(dtype),
+                timestep=torch.cat([t, t]),
+                encoder_hidden_states=torch.cat([ne, pe]),
+                pooled_projections=torch.cat([npool, pp]),
+                return_dict=False,
+            )[0].float()
             u, c = out.chunk(2)
             return flow.cfg(u, c, w)
+
         return v
 
     @torch.inference_mode()
     def ours(n: int, w: float):
         x = flow.sample(velocity_fn(w), latents, flow.uniform_schedule(n, 3.0))
-        return vae.decode((x / vae.config.scaling_factor + vae.config.shift_factor).to(dtype)).sample
+        return vae.decode(
+            (x / vae.config.scaling_factor + vae.config.shift_factor).to(dtype)
+        ).sample
 
     @torch.inference_mode()
     def theirs(n: int, w: float):
         sig = np.linspace(1.0, 0.0, n + 1)[:-1].tolist()
-        return pipe(prompt_embeds=pe, pooled_prompt_embeds=pp, negative_prompt_embeds=ne,
-                    negative_pooled_prompt_embeds=npool, latents=latents.to(dtype), sigmas=sig, guidance_scale=w,
-                    height=res, width=res, output_type="pt").images
+        return pipe(
+            prompt_embeds=pe,
+            pooled_prompt_embeds=pp,
+            negative_prompt_embeds=ne,
+            negative_pooled_prompt_embeds=npool,
+            latents=latents.to(dtype),
+            sigmas=sig,
+            guidance_scale=w,
+            height=res,
+            width=res,
+            output_type="pt",
+        ).images
 
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     rows = []
@@ -123,14 +190,26 @@ def main() -> None:
             for _ in range(max(1, args.repeats // 5)):  # interleave blocks so drift hits both
                 a += timed(lambda n=n, w=w: ours(n, w), args.device, args.warmup, 5)
                 b += timed(lambda n=n, w=w: theirs(n, w), args.device, args.warmup, 5)
-            row = {"device": device_name, "dtype": str(dtype).replace("torch.", ""), "torch": torch.__version__,
-                   "resolution": res, "steps": n, "guidance": w, "network_calls": n * (1 if w == 1 else 2),
-                   "cdmbench_ms": 1e3 * statistics.median(a), "cdmbench_p90_ms": 1e3 * float(np.percentile(a, 90)),
-                   "diffusers_ms": 1e3 * statistics.median(b), "diffusers_p90_ms": 1e3 * float(np.percentile(b, 90))}
+            row = {
+                "device": device_name,
+                "dtype": str(dtype).replace("torch.", ""),
+                "torch": torch.__version__,
+                "resolution": res,
+                "steps": n,
+                "guidance": w,
+                "network_calls": n * (1 if w == 1 else 2),
+                "cdmbench_ms": 1e3 * statistics.median(a),
+                "cdmbench_p90_ms": 1e3 * float(np.percentile(a, 90)),
+                "diffusers_ms": 1e3 * statistics.median(b),
+                "diffusers_p90_ms": 1e3 * float(np.percentile(b, 90)),
+            }
             row["ratio"] = row["cdmbench_ms"] / row["diffusers_ms"]
             rows.append(row)
-            print(f"steps {n:>2} cfg {w:g}: cdmbench {row['cdmbench_ms']:.1f} ms, diffusers "
-                  f"{row['diffusers_ms']:.1f} ms, ratio {row['ratio']:.3f}", flush=True)
+            print(
+                f"steps {n:>2} cfg {w:g}: cdmbench {row['cdmbench_ms']:.1f} ms, diffusers "
+                f"{row['diffusers_ms']:.1f} ms, ratio {row['ratio']:.3f}",
+                flush=True,
+            )
     os.makedirs(os.path.dirname(args.csv) or ".", exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(args.csv) or ".", suffix=".tmp")
     with os.fdopen(fd, "w", newline="") as f:

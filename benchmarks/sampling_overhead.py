@@ -98,12 +98,21 @@ def bare_sd3(bb, model, noise, cond: Cond, sigmas: list[float], w: float):
         t = 1000.0 * torch.tensor(sigmas, dtype=torch.float32)
         for n in range(len(sigmas) - 1):
             if w == 1.0:
-                v = model(hidden_states=x, timestep=t[n].expand(b), encoder_hidden_states=emb,
-                          pooled_projections=pooled, return_dict=False)[0]
+                v = model(
+                    hidden_states=x,
+                    timestep=t[n].expand(b),
+                    encoder_hidden_states=emb,
+                    pooled_projections=pooled,
+                    return_dict=False,
+                )[0]
             else:
-                v_u, v_c = model(hidden_states=torch.cat([x, x]), timestep=t[n].expand(2 * b),
-                                 encoder_hidden_states=emb, pooled_projections=pooled,
-                                 return_dict=False)[0].chunk(2)
+                v_u, v_c = model(
+                    hidden_states=torch.cat([x, x]),
+                    timestep=t[n].expand(2 * b),
+                    encoder_hidden_states=emb,
+                    pooled_projections=pooled,
+                    return_dict=False,
+                )[0].chunk(2)
                 v = v_u + w * (v_c - v_u)
             x.add_(v, alpha=sigmas[n + 1] - sigmas[n])
         return (vae.decode(x / sf + sh, return_dict=False)[0] / 2 + 0.5).clamp_(0, 1)
@@ -140,7 +149,9 @@ def make_pair(name: str, bb, model, noise, cond, sigmas, w):
 
 # --------------------------------------------------------------------------------- main
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--backbones", default="digits,tiny-sd3")
     ap.add_argument("--steps", default="1,2,4,8")
     ap.add_argument("--digits-batches", default="1,256")
@@ -150,7 +161,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--csv", default="results/benchmarks/sampling_overhead.csv")
     ap.add_argument("--no-null", action="store_true", help="skip the null-network rows")
-    ap.add_argument("--profile", default="", help="backbone:batch:steps:cfg - cProfile both paths and exit")
+    ap.add_argument(
+        "--profile", default="", help="backbone:batch:steps:cfg - cProfile both paths and exit"
+    )
     args = ap.parse_args()
     bu.setup_threads(args.threads)
     info = bu.machine_info(args.threads)
@@ -177,13 +190,23 @@ def main() -> None:
                     a, b = make_pair(name, bb, model, noise, cond, sigmas, w)
                     err = float((a() - b()).abs().max())
                     if err > 1e-4:
-                        raise SystemExit(f"{name} b{batch} {n} steps cfg {w}: harness and bare loop "
-                                         f"disagree (max |diff| {err:.3g}); the comparison is not fair")
+                        raise SystemExit(
+                            f"{name} b{batch} {n} steps cfg {w}: harness and bare loop "
+                            f"disagree (max |diff| {err:.3g}); the comparison is not fair"
+                        )
                     number = bu.calibrate([a, b], args.target_ms / 1e3)
                     ta, tb = bu.interleaved(a, b, args.reps, number)
-                    r = {"what": "sample+decode", "backbone": name, "batch": batch, "steps": n,
-                         "guidance": w, "calls_per_sample": number, "reps": args.reps,
-                         **bu.summarize(ta, tb), "max_abs_diff": err}
+                    r = {
+                        "what": "sample+decode",
+                        "backbone": name,
+                        "batch": batch,
+                        "steps": n,
+                        "guidance": w,
+                        "calls_per_sample": number,
+                        "reps": args.reps,
+                        **bu.summarize(ta, tb),
+                        "max_abs_diff": err,
+                    }
                     r["ok"] = "yes" if r["ratio"] <= TARGET else "NO"
                     rows.append(r)
                     bu.print_row(r, COLS, HEADERS)
@@ -194,8 +217,17 @@ def main() -> None:
             _, b2 = make_pair(name, bb, model, noise, cond, sigmas, 1.0)
             number = bu.calibrate([b1, b2], args.target_ms / 1e3)
             ta, tb = bu.interleaved(b1, b2, args.reps, number)
-            r = {"what": "A/A control: bare vs bare", "backbone": name, "batch": batch, "steps": n, "guidance": 1.0,
-                 "calls_per_sample": number, "reps": args.reps, **bu.summarize(ta, tb), "ok": "(noise)"}
+            r = {
+                "what": "A/A control: bare vs bare",
+                "backbone": name,
+                "batch": batch,
+                "steps": n,
+                "guidance": 1.0,
+                "calls_per_sample": number,
+                "reps": args.reps,
+                **bu.summarize(ta, tb),
+                "ok": "(noise)",
+            }
             rows.append(r)
             bu.print_row(r, COLS, HEADERS)
             # per-sample seeded noise, its own row (part of generate, not of the network loop)
@@ -205,17 +237,32 @@ def main() -> None:
             b = lambda n=batch, shape=shape, g=g: torch.randn((n, *shape), generator=g)  # noqa: E731
             number = bu.calibrate([a, b], args.target_ms / 1e3)
             ta, tb = bu.interleaved(a, b, args.reps, number)
-            r = {"what": "seeded_noise vs one randn", "backbone": name, "batch": batch, "steps": "",
-                 "guidance": "", "calls_per_sample": number, "reps": args.reps, **bu.summarize(ta, tb),
-                 "max_abs_diff": "", "ok": "(info)"}
+            r = {
+                "what": "seeded_noise vs one randn",
+                "backbone": name,
+                "batch": batch,
+                "steps": "",
+                "guidance": "",
+                "calls_per_sample": number,
+                "reps": args.reps,
+                **bu.summarize(ta, tb),
+                "max_abs_diff": "",
+                "ok": "(info)",
+            }
             rows.append(r)
             bu.print_row(r, COLS, HEADERS)
 
     nulls = []
     if "digits" in args.backbones.split(",") and not args.no_null:
         bb = get_backbone("digits")
-        nulls = null_rows(bb, bb.prompts("test"), [int(x) for x in args.digits_batches.split(",")], steps,
-                          args.reps, args.target_ms / 1e3)
+        nulls = null_rows(
+            bb,
+            bb.prompts("test"),
+            [int(x) for x in args.digits_batches.split(",")],
+            steps,
+            args.reps,
+            args.target_ms / 1e3,
+        )
         # the harness's own cost relative to the real loop: 1 + (extra us with a null network) /
         # (bare loop with the real network); steadier than the wall ratio, whose noise is the
         # machine's (see the A/A rows)
@@ -226,22 +273,75 @@ def main() -> None:
                 r["systematic_ratio"] = 1 + extra[k] / (1e3 * r["bare_ms"])
     body = bu.markdown(rows, COLS, HEADERS)
     if nulls:
-        body += ("\n\nCost of the code around the network (digits, network replaced by identity):\n\n"
-                 + bu.markdown(nulls, NULL_COLS, NULL_HEADERS))
+        body += (
+            "\n\nCost of the code around the network (digits, network replaced by identity):\n\n"
+            + bu.markdown(nulls, NULL_COLS, NULL_HEADERS)
+        )
     body += "".join(f"\n\nnote: {n}" for n in notes)
-    bu.finish(args.csv, rows + nulls + [{"what": "note", "backbone": n} for n in notes], info,
-              "Sampling overhead: cdmbench sampler + decode vs a hand-written loop", body,
-              f"ratio = median(harness) / median(bare), {args.reps} interleaved samples each; target <= {TARGET}")
+    bu.finish(
+        args.csv,
+        rows + nulls + [{"what": "note", "backbone": n} for n in notes],
+        info,
+        "Sampling overhead: cdmbench sampler + decode vs a hand-written loop",
+        body,
+        f"ratio = median(harness) / median(bare), {args.reps} interleaved samples each; target <= {TARGET}",
+    )
 
 
-COLS = ["what", "backbone", "batch", "steps", "guidance", "harness_ms", "bare_ms", "ratio",
-        "pair_ratio_q1", "pair_ratio_q3", "ratio_min", "cpu_ratio", "systematic_ratio", "ok"]
-HEADERS = ["what", "backbone", "batch", "steps", "cfg", "harness ms", "bare ms", "ratio (wall)",
-           "pair q1", "pair q3", "ratio of mins", "ratio (CPU)", "harness cost (null net)", "wall <= 1.02"]
-NULL_COLS = ["backbone", "batch", "steps", "guidance", "harness_us", "bare_us", "extra_us", "extra_us_per_step",
-             "cpu_extra_us"]
-NULL_HEADERS = ["backbone", "batch", "steps", "cfg", "harness us", "bare us", "extra us (wall)",
-                "extra us / steps", "extra us (CPU)"]
+COLS = [
+    "what",
+    "backbone",
+    "batch",
+    "steps",
+    "guidance",
+    "harness_ms",
+    "bare_ms",
+    "ratio",
+    "pair_ratio_q1",
+    "pair_ratio_q3",
+    "ratio_min",
+    "cpu_ratio",
+    "systematic_ratio",
+    "ok",
+]
+HEADERS = [
+    "what",
+    "backbone",
+    "batch",
+    "steps",
+    "cfg",
+    "harness ms",
+    "bare ms",
+    "ratio (wall)",
+    "pair q1",
+    "pair q3",
+    "ratio of mins",
+    "ratio (CPU)",
+    "harness cost (null net)",
+    "wall <= 1.02",
+]
+NULL_COLS = [
+    "backbone",
+    "batch",
+    "steps",
+    "guidance",
+    "harness_us",
+    "bare_us",
+    "extra_us",
+    "extra_us_per_step",
+    "cpu_extra_us",
+]
+NULL_HEADERS = [
+    "backbone",
+    "batch",
+    "steps",
+    "cfg",
+    "harness us",
+    "bare us",
+    "extra us (wall)",
+    "extra us / steps",
+    "extra us (CPU)",
+]
 
 
 class NullDigits(torch.nn.Module):
@@ -259,14 +359,25 @@ def null_rows(bb, prompts, batches, steps, reps, target_s) -> list[dict]:
         _, _, cond, noise = inputs(bb, prompts, batch)
         for w in dict.fromkeys((1.0, float(bb.default_teacher_guidance))):
             for n in steps:
-                a, b = make_pair("digits", bb, model, noise, cond, flow.uniform_schedule(n, bb.shift), w)
+                a, b = make_pair(
+                    "digits", bb, model, noise, cond, flow.uniform_schedule(n, bb.shift), w
+                )
                 ta, tb = bu.interleaved(a, b, reps, bu.calibrate([a, b], target_s))
                 s = bu.summarize(ta, tb)
-                rows.append({"what": "null model", "backbone": "digits", "batch": batch, "steps": n, "guidance": w,
-                             "harness_us": 1e3 * s["harness_ms"], "bare_us": 1e3 * s["bare_ms"],
-                             "extra_us": 1e3 * (s["harness_ms"] - s["bare_ms"]),
-                             "extra_us_per_step": 1e3 * (s["harness_ms"] - s["bare_ms"]) / n,
-                             "cpu_extra_us": 1e3 * (s["harness_cpu_ms"] - s["bare_cpu_ms"])})
+                rows.append(
+                    {
+                        "what": "null model",
+                        "backbone": "digits",
+                        "batch": batch,
+                        "steps": n,
+                        "guidance": w,
+                        "harness_us": 1e3 * s["harness_ms"],
+                        "bare_us": 1e3 * s["bare_ms"],
+                        "extra_us": 1e3 * (s["harness_ms"] - s["bare_ms"]),
+                        "extra_us_per_step": 1e3 * (s["harness_ms"] - s["bare_ms"]) / n,
+                        "cpu_extra_us": 1e3 * (s["harness_cpu_ms"] - s["bare_cpu_ms"]),
+                    }
+                )
     return rows
 
 
@@ -281,7 +392,9 @@ def profile(spec: str) -> None:
         raise SystemExit(note)
     bb, model, prompts = loaded
     _, _, cond, noise = inputs(bb, prompts, int(batch))
-    a, b = make_pair(name, bb, model, noise, cond, flow.uniform_schedule(int(n), bb.shift), float(w))
+    a, b = make_pair(
+        name, bb, model, noise, cond, flow.uniform_schedule(int(n), bb.shift), float(w)
+    )
     reps = bu.calibrate([a, b], 0.5)
     for label, fn in (("harness", a), ("bare", b)):
         pr = cProfile.Profile()

@@ -76,13 +76,17 @@ class Bare:
         self.k_student = 0
         self.ema_cap = tr.config.ema_cap
         spec = tr.specs["student"]
-        self.opt_S = torch.optim.AdamW(self.Sp, lr=spec.lr, betas=spec.betas, weight_decay=spec.weight_decay)
+        self.opt_S = torch.optim.AdamW(
+            self.Sp, lr=spec.lr, betas=spec.betas, weight_decay=spec.weight_decay
+        )
         self.S_lr, self.S_warm, self.S_clip = spec.lr, spec.warmup, spec.clip
         if "fake" in tr.models:
             self.Fk = copy.deepcopy(tr.models["fake"])
             self.Fp = list(self.Fk.parameters())
             spec = tr.specs["fake"]
-            self.opt_F = torch.optim.AdamW(self.Fp, lr=spec.lr, betas=spec.betas, weight_decay=spec.weight_decay)
+            self.opt_F = torch.optim.AdamW(
+                self.Fp, lr=spec.lr, betas=spec.betas, weight_decay=spec.weight_decay
+            )
             self.F_lr, self.F_warm, self.F_clip = spec.lr, spec.warmup, spec.clip
             self.k_fake = 0
 
@@ -131,7 +135,9 @@ class Bare:
         if w == 1.0:
             return x - b4(s) * self.T(x, 1000.0 * s, y)
         null = torch.full_like(y, NULL_CLASS)
-        v_u, v_c = self.T(torch.cat([x, x]), 1000.0 * torch.cat([s, s]), torch.cat([null, y])).chunk(2)
+        v_u, v_c = self.T(
+            torch.cat([x, x]), 1000.0 * torch.cat([s, s]), torch.cat([null, y])
+        ).chunk(2)
         return x - b4(s) * (v_u + w * (v_c - v_u))
 
     def block(self, data, n: int) -> None:
@@ -158,11 +164,17 @@ class BareCDM(Bare):
 
     def iteration(self, y, noise) -> None:
         c, b = self.c, len(y)
-        assert c.schedule == "random" and c.cfg_aug_scale == 0 and c.ontraj and c.offtraj  # digits defaults
+        assert (
+            c.schedule == "random" and c.cfg_aug_scale == 0 and c.ontraj and c.offtraj
+        )  # digits defaults
         with torch.no_grad():  # backward simulation on the random schedule, student at CFG 1
             n = int(torch.randint(1, c.n_max + 1, (1,), generator=self.gs).item())
-            inner = c.inner_lo + (c.inner_hi - c.inner_lo) * torch.rand(n - 1, generator=self.gs, dtype=torch.float64)
-            sig = torch.cat([torch.ones(1, dtype=torch.float64), torch.sort(inner, descending=True).values])
+            inner = c.inner_lo + (c.inner_hi - c.inner_lo) * torch.rand(
+                n - 1, generator=self.gs, dtype=torch.float64
+            )
+            sig = torch.cat(
+                [torch.ones(1, dtype=torch.float64), torch.sort(inner, descending=True).values]
+            )
             sig = self.shift * sig / (1 + (self.shift - 1) * sig)
             sig = torch.cat([sig.float(), torch.zeros(1)])
             x, xs, vs = noise, [], []
@@ -286,7 +298,9 @@ class BareCD(Bare):
         if self.w == 1.0:
             return self.T(x, 1000.0 * s, y)
         null = torch.full_like(y, NULL_CLASS)
-        v_u, v_c = self.T(torch.cat([x, x]), 1000.0 * torch.cat([s, s]), torch.cat([null, y])).chunk(2)
+        v_u, v_c = self.T(
+            torch.cat([x, x]), 1000.0 * torch.cat([s, s]), torch.cat([null, y])
+        ).chunk(2)
         return v_u + self.w * (v_c - v_u)
 
 
@@ -296,11 +310,15 @@ BARE = {"cdm": BareCDM, "dmd": BareDMD, "dmd2": BareDMD2, "cd": BareCD}
 # --------------------------------------------------------------------------------- main
 @torch.no_grad()
 def max_param_diff(a: torch.nn.Module, b: torch.nn.Module) -> float:
-    return max(float((p - q).abs().max()) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+    return max(
+        float((p - q).abs().max()) for p, q in zip(a.parameters(), b.parameters(), strict=True)
+    )
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--methods", default="cdm,dmd,dmd2,cd")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--block", type=int, default=10, help="iterations per sample")
@@ -314,8 +332,13 @@ def main() -> None:
     print(bu.describe(info), flush=True)
     bb = get_backbone("digits")
     g = torch.Generator().manual_seed(1234)  # the prepared batches (not the trainers' generators)
-    data = [(torch.randint(0, NUM_CLASSES, (args.batch,), generator=g), torch.randn((args.batch, *bb.latent_shape), generator=g))
-            for _ in range(args.block)]
+    data = [
+        (
+            torch.randint(0, NUM_CLASSES, (args.batch,), generator=g),
+            torch.randn((args.batch, *bb.latent_shape), generator=g),
+        )
+        for _ in range(args.block)
+    ]
     rows = []
     tmp = tempfile.TemporaryDirectory(prefix="cdmbench-train-overhead-")
     tr = None
@@ -340,11 +363,21 @@ def main() -> None:
         moved, diff = max_param_diff(tr.student, start), max_param_diff(tr.student, bare.S)
         del start
         if not moved > 0 or diff > 1e-6:
-            raise SystemExit(f"{name}: after {args.block} iterations the student moved by {moved:.3g} and the bare "
-                             f"loop's differs from the trainer's by {diff:.3g}; it does not mirror the method")
+            raise SystemExit(
+                f"{name}: after {args.block} iterations the student moved by {moved:.3g} and the bare "
+                f"loop's differs from the trainer's by {diff:.3g}; it does not mirror the method"
+            )
         ta, tb = bu.interleaved(harness, hand, args.reps, number=1, warmup=1)
-        r = {"what": "Trainer.step x block", "method": name, "batch": args.batch, "block": args.block,
-             "reps": args.reps, **bu.summarize(ta, tb), "student_moved": moved, "student_max_diff": diff}
+        r = {
+            "what": "Trainer.step x block",
+            "method": name,
+            "batch": args.batch,
+            "block": args.block,
+            "reps": args.reps,
+            **bu.summarize(ta, tb),
+            "student_moved": moved,
+            "student_max_diff": diff,
+        }
         r["per_iter_harness_ms"] = r["harness_ms"] / args.block
         r["per_iter_bare_ms"] = r["bare_ms"] / args.block
         r["ok"] = "yes" if r["ratio"] <= TARGET else "NO"
@@ -353,11 +386,26 @@ def main() -> None:
 
     if tr is not None and not args.no_aa:  # A/A control: two identical bare loops, the noise floor
         b1, b2 = BARE[name](tr), BARE[name](tr)
-        ta, tb = bu.interleaved(lambda: b1.block(data, args.block), lambda: b2.block(data, args.block),
-                                args.reps, number=1, warmup=1)
-        r = {"what": "A/A control: bare vs bare", "method": name, "batch": args.batch, "block": args.block,
-             "reps": args.reps, **bu.summarize(ta, tb), "ok": "(noise)"}
-        r["per_iter_harness_ms"], r["per_iter_bare_ms"] = r["harness_ms"] / args.block, r["bare_ms"] / args.block
+        ta, tb = bu.interleaved(
+            lambda: b1.block(data, args.block),
+            lambda: b2.block(data, args.block),
+            args.reps,
+            number=1,
+            warmup=1,
+        )
+        r = {
+            "what": "A/A control: bare vs bare",
+            "method": name,
+            "batch": args.batch,
+            "block": args.block,
+            "reps": args.reps,
+            **bu.summarize(ta, tb),
+            "ok": "(noise)",
+        }
+        r["per_iter_harness_ms"], r["per_iter_bare_ms"] = (
+            r["harness_ms"] / args.block,
+            r["bare_ms"] / args.block,
+        )
         rows.append(r)
         bu.print_row(r, COLS, HEADERS)
 
@@ -370,21 +418,55 @@ def main() -> None:
 
         number = bu.calibrate([tr.next_batch, hand_batch], 0.02)
         ta, tb = bu.interleaved(tr.next_batch, hand_batch, args.reps, number)
-        r = {"what": "Trainer.next_batch vs randint+randn", "method": "(any)", "batch": args.batch, "block": 1,
-             "reps": args.reps, **bu.summarize(ta, tb), "ok": "(info)"}
+        r = {
+            "what": "Trainer.next_batch vs randint+randn",
+            "method": "(any)",
+            "batch": args.batch,
+            "block": 1,
+            "reps": args.reps,
+            **bu.summarize(ta, tb),
+            "ok": "(info)",
+        }
         r["per_iter_harness_ms"], r["per_iter_bare_ms"] = r["harness_ms"], r["bare_ms"]
         rows.append(r)
     tmp.cleanup()
-    bu.finish(args.csv, rows, info, "Training overhead: Trainer.step vs a hand-written loop (digits)",
-              bu.markdown(rows, COLS, HEADERS),
-              f"ratio = median(harness) / median(bare) over {args.reps} interleaved blocks of {args.block} "
-              f"iterations; target <= {TARGET}")
+    bu.finish(
+        args.csv,
+        rows,
+        info,
+        "Training overhead: Trainer.step vs a hand-written loop (digits)",
+        bu.markdown(rows, COLS, HEADERS),
+        f"ratio = median(harness) / median(bare) over {args.reps} interleaved blocks of {args.block} "
+        f"iterations; target <= {TARGET}",
+    )
 
 
-COLS = ["what", "method", "batch", "per_iter_harness_ms", "per_iter_bare_ms", "ratio", "pair_ratio_q1",
-        "pair_ratio_q3", "ratio_min", "cpu_ratio", "ok"]
-HEADERS = ["what", "method", "batch", "harness ms/iter", "bare ms/iter", "ratio (wall)", "pair q1", "pair q3",
-           "ratio of mins", "ratio (CPU)", "wall <= 1.05"]
+COLS = [
+    "what",
+    "method",
+    "batch",
+    "per_iter_harness_ms",
+    "per_iter_bare_ms",
+    "ratio",
+    "pair_ratio_q1",
+    "pair_ratio_q3",
+    "ratio_min",
+    "cpu_ratio",
+    "ok",
+]
+HEADERS = [
+    "what",
+    "method",
+    "batch",
+    "harness ms/iter",
+    "bare ms/iter",
+    "ratio (wall)",
+    "pair q1",
+    "pair q3",
+    "ratio of mins",
+    "ratio (CPU)",
+    "wall <= 1.05",
+]
 
 
 if __name__ == "__main__":

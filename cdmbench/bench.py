@@ -40,8 +40,18 @@ class BenchConfig:
     backbone_settings: dict[str, Any] = field(default_factory=dict)  # backbone.KEY settings
 
 
-def _train_one(method: str, backbone: str, quick: bool, seed: int, runs: str, device: str, threads: int,
-               q=None, iters: int | None = None, settings: dict[str, Any] | None = None) -> str:
+def _train_one(
+    method: str,
+    backbone: str,
+    quick: bool,
+    seed: int,
+    runs: str,
+    device: str,
+    threads: int,
+    q=None,
+    iters: int | None = None,
+    settings: dict[str, Any] | None = None,
+) -> str:
     """Train (or reuse) one method's default run; returns the run directory."""
     if threads:
         torch.set_num_threads(threads)
@@ -61,25 +71,60 @@ def _train_one(method: str, backbone: str, quick: bool, seed: int, runs: str, de
         if q is not None:
             q.put((method, it, tc.iters))
 
-    res = train_run(cls(mc), get_backbone(backbone, device=device, settings=settings), tc, runs,
-                    progress=progress)
+    res = train_run(
+        cls(mc),
+        get_backbone(backbone, device=device, settings=settings),
+        tc,
+        runs,
+        progress=progress,
+    )
     if q is not None:
         q.put((method, tc.iters, tc.iters))
     return str(res.run_dir)
 
 
-def train_all(cfg: BenchConfig, on_progress: Callable[[str, int, int], None] | None = None) -> dict[str, Path]:
+def train_all(
+    cfg: BenchConfig, on_progress: Callable[[str, int, int], None] | None = None
+) -> dict[str, Path]:
     """Train every method; in parallel processes on CPU, one after another on GPU."""
     if cfg.device != "cpu" or cfg.workers <= 1 or len(cfg.methods) == 1:
-        return {m: Path(_train_one(m, cfg.backbone, cfg.quick, cfg.seed, str(cfg.runs), cfg.device, 0,
-                                   _Relay(on_progress), cfg.iters, cfg.backbone_settings))
-                for m in cfg.methods}
+        return {
+            m: Path(
+                _train_one(
+                    m,
+                    cfg.backbone,
+                    cfg.quick,
+                    cfg.seed,
+                    str(cfg.runs),
+                    cfg.device,
+                    0,
+                    _Relay(on_progress),
+                    cfg.iters,
+                    cfg.backbone_settings,
+                )
+            )
+            for m in cfg.methods
+        }
     ctx = mp.get_context("spawn")
     with ctx.Manager() as manager:
         q = manager.Queue()
         with ProcessPoolExecutor(max_workers=cfg.workers, mp_context=ctx) as pool:
-            futures = {m: pool.submit(_train_one, m, cfg.backbone, cfg.quick, cfg.seed, str(cfg.runs), cfg.device,
-                                      1, q, cfg.iters, cfg.backbone_settings) for m in cfg.methods}
+            futures = {
+                m: pool.submit(
+                    _train_one,
+                    m,
+                    cfg.backbone,
+                    cfg.quick,
+                    cfg.seed,
+                    str(cfg.runs),
+                    cfg.device,
+                    1,
+                    q,
+                    cfg.iters,
+                    cfg.backbone_settings,
+                )
+                for m in cfg.methods
+            }
             while not all(f.done() for f in futures.values()):
                 try:
                     msg = q.get(timeout=0.2)
@@ -101,8 +146,11 @@ class _Relay:
             self.fn(*msg)
 
 
-def run_bench(cfg: BenchConfig, on_train: Callable[[str, int, int], None] | None = None,
-              on_eval: Callable[[str, int, int], None] | None = None) -> tuple[dict[str, Path], list[dict]]:
+def run_bench(
+    cfg: BenchConfig,
+    on_train: Callable[[str, int, int], None] | None = None,
+    on_eval: Callable[[str, int, int], None] | None = None,
+) -> tuple[dict[str, Path], list[dict]]:
     """Train, evaluate and report; returns the run directories and the new records."""
     from cdmbench.backbones import get_backbone
     from cdmbench.evaluate import EvalPlan, candidates_from_dirs, run_eval, teacher_candidate
@@ -115,9 +163,21 @@ def run_bench(cfg: BenchConfig, on_train: Callable[[str, int, int], None] | None
     prompt_set, prompts = load_prompt_set(s.eval_prompts, backbone=bb)
     per_prompt = cfg.per_prompt or (s.eval_samples_quick if cfg.quick else s.eval_samples)
     cands = [teacher_candidate(bb)] + candidates_from_dirs(list(run_dirs.values()), cfg.device)
-    plan = EvalPlan(bb, cands, list(cfg.steps), list(cfg.metrics or s.eval_metrics), prompts,
-                    prompt_set, per_prompt, cfg.seed, cfg.samples, ResultStore(cfg.results),
-                    batch_size=s.eval_batch, reference=s.fid_reference, compile=cfg.compile)
+    plan = EvalPlan(
+        bb,
+        cands,
+        list(cfg.steps),
+        list(cfg.metrics or s.eval_metrics),
+        prompts,
+        prompt_set,
+        per_prompt,
+        cfg.seed,
+        cfg.samples,
+        ResultStore(cfg.results),
+        batch_size=s.eval_batch,
+        reference=s.fid_reference,
+        compile=cfg.compile,
+    )
     new = run_eval(plan, on_eval)
     return run_dirs, new
 

@@ -35,8 +35,15 @@ from cdmbench.metrics.base import FALLBACK_TOLERANCE, declared_values, value_spe
 from cdmbench.report import DOWN, UP
 from cdmbench.results import declared_direction, latest_values, load_records, method_key
 
-BASELINE_COLUMNS = ["backbone", "method", "steps", "metric", "value", "higher_is_better",
-                    "tolerance"]
+BASELINE_COLUMNS = [
+    "backbone",
+    "method",
+    "steps",
+    "metric",
+    "value",
+    "higher_is_better",
+    "tolerance",
+]
 FAILING = ("REGRESSION", "missing")
 
 
@@ -55,7 +62,7 @@ class Tolerance:
 
 
 def parse_tolerance(text: str | float | int) -> Tolerance:
-    """"10%" -> relative 0.10; "0.5" (or 0.5) -> absolute 0.5; UserError otherwise."""
+    """ "10%" -> relative 0.10; "0.5" (or 0.5) -> absolute 0.5; UserError otherwise."""
     raw = str(text).strip()
     relative = raw.endswith("%")
     try:
@@ -63,8 +70,9 @@ def parse_tolerance(text: str | float | int) -> Tolerance:
     except ValueError:
         amount = math.nan
     if not math.isfinite(amount) or amount < 0:
-        raise UserError(f"bad tolerance '{text}': use an absolute amount like 0.5 "
-                        "or a relative one like 10%")
+        raise UserError(
+            f"bad tolerance '{text}': use an absolute amount like 0.5 or a relative one like 10%"
+        )
     return Tolerance(amount / 100 if relative else amount, relative)
 
 
@@ -149,8 +157,14 @@ class CheckResult:
         return render_rich(self, only_changes)
 
 
-_STYLE = {"REGRESSION": "bold red", "missing": "red", "better": "green", "ok": "",
-          "skipped": "dim", "new": "cyan"}
+_STYLE = {
+    "REGRESSION": "bold red",
+    "missing": "red",
+    "better": "green",
+    "ok": "",
+    "skipped": "dim",
+    "new": "cyan",
+}
 
 
 def _num(v: float | None, signed: bool = False) -> str:
@@ -168,12 +182,21 @@ def render_rich(result: CheckResult, only_changes: bool = False):
     from rich.markup import escape
     from rich.table import Table
 
-    table = Table(title=f"check against {escape(str(result.baseline_path))}",
-                  caption=escape(result.summary()))
-    for name, right in (("backbone", False), ("method", False), ("steps", True),
-                        ("metric", False), ("baseline", True), ("now", True),
-                        ("change", True), ("tolerance", True), ("verdict", False),
-                        ("note", False)):
+    table = Table(
+        title=f"check against {escape(str(result.baseline_path))}", caption=escape(result.summary())
+    )
+    for name, right in (
+        ("backbone", False),
+        ("method", False),
+        ("steps", True),
+        ("metric", False),
+        ("baseline", True),
+        ("now", True),
+        ("change", True),
+        ("tolerance", True),
+        ("verdict", False),
+        ("note", False),
+    ):
         table.add_column(name, justify="right" if right else "left")
     for r in result.rows:
         if only_changes and r.verdict in ("ok", "skipped"):
@@ -183,9 +206,18 @@ def render_rich(result: CheckResult, only_changes: bool = False):
         style = _STYLE.get(r.verdict, "")
         verdict = f"[{style}]{r.verdict}[/{style}]" if style else r.verdict
         arrow = UP if r.higher_is_better else DOWN
-        table.add_row(r.backbone, r.method, str(r.steps), escape(f"{r.metric} {arrow}"),
-                      _num(r.baseline), _num(r.now), change, r.tolerance, verdict,
-                      escape(r.note))
+        table.add_row(
+            r.backbone,
+            r.method,
+            str(r.steps),
+            escape(f"{r.metric} {arrow}"),
+            _num(r.baseline),
+            _num(r.now),
+            change,
+            r.tolerance,
+            verdict,
+            escape(r.note),
+        )
     return table
 
 
@@ -213,8 +245,10 @@ def read_baseline(path: str | Path) -> pd.DataFrame:
     need = [c for c in BASELINE_COLUMNS if c not in ("tolerance", "higher_is_better")]
     lacking = [c for c in need if c not in raw.columns]
     if lacking:
-        raise UserError(f"baseline {p} lacks column(s) {', '.join(lacking)} "
-                        f"(needs {', '.join(BASELINE_COLUMNS)}; tolerance optional)")
+        raise UserError(
+            f"baseline {p} lacks column(s) {', '.join(lacking)} "
+            f"(needs {', '.join(BASELINE_COLUMNS)}; tolerance optional)"
+        )
     if raw.empty:
         raise UserError(f"baseline {p} has no rows")
     rows, seen = [], {}
@@ -241,22 +275,29 @@ def read_baseline(path: str | Path) -> pd.DataFrame:
                 parse_tolerance(tol)
             except UserError as e:
                 raise UserError(f"{where}: {e}") from None
-        row = {"backbone": str(r["backbone"]).strip(), "method": str(r["method"]).strip(),
-               "steps": steps, "metric": str(r["metric"]).strip(), "value": value,
-               "higher_is_better": hib, "tolerance": tol, "line": line}
+        row = {
+            "backbone": str(r["backbone"]).strip(),
+            "method": str(r["method"]).strip(),
+            "steps": steps,
+            "metric": str(r["metric"]).strip(),
+            "value": value,
+            "higher_is_better": hib,
+            "tolerance": tol,
+            "line": line,
+        }
         if not row["backbone"] or not row["method"] or not row["metric"]:
             raise UserError(f"{where}: empty backbone, method or metric")
         key = (row["backbone"], row["method"], steps, row["metric"])
         if key in seen:
-            raise UserError(f"{where}: duplicate of line {seen[key]} "
-                            f"({'/'.join(map(str, key))})")
+            raise UserError(f"{where}: duplicate of line {seen[key]} ({'/'.join(map(str, key))})")
         seen[key] = line
         rows.append(row)
     return pd.DataFrame(rows)
 
 
-def write_baseline(results_dir: str | Path, path: str | Path,
-                   backbone: str | None = None) -> pd.DataFrame:
+def write_baseline(
+    results_dir: str | Path, path: str | Path, backbone: str | None = None
+) -> pd.DataFrame:
     """Write the latest results (of ``backbone``; all if None) as a baseline CSV; return its rows.
 
     Non-finite values are left out. The tolerance column is written empty (defaults apply).
@@ -268,16 +309,22 @@ def write_baseline(results_dir: str | Path, path: str | Path,
         have = sorted(df["backbone"].unique())
         df = df[df["backbone"] == backbone]
         if df.empty:
-            raise UserError(f"no results for backbone {backbone} in {results_dir} "
-                            f"(have: {', '.join(have)})")
+            raise UserError(
+                f"no results for backbone {backbone} in {results_dir} (have: {', '.join(have)})"
+            )
     vals = latest_values(df)
     vals = vals[vals["value"].map(math.isfinite)]
     if vals.empty:
         raise UserError(f"no finite results to write a baseline from in {results_dir}")
     out = vals[BASELINE_COLUMNS[:-1]].copy()
     out["higher_is_better"] = out.apply(
-        lambda r: r["higher_is_better"] if isinstance(r["higher_is_better"], bool)
-        else bool(declared_direction(r["metric"])), axis=1)
+        lambda r: (
+            r["higher_is_better"]
+            if isinstance(r["higher_is_better"], bool)
+            else bool(declared_direction(r["metric"]))
+        ),
+        axis=1,
+    )
     out["tolerance"] = ""
     out = out.reset_index(drop=True)
     atomic_write_text(path, out.to_csv(index=False))
@@ -285,17 +332,22 @@ def write_baseline(results_dir: str | Path, path: str | Path,
 
 
 # --------------------------------------------------------------------------------- check
-def check(results_dir: str | Path, baseline_csv: str | Path,
-          tolerances: Mapping[str, str | float] | None = None,
-          backbone: str | None = None) -> CheckResult:
+def check(
+    results_dir: str | Path,
+    baseline_csv: str | Path,
+    tolerances: Mapping[str, str | float] | None = None,
+    backbone: str | None = None,
+) -> CheckResult:
     """Compare the latest results under ``results_dir`` with the baseline file."""
     base = read_baseline(baseline_csv)
     if backbone is not None:
         have = sorted(base["backbone"].unique())
         base = base[base["backbone"] == backbone]
         if base.empty:
-            raise UserError(f"baseline {baseline_csv} has no rows for backbone {backbone} "
-                            f"(it has: {', '.join(have)})")
+            raise UserError(
+                f"baseline {baseline_csv} has no rows for backbone {backbone} "
+                f"(it has: {', '.join(have)})"
+            )
     overrides = {str(m).strip(): str(parse_tolerance(t)) for m, t in (tolerances or {}).items()}
     df, warnings = load_records(results_dir)
     if df.empty:
@@ -315,28 +367,63 @@ def check(results_dir: str | Path, baseline_csv: str | Path,
             cur_hib = getattr(cur, "higher_is_better", None) if cur is not None else None
             hib = cur_hib if isinstance(cur_hib, bool) else declared_direction(b.metric)
             if hib is None:
-                raise UserError(f"{baseline_csv}:{b.line}: higher_is_better missing and {b.metric} "
-                                "has no known direction")
-        elif cur is not None and isinstance(cur.higher_is_better, bool) \
-                and cur.higher_is_better != hib:
-            warnings.append(f"{b.metric}: the baseline says higher_is_better={hib}, the results "
-                            f"say {cur.higher_is_better}; using the baseline's")
+                raise UserError(
+                    f"{baseline_csv}:{b.line}: higher_is_better missing and {b.metric} "
+                    "has no known direction"
+                )
+        elif (
+            cur is not None
+            and isinstance(cur.higher_is_better, bool)
+            and cur.higher_is_better != hib
+        ):
+            warnings.append(
+                f"{b.metric}: the baseline says higher_is_better={hib}, the results "
+                f"say {cur.higher_is_better}; using the baseline's"
+            )
         tol = overrides.get(b.metric) or b.tolerance or default_tolerance(b.metric)
         now_v = None if cur is None else float(cur.value)
-        rows.append(_compare(b.backbone, b.method, int(b.steps), b.metric, bool(hib), b.value,
-                             now_v, tol))
+        rows.append(
+            _compare(b.backbone, b.method, int(b.steps), b.metric, bool(hib), b.value, now_v, tol)
+        )
     for key, cur in current.items():
-        rows.append(CheckRow(*key, higher_is_better=bool(cur.higher_is_better), baseline=None,
-                             now=float(cur.value), change=None, tolerance="", verdict="new",
-                             note="not in the baseline"))
+        rows.append(
+            CheckRow(
+                *key,
+                higher_is_better=bool(cur.higher_is_better),
+                baseline=None,
+                now=float(cur.value),
+                change=None,
+                tolerance="",
+                verdict="new",
+                note="not in the baseline",
+            )
+        )
     rows.sort(key=lambda r: (r.backbone, method_key(r.method), r.steps, r.metric))
     return CheckResult(rows, Path(baseline_csv), warnings)
 
 
-def _compare(backbone: str, method: str, steps: int, metric: str, hib: bool, base: float,
-             now: float | None, tol_text: str | None) -> CheckRow:
-    row = CheckRow(backbone, method, steps, metric, hib, base, now,
-                   None if now is None else now - base, "", "ok")
+def _compare(
+    backbone: str,
+    method: str,
+    steps: int,
+    metric: str,
+    hib: bool,
+    base: float,
+    now: float | None,
+    tol_text: str | None,
+) -> CheckRow:
+    row = CheckRow(
+        backbone,
+        method,
+        steps,
+        metric,
+        hib,
+        base,
+        now,
+        None if now is None else now - base,
+        "",
+        "ok",
+    )
     if tol_text is None:
         row.verdict, row.note = "skipped", "machine-dependent; give a tolerance to check it"
         return row

@@ -16,12 +16,29 @@ from typer.core import TyperCommand
 from cdmbench.errors import UserError
 from cdmbench.registry import BACKBONES, METHODS, METRICS, UnknownNameError
 
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile
-CompileOpt = Annotated[bool, typer.Option("--compile", help="torch.compile every denoiser before evaluating; the "
-                                          "compile time is reported on its own (latency's compile_s).")]
-CompileModeOpt = Annotated[str, typer.Option(help=f"torch.compile mode with --compile: {', '.join(COMPILE_MODES)}.")]
-BackboneSetOpt = Annotated[list[str] | None, typer.Option(
-    "--set", help="Backbone setting, e.g. --set backbone.resolution=512 (see its Settings).")]
+COMPILE_MODES = (
+    "default",
+    "reduce-overhead",
+    "max-autotune",
+    "max-autotune-no-cudagraphs",
+)  # torch.compile
+CompileOpt = Annotated[
+    bool,
+    typer.Option(
+        "--compile",
+        help="torch.compile every denoiser before evaluating; the "
+        "compile time is reported on its own (latency's compile_s).",
+    ),
+]
+CompileModeOpt = Annotated[
+    str, typer.Option(help=f"torch.compile mode with --compile: {', '.join(COMPILE_MODES)}.")
+]
+BackboneSetOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set", help="Backbone setting, e.g. --set backbone.resolution=512 (see its Settings)."
+    ),
+]
 
 app = typer.Typer(
     name="cdmbench",
@@ -39,7 +56,9 @@ DEBUG = {"on": False}
 
 
 @app.callback()
-def _root(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False) -> None:
+def _root(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False,
+) -> None:
     DEBUG["on"] = debug or bool(os.environ.get("CDMBENCH_DEBUG"))
 
 
@@ -68,10 +87,15 @@ def list_cmd(
 # --------------------------------------------------------------------------- teacher
 @app.command()
 def teacher(
-    backbone: Annotated[str, typer.Option(
-        help="Backbone whose teacher to train (one that trains its own).")] = "digits",
-    out_dir: Annotated[Path | None, typer.Option("--out", help="Where to write the safetensors "
-                                                 "(default: runs/teacher/BACKBONE).")] = None,
+    backbone: Annotated[
+        str, typer.Option(help="Backbone whose teacher to train (one that trains its own).")
+    ] = "digits",
+    out_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--out", help="Where to write the safetensors (default: runs/teacher/BACKBONE)."
+        ),
+    ] = None,
     seed: Annotated[int, typer.Option(help="Seed of both trainings.")] = 0,
     iters: Annotated[int, typer.Option(help="Teacher iterations.")] = 6000,
     epochs: Annotated[int, typer.Option(help="Classifier epochs.")] = 60,
@@ -86,8 +110,9 @@ def teacher(
 
     cls = BACKBONES.get(backbone)
     if not cls.trains_teacher:
-        raise UserError(f"backbone '{backbone}' loads a pretrained teacher; "
-                        "it trains none of its own")
+        raise UserError(
+            f"backbone '{backbone}' loads a pretrained teacher; it trains none of its own"
+        )
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -97,8 +122,14 @@ def teacher(
     )
 
     bb = get_backbone(backbone)
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  TextColumn("loss {task.fields[loss]:.4f}"), console=console) as bar:
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}"),
+        console=console,
+    ) as bar:
         tasks: dict[str, int] = {}
 
         def progress(what: str, it: int, total: int, loss: float) -> None:
@@ -106,13 +137,23 @@ def teacher(
                 tasks[what] = bar.add_task(what, total=total, loss=loss)
             bar.update(tasks[what], completed=it + 1, loss=loss)
 
-        summary = bb.train_teacher_assets(out_dir or Path("runs/teacher") / backbone, seed=seed,
-                                          iters=iters, epochs=epochs, progress=progress)
+        summary = bb.train_teacher_assets(
+            out_dir or Path("runs/teacher") / backbone,
+            seed=seed,
+            iters=iters,
+            epochs=epochs,
+            progress=progress,
+        )
     out.print(summary)
 
 
-def _backbone(name: str, sets: list[str] | None, device: str = "cpu", config: str | None = None,
-              only_backbone: bool = True):
+def _backbone(
+    name: str,
+    sets: list[str] | None,
+    device: str = "cpu",
+    config: str | None = None,
+    only_backbone: bool = True,
+):
     """The named backbone built with its settings from ``--config`` [backbone] and ``--set
     backbone.KEY=VALUE`` (``only_backbone``: other sections are an error)."""
     from cdmbench.backbones import get_backbone
@@ -126,13 +167,21 @@ def _backbone(name: str, sets: list[str] | None, device: str = "cpu", config: st
 @app.command()
 def sample(
     backbone: Annotated[str, typer.Option(help="Backbone of the teacher.")] = "digits",
-    run: Annotated[Path | None, typer.Option(help="A training run directory: sample its student.")] = None,
-    steps: Annotated[str, typer.Option(help="Comma-separated step counts, one grid row block each.")] = "1,2,4,50",
-    guidance: Annotated[float | None, typer.Option(help="CFG scale (teacher default if unset; students use 1).")] = None,
+    run: Annotated[
+        Path | None, typer.Option(help="A training run directory: sample its student.")
+    ] = None,
+    steps: Annotated[
+        str, typer.Option(help="Comma-separated step counts, one grid row block each.")
+    ] = "1,2,4,50",
+    guidance: Annotated[
+        float | None, typer.Option(help="CFG scale (teacher default if unset; students use 1).")
+    ] = None,
     per_prompt: Annotated[int, typer.Option(help="Samples per prompt.")] = 2,
     seed: Annotated[int, typer.Option(help="Run seed (per-sample seeds derive from it).")] = 0,
     out_path: Annotated[Path, typer.Option("--out", help="PNG to write.")] = Path("samples.png"),
-    teacher_weights: Annotated[str | None, typer.Option(help="Teacher weights (default: shipped/hub).")] = None,
+    teacher_weights: Annotated[
+        str | None, typer.Option(help="Teacher weights (default: shipped/hub).")
+    ] = None,
     set_: BackboneSetOpt = None,
 ) -> None:
     """Write an image grid: one row block per step count, one column per prompt."""
@@ -146,8 +195,9 @@ def sample(
         from cdmbench.training.run import load_run
 
         if set_:
-            raise UserError("--set with --run: a run's backbone settings are those it was "
-                            "trained with")
+            raise UserError(
+                "--set with --run: a run's backbone settings are those it was trained with"
+            )
         loaded = load_run(run, teacher_weights=teacher_weights)
         bb, model = loaded.backbone, loaded.student
         spec_for = lambda n: loaded.method.sampler(n, bb.shift)  # noqa: E731
@@ -158,31 +208,58 @@ def sample(
         spec_for = lambda n: SamplerSpec(bb.schedule(n), guidance=w)  # noqa: E731
     prompts = bb.prompts("train")
     triples = seeds_for(seed, prompts, per_prompt)
-    ordered = sorted(triples, key=lambda t: (t[1], prompts.index(t[0])))  # rows of one sample per prompt
+    ordered = sorted(
+        triples, key=lambda t: (t[1], prompts.index(t[0]))
+    )  # rows of one sample per prompt
     images = []
     for n in step_list:
         lat = generate(bb, model, [t[0] for t in ordered], [t[2] for t in ordered], spec_for(n))
         images.append(bb.decode(lat))
-    save_grid(torch.cat(images), out_path, nrow=len(prompts), scale=6 if bb.latent_shape[-1] <= 16 else 1)
-    out.print(f"wrote {out_path}: rows = steps {step_list} x {per_prompt} samples, columns = {len(prompts)} prompts")
+    save_grid(
+        torch.cat(images), out_path, nrow=len(prompts), scale=6 if bb.latent_shape[-1] <= 16 else 1
+    )
+    out.print(
+        f"wrote {out_path}: rows = steps {step_list} x {per_prompt} samples, columns = {len(prompts)} prompts"
+    )
 
 
 # ----------------------------------------------------------------------------- train
 @app.command()
 def train(
-    method: Annotated[str, typer.Argument(help="Distillation method (see `cdmbench list methods`).")],
-    backbone: Annotated[str, typer.Option(help="Backbone (see `cdmbench list backbones`).")] = "digits",
-    iters: Annotated[int | None, typer.Option(help="Training iterations (method's backbone default if unset).")] = None,
+    method: Annotated[
+        str, typer.Argument(help="Distillation method (see `cdmbench list methods`).")
+    ],
+    backbone: Annotated[
+        str, typer.Option(help="Backbone (see `cdmbench list backbones`).")
+    ] = "digits",
+    iters: Annotated[
+        int | None, typer.Option(help="Training iterations (method's backbone default if unset).")
+    ] = None,
     batch: Annotated[int | None, typer.Option(help="Batch size per process.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the run.")] = 0,
-    config: Annotated[str | None, typer.Option(
-        help="TOML file with [train], [method] and [backbone] tables.")] = None,
-    set_: Annotated[list[str] | None, typer.Option("--set", help=(
-        "Override, e.g. --set method.update_ratio=3 or --set backbone.resolution=512."))] = None,
-    out_root: Annotated[Path, typer.Option("--out", help="Root of run directories.")] = Path("runs"),
-    resume: Annotated[bool, typer.Option("--resume", help="Require and continue an existing checkpoint.")] = False,
-    on_nan: Annotated[str, typer.Option(help="On a non-finite loss: stop (keep last checkpoint) or skip the step.")] = "stop",
-    teacher_weights: Annotated[str | None, typer.Option(help="Teacher weights (default: shipped/hub).")] = None,
+    config: Annotated[
+        str | None, typer.Option(help="TOML file with [train], [method] and [backbone] tables.")
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            help=("Override, e.g. --set method.update_ratio=3 or --set backbone.resolution=512."),
+        ),
+    ] = None,
+    out_root: Annotated[Path, typer.Option("--out", help="Root of run directories.")] = Path(
+        "runs"
+    ),
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Require and continue an existing checkpoint.")
+    ] = False,
+    on_nan: Annotated[
+        str,
+        typer.Option(help="On a non-finite loss: stop (keep last checkpoint) or skip the step."),
+    ] = "stop",
+    teacher_weights: Annotated[
+        str | None, typer.Option(help="Teacher weights (default: shipped/hub).")
+    ] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
 ) -> None:
     """Distill the backbone's teacher into a few-step student with METHOD.
@@ -197,8 +274,17 @@ def train(
     bb_obj = _backbone(backbone, set_, device, config, only_backbone=False)
     if on_nan not in ("stop", "skip"):
         raise UserError(f"bad --on-nan '{on_nan}': use stop or skip")
-    train_cfg, method_cfg = resolve(method_cls, backbone, config, set_, iters=iters, batch=batch, seed=seed,
-                                    on_nan=on_nan, device=device)
+    train_cfg, method_cfg = resolve(
+        method_cls,
+        backbone,
+        config,
+        set_,
+        iters=iters,
+        batch=batch,
+        seed=seed,
+        on_nan=on_nan,
+        device=device,
+    )
     m = method_cls(method_cfg)
     from rich.progress import (
         BarColumn,
@@ -209,18 +295,34 @@ def train(
         TimeRemainingColumn,
     )
 
-    with Progress(TextColumn(f"[bold]{method}[/] on {backbone}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[terms]}"),
-                  console=console, transient=True) as bar:
+    with Progress(
+        TextColumn(f"[bold]{method}[/] on {backbone}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[terms]}"),
+        console=console,
+        transient=True,
+    ) as bar:
         task = bar.add_task("train", total=train_cfg.iters, terms="")
         latest: dict[str, float] = {}
 
         def progress(it: int, logs: dict[str, float]) -> None:
             latest.update((k, v) for k, v in logs.items() if not k.endswith("grad_norm"))
-            bar.update(task, completed=it, terms=" ".join(f"{k}={v:.3g}" for k, v in latest.items()))
+            bar.update(
+                task, completed=it, terms=" ".join(f"{k}={v:.3g}" for k, v in latest.items())
+            )
 
-        result = train_run(m, bb_obj, train_cfg, out_root, teacher_weights, resume=True if resume else None,
-                           progress=progress)
+        result = train_run(
+            m,
+            bb_obj,
+            train_cfg,
+            out_root,
+            teacher_weights,
+            resume=True if resume else None,
+            progress=progress,
+        )
     if result.skipped:
         out.print(f"already trained: {result.run_dir}")
     else:
@@ -231,32 +333,62 @@ def train(
 # ------------------------------------------------------------------------------ eval
 @app.command("eval")
 def eval_cmd(
-    backbone: Annotated[str, typer.Option(help="Backbone (see `cdmbench list backbones`).")] = "digits",
-    methods: Annotated[str | None, typer.Option(help="Comma-separated methods and/or 'teacher' "
-                                                "(default: every trained run of the backbone plus the teacher).")] = None,
+    backbone: Annotated[
+        str, typer.Option(help="Backbone (see `cdmbench list backbones`).")
+    ] = "digits",
+    methods: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated methods and/or 'teacher' "
+            "(default: every trained run of the backbone plus the teacher)."
+        ),
+    ] = None,
     steps: Annotated[str, typer.Option(help="Comma-separated step counts.")] = "1,2,4",
-    metrics: Annotated[str | None, typer.Option(
-        help="Comma-separated metrics (default: the backbone's eval_metrics).")] = None,
-    prompts: Annotated[str | None, typer.Option(
-        help="Prompt set name (digits, general, default) or a prompt file "
-             "(default: the backbone's eval_prompts).")] = None,
-    num_samples: Annotated[int | None, typer.Option(
-        help="Samples per prompt (default: the backbone's eval_samples).")] = None,
+    metrics: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated metrics (default: the backbone's eval_metrics)."),
+    ] = None,
+    prompts: Annotated[
+        str | None,
+        typer.Option(
+            help="Prompt set name (digits, general, default) or a prompt file "
+            "(default: the backbone's eval_prompts)."
+        ),
+    ] = None,
+    num_samples: Annotated[
+        int | None, typer.Option(help="Samples per prompt (default: the backbone's eval_samples).")
+    ] = None,
     seed: Annotated[int, typer.Option(help="Run seed; per-sample seeds derive from it.")] = 0,
     runs: Annotated[Path, typer.Option(help="Root of training run directories.")] = Path("runs"),
-    samples: Annotated[Path, typer.Option(help="Where generated samples are kept (content-keyed).")] = Path("runs/samples"),
-    results: Annotated[Path, typer.Option(help="Results directory (records.jsonl).")] = Path("results"),
-    batch_size: Annotated[int | None, typer.Option(
-        help="Generation batch size (default: the backbone's eval_batch).")] = None,
-    reference: Annotated[str | None, typer.Option(
-        help="Reference images for FID (a folder); default: the backbone's fid_reference, "
-             "else its real data.")] = None,
-    teacher_weights: Annotated[str | None, typer.Option(help="Teacher weights (default: shipped/hub).")] = None,
+    samples: Annotated[
+        Path, typer.Option(help="Where generated samples are kept (content-keyed).")
+    ] = Path("runs/samples"),
+    results: Annotated[Path, typer.Option(help="Results directory (records.jsonl).")] = Path(
+        "results"
+    ),
+    batch_size: Annotated[
+        int | None, typer.Option(help="Generation batch size (default: the backbone's eval_batch).")
+    ] = None,
+    reference: Annotated[
+        str | None,
+        typer.Option(
+            help="Reference images for FID (a folder); default: the backbone's fid_reference, "
+            "else its real data."
+        ),
+    ] = None,
+    teacher_weights: Annotated[
+        str | None, typer.Option(help="Teacher weights (default: shipped/hub).")
+    ] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     compile_: CompileOpt = False,
     compile_mode: CompileModeOpt = "default",
-    recompute: Annotated[str | None, typer.Option(help="Comma-separated metrics to compute again although "
-                                                  "recorded, e.g. latency on another machine.")] = None,
+    recompute: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated metrics to compute again although "
+            "recorded, e.g. latency on another machine."
+        ),
+    ] = None,
     set_: BackboneSetOpt = None,
 ) -> None:
     """Generate with every student and the teacher at each step count, score, and append records.
@@ -281,28 +413,56 @@ def eval_cmd(
     for m in wanted or []:
         if m != "teacher":
             METHODS.entry(m)
-    metric_names = ([m.strip() for m in metrics.split(",")] if metrics
-                    else list(defaults.eval_metrics))
+    metric_names = (
+        [m.strip() for m in metrics.split(",")] if metrics else list(defaults.eval_metrics)
+    )
     for m in metric_names:
         METRICS.entry(m)
     again = tuple(m.strip() for m in recompute.split(",")) if recompute else ()
     for m in again:
         METRICS.entry(m)
         if m not in metric_names:
-            raise UserError(f"--recompute {m}: not among the metrics of this run ({', '.join(metric_names)}); "
-                            f"add it to --metrics")
+            raise UserError(
+                f"--recompute {m}: not among the metrics of this run ({', '.join(metric_names)}); "
+                f"add it to --metrics"
+            )
     prompt_set, prompt_list = load_prompt_set(prompts or defaults.eval_prompts, backbone=bb)
     per_prompt = num_samples or defaults.eval_samples
     rank, world = init_distributed(device)
-    cands = [] if wanted is not None and "teacher" not in wanted else [teacher_candidate(bb, teacher_weights)]
-    students = run_candidates(runs, bb, [m for m in wanted if m != "teacher"] if wanted else None, device)
+    cands = (
+        []
+        if wanted is not None and "teacher" not in wanted
+        else [teacher_candidate(bb, teacher_weights)]
+    )
+    students = run_candidates(
+        runs, bb, [m for m in wanted if m != "teacher"] if wanted else None, device
+    )
     batch_size = batch_size or defaults.eval_batch
     reference = defaults.fid_reference if reference is None else reference
-    plan = EvalPlan(bb, cands + students, step_list, metric_names, prompt_list, prompt_set, per_prompt, seed,
-                    samples, ResultStore(results), batch_size, reference=reference, compile=mode,
-                    recompute=again)
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, disable=rank != 0) as bar:
+    plan = EvalPlan(
+        bb,
+        cands + students,
+        step_list,
+        metric_names,
+        prompt_list,
+        prompt_set,
+        per_prompt,
+        seed,
+        samples,
+        ResultStore(results),
+        batch_size,
+        reference=reference,
+        compile=mode,
+        recompute=again,
+    )
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        disable=rank != 0,
+    ) as bar:
         tasks: dict[str, int] = {}
 
         def progress(label: str, done: int, total: int) -> None:
@@ -325,15 +485,20 @@ def _print_records(new: list[dict], plan) -> None:
     from cdmbench.report import header
 
     if not new:
-        out.print(f"nothing new to compute: every requested number is already in {plan.results.path}")
+        out.print(
+            f"nothing new to compute: every requested number is already in {plan.results.path}"
+        )
         return
     metrics = list(dict.fromkeys(r["metric"] for r in new))
-    table = Table(title=f"cdmbench eval — {plan.backbone.name}, {plan.per_prompt} samples/prompt, seed {plan.seed}")
+    table = Table(
+        title=f"cdmbench eval — {plan.backbone.name}, {plan.per_prompt} samples/prompt, seed {plan.seed}"
+    )
     table.add_column("model")
     table.add_column("steps", justify="right")
     for m in metrics:
-        table.add_column(header(m, next(r["higher_is_better"] for r in new if r["metric"] == m)),
-                         justify="right")
+        table.add_column(
+            header(m, next(r["higher_is_better"] for r in new if r["metric"] == m)), justify="right"
+        )
     rows: dict[tuple[str, int], dict[str, float]] = {}
     for r in new:
         rows.setdefault((r["method"], r["steps"]), {})[r["metric"]] = r["value"]
@@ -347,9 +512,15 @@ def _print_records(new: list[dict], plan) -> None:
 @app.command()
 def export(
     run: Annotated[Path, typer.Argument(help="A finished training run directory.")],
-    out_dir: Annotated[Path, typer.Option("--out", help="Directory to write (diffusers save_pretrained layout).")],
-    steps: Annotated[int, typer.Option(help="Step count whose schedule the exported scheduler carries.")] = 4,
-    teacher_weights: Annotated[str | None, typer.Option(help="Teacher weights (default: shipped/hub).")] = None,
+    out_dir: Annotated[
+        Path, typer.Option("--out", help="Directory to write (diffusers save_pretrained layout).")
+    ],
+    steps: Annotated[
+        int, typer.Option(help="Step count whose schedule the exported scheduler carries.")
+    ] = 4,
+    teacher_weights: Annotated[
+        str | None, typer.Option(help="Teacher weights (default: shipped/hub).")
+    ] = None,
 ) -> None:
     """Export a student so plain diffusers loads it (StableDiffusion3Pipeline.from_pretrained(OUT)).
 
@@ -367,14 +538,29 @@ def export(
 # ---------------------------------------------------------------------------- report
 @app.command()
 def report(
-    results: Annotated[Path, typer.Option(help="Results directory (records.jsonl).")] = Path("results"),
-    out_dir: Annotated[Path | None, typer.Option("--out", help="Where to write report.{md,csv,tex,html} "
-                                                 "(default: the results directory).")] = None,
+    results: Annotated[Path, typer.Option(help="Results directory (records.jsonl).")] = Path(
+        "results"
+    ),
+    out_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            help="Where to write report.{md,csv,tex,html} (default: the results directory).",
+        ),
+    ] = None,
     backbone: Annotated[str | None, typer.Option(help="Only this backbone.")] = None,
-    methods: Annotated[str | None, typer.Option(help="Comma-separated methods (and/or teacher).")] = None,
-    metrics: Annotated[str | None, typer.Option(help="Comma-separated metric values, e.g. fd_digits,recall.")] = None,
-    latest: Annotated[bool, typer.Option("--latest/--all", help="Newest record per cell, or every run.")] = True,
-    samples_per_cell: Annotated[int, typer.Option(help="Images per grid cell in the HTML page (0: no grids).")] = 10,
+    methods: Annotated[
+        str | None, typer.Option(help="Comma-separated methods (and/or teacher).")
+    ] = None,
+    metrics: Annotated[
+        str | None, typer.Option(help="Comma-separated metric values, e.g. fd_digits,recall.")
+    ] = None,
+    latest: Annotated[
+        bool, typer.Option("--latest/--all", help="Newest record per cell, or every run.")
+    ] = True,
+    samples_per_cell: Annotated[
+        int, typer.Option(help="Images per grid cell in the HTML page (0: no grids).")
+    ] = 10,
 ) -> None:
     """Pivot the results (method x steps, one column per metric) into markdown, CSV, LaTeX and HTML.
 
@@ -382,8 +568,15 @@ def report(
     """
     from cdmbench.report import build_report, render_rich
 
-    outs = build_report(results, out_dir or results, backbone=backbone, methods=methods, metrics=metrics,
-                        latest=latest, samples_per_cell=samples_per_cell)
+    outs = build_report(
+        results,
+        out_dir or results,
+        backbone=backbone,
+        methods=methods,
+        metrics=metrics,
+        latest=latest,
+        samples_per_cell=samples_per_cell,
+    )
     out.print(render_rich(outs.table, title=f"cdmbench report — {outs.n_records} records"))
     for w in outs.warnings:
         console.print(f"[yellow]warning:[/] {w}", highlight=False)
@@ -404,14 +597,24 @@ class _CheckCommand(TyperCommand):
 
 @app.command(cls=_CheckCommand)
 def check(
-    baseline: Annotated[Path, typer.Option(help="Baseline CSV (backbone, method, steps, metric, value, ...).")] = Path(
-        "results/baseline/digits.csv"),
+    baseline: Annotated[
+        Path, typer.Option(help="Baseline CSV (backbone, method, steps, metric, value, ...).")
+    ] = Path("results/baseline/digits.csv"),
     results: Annotated[Path, typer.Option(help="Results directory to check.")] = Path("results"),
     backbone: Annotated[str | None, typer.Option(help="Only this backbone.")] = None,
-    tolerance: Annotated[list[str] | None, typer.Option(help="Per-metric tolerance, e.g. fd_digits=10% or "
-                                                        "prompt_acc=0.01 (absolute).")] = None,
-    write_baseline: Annotated[bool, typer.Option("--write-baseline", help="Write the baseline from the current "
-                                                 "results instead of checking.")] = False,
+    tolerance: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Per-metric tolerance, e.g. fd_digits=10% or prompt_acc=0.01 (absolute)."
+        ),
+    ] = None,
+    write_baseline: Annotated[
+        bool,
+        typer.Option(
+            "--write-baseline",
+            help="Write the baseline from the current results instead of checking.",
+        ),
+    ] = False,
     only_changes: Annotated[bool, typer.Option(help="Show only rows that are not 'ok'.")] = False,
 ) -> None:
     """Compare the latest results with a baseline; exit 1 on a regression beyond tolerance.
@@ -443,22 +646,44 @@ def check(
 @app.command()
 def bench(
     backbone: Annotated[str, typer.Option(help="Backbone.")] = "digits",
-    methods: Annotated[str | None, typer.Option(help="Comma-separated methods (default: all built-in).")] = None,
+    methods: Annotated[
+        str | None, typer.Option(help="Comma-separated methods (default: all built-in).")
+    ] = None,
     steps: Annotated[str, typer.Option(help="Step counts to evaluate.")] = "1,2,4",
-    quick: Annotated[bool, typer.Option("--quick", help=(
-        "CI budget: 1/5 of the training iterations, the backbone's eval_samples_quick samples "
-        "per prompt."))] = False,
+    quick: Annotated[
+        bool,
+        typer.Option(
+            "--quick",
+            help=(
+                "CI budget: 1/5 of the training iterations, the backbone's eval_samples_quick samples "
+                "per prompt."
+            ),
+        ),
+    ] = False,
     seed: Annotated[int, typer.Option(help="Seed of training and evaluation.")] = 0,
     runs: Annotated[Path, typer.Option(help="Root of training run directories.")] = Path("runs"),
-    samples: Annotated[Path, typer.Option(help="Where generated samples are kept.")] = Path("runs/samples"),
-    results: Annotated[Path, typer.Option(help="Results directory; the report is written there too.")] = Path("results"),
-    workers: Annotated[int, typer.Option(help="Methods trained in parallel on CPU (one thread each).")] = 2,
-    iters: Annotated[int | None, typer.Option(help="Override every method's training iterations.")] = None,
-    num_samples: Annotated[int | None, typer.Option(
-        help="Samples per prompt (default: the backbone's eval_samples, or eval_samples_quick)."
-    )] = None,
-    metrics: Annotated[str | None, typer.Option(
-        help="Comma-separated metrics (default: the backbone's eval_metrics).")] = None,
+    samples: Annotated[Path, typer.Option(help="Where generated samples are kept.")] = Path(
+        "runs/samples"
+    ),
+    results: Annotated[
+        Path, typer.Option(help="Results directory; the report is written there too.")
+    ] = Path("results"),
+    workers: Annotated[
+        int, typer.Option(help="Methods trained in parallel on CPU (one thread each).")
+    ] = 2,
+    iters: Annotated[
+        int | None, typer.Option(help="Override every method's training iterations.")
+    ] = None,
+    num_samples: Annotated[
+        int | None,
+        typer.Option(
+            help="Samples per prompt (default: the backbone's eval_samples, or eval_samples_quick)."
+        ),
+    ] = None,
+    metrics: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated metrics (default: the backbone's eval_metrics)."),
+    ] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     compile_: CompileOpt = False,
     compile_mode: CompileModeOpt = "default",
@@ -486,13 +711,31 @@ def bench(
     metric_names = tuple(m.strip() for m in metrics.split(",")) if metrics else None
     for m in metric_names or ():
         METRICS.entry(m)
-    cfg = BenchConfig(backbone=backbone, methods=ms, steps=tuple(parse_steps(steps)), quick=quick, seed=seed,
-                      runs=runs, samples=samples, results=results, workers=workers, device=device, iters=iters,
-                      per_prompt=num_samples, metrics=metric_names, compile=mode,
-                      backbone_settings=as_dict(settings))
+    cfg = BenchConfig(
+        backbone=backbone,
+        methods=ms,
+        steps=tuple(parse_steps(steps)),
+        quick=quick,
+        seed=seed,
+        runs=runs,
+        samples=samples,
+        results=results,
+        workers=workers,
+        device=device,
+        iters=iters,
+        per_prompt=num_samples,
+        metrics=metric_names,
+        compile=mode,
+        backbone_settings=as_dict(settings),
+    )
     t0 = time.perf_counter()
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console) as bar:
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+    ) as bar:
         tasks: dict[str, int] = {}
 
         def on(label: str, done: int, total: int) -> None:
@@ -502,7 +745,9 @@ def bench(
 
         run_dirs, new = run_bench(cfg, on_train=lambda m, i, n: on(f"train {m}", i, n), on_eval=on)
     outs = build_report(results, results, backbone=backbone)
-    out.print(render_rich(outs.table, title=f"cdmbench bench — {backbone}{' (quick)' if quick else ''}"))
+    out.print(
+        render_rich(outs.table, title=f"cdmbench bench — {backbone}{' (quick)' if quick else ''}")
+    )
     out.print(f"{len(new)} new records; report: {outs.html} ({time.perf_counter() - t0:.0f}s)")
 
 
@@ -515,7 +760,13 @@ def main(argv: list[str] | None = None) -> None:
         rc = app(args=argv, standalone_mode=False)
         if isinstance(rc, int) and rc:
             sys.exit(rc)
-    except (UserError, UnknownNameError, CheckpointError, NonFiniteLossError, FileNotFoundError) as e:
+    except (
+        UserError,
+        UnknownNameError,
+        CheckpointError,
+        NonFiniteLossError,
+        FileNotFoundError,
+    ) as e:
         if DEBUG["on"]:
             raise
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -33,13 +33,17 @@ def parse_steps(text: str) -> list[int]:
     """'1,2,4' -> [1, 2, 4]; rejects empty items, non-integers, values < 1 and duplicates."""
     items = [t.strip() for t in str(text).split(",")]
     if not text or any(t == "" for t in items):
-        raise UserError(f"bad step list '{text}': use comma-separated positive integers, e.g. 1,2,4")
+        raise UserError(
+            f"bad step list '{text}': use comma-separated positive integers, e.g. 1,2,4"
+        )
     steps = []
     for t in items:
         try:
             steps.append(int(t))
         except ValueError:
-            raise UserError(f"bad step list '{text}': '{t}' is not an integer; use e.g. 1,2,4") from None
+            raise UserError(
+                f"bad step list '{text}': '{t}' is not an integer; use e.g. 1,2,4"
+            ) from None
     if any(s < 1 for s in steps):
         raise UserError(f"bad step list '{text}': step counts must be >= 1")
     if len(set(steps)) != len(steps):
@@ -73,8 +77,10 @@ def read_toml(config_file: str | Path) -> dict[str, Any]:
         raise UserError(f"config file {path} is not valid TOML: {e}") from None
     unknown = [k for k, v in data.items() if isinstance(v, dict) and k not in SECTIONS]
     if unknown:
-        raise UserError(f"config file {path}: unknown table [{unknown[0]}]; use "
-                        f"{', '.join(f'[{s}]' for s in SECTIONS)}")
+        raise UserError(
+            f"config file {path}: unknown table [{unknown[0]}]; use "
+            f"{', '.join(f'[{s}]' for s in SECTIONS)}"
+        )
     return data
 
 
@@ -87,13 +93,19 @@ def _section_of(key: str, train_fields: set[str], method_name: str | None) -> tu
     if method_name is not None and section == method_name:
         section = "method"
     if section not in SECTIONS:
-        raise UserError(f"unknown section '{section}' in '{key}': use train.KEY, method.KEY or "
-                        "backbone.KEY")
+        raise UserError(
+            f"unknown section '{section}' in '{key}': use train.KEY, method.KEY or backbone.KEY"
+        )
     return section, name
 
 
-def resolve(method_cls, backbone: str, config_file: str | None = None, sets: list[str] | None = None,
-            **train_overrides: Any) -> tuple[TrainConfig, Any]:
+def resolve(
+    method_cls,
+    backbone: str,
+    config_file: str | None = None,
+    sets: list[str] | None = None,
+    **train_overrides: Any,
+) -> tuple[TrainConfig, Any]:
     """TrainConfig and the method's config for ``backbone``, with every override applied
     (``backbone.`` keys are :func:`backbone_settings`' to check)."""
     train = replace(TrainConfig(), **method_cls.default_train(backbone))
@@ -116,9 +128,12 @@ def resolve(method_cls, backbone: str, config_file: str | None = None, sets: lis
     return train, method
 
 
-def backbone_settings(backbone_cls: type[Backbone], config_file: str | None = None,
-                      sets: list[str] | None = None,
-                      only_backbone: bool = False) -> BackboneSettings:
+def backbone_settings(
+    backbone_cls: type[Backbone],
+    config_file: str | None = None,
+    sets: list[str] | None = None,
+    only_backbone: bool = False,
+) -> BackboneSettings:
     """The backbone's ``Settings``: declared defaults < TOML ``[backbone]`` < ``--set
     backbone.KEY=VALUE``. ``only_backbone``: other sections are an error (eval, sample and
     bench configure no training)."""
@@ -132,8 +147,10 @@ def backbone_settings(backbone_cls: type[Backbone], config_file: str | None = No
         section, name = _section_of(key, set(), None) if "." in key else ("", key)
         if section != "backbone":
             if only_backbone:
-                raise UserError(f"--set {key}: only backbone.KEY settings apply here, e.g. "
-                                "--set backbone.resolution=512")
+                raise UserError(
+                    f"--set {key}: only backbone.KEY settings apply here, e.g. "
+                    "--set backbone.resolution=512"
+                )
             continue
         ups[name] = v
     layers.append(ups)
@@ -143,11 +160,18 @@ def backbone_settings(backbone_cls: type[Backbone], config_file: str | None = No
 
 
 def config_hash(payload: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[
+        :12
+    ]
 
 
-def run_payload(method: str, backbone: Backbone, train: TrainConfig, method_cfg,
-                teacher_weights: str | None = None) -> dict[str, Any]:
+def run_payload(
+    method: str,
+    backbone: Backbone,
+    train: TrainConfig,
+    method_cfg,
+    teacher_weights: str | None = None,
+) -> dict[str, Any]:
     """What identifies a training run; its hash names the run directory.
 
     The backbone's settings that change results are part of it, and so is the identity of
@@ -159,8 +183,21 @@ def run_payload(method: str, backbone: Backbone, train: TrainConfig, method_cfg,
     from cdmbench import __version__
 
     t = config_to_dict(train)
-    for k in ("device", "threads", "log_every", "ckpt_every", "on_nan", "shard"):  # do not change results
+    for k in (
+        "device",
+        "threads",
+        "log_every",
+        "ckpt_every",
+        "on_nan",
+        "shard",
+    ):  # do not change results
         t.pop(k, None)
-    return {"method": method, "backbone": backbone.name,
-            "backbone_settings": backbone.run_settings(), "train": t, "method_config": config_to_dict(method_cfg),
-            "teacher": backbone.teacher_id(teacher_weights), "cdmbench": __version__}
+    return {
+        "method": method,
+        "backbone": backbone.name,
+        "backbone_settings": backbone.run_settings(),
+        "train": t,
+        "method_config": config_to_dict(method_cfg),
+        "teacher": backbone.teacher_id(teacher_weights),
+        "cdmbench": __version__,
+    }

@@ -3,3 +3,8 @@
 
 class UserError(Exception):
     """Bad input: the message says what is wrong and what to do."""
+
+
+class MissingWeightsError(UserError, FileNotFoundError):
+    """Pretrained weights (a backbone's or a metric's) that are not on this machine; the
+    one-line message names what to fetch and where to put it."""

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from cdmbench import flow
-from cdmbench.backbones.base import Backbone, Prompt
+from cdmbench.backbones.base import Backbone
 from cdmbench.config import config_hash
 from cdmbench.distributed import barrier
 from cdmbench.errors import UserError
@@ -34,6 +34,7 @@ from cdmbench.generate import SamplerSpec, generate
 from cdmbench.io import atomic_path, atomic_write_json, remove_stale_temps, to_uint8
 from cdmbench.metrics.base import EvalSet, Metric
 from cdmbench.metrics.latency import make_timer
+from cdmbench.prompts_io import Prompt
 from cdmbench.registry import METRICS
 from cdmbench.results import Record, ResultStore, make_record
 from cdmbench.settings import as_dict
@@ -51,8 +52,13 @@ class Candidate:
     compile_s: float | None = None  # torch.compile time of its denoiser, when compiled
 
 
-def compile_candidate(backbone: Backbone, cand: Candidate, prompts: Sequence[Prompt], batch_sizes: Sequence[int],
-                      mode: str | None = None) -> float:
+def compile_candidate(
+    backbone: Backbone,
+    cand: Candidate,
+    prompts: Sequence[Prompt],
+    batch_sizes: Sequence[int],
+    mode: str | None = None,
+) -> float:
     """Compile the candidate's denoiser in place (``torch.compile``) and return the compile time.
 
     The model is compiled with ``nn.Module.compile`` (same object, same weights, same state
@@ -86,27 +92,40 @@ def teacher_candidate(backbone: Backbone, weights: str | None = None) -> Candida
     tid = backbone.teacher_id(weights)
     model = backbone.load_teacher(weights)
     w = backbone.default_teacher_guidance
-    return Candidate("teacher", f"teacher-{tid.split(':')[-1][:12]}", tid, model,
-                     lambda n: SamplerSpec(flow.uniform_schedule(n, backbone.shift), guidance=w))
+    return Candidate(
+        "teacher",
+        f"teacher-{tid.split(':')[-1][:12]}",
+        tid,
+        model,
+        lambda n: SamplerSpec(flow.uniform_schedule(n, backbone.shift), guidance=w),
+    )
 
 
-def run_candidates(runs_root: str | Path, backbone: Backbone, methods: Sequence[str] | None = None,
-                   device: str = "cpu") -> list[Candidate]:
+def run_candidates(
+    runs_root: str | Path,
+    backbone: Backbone,
+    methods: Sequence[str] | None = None,
+    device: str = "cpu",
+) -> list[Candidate]:
     """The newest finished run of each method under ``runs_root/<backbone>`` trained with
     this backbone's settings (those that change results)."""
     root = Path(runs_root) / backbone.name
     newest: dict[str, Path] = {}
     mine = backbone.run_settings()
-    for info in sorted(root.glob("*/run.json"), key=lambda p: p.stat().st_mtime) if root.is_dir() else []:
+    for info in (
+        sorted(root.glob("*/run.json"), key=lambda p: p.stat().st_mtime) if root.is_dir() else []
+    ):
         method = info.parent.name.rsplit("-", 1)[0]
         if (methods is None or method in methods) and _run_settings(backbone, info) == mine:
             newest[method] = info.parent
     if methods is not None:
         missing = [m for m in methods if m != "teacher" and m not in newest]
         if missing:
-            raise UserError(f"no finished run of {', '.join(missing)} on {backbone.name} with "
-                            f"these backbone settings under {runs_root}; train it first: "
-                            f"cdmbench train {missing[0]} --backbone {backbone.name}")
+            raise UserError(
+                f"no finished run of {', '.join(missing)} on {backbone.name} with "
+                f"these backbone settings under {runs_root}; train it first: "
+                f"cdmbench train {missing[0]} --backbone {backbone.name}"
+            )
     return candidates_from_dirs([newest[m] for m in sorted(newest)], device)
 
 
@@ -126,18 +145,40 @@ def candidates_from_dirs(run_dirs: Sequence[Path], device: str = "cpu") -> list[
     out = []
     for run_dir in run_dirs:
         r = load_run(run_dir, device=device)
-        out.append(Candidate(r.info["method"], Path(run_dir).name, "sha256:" + r.info["student_sha256"][:16],
-                             r.student, lambda n, r=r: r.method.sampler(n, r.backbone.shift)))
+        out.append(
+            Candidate(
+                r.info["method"],
+                Path(run_dir).name,
+                "sha256:" + r.info["student_sha256"][:16],
+                r.student,
+                lambda n, r=r: r.method.sampler(n, r.backbone.shift),
+            )
+        )
     return out
 
 
 # --------------------------------------------------------------------------- generation
-def sample_key(backbone: Backbone, cand: Candidate, spec: SamplerSpec, prompt_set: str, seed: int,
-               per_prompt: int) -> str:
-    key = {"backbone": backbone.name, "checkpoint": cand.checkpoint, "sigmas": spec.sigmas,
-           "stochastic": spec.stochastic, "guidance": spec.guidance, "prompts": prompt_set,
-           "seed": seed, "per_prompt": per_prompt}
-    if cand.compile_s is not None:  # compiled kernels round differently: their samples are their own
+def sample_key(
+    backbone: Backbone,
+    cand: Candidate,
+    spec: SamplerSpec,
+    prompt_set: str,
+    seed: int,
+    per_prompt: int,
+) -> str:
+    key = {
+        "backbone": backbone.name,
+        "checkpoint": cand.checkpoint,
+        "sigmas": spec.sigmas,
+        "stochastic": spec.stochastic,
+        "guidance": spec.guidance,
+        "prompts": prompt_set,
+        "seed": seed,
+        "per_prompt": per_prompt,
+    }
+    if (
+        cand.compile_s is not None
+    ):  # compiled kernels round differently: their samples are their own
         key["compiled"] = True
     return config_hash(key)
 
@@ -158,9 +199,20 @@ def _write_png(path: Path, img: np.ndarray) -> None:
         Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(tmp, format="PNG")
 
 
-def ensure_samples(backbone: Backbone, cand: Candidate, steps: int, prompts: Sequence[Prompt], prompt_set: str,
-                   seed: int, per_prompt: int, root: Path, batch_size: int = 256, rank: int = 0, world: int = 1,
-                   on_progress: Callable[[int], None] | None = None) -> SampleSet:
+def ensure_samples(
+    backbone: Backbone,
+    cand: Candidate,
+    steps: int,
+    prompts: Sequence[Prompt],
+    prompt_set: str,
+    seed: int,
+    per_prompt: int,
+    root: Path,
+    batch_size: int = 256,
+    rank: int = 0,
+    world: int = 1,
+    on_progress: Callable[[int], None] | None = None,
+) -> SampleSet:
     """Generate whatever PNGs of this sample set are missing; return the set."""
     spec = cand.sampler(steps)
     key = sample_key(backbone, cand, spec, prompt_set, seed, per_prompt)
@@ -170,25 +222,52 @@ def ensure_samples(backbone: Backbone, cand: Candidate, steps: int, prompts: Seq
     if rank == 0:
         folder.mkdir(parents=True, exist_ok=True)
         remove_stale_temps(folder, recursive=False)  # a killed predecessor's half-written PNGs
-        atomic_write_json(folder / "meta.json", {
-            "backbone": backbone.name, "model": cand.name, "run_id": cand.run_id, "checkpoint": cand.checkpoint,
-            "steps": steps, "schedule": spec.sigmas, "stochastic": spec.stochastic, "guidance": spec.guidance,
-            "prompt_set": prompt_set, "seed": seed, "per_prompt": per_prompt, "key": key,
-            "compiled": cand.compile_s is not None})
-        manifest = "".join(json.dumps({"prompt_id": p.id, "prompt": p.text, "index": i, "seed": s, "file": f}) + "\n"
-                           for (p, i, s), f in zip(entries, files, strict=True))
-        if not (folder / "manifest.jsonl").is_file() or (folder / "manifest.jsonl").read_text() != manifest:
+        atomic_write_json(
+            folder / "meta.json",
+            {
+                "backbone": backbone.name,
+                "model": cand.name,
+                "run_id": cand.run_id,
+                "checkpoint": cand.checkpoint,
+                "steps": steps,
+                "schedule": spec.sigmas,
+                "stochastic": spec.stochastic,
+                "guidance": spec.guidance,
+                "prompt_set": prompt_set,
+                "seed": seed,
+                "per_prompt": per_prompt,
+                "key": key,
+                "compiled": cand.compile_s is not None,
+            },
+        )
+        manifest = "".join(
+            json.dumps({"prompt_id": p.id, "prompt": p.text, "index": i, "seed": s, "file": f})
+            + "\n"
+            for (p, i, s), f in zip(entries, files, strict=True)
+        )
+        if (
+            not (folder / "manifest.jsonl").is_file()
+            or (folder / "manifest.jsonl").read_text() != manifest
+        ):
             with atomic_path(folder / "manifest.jsonl") as tmp:
                 tmp.write_text(manifest)
     barrier(world)
-    todo = [k for k in range(len(entries)) if k % world == rank and not (folder / files[k]).is_file()]
+    todo = [
+        k for k in range(len(entries)) if k % world == rank and not (folder / files[k]).is_file()
+    ]
     done_before = len(entries) - len(todo)
     if on_progress is not None and done_before:
         on_progress(done_before)
     for i in range(0, len(todo), batch_size):
         chunk = todo[i : i + batch_size]
-        lat = generate(backbone, cand.model, [entries[k][0] for k in chunk], [entries[k][2] for k in chunk], spec,
-                       batch_size=batch_size)
+        lat = generate(
+            backbone,
+            cand.model,
+            [entries[k][0] for k in chunk],
+            [entries[k][2] for k in chunk],
+            spec,
+            batch_size=batch_size,
+        )
         images = to_uint8(backbone.decode(lat)).permute(0, 2, 3, 1).cpu().numpy()  # [B, H, W, C]
         for k, img in zip(chunk, images, strict=True):
             _write_png(folder / files[k], img)
@@ -210,8 +289,6 @@ def load_images(sset: SampleSet) -> torch.Tensor:
     return torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).contiguous()
 
 
-
-
 # ------------------------------------------------------------------------------ driver
 @dataclass
 class EvalPlan:
@@ -230,7 +307,9 @@ class EvalPlan:
     reference: str = ""
     cache_dir: Path = Path(".cdmbench/cache")
     compile: str | None = None  # torch.compile mode ("default", "max-autotune", ...); None: eager
-    recompute: tuple[str, ...] = ()  # metrics computed again even where a record exists (e.g. latency)
+    recompute: tuple[
+        str, ...
+    ] = ()  # metrics computed again even where a record exists (e.g. latency)
 
 
 def build_metrics(names: Sequence[str], backbone: Backbone) -> dict[str, Metric]:
@@ -243,8 +322,12 @@ def build_metrics(names: Sequence[str], backbone: Backbone) -> dict[str, Metric]
     return out
 
 
-def run_eval(plan: EvalPlan, progress: Callable[[str, int, int], None] | None = None,
-             rank: int = 0, world: int = 1) -> list[Record]:
+def run_eval(
+    plan: EvalPlan,
+    progress: Callable[[str, int, int], None] | None = None,
+    rank: int = 0,
+    world: int = 1,
+) -> list[Record]:
     """Generate missing samples, compute missing metrics, append records; returns new records."""
     bb = plan.backbone
     metrics = build_metrics(plan.metrics, bb)
@@ -253,8 +336,11 @@ def run_eval(plan: EvalPlan, progress: Callable[[str, int, int], None] | None = 
     done = plan.results.done_keys() if rank == 0 else set()
     jobs: list[tuple[Candidate, int]] = [(c, n) for c in plan.candidates for n in plan.steps]
     if plan.teacher_default:
-        jobs += [(c, bb.default_teacher_steps) for c in plan.candidates
-                 if c.name == "teacher" and bb.default_teacher_steps not in plan.steps]
+        jobs += [
+            (c, bb.default_teacher_steps)
+            for c in plan.candidates
+            if c.name == "teacher" and bb.default_teacher_steps not in plan.steps
+        ]
     new: list[Record] = []
     total = len(plan.prompts) * plan.per_prompt
     if plan.compile is not None:
@@ -275,8 +361,20 @@ def run_eval(plan: EvalPlan, progress: Callable[[str, int, int], None] | None = 
             if progress is not None:
                 progress(label, counter["n"], total)
 
-        sset = ensure_samples(bb, cand, steps, plan.prompts, plan.prompt_set, plan.seed, plan.per_prompt,
-                              plan.samples_root, plan.batch_size, rank, world, on_progress)
+        sset = ensure_samples(
+            bb,
+            cand,
+            steps,
+            plan.prompts,
+            plan.prompt_set,
+            plan.seed,
+            plan.per_prompt,
+            plan.samples_root,
+            plan.batch_size,
+            rank,
+            world,
+            on_progress,
+        )
         if rank != 0:
             continue
         spec = cand.sampler(steps)
@@ -284,35 +382,61 @@ def run_eval(plan: EvalPlan, progress: Callable[[str, int, int], None] | None = 
         for name, metric in metrics.items():
             mcfg = metric.config()
             # compiled and eager timings are different numbers: the mode keys and labels them
-            timing = {"compile": plan.compile} if cand.compile_s is not None and "timer" in metric.needs else {}
+            timing = (
+                {"compile": plan.compile}
+                if cand.compile_s is not None and "timer" in metric.needs
+                else {}
+            )
             mhash = config_hash({"metric": name, **mcfg, "device": str(bb.device), **timing})
             if (sset.key, name, mhash) in done and name not in plan.recompute:
                 continue
             if images is None and "images" in metric.needs:
                 images = load_images(sset)
-            data = EvalSet(images=images if images is not None else torch.empty(0), prompts=sset.prompts,
-                           backbone=bb, reference=plan.reference, cache_dir=plan.cache_dir,
-                           timer=make_timer(bb, cand.model, spec, plan.prompts)
-                           if "timer" in metric.needs else None,
-                           eval_batch=plan.batch_size,
-                           extra={} if cand.compile_s is None else {"compile_s": cand.compile_s})
+            data = EvalSet(
+                images=images if images is not None else torch.empty(0),
+                prompts=sset.prompts,
+                backbone=bb,
+                reference=plan.reference,
+                cache_dir=plan.cache_dir,
+                timer=make_timer(bb, cand.model, spec, plan.prompts)
+                if "timer" in metric.needs
+                else None,
+                eval_batch=plan.batch_size,
+                extra={} if cand.compile_s is None else {"compile_s": cand.compile_s},
+            )
             if progress is not None:
                 progress(f"{label}: {name}", 0, 1)
             values = metric.compute(data)
             if progress is not None:
                 progress(f"{label}: {name}", 1, 1)
-            recs = [make_record(
-                run_id=cand.run_id, backbone=bb.name, method=cand.name, checkpoint=cand.checkpoint,
-                steps=steps, schedule=spec.sigmas, stochastic=spec.stochastic,
-                guidance=spec.guidance, prompt_set=plan.prompt_set, n_samples=len(sset.files),
-                metric=vname, value=float(v),
-                higher_is_better=metric.values[vname].higher_is_better
-                if vname in metric.values else False,
-                metric_name=name, metric_config={**metric.run_config(), **timing},
-                metric_config_hash=mhash, seed=plan.seed, device=_device_name(bb.device),
-                dtype=str(bb.dtype).replace("torch.", ""), eval_key=sset.key,
-                samples=str(sset.folder),
-            ) for vname, v in values.items()]
+            recs = [
+                make_record(
+                    run_id=cand.run_id,
+                    backbone=bb.name,
+                    method=cand.name,
+                    checkpoint=cand.checkpoint,
+                    steps=steps,
+                    schedule=spec.sigmas,
+                    stochastic=spec.stochastic,
+                    guidance=spec.guidance,
+                    prompt_set=plan.prompt_set,
+                    n_samples=len(sset.files),
+                    metric=vname,
+                    value=float(v),
+                    higher_is_better=metric.values[vname].higher_is_better
+                    if vname in metric.values
+                    else False,
+                    metric_name=name,
+                    metric_config={**metric.run_config(), **timing},
+                    metric_config_hash=mhash,
+                    seed=plan.seed,
+                    device=_device_name(bb.device),
+                    dtype=str(bb.dtype).replace("torch.", ""),
+                    eval_key=sset.key,
+                    samples=str(sset.folder),
+                )
+                for vname, v in values.items()
+            ]
             plan.results.append(recs)
             new.extend(recs)
     return new

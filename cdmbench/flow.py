@@ -149,12 +149,16 @@ def random_schedule(
 
 
 # ------------------------------------------------------------------------ sigma samplers
-def sample_uniform(n: int, lo: float = 0.0, hi: float = 1.0, *, generator=None, device=None) -> Tensor:
+def sample_uniform(
+    n: int, lo: float = 0.0, hi: float = 1.0, *, generator=None, device=None
+) -> Tensor:
     """tau ~ U(lo, hi)."""
     return lo + (hi - lo) * torch.rand(n, generator=generator, device=device)
 
 
-def sample_logit_normal(n: int, mean: float = 0.0, std: float = 1.0, *, generator=None, device=None) -> Tensor:
+def sample_logit_normal(
+    n: int, mean: float = 0.0, std: float = 1.0, *, generator=None, device=None
+) -> Tensor:
     """tau = sigmoid(N(mean, std)), the SD3 training density."""
     return torch.sigmoid(mean + std * torch.randn(n, generator=generator, device=device))
 
@@ -171,7 +175,9 @@ def sample_seed(run_seed: int, prompt_id: int | str, index: int) -> int:
     return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
 
 
-def seeded_noise(shape: Sequence[int], seeds: Sequence[int], device=None, dtype=torch.float32) -> Tensor:
+def seeded_noise(
+    shape: Sequence[int], seeds: Sequence[int], device=None, dtype=torch.float32
+) -> Tensor:
     """Stack of per-sample standard normals, sample i drawn from its own seed."""
     out = torch.empty((len(seeds), *shape), dtype=dtype)
     g = torch.Generator()
@@ -235,8 +241,9 @@ def sample(
 _SCHEDULES: dict[tuple, tuple[Tensor, tuple[Tensor, ...], list[float]]] = {}
 
 
-def _schedule_tensors(sigmas: Sequence[float], b: int, device: torch.device
-                      ) -> tuple[Tensor, tuple[Tensor, ...], list[float]]:
+def _schedule_tensors(
+    sigmas: Sequence[float], b: int, device: torch.device
+) -> tuple[Tensor, tuple[Tensor, ...], list[float]]:
     """(sigmas on device, each step's [B] sigma row, each step's s' - s) for a schedule.
 
     Built once per (schedule, batch, device, inference mode) and reused: evaluation samples

@@ -76,7 +76,9 @@ def remove_stale_temps(folder: str | Path, recursive: bool = True) -> int:
     folder = Path(folder)
     if not folder.is_dir():
         return 0
-    stale = [p for p in (folder.rglob(".*.tmp") if recursive else folder.glob(".*.tmp")) if p.is_file()]
+    stale = [
+        p for p in (folder.rglob(".*.tmp") if recursive else folder.glob(".*.tmp")) if p.is_file()
+    ]
     for p in stale:
         p.unlink(missing_ok=True)
     return len(stale)

@@ -22,8 +22,9 @@ from cdmbench import flow
 from cdmbench.backbones.base import Backbone, Cond
 
 
-def fm_loss(backbone: Backbone, model: nn.Module, x0: Tensor, cond: Cond, tau: Tensor,
-            eps: Tensor) -> Tensor:
+def fm_loss(
+    backbone: Backbone, model: nn.Module, x0: Tensor, cond: Cond, tau: Tensor, eps: Tensor
+) -> Tensor:
     """Flow-matching MSE of ``model`` on clean samples ``x0`` at ``tau`` (the fake-score
     objective): ``x0`` re-noised with ``eps``, velocity target eps - x0."""
     xt = flow.add_noise(x0, eps, tau)
@@ -39,8 +40,17 @@ def dm_normalizer(x0_ref: Tensor, x0: Tensor, floor: float = 0.0) -> Tensor:
 
 
 @torch.no_grad()
-def dm_target(backbone: Backbone, real: nn.Module, fake: nn.Module, x0: Tensor, cond: Cond,
-              tau: Tensor, eps: Tensor, guidance: float = 1.0, floor: float = 0.0) -> Tensor:
+def dm_target(
+    backbone: Backbone,
+    real: nn.Module,
+    fake: nn.Module,
+    x0: Tensor,
+    cond: Cond,
+    tau: Tensor,
+    eps: Tensor,
+    guidance: float = 1.0,
+    floor: float = 0.0,
+) -> Tensor:
     """The distribution-matching target sg(x0) + (x0_real - x0_fake) / n (DMD Eq. 7-8).
 
     x0 is re-noised to ``tau`` with ``eps``; the real score (``real``, at CFG ``guidance``)
@@ -54,16 +64,26 @@ def dm_target(backbone: Backbone, real: nn.Module, fake: nn.Module, x0: Tensor, 
     return x0 + (x0_real - x0_fake) / dm_normalizer(x0_real, x0, floor)
 
 
-def dm_loss(backbone: Backbone, real: nn.Module, fake: nn.Module, x0: Tensor, cond: Cond,
-            tau: Tensor, eps: Tensor, guidance: float = 1.0, floor: float = 0.0) -> Tensor:
+def dm_loss(
+    backbone: Backbone,
+    real: nn.Module,
+    fake: nn.Module,
+    x0: Tensor,
+    cond: Cond,
+    tau: Tensor,
+    eps: Tensor,
+    guidance: float = 1.0,
+    floor: float = 0.0,
+) -> Tensor:
     """DMD's distribution-matching loss 0.5 MSE(x0, :func:`dm_target`) (Eq. 7-8): its
     gradient in x0 is the normalised score difference (x0_fake - x0_real) / n, over numel."""
     target = dm_target(backbone, real, fake, x0, cond, tau, eps, guidance, floor)
     return 0.5 * F.mse_loss(x0, target)
 
 
-def regression_loss(backbone: Backbone, student: nn.Module, noise: Tensor, cond: Cond,
-                    target: Tensor) -> Tensor:
+def regression_loss(
+    backbone: Backbone, student: nn.Module, noise: Tensor, cond: Cond, target: Tensor
+) -> Tensor:
     """MSE between the one-step student's x0 from ``noise`` and the teacher's ODE sample from
     the same noise (DMD Sec. 3.3, in latent space where the paper uses LPIPS)."""
     pred = backbone.x0(student, noise, torch.ones(len(noise), device=noise.device), cond)

@@ -78,20 +78,29 @@ class PromptSource(Protocol):
 _Item = tuple[str, Prompt]
 
 
-def load_prompt_set(name_or_path: str | os.PathLike, backbone: PromptSource | None = None,
-                    limit: int | None = None, *, fmt: str | None = None,
-                    captions_per_image: int | None = 1) -> tuple[str, list[Prompt]]:
+def load_prompt_set(
+    name_or_path: str | os.PathLike,
+    backbone: PromptSource | None = None,
+    limit: int | None = None,
+    *,
+    fmt: str | None = None,
+    captions_per_image: int | None = 1,
+) -> tuple[str, list[Prompt]]:
     """(set id, prompts) of a packaged set name or a prompt file; see the module docstring.
 
     ``limit`` keeps the first ``limit`` prompts; ``fmt`` forces a file format (one of
     :data:`FORMATS`); ``captions_per_image`` is for COCO (``None``: every caption).
     """
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise UserError(f"prompt limit must be a positive whole number, got {limit!r}; "
-                        "pass e.g. 100, or None for the whole set")
+        raise UserError(
+            f"prompt limit must be a positive whole number, got {limit!r}; "
+            "pass e.g. 100, or None for the whole set"
+        )
     if fmt is not None and fmt not in FORMATS:
-        raise UserError(f"unknown prompt format '{fmt}' for {os.fspath(name_or_path)}; "
-                        f"use one of {', '.join(FORMATS)}, or leave it out to detect it")
+        raise UserError(
+            f"unknown prompt format '{fmt}' for {os.fspath(name_or_path)}; "
+            f"use one of {', '.join(FORMATS)}, or leave it out to detect it"
+        )
     key = os.fspath(name_or_path)
     if key in NAMES:
         name, prompts = _packaged(key, backbone)
@@ -117,19 +126,24 @@ def _packaged(name: str, backbone: PromptSource | None) -> tuple[str, list[Promp
             return _packaged("general", None)
         prompts = list(backbone.prompts("test"))
         if not prompts:
-            raise UserError(f"backbone '{backbone.name}' has no test prompts; "
-                            "pass a prompt set name or file instead of 'default'")
+            raise UserError(
+                f"backbone '{backbone.name}' has no test prompts; "
+                "pass a prompt set name or file instead of 'default'"
+            )
         return backbone.name, prompts
     filename = "digits.txt" if name == "digits" else "general.jsonl"
     source = f"{PACKAGE}/{filename}"
     try:
         text = resources.files(PACKAGE).joinpath(filename).read_text(encoding="utf-8")
     except (FileNotFoundError, ModuleNotFoundError) as e:
-        raise UserError(f"{source}: packaged prompt set missing ({type(e).__name__}); "
-                        "reinstall cdmbench") from None
+        raise UserError(
+            f"{source}: packaged prompt set missing ({type(e).__name__}); reinstall cdmbench"
+        ) from None
     if name == "digits":
-        items = [(where, Prompt(id=f"digit-{c}", text=p.text, label=c))
-                 for c, (where, p) in enumerate(_parse_txt(text, "digits"))]
+        items = [
+            (where, Prompt(id=f"digit-{c}", text=p.text, label=c))
+            for c, (where, p) in enumerate(_parse_txt(text, "digits"))
+        ]
     else:
         items = _parse_jsonl(text, source, "general")
     return name, _finish(items, source)
@@ -139,18 +153,22 @@ def _packaged(name: str, backbone: PromptSource | None) -> tuple[str, list[Promp
 def _from_file(path: Path, fmt: str | None, per_image: int | None) -> tuple[str, list[Prompt]]:
     """Read a prompt file in ``fmt`` (detected when None); the name is the file's stem."""
     if not path.exists():
-        raise UserError(f"prompt set {path}: no such file; pass {', '.join(NAMES)}, "
-                        f"or the path of a {_SUFFIXES} prompt file")
+        raise UserError(
+            f"prompt set {path}: no such file; pass {', '.join(NAMES)}, "
+            f"or the path of a {_SUFFIXES} prompt file"
+        )
     if path.is_dir():
         raise UserError(f"prompt set {path} is a directory; pass a {_SUFFIXES} file in it")
     try:
         text = path.read_text(encoding="utf-8-sig")  # -sig: spreadsheet exports start with a BOM
     except UnicodeDecodeError as e:
-        raise _error(str(path), "", f"not UTF-8 text (byte {e.start})",
-                     "save the file as UTF-8") from None
+        raise _error(
+            str(path), "", f"not UTF-8 text (byte {e.start})", "save the file as UTF-8"
+        ) from None
     except OSError as e:
-        raise _error(str(path), "", f"cannot read it ({e.strerror})",
-                     "check the file's permissions") from None
+        raise _error(
+            str(path), "", f"cannot read it ({e.strerror})", "check the file's permissions"
+        ) from None
     source, stem = str(path), _slug(path.stem)
     if not text.strip():
         raise _error(source, "", "the file is empty", "add at least one prompt")
@@ -252,14 +270,26 @@ def _parse_jsonl(text: str, source: str, stem: str, geneval: bool = False) -> li
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
-            raise _error(source, where, f"malformed JSON ({e.msg}, column {e.colno})",
-                         "write one JSON object per line") from None
+            raise _error(
+                source,
+                where,
+                f"malformed JSON ({e.msg}, column {e.colno})",
+                "write one JSON object per line",
+            ) from None
         if geneval:
             if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
-                raise _error(source, where, "GenEval record without a 'prompt' string",
-                             "pass GenEval's evaluation_metadata.jsonl unchanged")
-            items.append((where, Prompt(id=f"geneval-{len(items)}",
-                                        text=_text(obj["prompt"], source, where))))
+                raise _error(
+                    source,
+                    where,
+                    "GenEval record without a 'prompt' string",
+                    "pass GenEval's evaluation_metadata.jsonl unchanged",
+                )
+            items.append(
+                (
+                    where,
+                    Prompt(id=f"geneval-{len(items)}", text=_text(obj["prompt"], source, where)),
+                )
+            )
         else:
             items.append((where, _record(obj, source, where, f"{stem}-{n}")))
     return items
@@ -269,10 +299,16 @@ def _parse_json_list(text: str, source: str, stem: str) -> list[_Item]:
     """A JSON list of prompt strings or objects; ids ``<stem>-<item number>``, from 1."""
     data = _load_json(text, source)
     if not isinstance(data, list):
-        raise _error(source, "", "expected a JSON list of prompts",
-                     "write a list of strings or of objects with a 'text' field")
-    return [(f"item {i}", _record(obj, source, f"item {i}", f"{stem}-{i}"))
-            for i, obj in enumerate(data, 1)]
+        raise _error(
+            source,
+            "",
+            "expected a JSON list of prompts",
+            "write a list of strings or of objects with a 'text' field",
+        )
+    return [
+        (f"item {i}", _record(obj, source, f"item {i}", f"{stem}-{i}"))
+        for i, obj in enumerate(data, 1)
+    ]
 
 
 def _record(obj: Any, source: str, where: str, default_id: str) -> Prompt:
@@ -280,34 +316,50 @@ def _record(obj: Any, source: str, where: str, default_id: str) -> Prompt:
     if isinstance(obj, str):
         return Prompt(id=default_id, text=_text(obj, source, where))
     if not isinstance(obj, dict):
-        raise _error(source, where, f"expected a JSON object, got {type(obj).__name__}",
-                     "write objects like {\"id\": \"p1\", \"text\": \"a red bicycle\"}")
+        raise _error(
+            source,
+            where,
+            f"expected a JSON object, got {type(obj).__name__}",
+            'write objects like {"id": "p1", "text": "a red bicycle"}',
+        )
     key = next((k for k in TEXT_KEYS if k in obj), None)
     if key is None:
-        raise _error(source, where, "no 'text', 'prompt' or 'caption' field",
-                     "add the prompt as \"text\"")
+        raise _error(
+            source, where, "no 'text', 'prompt' or 'caption' field", 'add the prompt as "text"'
+        )
     pid = _id(obj["id"], source, where) if "id" in obj else default_id
     return Prompt(id=pid, text=_text(obj[key], source, where))
 
 
 def _parse_coco(text: str, source: str, per_image: int | None) -> list[_Item]:
     """COCO captions: ``coco-<annotation id>``, ``per_image`` captions per image in file order."""
-    if per_image is not None and (isinstance(per_image, bool) or not isinstance(per_image, int)
-                                  or per_image < 1):
-        raise UserError(f"captions_per_image must be a positive whole number or None, "
-                        f"got {per_image!r}; pass e.g. 1 for {source}")
+    if per_image is not None and (
+        isinstance(per_image, bool) or not isinstance(per_image, int) or per_image < 1
+    ):
+        raise UserError(
+            f"captions_per_image must be a positive whole number or None, "
+            f"got {per_image!r}; pass e.g. 1 for {source}"
+        )
     data = _load_json(text, source)
     anns = data.get("annotations") if isinstance(data, dict) else None
     if not isinstance(anns, list):
-        raise _error(source, "", "no 'annotations' list",
-                     "pass a COCO captions file such as annotations/captions_val2014.json")
+        raise _error(
+            source,
+            "",
+            "no 'annotations' list",
+            "pass a COCO captions file such as annotations/captions_val2014.json",
+        )
     items: list[_Item] = []
     taken: dict[Any, int] = {}
     for i, ann in enumerate(anns):
         where = f"annotation {i}"
         if not isinstance(ann, dict) or not all(k in ann for k in ("image_id", "id", "caption")):
-            raise _error(source, where, "needs 'image_id', 'id' and 'caption'",
-                         "pass the COCO captions file unchanged")
+            raise _error(
+                source,
+                where,
+                "needs 'image_id', 'id' and 'caption'",
+                "pass the COCO captions file unchanged",
+            )
         image = _id(ann["image_id"], source, where)
         if per_image is not None and taken.get(image, 0) >= per_image:
             continue
@@ -317,13 +369,13 @@ def _parse_coco(text: str, source: str, per_image: int | None) -> list[_Item]:
     return items
 
 
-def _parse_table(text: str, source: str, stem: str, kind: str,
-                 tabs: bool = False) -> list[_Item]:
+def _parse_table(text: str, source: str, stem: str, kind: str, tabs: bool = False) -> list[_Item]:
     """CSV/TSV rows: DrawBench/PartiPrompts ids count rows from 0, others use the line."""
     delim = _delimiter(text, tabs)
     quoting = csv.QUOTE_NONE if delim == "\t" else csv.QUOTE_MINIMAL  # TSV has no quoting
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delim, quoting=quoting,
-                        strict=True)
+    reader = csv.reader(
+        io.StringIO(text, newline=""), delimiter=delim, quoting=quoting, strict=True
+    )
     rows: list[tuple[int, list[str]]] = []
     start = 1  # the line where the row being read starts
     try:
@@ -334,18 +386,24 @@ def _parse_table(text: str, source: str, stem: str, kind: str,
                 rows.append((start, row))
             start = reader.line_num + 1
     except csv.Error as e:
-        raise _error(source, f"line {start}", f"malformed CSV ({e})",
-                     "check the quotes in that row") from None
+        raise _error(
+            source, f"line {start}", f"malformed CSV ({e})", "check the quotes in that row"
+        ) from None
     if not any(header):
-        raise _error(source, "", "no header row", "add a first line naming the columns, "
-                     "e.g. prompt,id")
+        raise _error(
+            source, "", "no header row", "add a first line naming the columns, e.g. prompt,id"
+        )
     lower = [c.lower() for c in header]
     wanted = {"drawbench": ("prompts",), "parti": ("prompt",)}.get(kind, TEXT_COLUMNS)
     col = next((lower.index(w) for w in wanted if w in lower), None)
     if col is None:
         names = " or ".join(f"'{w}'" for w in wanted)
-        raise _error(source, "line 1", f"no {names} column among {header}",
-                     "name the prompt column 'prompt' in the header")
+        raise _error(
+            source,
+            "line 1",
+            f"no {names} column among {header}",
+            "name the prompt column 'prompt' in the header",
+        )
     id_col = lower.index("id") if kind == "csv" and "id" in lower else None
     items = []
     for i, (line, row) in enumerate(rows):
@@ -366,8 +424,12 @@ def _finish(items: list[_Item], source: str) -> list[Prompt]:
     seen: dict[str, str] = {}
     for where, p in items:
         if p.id in seen:
-            raise _error(source, where, f"duplicate id '{p.id}' (first at {seen[p.id]})",
-                         "give every prompt its own id")
+            raise _error(
+                source,
+                where,
+                f"duplicate id '{p.id}' (first at {seen[p.id]})",
+                "give every prompt its own id",
+            )
         seen[p.id] = where
     return [p for _, p in items]
 
@@ -376,15 +438,23 @@ def _load_json(text: str, source: str) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
-        raise _error(source, f"line {e.lineno}", f"malformed JSON ({e.msg}, column {e.colno})",
-                     "fix the file or download it again") from None
+        raise _error(
+            source,
+            f"line {e.lineno}",
+            f"malformed JSON ({e.msg}, column {e.colno})",
+            "fix the file or download it again",
+        ) from None
 
 
 def _text(value: Any, source: str, where: str) -> str:
     """A prompt's text: a non-empty string, stripped."""
     if not isinstance(value, str):
-        raise _error(source, where, f"prompt text is {type(value).__name__}, not a string",
-                     "write the prompt as a string")
+        raise _error(
+            source,
+            where,
+            f"prompt text is {type(value).__name__}, not a string",
+            "write the prompt as a string",
+        )
     if not value.strip():
         raise _error(source, where, "empty prompt text", "write a prompt or remove the entry")
     return value.strip()
@@ -393,8 +463,12 @@ def _text(value: Any, source: str, where: str) -> str:
 def _id(value: Any, source: str, where: str) -> str:
     """A prompt id from a string or an integer."""
     if isinstance(value, bool) or not isinstance(value, (str, int)) or not str(value).strip():
-        raise _error(source, where, f"id {value!r} is not a non-empty string or integer",
-                     "write ids like \"p1\" or 1")
+        raise _error(
+            source,
+            where,
+            f"id {value!r} is not a non-empty string or integer",
+            'write ids like "p1" or 1',
+        )
     return str(value).strip()
 
 

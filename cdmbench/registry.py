@@ -30,7 +30,9 @@ def _edit_distance(a: str, b: str) -> int:
 
 def suggest(name: str, candidates: list[str]) -> str | None:
     """The closest candidate (a swap of two letters counts as one edit), if close enough."""
-    scored = sorted((_edit_distance(name.lower(), c.lower()), abs(len(c) - len(name)), c) for c in candidates)
+    scored = sorted(
+        (_edit_distance(name.lower(), c.lower()), abs(len(c) - len(name)), c) for c in candidates
+    )
     if scored and scored[0][0] <= max(1, len(name) // 3):
         return scored[0][2]
     return None
@@ -126,43 +128,89 @@ METHODS: Registry = Registry("method")
 METRICS: Registry = Registry("metric")
 
 # Built-ins are lazy so that the CLI starts without importing torch.
-BACKBONES.register("digits", "cdmbench.backbones.digits:Digits",
-                   description="8x8 handwritten digits (scikit-learn), class-conditional MLP teacher; CPU in minutes")
-METHODS.register("cdm", "cdmbench.methods.cdm:CDM",
-                 description="Continuous-Time Distribution Matching (arXiv 2605.06376)")
-METHODS.register("dmd", "cdmbench.methods.dmd:DMD",
-                 description="Distribution Matching Distillation, one step + regression (arXiv 2311.18828)")
-METHODS.register("dmd2", "cdmbench.methods.dmd2:DMD2",
-                 description="DMD2: two time-scale updates, multi-step backward simulation (arXiv 2405.14867)")
-METHODS.register("cd", "cdmbench.methods.cd:CD",
-                 description="Multiphase consistency distillation for flow matching (LCM/PCM style)")
-METRICS.register("latency", "cdmbench.metrics.latency:Latency",
-                 description="wall time per image (median, p90; end to end and denoiser only), ms")
-METRICS.register("fd_digits", "cdmbench.metrics.digits:DigitsFD",
-                 description="Fréchet distance in domain-classifier features to the real test "
-                             "split (backbones with a domain classifier: digits)")
-METRICS.register("prompt_acc", "cdmbench.metrics.digits:PromptAccuracy",
-                 description="share of samples the domain classifier assigns to the prompted class "
-                             "(backbones with a domain classifier: digits)")
-METRICS.register("clip_score", "cdmbench.metrics.clip_score:ClipScore",
-                 description="CLIP score, open_clip ViT-L-14/openai, torchmetrics convention (Hessel et al. 2021)")
-METRICS.register("image_reward", "cdmbench.metrics.image_reward:ImageRewardScore",
-                 description="ImageReward-v1.0 human-preference reward, image-reward package (Xu et al. 2023)")
-METRICS.register("fid", "cdmbench.metrics.fid:FID",
-                 description="FID, clean-fid 'clean' convention (Inception pool3, PIL bicubic "
-                             "299); reference statistics cached")
-METRICS.register("precision_recall", "cdmbench.metrics.prdc:PrecisionRecall",
-                 description="improved precision/recall, k-NN manifolds, k = 3 "
-                             "(Kynkäänniemi et al. 2019)")
-BACKBONES.register("sd3", "cdmbench.backbones.sd3:SD3",
-                   description="Stable Diffusion 3 Medium through diffusers (arXiv 2403.03206); "
-                               "weights from the hub or $CDMBENCH_SD3")
-BACKBONES.register("tiny-sd3", "cdmbench.backbones.sd3:TinySD3",
-                   description="SD3's diffusers classes from tiny configs, random weights; "
-                               "offline, for tests")
-BACKBONES.register("longcat", "cdmbench.backbones.longcat:LongCat",
-                   description="LongCat-Image (arXiv:2512.07584) through diffusers; "
-                               "weights from the hub or $CDMBENCH_LONGCAT")
-BACKBONES.register("tiny-longcat", "cdmbench.backbones.longcat:TinyLongCat",
-                   description="LongCat-Image's diffusers classes from tiny configs, random weights; "
-                               "offline, for tests")
+BACKBONES.register(
+    "digits",
+    "cdmbench.backbones.digits:Digits",
+    description="8x8 handwritten digits (scikit-learn), class-conditional MLP teacher; CPU in minutes",
+)
+METHODS.register(
+    "cdm",
+    "cdmbench.methods.cdm:CDM",
+    description="Continuous-Time Distribution Matching (arXiv 2605.06376)",
+)
+METHODS.register(
+    "dmd",
+    "cdmbench.methods.dmd:DMD",
+    description="Distribution Matching Distillation, one step + regression (arXiv 2311.18828)",
+)
+METHODS.register(
+    "dmd2",
+    "cdmbench.methods.dmd2:DMD2",
+    description="DMD2: two time-scale updates, multi-step backward simulation (arXiv 2405.14867)",
+)
+METHODS.register(
+    "cd",
+    "cdmbench.methods.cd:CD",
+    description="Multiphase consistency distillation for flow matching (LCM/PCM style)",
+)
+METRICS.register(
+    "latency",
+    "cdmbench.metrics.latency:Latency",
+    description="wall time per image (median, p90; end to end and denoiser only), ms",
+)
+METRICS.register(
+    "fd_digits",
+    "cdmbench.metrics.digits:DigitsFD",
+    description="Fréchet distance in domain-classifier features to the real test "
+    "split (backbones with a domain classifier: digits)",
+)
+METRICS.register(
+    "prompt_acc",
+    "cdmbench.metrics.digits:PromptAccuracy",
+    description="share of samples the domain classifier assigns to the prompted class "
+    "(backbones with a domain classifier: digits)",
+)
+METRICS.register(
+    "clip_score",
+    "cdmbench.metrics.clip_score:ClipScore",
+    description="CLIP score, open_clip ViT-L-14/openai, torchmetrics convention (Hessel et al. 2021)",
+)
+METRICS.register(
+    "image_reward",
+    "cdmbench.metrics.image_reward:ImageRewardScore",
+    description="ImageReward-v1.0 human-preference reward, image-reward package (Xu et al. 2023)",
+)
+METRICS.register(
+    "fid",
+    "cdmbench.metrics.fid:FID",
+    description="FID, clean-fid 'clean' convention (Inception pool3, PIL bicubic "
+    "299); reference statistics cached",
+)
+METRICS.register(
+    "precision_recall",
+    "cdmbench.metrics.prdc:PrecisionRecall",
+    description="improved precision/recall, k-NN manifolds, k = 3 (Kynkäänniemi et al. 2019)",
+)
+BACKBONES.register(
+    "sd3",
+    "cdmbench.backbones.sd3:SD3",
+    description="Stable Diffusion 3 Medium through diffusers (arXiv 2403.03206); "
+    "weights from the hub or $CDMBENCH_SD3",
+)
+BACKBONES.register(
+    "tiny-sd3",
+    "cdmbench.backbones.sd3:TinySD3",
+    description="SD3's diffusers classes from tiny configs, random weights; offline, for tests",
+)
+BACKBONES.register(
+    "longcat",
+    "cdmbench.backbones.longcat:LongCat",
+    description="LongCat-Image (arXiv:2512.07584) through diffusers; "
+    "weights from the hub or $CDMBENCH_LONGCAT",
+)
+BACKBONES.register(
+    "tiny-longcat",
+    "cdmbench.backbones.longcat:TinyLongCat",
+    description="LongCat-Image's diffusers classes from tiny configs, random weights; "
+    "offline, for tests",
+)

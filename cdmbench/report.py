@@ -51,9 +51,11 @@ UP, DOWN = "↑", "↓"
 SUMMARY_SEED = "mean ± std"
 MIN_PX, MAX_PX = 48, 128  # sample thumbnails: tiny images upscaled (nearest), large ones shrunk
 
-CAPTION = ("↑ higher is better, ↓ lower is better. Bold: the best value at that step count among "
-           "all models evaluated at it (per backbone and prompt set; not marked where only one "
-           "model was evaluated or all values tie).")
+CAPTION = (
+    "↑ higher is better, ↓ lower is better. Bold: the best value at that step count among "
+    "all models evaluated at it (per backbone and prompt set; not marked where only one "
+    "model was evaluated or all values tie)."
+)
 CAPTION_STD = " a ± b: mean ± standard deviation over seeds."
 
 
@@ -112,13 +114,20 @@ def pivot(records_df: pd.DataFrame, latest: bool = True) -> pd.DataFrame:
     hib = {m: sel.loc[sel["metric"] == m, "higher_is_better"].iloc[-1] for m in metrics}
     hib = {m: (v if isinstance(v, bool) else None) for m, v in hib.items()}
     heads = {m: header(m, hib[m]) for m in metrics}
-    rows = [_pivot_row(dict(zip(row_keys, key, strict=True)), g, heads)
-            for key, g in sel.groupby(row_keys, sort=False)]
+    rows = [
+        _pivot_row(dict(zip(row_keys, key, strict=True)), g, heads)
+        for key, g in sel.groupby(row_keys, sort=False)
+    ]
     if not latest:  # a mean ± std row for each run evaluated with several seeds
         for key, g in sel.groupby(row_keys[:-1], sort=False):
             if g["seed"].nunique() > 1:
-                rows.append(_pivot_row({**dict(zip(row_keys[:-1], key, strict=True)),
-                                        "seed": SUMMARY_SEED}, g, heads))
+                rows.append(
+                    _pivot_row(
+                        {**dict(zip(row_keys[:-1], key, strict=True)), "seed": SUMMARY_SEED},
+                        g,
+                        heads,
+                    )
+                )
     out = pd.DataFrame(rows)
     cols = list(row_keys)
     if "seeds" in out.columns and (out["seeds"] > 1).any():
@@ -135,8 +144,7 @@ def pivot(records_df: pd.DataFrame, latest: bool = True) -> pd.DataFrame:
         extra["run_id"] = out["run_id"].map(lambda r: (str(first.get(r)), r))
         extra["seed"] = out["seed"].map(lambda s: (1, s) if s == SUMMARY_SEED else (0, s))
     out = order_rows(out, row_keys, extra)
-    out.attrs = {"row_keys": row_keys, "latest": latest, "metrics": heads,
-                 "higher_is_better": hib}
+    out.attrs = {"row_keys": row_keys, "latest": latest, "metrics": heads, "higher_is_better": hib}
     return out
 
 
@@ -212,15 +220,18 @@ def _display(df: pd.DataFrame, drop: Sequence[str] = ()) -> tuple[list[str], lis
     metrics = metric_columns(df)
     std = {h: _std_col(name) for h, (name, _) in metrics.items()}
     keys = [c for c in df.columns if c not in metrics and c not in std.values() and c not in drop]
-    decimals = {h: _decimals([float(x) for x in pd.to_numeric(df[h], errors="coerce")])
-                for h in metrics}
+    decimals = {
+        h: _decimals([float(x) for x in pd.to_numeric(df[h], errors="coerce")]) for h in metrics
+    }
     best = best_cells(df)
     headers = keys + list(metrics)
     rows = []
     for pos in range(len(df)):
         r = df.iloc[pos]
-        cells = [_Cell("" if is_missing(r[k]) else str(r[k]), numeric=k in ("steps", "seeds"))
-                 for k in keys]
+        cells = [
+            _Cell("" if is_missing(r[k]) else str(r[k]), numeric=k in ("steps", "seeds"))
+            for k in keys
+        ]
         for h in metrics:
             text = _fmt(r[h], decimals[h])
             if std[h] in df.columns and not is_missing(r[std[h]]):
@@ -242,21 +253,27 @@ def render_markdown(df: pd.DataFrame, drop: Sequence[str] = ()) -> str:
     def esc(s: str) -> str:
         return s.replace("|", "\\|")
 
-    lines = ["| " + " | ".join(esc(h) for h in headers) + " |",
-             "|" + "|".join("---:" if c.numeric else "---" for c in rows[0]) + "|" if rows
-             else "|" + "---|" * len(headers)]
+    lines = [
+        "| " + " | ".join(esc(h) for h in headers) + " |",
+        "|" + "|".join("---:" if c.numeric else "---" for c in rows[0]) + "|"
+        if rows
+        else "|" + "---|" * len(headers),
+    ]
     for cells in rows:
-        lines.append("| " + " | ".join(f"**{esc(c.text)}**" if c.best else esc(c.text)
-                                       for c in cells) + " |")
+        lines.append(
+            "| " + " | ".join(f"**{esc(c.text)}**" if c.best else esc(c.text) for c in cells) + " |"
+        )
     return "\n".join(lines) + f"\n\n*{_caption(df)}*\n"
 
 
 def render_html_table(df: pd.DataFrame, drop: Sequence[str] = ()) -> str:
     """An HTML table of a pivot, best values in bold."""
     headers, rows = _display(df, drop)
-    out = [f"<table class='results'><caption>{html.escape(_caption(df))}</caption>",
-           "<thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in headers) + "</tr></thead>",
-           "<tbody>"]
+    out = [
+        f"<table class='results'><caption>{html.escape(_caption(df))}</caption>",
+        "<thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in headers) + "</tr></thead>",
+        "<tbody>",
+    ]
     for cells in rows:
         tds = []
         for c in cells:
@@ -268,23 +285,44 @@ def render_html_table(df: pd.DataFrame, drop: Sequence[str] = ()) -> str:
     return "\n".join(out)
 
 
-_TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
-        "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+_TEX = {
+    "\\": r"\textbackslash{}",
+    "&": r"\&",
+    "%": r"\%",
+    "$": r"\$",
+    "#": r"\#",
+    "_": r"\_",
+    "{": r"\{",
+    "}": r"\}",
+    "~": r"\textasciitilde{}",
+    "^": r"\textasciicircum{}",
+}
 
 
 def _tex(s: str) -> str:
     s = "".join(_TEX.get(ch, ch) for ch in s)
-    return (s.replace(UP, r"$\uparrow$").replace(DOWN, r"$\downarrow$")
-            .replace("±", r"$\pm$").replace("–", "--"))
+    return (
+        s.replace(UP, r"$\uparrow$")
+        .replace(DOWN, r"$\downarrow$")
+        .replace("±", r"$\pm$")
+        .replace("–", "--")
+    )
 
 
 def render_latex(df: pd.DataFrame, caption: str, label: str, drop: Sequence[str] = ()) -> str:
     """A booktabs table of a pivot (needs \\usepackage{booktabs}), best values in bold."""
     headers, rows = _display(df, drop)
     align = "".join("r" if c.numeric else "l" for c in rows[0]) if rows else "l" * len(headers)
-    out = [r"\begin{table}[t]", r"\centering", f"\\caption{{{_tex(caption)}}}",
-           f"\\label{{{label}}}", f"\\begin{{tabular}}{{{align}}}", r"\toprule",
-           " & ".join(_tex(h) for h in headers) + r" \\", r"\midrule"]
+    out = [
+        r"\begin{table}[t]",
+        r"\centering",
+        f"\\caption{{{_tex(caption)}}}",
+        f"\\label{{{label}}}",
+        f"\\begin{{tabular}}{{{align}}}",
+        r"\toprule",
+        " & ".join(_tex(h) for h in headers) + r" \\",
+        r"\midrule",
+    ]
     mcol = headers.index("method") if "method" in headers else None
     prev = None
     for cells in rows:
@@ -292,8 +330,10 @@ def render_latex(df: pd.DataFrame, caption: str, label: str, drop: Sequence[str]
         if prev is not None and method != prev:
             out.append(r"\midrule" if prev == "teacher" else r"\addlinespace")
         prev = method
-        out.append(" & ".join(f"\\textbf{{{_tex(c.text)}}}" if c.best else _tex(c.text)
-                              for c in cells) + r" \\")
+        out.append(
+            " & ".join(f"\\textbf{{{_tex(c.text)}}}" if c.best else _tex(c.text) for c in cells)
+            + r" \\"
+        )
     out += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
     return "\n".join(out) + "\n"
 
@@ -310,8 +350,9 @@ def render_rich(df: pd.DataFrame, title: str | None = None):
     for h, c in zip(headers, rows[0] if rows else [_Cell("")] * len(headers), strict=True):
         table.add_column(h, justify="right" if c.numeric else "left")
     for cells in rows:
-        table.add_row(*[f"[bold]{_rich_esc(c.text)}*[/bold]" if c.best else _rich_esc(c.text)
-                        for c in cells])
+        table.add_row(
+            *[f"[bold]{_rich_esc(c.text)}*[/bold]" if c.best else _rich_esc(c.text) for c in cells]
+        )
     return table
 
 
@@ -337,36 +378,77 @@ def provenance(sel: pd.DataFrame) -> tuple[list[tuple[str, list[str]]], list[str
     col = lambda c: list(sel[c]) if c in sel.columns else []  # noqa: E731
     times = sorted(t for t in col("time") if t)
     runs = sel.drop_duplicates(["backbone", "method", "run_id"])
-    secs = [("Records", [f"{len(sel)} records from {sel['run_id'].nunique()} runs"
-                         + (f", {times[0]} to {times[-1]}" if times else "")])]
-    secs.append(("Package versions", _counted([
-        ", ".join(f"{k} {v}" for k, v in sorted(d.items())) if isinstance(d, dict) else d
-        for d in col("versions")])))
+    secs = [
+        (
+            "Records",
+            [
+                f"{len(sel)} records from {sel['run_id'].nunique()} runs"
+                + (f", {times[0]} to {times[-1]}" if times else "")
+            ],
+        )
+    ]
+    secs.append(
+        (
+            "Package versions",
+            _counted(
+                [
+                    ", ".join(f"{k} {v}" for k, v in sorted(d.items()))
+                    if isinstance(d, dict)
+                    else d
+                    for d in col("versions")
+                ]
+            ),
+        )
+    )
     secs.append(("Git revisions", _counted(col("git_rev"))))
-    dev = [f"{d}, {t}" if not is_missing(t) else d
-           for d, t in zip(col("device"), col("dtype") or [None] * len(sel), strict=False)]
+    dev = [
+        f"{d}, {t}" if not is_missing(t) else d
+        for d, t in zip(col("device"), col("dtype") or [None] * len(sel), strict=False)
+    ]
     secs.append(("Devices", _counted(dev)))
     secs.append(("Prompt sets", _counted(col("prompt_set"))))
     if "n_samples" in sel.columns:
         per = sel.drop_duplicates(["backbone", "method", "steps", "n_samples"])
-        secs.append(("Samples per evaluation", _counted(
-            [str(int(n)) if isinstance(n, (int, float)) and math.isfinite(n) else n
-             for n in per["n_samples"]], "evaluation")))
-    secs.append(("Runs", [f"{r.backbone} / {r.method}: {r.run_id}"
-                          + (f" (checkpoint {r.checkpoint})" if r.checkpoint else "")
-                          for r in order_rows(runs, ["backbone", "method"]).itertuples()]))
+        secs.append(
+            (
+                "Samples per evaluation",
+                _counted(
+                    [
+                        str(int(n)) if isinstance(n, (int, float)) and math.isfinite(n) else n
+                        for n in per["n_samples"]
+                    ],
+                    "evaluation",
+                ),
+            )
+        )
+    secs.append(
+        (
+            "Runs",
+            [
+                f"{r.backbone} / {r.method}: {r.run_id}"
+                + (f" (checkpoint {r.checkpoint})" if r.checkpoint else "")
+                for r in order_rows(runs, ["backbone", "method"]).itertuples()
+            ],
+        )
+    )
     lines = []
     if "metric_config" in sel.columns:
         name = sel["metric_name"] if "metric_name" in sel.columns else sel["metric"]
         name = [m if not is_missing(m) else v for m, v in zip(name, sel["metric"], strict=True)]
         for m in dict.fromkeys(name):
-            cfgs = list(dict.fromkeys(_json(c) for c, n in zip(sel["metric_config"], name,
-                                                              strict=True)
-                                      if n == m and not is_missing(c)))
+            cfgs = list(
+                dict.fromkeys(
+                    _json(c)
+                    for c, n in zip(sel["metric_config"], name, strict=True)
+                    if n == m and not is_missing(c)
+                )
+            )
             lines += [f"{m}: {c}" for c in cfgs]
             if len(cfgs) > 1:
-                warnings.append(f"metric {m} was computed with {len(cfgs)} different configs in "
-                                "this report; its numbers may not be comparable")
+                warnings.append(
+                    f"metric {m} was computed with {len(cfgs)} different configs in "
+                    "this report; its numbers may not be comparable"
+                )
     secs.append(("Metric configs", lines))
     return [(t, ls) for t, ls in secs if ls], warnings
 
@@ -400,8 +482,15 @@ def plot_metric(df: pd.DataFrame, col: str) -> str:
             continue
         steps |= {int(x) for x in s.index}
         teacher = method == "teacher"
-        ax.plot(s.index, s.values, "--" if teacher else "-", marker="o", ms=4, label=method,
-                color="black" if teacher else None)
+        ax.plot(
+            s.index,
+            s.values,
+            "--" if teacher else "-",
+            marker="o",
+            ms=4,
+            label=method,
+            color="black" if teacher else None,
+        )
     if len(steps) > 1 and min(steps) > 0:
         ax.set_xscale("log")
     if steps:
@@ -423,8 +512,9 @@ def _resolve_folder(p: str, results_dir: Path) -> Path | None:
     if not p:
         return None
     path = Path(p)
-    for cand in ([path] if path.is_absolute() else
-                 [path, results_dir.parent / path, results_dir / path]):
+    for cand in (
+        [path] if path.is_absolute() else [path, results_dir.parent / path, results_dir / path]
+    ):
         if cand.is_dir():
             return cand
     return None
@@ -480,8 +570,9 @@ def sample_cell(folder: Path, entries: list[dict[str, Any]], warnings: list[str]
     tiles = []
     for im in imgs:
         small = max(im.size) < MIN_PX
-        tiles.append(im.resize((tw, th), Image.Resampling.NEAREST if small
-                               else Image.Resampling.LANCZOS))
+        tiles.append(
+            im.resize((tw, th), Image.Resampling.NEAREST if small else Image.Resampling.LANCZOS)
+        )
     cols, gap = min(len(tiles), 5), 2
     rows = math.ceil(len(tiles) / cols)
     sheet = Image.new("RGB", (cols * tw + (cols - 1) * gap, rows * th + (rows - 1) * gap), "white")
@@ -519,17 +610,24 @@ def sample_grid(sel: pd.DataFrame, results_dir: Path, k: int, warnings: list[str
             if ref is None:
                 ref, ref_entries = (f"{m} @ {n}", ident), entries
             elif ident != ref[1]:
-                warnings.append(f"sample grid: {m} @ {n} steps shows other prompts/seeds than "
-                                f"{ref[0]} steps")
+                warnings.append(
+                    f"sample grid: {m} @ {n} steps shows other prompts/seeds than {ref[0]} steps"
+                )
             uri = sample_cell(folder, entries, warnings)
             alt = html.escape(f"{m}, {n} step{'s' if n > 1 else ''}")
-            tds.append(f"<td><img src='{uri}' alt='{alt}' title='{alt}'></td>" if uri
-                       else "<td class='none'>no samples</td>")
+            tds.append(
+                f"<td><img src='{uri}' alt='{alt}' title='{alt}'></td>"
+                if uri
+                else "<td class='none'>no samples</td>"
+            )
         body.append("<tr>" + "".join(tds) + "</tr>")
     if ref is None:
         return ""
-    head = "<tr><th>method \\ steps</th>" + "".join(
-        f"<th>{n} step{'s' if n > 1 else ''}</th>" for n in steps) + "</tr>"
+    head = (
+        "<tr><th>method \\ steps</th>"
+        + "".join(f"<th>{n} step{'s' if n > 1 else ''}</th>" for n in steps)
+        + "</tr>"
+    )
     prompts = ""
     if any("prompt" in e for e in ref_entries):
         runs: list[list[Any]] = []  # consecutive samples of one prompt: [prompt, first, last]
@@ -538,10 +636,11 @@ def sample_grid(sel: pd.DataFrame, results_dir: Path, k: int, warnings: list[str
                 runs[-1][2] = e.get("index", "")
             else:
                 runs.append([e.get("prompt", ""), e.get("index", ""), e.get("index", "")])
-        items = "; ".join(html.escape(f"{t} (#{a})" if a == b else f"{t} (#{a}–#{b})")
-                          for t, a, b in runs)
+        items = "; ".join(
+            html.escape(f"{t} (#{a})" if a == b else f"{t} (#{a}–#{b})") for t, a, b in runs
+        )
         prompts = f"<p class='note'>Each cell, left to right, top to bottom: {items}.</p>"
-    return ("<table class='grid'>" + head + "".join(body) + "</table>" + prompts)
+    return "<table class='grid'>" + head + "".join(body) + "</table>" + prompts
 
 
 # ------------------------------------------------------------------------------ driver
@@ -565,10 +664,15 @@ def _html_list(items: list[str]) -> str:
     return "<ul>" + "".join(f"<li>{html.escape(s)}</li>" for s in items) + "</ul>"
 
 
-def build_report(results_dir: str | Path, out_dir: str | Path, backbone: str | None = None,
-                 methods: str | Sequence[str] | None = None,
-                 metrics: str | Sequence[str] | None = None, latest: bool = True,
-                 samples_per_cell: int = 10) -> ReportOutputs:
+def build_report(
+    results_dir: str | Path,
+    out_dir: str | Path,
+    backbone: str | None = None,
+    methods: str | Sequence[str] | None = None,
+    metrics: str | Sequence[str] | None = None,
+    latest: bool = True,
+    samples_per_cell: int = 10,
+) -> ReportOutputs:
     """Write report.md, report.csv, report.tex and report.html under ``out_dir``.
 
     Raises UserError when there are no readable records or a filter value matches nothing;
@@ -579,8 +683,10 @@ def build_report(results_dir: str | Path, out_dir: str | Path, backbone: str | N
     store = ResultStore(results_dir)
     if df.empty:
         if not store.path.is_file():
-            raise UserError(f"no results in {results_dir} (no {store.path.name}); "
-                            "run cdmbench eval first or pass --results DIR")
+            raise UserError(
+                f"no results in {results_dir} (no {store.path.name}); "
+                "run cdmbench eval first or pass --results DIR"
+            )
         extra = f" ({len(warnings)} unusable, e.g. {warnings[0]})" if warnings else ""
         raise UserError(f"no readable records in {store.path}{extra}")
     df = filter_records(df, backbone, methods, metrics)
@@ -595,11 +701,20 @@ def build_report(results_dir: str | Path, out_dir: str | Path, backbone: str | N
         sections.append((bb, sub, sel[sel["backbone"] == bb]))
     stamp = time.strftime("%Y-%m-%d %H:%M:%S %z")
     mode = "latest result per model, step count and seed" if latest else "all runs and seeds"
-    filt = ", ".join(f"{k}: {', '.join(v) if isinstance(v, list) else v}" for k, v in
-                     (("backbone", backbone), ("methods", name_list(methods)),
-                      ("metrics", name_list(metrics))) if v)
-    intro = (f"Generated {stamp} from `{store.path}` ({len(sel)} records shown: {mode}"
-             + (f"; {filt}" if filt else "") + ").")
+    filt = ", ".join(
+        f"{k}: {', '.join(v) if isinstance(v, list) else v}"
+        for k, v in (
+            ("backbone", backbone),
+            ("methods", name_list(methods)),
+            ("metrics", name_list(metrics)),
+        )
+        if v
+    )
+    intro = (
+        f"Generated {stamp} from `{store.path}` ({len(sel)} records shown: {mode}"
+        + (f"; {filt}" if filt else "")
+        + ")."
+    )
 
     # ---- markdown
     md = ["# cdmbench report", "", intro, ""]
@@ -614,37 +729,56 @@ def build_report(results_dir: str | Path, out_dir: str | Path, backbone: str | N
     # ---- html
     parts = []
     for bb, sub, sub_sel in sections:
-        plots = "".join(f"<img src='{plot_metric(sub, h)}' alt='{html.escape(h)} vs steps'>"
-                        for h in metric_columns(sub))
+        plots = "".join(
+            f"<img src='{plot_metric(sub, h)}' alt='{html.escape(h)} vs steps'>"
+            for h in metric_columns(sub)
+        )
         grid = sample_grid(sub_sel, results_dir, samples_per_cell, late_warn)
-        parts.append(f"<h2 id='{html.escape(bb)}'>{html.escape(bb)}</h2>"
-                     + render_html_table(sub, drop=["backbone"])
-                     + "<h3>Metric versus steps</h3><div class='plots'>" + plots + "</div>"
-                     + (f"<h3>Samples</h3>{grid}" if grid else ""))
+        parts.append(
+            f"<h2 id='{html.escape(bb)}'>{html.escape(bb)}</h2>"
+            + render_html_table(sub, drop=["backbone"])
+            + "<h3>Metric versus steps</h3><div class='plots'>"
+            + plots
+            + "</div>"
+            + (f"<h3>Samples</h3>{grid}" if grid else "")
+        )
     warnings += late_warn
     warn_md = ["## Warnings", ""] + [f"- {w}" for w in warnings] + [""] if warnings else []
     md = md[:4] + warn_md + md[4:]
     prov_html = "".join(f"<h3>{html.escape(t)}</h3>{_html_list(ls)}" for t, ls in prov)
-    warn_html = (f"<div class='warn'><b>Warnings</b>{_html_list(warnings)}</div>"
-                 if warnings else "")
-    page = ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
-            "<title>cdmbench report</title><style>" + _CSS + "</style></head><body>"
-            f"<h1>cdmbench report</h1><p>{html.escape(intro.replace('`', ''))}</p>" + warn_html
-            + "".join(parts) + "<h2>Provenance</h2>" + prov_html + "</body></html>\n")
+    warn_html = f"<div class='warn'><b>Warnings</b>{_html_list(warnings)}</div>" if warnings else ""
+    page = (
+        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
+        "<title>cdmbench report</title><style>" + _CSS + "</style></head><body>"
+        f"<h1>cdmbench report</h1><p>{html.escape(intro.replace('`', ''))}</p>"
+        + warn_html
+        + "".join(parts)
+        + "<h2>Provenance</h2>"
+        + prov_html
+        + "</body></html>\n"
+    )
 
     # ---- latex
     tex = ["% cdmbench report; needs \\usepackage{booktabs}", f"% {intro.replace('`', '')}", ""]
     for bb, sub, _ in sections:
-        tex.append(render_latex(sub, f"{bb}. {_caption(sub)}", f"tab:cdmbench-{bb}",
-                                drop=["backbone"]))
+        tex.append(
+            render_latex(sub, f"{bb}. {_caption(sub)}", f"tab:cdmbench-{bb}", drop=["backbone"])
+        )
 
     # ---- csv: plain metric names, plain numbers
     plain = {h: name for h, (name, _) in metric_columns(table).items()}
     plain.update({c: c.replace(" std", "_std") for c in table.columns if str(c).endswith(" std")})
     csv = table.rename(columns=plain).to_csv(index=False)
 
-    out = ReportOutputs(out_dir / "report.md", out_dir / "report.csv", out_dir / "report.tex",
-                        out_dir / "report.html", table, warnings, len(sel))
+    out = ReportOutputs(
+        out_dir / "report.md",
+        out_dir / "report.csv",
+        out_dir / "report.tex",
+        out_dir / "report.html",
+        table,
+        warnings,
+        len(sel),
+    )
     atomic_write_text(out.markdown, "\n".join(md))
     atomic_write_text(out.csv, csv)
     atomic_write_text(out.latex, "\n".join(tex))

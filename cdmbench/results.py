@@ -77,8 +77,10 @@ def make_record(**fields: Any) -> Record:
     it adds; a missing or unknown field is a TypeError."""
     wanted = set(RECORD_FIELDS) - set(PROVENANCE)
     if set(fields) != wanted:
-        raise TypeError(f"make_record: missing {sorted(wanted - set(fields))}, "
-                        f"unknown {sorted(set(fields) - wanted)}")
+        raise TypeError(
+            f"make_record: missing {sorted(wanted - set(fields))}, "
+            f"unknown {sorted(set(fields) - wanted)}"
+        )
     full = {**fields, "versions": versions(), "git_rev": git_revision(), "time": now()}
     return Record(**{k: full[k] for k in RECORD_FIELDS})  # type: ignore[typeddict-item]
 
@@ -89,7 +91,15 @@ def versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {"python": platform.python_version()}
-    for pkg in ("cdmbench", "torch", "diffusers", "transformers", "open_clip_torch", "clean-fid", "torchmetrics"):
+    for pkg in (
+        "cdmbench",
+        "torch",
+        "diffusers",
+        "transformers",
+        "open_clip_torch",
+        "clean-fid",
+        "torchmetrics",
+    ):
         try:
             out[pkg] = version(pkg)
         except PackageNotFoundError:
@@ -102,11 +112,18 @@ def git_revision() -> str:
     """The cdmbench source tree's git revision ('+dirty' if modified), or 'unknown'."""
     root = Path(__file__).resolve().parent.parent
     try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
+        rev = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5
+        )
         if rev.returncode != 0:
             return "unknown"
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=5).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()
         return rev.stdout.strip() + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -162,7 +179,9 @@ class ResultStore:
     def _not_writable(self, e: OSError) -> Exception:
         from cdmbench.errors import UserError
 
-        return UserError(f"results directory {self.root} is not writable ({e.strerror}); pass --results DIR")
+        return UserError(
+            f"results directory {self.root} is not writable ({e.strerror}); pass --results DIR"
+        )
 
     def read(self) -> ReadReport:
         """All well-formed records; problems name each skipped line."""
@@ -191,8 +210,14 @@ class ResultStore:
 
     def done_keys(self) -> set[tuple[str, str, str]]:
         """(eval_key, metric, metric config hash) of every stored record: what needs no recompute."""
-        return {(r.get("eval_key", ""), r.get("metric_name", r["metric"]), r.get("metric_config_hash", ""))
-                for r in self.read().records}
+        return {
+            (
+                r.get("eval_key", ""),
+                r.get("metric_name", r["metric"]),
+                r.get("metric_config_hash", ""),
+            )
+            for r in self.read().records
+        }
 
 
 def _ends_with_newline(path: Path) -> bool:
@@ -245,8 +270,9 @@ def _text(v: Any) -> str:
     return str(v)
 
 
-def records_frame(records: Sequence[dict[str, Any]],
-                  source: str = "records") -> tuple[pd.DataFrame, list[str]]:
+def records_frame(
+    records: Sequence[dict[str, Any]], source: str = "records"
+) -> tuple[pd.DataFrame, list[str]]:
     """Records (dicts) as the normalised DataFrame the report and check work on, and warnings."""
     warnings: list[str] = []
     rows = []
@@ -267,8 +293,9 @@ def records_frame(records: Sequence[dict[str, Any]],
     df = pd.DataFrame(rows)
     for col in ("run_id", "prompt_set", "time", "seed", "samples", "checkpoint"):
         df[col] = [_text(v) for v in df[col]] if col in df.columns else ""
-    df["higher_is_better"] = ([_as_bool(v) for v in df["higher_is_better"]]
-                              if "higher_is_better" in df.columns else None)
+    df["higher_is_better"] = (
+        [_as_bool(v) for v in df["higher_is_better"]] if "higher_is_better" in df.columns else None
+    )
     if df.empty:
         for col in VALUE_KEYS + ["value"]:
             if col not in df.columns:
@@ -282,8 +309,10 @@ def records_frame(records: Sequence[dict[str, Any]],
     for metric, idx in df.groupby("metric", sort=False).groups.items():
         given = [v for v in hib[idx] if isinstance(v, bool)]
         if len(set(given)) > 1:
-            warnings.append(f"metric {metric}: records disagree on its direction; "
-                            f"using the newest (higher_is_better={given[-1]})")
+            warnings.append(
+                f"metric {metric}: records disagree on its direction; "
+                f"using the newest (higher_is_better={given[-1]})"
+            )
         hib[idx] = given[-1] if given else declared_direction(str(metric))
     df["higher_is_better"] = hib
     return df, warnings
@@ -322,11 +351,16 @@ def latest_values(df: pd.DataFrame) -> pd.DataFrame:
     for key, g in sel.groupby(VALUE_KEYS, sort=False):
         v = g["value"]
         hib = [h for h in g["higher_is_better"] if isinstance(h, bool)]
-        rows.append({**dict(zip(VALUE_KEYS, key, strict=True)), "value": float(v.mean()),
-                     "std": float(v.std()) if len(v) > 1 else math.nan,
-                     "n_seeds": int(g["seed"].nunique()),
-                     "higher_is_better": hib[-1] if hib else None,
-                     "prompt_set": g["prompt_set"].iloc[-1]})
+        rows.append(
+            {
+                **dict(zip(VALUE_KEYS, key, strict=True)),
+                "value": float(v.mean()),
+                "std": float(v.std()) if len(v) > 1 else math.nan,
+                "n_seeds": int(g["seed"].nunique()),
+                "higher_is_better": hib[-1] if hib else None,
+                "prompt_set": g["prompt_set"].iloc[-1],
+            }
+        )
     out = pd.DataFrame(rows, columns=cols)
     return order_rows(out, ["backbone", "method", "steps", "metric"])
 
@@ -336,8 +370,9 @@ def method_key(m: Any) -> tuple[int, str]:
     return (0 if m == "teacher" else 1, str(m))
 
 
-def order_rows(df: pd.DataFrame, by: list[str],
-                extra: dict[str, Any] | None = None) -> pd.DataFrame:
+def order_rows(
+    df: pd.DataFrame, by: list[str], extra: dict[str, Any] | None = None
+) -> pd.DataFrame:
     """Sort with the teacher first, methods alphabetically, numbers numerically."""
     if df.empty:
         return df.reset_index(drop=True)
@@ -365,7 +400,7 @@ def _sortable(v: Any) -> tuple:
 
 
 def name_list(v: str | Sequence[str] | None) -> list[str] | None:
-    """"a, b" or ["a", "b"] -> ["a", "b"]; None where nothing is named."""
+    """ "a, b" or ["a", "b"] -> ["a", "b"]; None where nothing is named."""
     if v is None:
         return None
     if isinstance(v, str):
@@ -374,11 +409,15 @@ def name_list(v: str | Sequence[str] | None) -> list[str] | None:
     return out or None
 
 
-def filter_records(df: pd.DataFrame, backbone: str | None = None,
-                   methods: str | Sequence[str] | None = None,
-                   metrics: str | Sequence[str] | None = None) -> pd.DataFrame:
+def filter_records(
+    df: pd.DataFrame,
+    backbone: str | None = None,
+    methods: str | Sequence[str] | None = None,
+    metrics: str | Sequence[str] | None = None,
+) -> pd.DataFrame:
     """Records of the given backbone, methods and metrics; UserError naming what exists if a
     filter value matches nothing."""
+
     def need(col: str, wanted: list[str] | None, d: pd.DataFrame, what: str) -> pd.DataFrame:
         if wanted is None:
             return d
@@ -386,8 +425,10 @@ def filter_records(df: pd.DataFrame, backbone: str | None = None,
         unknown = [w for w in wanted if w not in have]
         if unknown:
             where = f" for backbone {backbone}" if backbone and col != "backbone" else ""
-            raise UserError(f"no results for {what} {', '.join(unknown)}{where} "
-                            f"(have: {', '.join(map(str, have)) or 'nothing'})")
+            raise UserError(
+                f"no results for {what} {', '.join(unknown)}{where} "
+                f"(have: {', '.join(map(str, have)) or 'nothing'})"
+            )
         return d[d[col].isin(wanted)]
 
     df = need("backbone", [backbone] if backbone else None, df, "backbone")

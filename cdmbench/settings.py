@@ -27,8 +27,12 @@ def setting(default: Any, *, hashed: bool = True, choices: tuple | None = None) 
 def unhashed(cls: type) -> set[str]:
     """Names of the fields declared ``hashed=False`` anywhere in ``cls``'s bases: a subclass
     that only changes such a field's default keeps it out of the hash."""
-    return {f.name for c in cls.__mro__ for f in getattr(c, "__dataclass_fields__", {}).values()
-            if not f.metadata.get("hashed", True)}
+    return {
+        f.name
+        for c in cls.__mro__
+        for f in getattr(c, "__dataclass_fields__", {}).values()
+        if not f.metadata.get("hashed", True)
+    }
 
 
 def coerce(value: Any, current: Any, annotation: Any, key: str) -> Any:
@@ -60,8 +64,9 @@ def coerce(value: Any, current: Any, annotation: Any, key: str) -> Any:
             return int(value)
         return value
     except ValueError:
-        raise UserError(f"bad value '{value}' for '{key}': expected "
-                        f"{kind.__name__ if kind else annotation}") from None
+        raise UserError(
+            f"bad value '{value}' for '{key}': expected {kind.__name__ if kind else annotation}"
+        ) from None
 
 
 def apply(obj: Any, updates: Mapping[str, Any], section: str) -> Any:
@@ -81,8 +86,9 @@ def apply(obj: Any, updates: Mapping[str, Any], section: str) -> Any:
         value = coerce(v, getattr(obj, k), hints.get(k), f"{section}.{k}")
         choices = known[k].metadata.get("choices")
         if choices is not None and value not in choices:
-            raise UserError(f"bad value '{v}' for '{section}.{k}': use one of "
-                            f"{', '.join(map(str, choices))}")
+            raise UserError(
+                f"bad value '{v}' for '{section}.{k}': use one of {', '.join(map(str, choices))}"
+            )
         clean[k] = value
     return replace(obj, **clean)
 

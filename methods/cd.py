@@ -69,13 +69,19 @@ class CD(Method[None]):
     backbone_defaults = {
         # digits: one phase (LCM), so one student serves 1, 2 and 4 steps; measured FD at 1 / 2 /
         # 4 steps: 4 phases 88.7 / 10.9 / 5.8, one phase 5.7 / 5.8 / 5.1.
-        "digits": {"student_lr": 1e-4, "warmup": 50, "edges": (0,), "train": {"iters": 1500, "batch": 128}},
+        "digits": {
+            "student_lr": 1e-4,
+            "warmup": 50,
+            "edges": (0,),
+            "train": {"iters": 1500, "batch": 128},
+        },
     }
 
     def build(self, core: Core) -> dict[str, nn.Module]:
         c, bb = self.config, core.backbone
-        self.grid = torch.tensor(flow.uniform_schedule(c.grid, bb.shift), dtype=torch.float32,
-                                 device=core.device)
+        self.grid = torch.tensor(
+            flow.uniform_schedule(c.grid, bb.shift), dtype=torch.float32, device=core.device
+        )
         w = c.teacher_guidance
         self.w = w if w is not None else (bb.default_teacher_guidance or 4.5)
         real = bb.real_latents("train") if c.data in ("auto", "real") else None
@@ -95,8 +101,11 @@ class CD(Method[None]):
 
     def optim_groups(self, core: Core) -> dict[str, OptimSpec]:
         c = self.config
-        return {"student": OptimSpec("student", lr=c.student_lr, weight_decay=c.weight_decay,
-                                     warmup=c.warmup)}
+        return {
+            "student": OptimSpec(
+                "student", lr=c.student_lr, weight_decay=c.weight_decay, warmup=c.warmup
+            )
+        }
 
     def groups_to_update(self, it: int) -> list[str]:
         return ["student"]
@@ -119,8 +128,9 @@ class CD(Method[None]):
         pick = core.randint(len(x_all), b)
         return x_all[pick], cond_all.select(pick)
 
-    def losses(self, group: str, it: int, batch: Batch, state: None, core: Core
-               ) -> dict[str, Tensor]:
+    def losses(
+        self, group: str, it: int, batch: Batch, state: None, core: Core
+    ) -> dict[str, Tensor]:
         c, bb = self.config, core.backbone
         b = len(batch)
         x0, cond = self._clean(b, core)
@@ -129,7 +139,9 @@ class CD(Method[None]):
         s_n, s_n1, s_e = self.grid[n], self.grid[n + 1], self.grid[e]
         x_n = flow.add_noise(x0, batch.noise, s_n)
         with torch.no_grad():
-            x_n1 = flow.euler_step(x_n, s_n, s_n1, bb.velocity(core.teacher, x_n, s_n, cond, self.w))
+            x_n1 = flow.euler_step(
+                x_n, s_n, s_n1, bb.velocity(core.teacher, x_n, s_n, cond, self.w)
+            )
             tgt_model = core.models["target"] if c.target == "ema" else core.student
             v_t = bb.velocity(tgt_model, x_n1, s_n1, cond)
             last = flow.append_dims(n + 1 == e, x0.ndim)  # the teacher's step ends the phase

@@ -98,9 +98,15 @@ class CDM(Method[Simulation]):
         # digits: schedules of 1-8 steps suffice; the teacher's few-step FD is best at CFG 1, so
         # the CFG-augmentation term (which pushes toward guidance 1 + scale) is off, and the fake
         # score gets 5 updates per student update (DESIGN section 10 calibration).
-        "digits": {"student_lr": 2e-5, "fake_lr": 1e-4, "n_max": 8, "update_ratio": 5,
-                   "cfg_aug_scale": 0.0, "warmup": 50,
-                   "train": {"iters": 1500, "batch": 128}},
+        "digits": {
+            "student_lr": 2e-5,
+            "fake_lr": 1e-4,
+            "n_max": 8,
+            "update_ratio": 5,
+            "cfg_aug_scale": 0.0,
+            "warmup": 50,
+            "train": {"iters": 1500, "batch": 128},
+        },
     }
 
     def build(self, core: Core) -> dict[str, nn.Module]:
@@ -111,7 +117,9 @@ class CDM(Method[Simulation]):
         c = self.config
         return {
             "fake": OptimSpec("fake", lr=c.fake_lr, weight_decay=c.weight_decay, warmup=c.warmup),
-            "student": OptimSpec("student", lr=c.student_lr, weight_decay=c.weight_decay, warmup=c.warmup),
+            "student": OptimSpec(
+                "student", lr=c.student_lr, weight_decay=c.weight_decay, warmup=c.warmup
+            ),
         }
 
     def groups_to_update(self, it: int) -> list[str]:
@@ -127,7 +135,9 @@ class CDM(Method[Simulation]):
         c = self.config
         if c.schedule == "fixed":
             return flow.explicit_schedule(c.eval_sigmas, core.backbone.shift)
-        return flow.random_schedule(core.g_shared, 1, c.n_max, c.inner_lo, c.inner_hi, core.backbone.shift)
+        return flow.random_schedule(
+            core.g_shared, 1, c.n_max, c.inner_lo, c.inner_hi, core.backbone.shift
+        )
 
     @torch.no_grad()
     def prepare(self, it: int, batch: Batch, core: Core) -> Simulation:
@@ -147,18 +157,30 @@ class CDM(Method[Simulation]):
 
     def _dm_target(self, x0s: Tensor, tau: Tensor, batch: Batch, core: Core) -> Tensor:
         """sg(x0s) + (x0_real - x0_fake) / n at a re-noised point (teacher and F at CFG 1)."""
-        return dm_target(core.backbone, core.teacher, core.models["fake"], x0s, batch.cond, tau,
-                         core.randn(*x0s.shape), floor=self.config.norm_floor)
+        return dm_target(
+            core.backbone,
+            core.teacher,
+            core.models["fake"],
+            x0s,
+            batch.cond,
+            tau,
+            core.randn(*x0s.shape),
+            floor=self.config.norm_floor,
+        )
 
-    def losses(self, group: str, it: int, batch: Batch, state: Simulation, core: Core
-               ) -> dict[str, Tensor]:
+    def losses(
+        self, group: str, it: int, batch: Batch, state: Simulation, core: Core
+    ) -> dict[str, Tensor]:
         c, bb, sim = self.config, core.backbone, state
         b = len(batch)
 
         if group == "fake":
             tau = flow.clamp_sigma(core.rand(b))
-            return {"fm": fm_loss(bb, core.models["fake"], sim.x0, batch.cond, tau,
-                                  core.randn(*sim.x0.shape))}
+            return {
+                "fm": fm_loss(
+                    bb, core.models["fake"], sim.x0, batch.cond, tau, core.randn(*sim.x0.shape)
+                )
+            }
 
         terms: dict[str, Tensor] = {}
         if c.cfg_aug_scale > 0 or c.ontraj:

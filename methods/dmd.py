@@ -65,8 +65,14 @@ class DMD(Method[DMDState]):
     Config = DMDConfig
     backbone_defaults = {
         # digits: real score at CFG 1, where the teacher's FD is best (as for dmd2)
-        "digits": {"student_lr": 1e-4, "fake_lr": 1e-4, "real_guidance": 1.0, "reg_pairs": 2048,
-                   "warmup": 50, "train": {"iters": 1500, "batch": 128}},
+        "digits": {
+            "student_lr": 1e-4,
+            "fake_lr": 1e-4,
+            "real_guidance": 1.0,
+            "reg_pairs": 2048,
+            "warmup": 50,
+            "train": {"iters": 1500, "batch": 128},
+        },
     }
 
     def build(self, core: Core) -> dict[str, nn.Module]:
@@ -86,8 +92,12 @@ class DMD(Method[DMDState]):
 
     def optim_groups(self, core: Core) -> dict[str, OptimSpec]:
         c = self.config
-        return {"student": OptimSpec("student", lr=c.student_lr, weight_decay=c.weight_decay, warmup=c.warmup),
-                "fake": OptimSpec("fake", lr=c.fake_lr, weight_decay=c.weight_decay, warmup=c.warmup)}
+        return {
+            "student": OptimSpec(
+                "student", lr=c.student_lr, weight_decay=c.weight_decay, warmup=c.warmup
+            ),
+            "fake": OptimSpec("fake", lr=c.fake_lr, weight_decay=c.weight_decay, warmup=c.warmup),
+        }
 
     def groups_to_update(self, it: int) -> list[str]:
         return ["student", "fake"]
@@ -98,8 +108,9 @@ class DMD(Method[DMDState]):
     def prepare(self, it: int, batch: Batch, core: Core) -> DMDState:
         return DMDState()
 
-    def losses(self, group: str, it: int, batch: Batch, state: DMDState, core: Core
-               ) -> dict[str, Tensor]:
+    def losses(
+        self, group: str, it: int, batch: Batch, state: DMDState, core: Core
+    ) -> dict[str, Tensor]:
         c, bb = self.config, core.backbone
         b = len(batch)
         ones = torch.ones(b, device=batch.noise.device)
@@ -107,8 +118,19 @@ class DMD(Method[DMDState]):
             x0 = bb.x0(core.student, batch.noise, ones, batch.cond)
             state.x0 = x0.detach()
             tau = flow.clamp_sigma(core.rand(b))
-            terms = {"dm": dm_loss(bb, core.teacher, core.models["fake"], x0, batch.cond, tau,
-                                   core.randn(*x0.shape), c.real_guidance, c.norm_floor)}
+            terms = {
+                "dm": dm_loss(
+                    bb,
+                    core.teacher,
+                    core.models["fake"],
+                    x0,
+                    batch.cond,
+                    tau,
+                    core.randn(*x0.shape),
+                    c.real_guidance,
+                    c.norm_floor,
+                )
+            }
             if c.reg_weight > 0:
                 idx = self.reg_data.draw(c.reg_batch or b, core.g)
                 noise, cond, target = self.reg_data.batch(idx)

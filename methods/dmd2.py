@@ -57,8 +57,14 @@ class DMD2(Method[Simulation]):
     backbone_defaults = {
         # digits: the teacher's few-step FD is best at CFG 1, so the real score runs at w = 1
         # (measured: w = 2 gave FD 56.9 / 18.1 at 1 / 2 steps, w = 1 gave 15.2 / 8.0).
-        "digits": {"student_lr": 1e-4, "fake_lr": 1e-4, "real_guidance": 1.0, "weight_decay": 1e-4,
-                   "warmup": 50, "train": {"iters": 1500, "batch": 128}},
+        "digits": {
+            "student_lr": 1e-4,
+            "fake_lr": 1e-4,
+            "real_guidance": 1.0,
+            "weight_decay": 1e-4,
+            "warmup": 50,
+            "train": {"iters": 1500, "batch": 128},
+        },
     }
 
     def build(self, core: Core) -> dict[str, nn.Module]:
@@ -66,8 +72,12 @@ class DMD2(Method[Simulation]):
 
     def optim_groups(self, core: Core) -> dict[str, OptimSpec]:
         c = self.config
-        return {"fake": OptimSpec("fake", lr=c.fake_lr, weight_decay=c.weight_decay, warmup=c.warmup),
-                "student": OptimSpec("student", lr=c.student_lr, weight_decay=c.weight_decay, warmup=c.warmup)}
+        return {
+            "fake": OptimSpec("fake", lr=c.fake_lr, weight_decay=c.weight_decay, warmup=c.warmup),
+            "student": OptimSpec(
+                "student", lr=c.student_lr, weight_decay=c.weight_decay, warmup=c.warmup
+            ),
+        }
 
     def groups_to_update(self, it: int) -> list[str]:
         return ["fake", "student"] if it % self.config.update_ratio == 0 else ["fake"]
@@ -88,22 +98,38 @@ class DMD2(Method[Simulation]):
         x = batch.noise
         for j in range(k):
             s = torch.full((len(x),), sigmas[j], device=x.device)
-            x = flow.renoise_step(bb.x0(core.student, x, s, batch.cond), sigmas[j + 1],
-                                  core.randn(*x.shape))
+            x = flow.renoise_step(
+                bb.x0(core.student, x, s, batch.cond), sigmas[j + 1], core.randn(*x.shape)
+            )
         return Simulation(x, torch.full((len(x),), sigmas[k], device=x.device))
 
-    def losses(self, group: str, it: int, batch: Batch, state: Simulation, core: Core
-               ) -> dict[str, Tensor]:
+    def losses(
+        self, group: str, it: int, batch: Batch, state: Simulation, core: Core
+    ) -> dict[str, Tensor]:
         c, bb = self.config, core.backbone
         if group == "student":
             x0 = bb.x0(core.student, state.x, state.s, batch.cond)
             state.x0 = x0.detach()
             tau = flow.clamp_sigma(core.rand(len(batch)))
-            return {"dm": dm_loss(bb, core.teacher, core.models["fake"], x0, batch.cond, tau,
-                                  core.randn(*x0.shape), c.real_guidance, c.norm_floor)}
+            return {
+                "dm": dm_loss(
+                    bb,
+                    core.teacher,
+                    core.models["fake"],
+                    x0,
+                    batch.cond,
+                    tau,
+                    core.randn(*x0.shape),
+                    c.real_guidance,
+                    c.norm_floor,
+                )
+            }
         if state.x0 is None:  # fake-only iteration: generate without grad
             with torch.no_grad():
                 state.x0 = bb.x0(core.student, state.x, state.s, batch.cond)
         tau = flow.clamp_sigma(core.rand(len(batch)))
-        return {"fm": fm_loss(bb, core.models["fake"], state.x0, batch.cond, tau,
-                              core.randn(*state.x0.shape))}
+        return {
+            "fm": fm_loss(
+                bb, core.models["fake"], state.x0, batch.cond, tau, core.randn(*state.x0.shape)
+            )
+        }

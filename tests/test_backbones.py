@@ -22,12 +22,10 @@ from toy import Toy
 from cdmbench import flow
 from cdmbench.backbones import get_backbone
 from cdmbench.backbones.base import Backbone, Cond
-from cdmbench.backbones.diffusers_base import MissingWeightsError
-from cdmbench.errors import UserError
-from cdmbench.generate import generate
+from cdmbench.errors import MissingWeightsError, UserError
+from cdmbench.generate import SamplerSpec, generate
 from cdmbench.registry import Registry
 from cdmbench.settings import as_dict
-from cdmbench.generate import SamplerSpec
 
 PLUGIN = '''
 """A third-party backbone, written against cdmbench's documented backbone interface."""
@@ -100,7 +98,9 @@ def plugin_registry(tmp_path_factory) -> Registry:
     dist = root / "cdmb_test_ring-0.1.dist-info"
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: cdmb-test-ring\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text("[cdmbench.backbones]\nring = cdmb_test_ring.backbone:Ring\n")
+    (dist / "entry_points.txt").write_text(
+        "[cdmbench.backbones]\nring = cdmb_test_ring.backbone:Ring\n"
+    )
     sys.path.insert(0, str(root))
     importlib.invalidate_caches()
     yield Registry("backbone")
@@ -149,14 +149,18 @@ def test_teacher_is_fresh_frozen_and_deterministic(case):
     assert not any(p.requires_grad for p in teacher.parameters()) and not teacher.training
     again = bb.load_teacher()
     assert again is not teacher
-    assert all(torch.equal(a, b) for a, b in zip(teacher.state_dict().values(),
-                                                 again.state_dict().values(), strict=True))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(teacher.state_dict().values(), again.state_dict().values(), strict=True)
+    )
     assert isinstance(bb.teacher_id(), str) and bb.teacher_id() == bb.teacher_id()
 
 
 def test_latent_shape_and_forward_shape(case):
     bb = case.bb
-    assert isinstance(bb.latent_shape, tuple) and all(isinstance(d, int) and d > 0 for d in bb.latent_shape)
+    assert isinstance(bb.latent_shape, tuple) and all(
+        isinstance(d, int) and d > 0 for d in bb.latent_shape
+    )
     x, s, cond = _inputs(bb)
     v = bb.forward(case.teacher, x, s, cond.tensors)
     assert v.shape == x.shape and torch.isfinite(v).all()
@@ -173,7 +177,9 @@ def test_student_and_clone_are_independent(case):
         for p in student.parameters():
             p.add_(1.0)
     assert all(torch.equal(a, b) for a, b in zip(before, teacher.parameters(), strict=True))
-    assert not any(torch.equal(a, b) for a, b in zip(copy.parameters(), student.parameters(), strict=True))
+    assert not any(
+        torch.equal(a, b) for a, b in zip(copy.parameters(), student.parameters(), strict=True)
+    )
     assert not any(p.requires_grad for p in teacher.parameters())
 
 
@@ -250,7 +256,9 @@ def test_settings_defaults_round_trip_and_hash_part(case, request):
     cls = type(bb)
     assert isinstance(bb.settings, cls.Settings) and bb.settings == cls.Settings()
     assert (bb.default_teacher_steps, bb.default_teacher_guidance) == (
-        bb.settings.teacher_steps, bb.settings.teacher_guidance)
+        bb.settings.teacher_steps,
+        bb.settings.teacher_guidance,
+    )
     # through JSON (run.json) and back: the same settings and the same hashed part
     stored = json.loads(json.dumps(as_dict(bb.settings)))
     assert cls.make_settings(stored) == bb.settings
@@ -258,8 +266,14 @@ def test_settings_defaults_round_trip_and_hash_part(case, request):
     rebuilt = cls(device="cpu", settings=bb.run_settings())
     assert rebuilt.run_settings() == bb.run_settings()
     # evaluation defaults are not part of a run's identity
-    assert not {"eval_batch", "eval_samples", "eval_metrics", "eval_prompts"} & set(bb.run_settings())
-    assert {f.name for f in fields(cls.Settings)} >= {"teacher_steps", "teacher_guidance", "eval_batch"}
+    assert not {"eval_batch", "eval_samples", "eval_metrics", "eval_prompts"} & set(
+        bb.run_settings()
+    )
+    assert {f.name for f in fields(cls.Settings)} >= {
+        "teacher_steps",
+        "teacher_guidance",
+        "eval_batch",
+    }
 
 
 def test_settings_unknown_key_and_bad_value(case):
@@ -287,8 +301,10 @@ def test_third_party_backbone_is_found_by_entry_point(plugin_registry):
 
 
 # ------------------------------------------------------------- the diffusers families
-DIFFUSERS = [("tiny-sd3", "sd3", "stabilityai/stable-diffusion-3-medium-diffusers", "CDMBENCH_SD3"),
-             ("tiny-longcat", "longcat", "meituan-longcat/LongCat-Image", "CDMBENCH_LONGCAT")]
+DIFFUSERS = [
+    ("tiny-sd3", "sd3", "stabilityai/stable-diffusion-3-medium-diffusers", "CDMBENCH_SD3"),
+    ("tiny-longcat", "longcat", "meituan-longcat/LongCat-Image", "CDMBENCH_LONGCAT"),
+]
 
 
 @pytest.mark.parametrize("tiny,real,hub,env", DIFFUSERS, ids=["sd3", "longcat"])
@@ -300,7 +316,9 @@ def test_channels_last_vae_decodes_the_same(tiny, real, hub, env):
     nhwc = get_backbone(tiny, settings={"seed": bb.settings.seed})
     nhwc.channels_last = True
     conv = next(m for m in nhwc.component("vae").modules() if isinstance(m, torch.nn.Conv2d))
-    assert conv.weight.is_contiguous(memory_format=torch.channels_last) and not bb.use_channels_last()
+    assert (
+        conv.weight.is_contiguous(memory_format=torch.channels_last) and not bb.use_channels_last()
+    )
     assert (nhwc.decode(z) - ref).abs().max() <= 1e-5
 
 
@@ -333,9 +351,13 @@ def test_missing_hub_weights_offline_fail_fast(tiny, real, hub, env, tmp_path, m
     monkeypatch.delenv(env, raising=False)
     monkeypatch.setattr(hf, "HF_HUB_CACHE", str(tmp_path / "hf"))
     monkeypatch.setattr(hf, "HF_HUB_OFFLINE", True)
-    msg = _one_line(lambda: get_backbone(real, weights="cdmbench-tests/no-such-model").load_teacher())
+    msg = _one_line(
+        lambda: get_backbone(real, weights="cdmbench-tests/no-such-model").load_teacher()
+    )
     assert "`hf download cdmbench-tests/no-such-model`" in msg
-    assert f"`hf download {hub}`" in _one_line(lambda: get_backbone(real).load_teacher())  # the default
+    assert f"`hf download {hub}`" in _one_line(
+        lambda: get_backbone(real).load_teacher()
+    )  # the default
 
 
 @pytest.mark.parametrize("tiny", ["tiny-sd3", "tiny-longcat"])

@@ -17,16 +17,30 @@ def _main(*argv: str) -> int:
 
 def test_bench_report_check(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    args = ["bench", "--methods", "dmd2,cd", "--iters", "6", "--num-samples", "3", "--steps", "1,2",
-            "--metrics", "fd_digits,prompt_acc",
-            "--set", "backbone.eval_batch=7"]  # a backbone setting that changes no result
+    args = [
+        "bench",
+        "--methods",
+        "dmd2,cd",
+        "--iters",
+        "6",
+        "--num-samples",
+        "3",
+        "--steps",
+        "1,2",
+        "--metrics",
+        "fd_digits,prompt_acc",
+        "--set",
+        "backbone.eval_batch=7",
+    ]  # a backbone setting that changes no result
     assert _main(*args) == 0
     html = (tmp_path / "results" / "report.html").read_text()
     assert "data:image/png;base64" in html and "dmd2" in html
     for f in ("report.md", "report.csv", "report.tex"):
         assert (tmp_path / "results" / f).is_file()
     n_records = len((tmp_path / "results" / "records.jsonl").read_text().splitlines())
-    assert n_records == 2 * 3 * 2 + 2  # (teacher, dmd2, cd) x (1, 2) x 2 metrics + teacher at 50 steps
+    assert (
+        n_records == 2 * 3 * 2 + 2
+    )  # (teacher, dmd2, cd) x (1, 2) x 2 metrics + teacher at 50 steps
 
     capsys.readouterr()
     assert _main(*args) == 0  # second run reuses every stage

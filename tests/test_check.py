@@ -12,23 +12,45 @@ from cdmbench.check import check, parse_tolerance, read_baseline, write_baseline
 from cdmbench.errors import UserError
 from cdmbench.results import ResultStore
 
-BASE = {("teacher", 1, "fd_digits"): 100.0, ("teacher", 1, "prompt_acc"): 0.90,
-        ("cdm", 1, "fd_digits"): 40.0, ("cdm", 1, "prompt_acc"): 0.80,
-        ("cdm", 2, "fd_digits"): 20.0, ("cdm", 2, "prompt_acc"): 0.95,
-        ("cdm", 1, "latency_ms"): 3.0}
+BASE = {
+    ("teacher", 1, "fd_digits"): 100.0,
+    ("teacher", 1, "prompt_acc"): 0.90,
+    ("cdm", 1, "fd_digits"): 40.0,
+    ("cdm", 1, "prompt_acc"): 0.80,
+    ("cdm", 2, "fd_digits"): 20.0,
+    ("cdm", 2, "prompt_acc"): 0.95,
+    ("cdm", 1, "latency_ms"): 3.0,
+}
 HIB = {"fd_digits": False, "prompt_acc": True, "latency_ms": False}
 
 
-def recs(values: dict[tuple[str, int, str], float], t: int = 0,
-         backbone: str = "digits", hib: dict[str, bool] = HIB) -> list[dict[str, Any]]:
-    return [{"run_id": f"{m}-run", "backbone": backbone, "method": m, "steps": s, "metric": k,
-             "value": v, "higher_is_better": hib[k], "prompt_set": "digits", "seed": 0,
-             "time": f"2026-01-01T00:00:{t:02d}+0000", "n_samples": 10}
-            for (m, s, k), v in values.items()]
+def recs(
+    values: dict[tuple[str, int, str], float],
+    t: int = 0,
+    backbone: str = "digits",
+    hib: dict[str, bool] = HIB,
+) -> list[dict[str, Any]]:
+    return [
+        {
+            "run_id": f"{m}-run",
+            "backbone": backbone,
+            "method": m,
+            "steps": s,
+            "metric": k,
+            "value": v,
+            "higher_is_better": hib[k],
+            "prompt_set": "digits",
+            "seed": 0,
+            "time": f"2026-01-01T00:00:{t:02d}+0000",
+            "n_samples": 10,
+        }
+        for (m, s, k), v in values.items()
+    ]
 
 
-def results_dir(tmp: Path, name: str, values: dict[tuple[str, int, str], float],
-                hib: dict[str, bool] = HIB) -> Path:
+def results_dir(
+    tmp: Path, name: str, values: dict[tuple[str, int, str], float], hib: dict[str, bool] = HIB
+) -> Path:
     ResultStore(tmp / name).append(recs(values, hib=hib))
     return tmp / name
 
@@ -47,14 +69,22 @@ def changed(**kw: float) -> dict[tuple[str, int, str], float]:
 
 
 def verdict(result, method: str = "cdm", steps: int = 1, metric: str = "fd_digits") -> str:
-    return next(r.verdict for r in result.rows
-                if (r.method, r.steps, r.metric) == (method, steps, metric))
+    return next(
+        r.verdict for r in result.rows if (r.method, r.steps, r.metric) == (method, steps, metric)
+    )
 
 
 def test_baseline_file_format(baseline):
     df = pd.read_csv(baseline, keep_default_na=False)
-    assert list(df.columns) == ["backbone", "method", "steps", "metric", "value",
-                                "higher_is_better", "tolerance"]
+    assert list(df.columns) == [
+        "backbone",
+        "method",
+        "steps",
+        "metric",
+        "value",
+        "higher_is_better",
+        "tolerance",
+    ]
     assert (df["tolerance"] == "").all()
     assert df.iloc[0][["method", "steps"]].tolist() == ["teacher", 1]  # teacher first
     assert len(read_baseline(baseline)) == len(BASE)
@@ -115,13 +145,13 @@ def test_caller_and_row_tolerances(baseline, tmp_path):
     assert verdict(check(res, baseline, {"fd_digits": "3%"})) == "ok"  # 1.2 >= 1
     assert verdict(check(res, baseline, {"fd_digits": 1.5})) == "ok"
     # latency is checked once a tolerance is given: 3.0 -> 3.5 ms
-    assert verdict(check(res, baseline, {"latency_ms": "10%"}), metric="latency_ms") \
-        == "REGRESSION"
+    assert verdict(check(res, baseline, {"latency_ms": "10%"}), metric="latency_ms") == "REGRESSION"
     assert verdict(check(res, baseline, {"latency_ms": "1.0"}), metric="latency_ms") == "ok"
     # a per-row tolerance in the file overrides the default; the caller's overrides the row
     df = pd.read_csv(baseline, keep_default_na=False)
-    df.loc[(df["method"] == "cdm") & (df["steps"] == 1) & (df["metric"] == "fd_digits"),
-           "tolerance"] = "0.1"
+    df.loc[
+        (df["method"] == "cdm") & (df["steps"] == 1) & (df["metric"] == "fd_digits"), "tolerance"
+    ] = "0.1"
     df.loc[df["metric"] == "latency_ms", "tolerance"] = "20%"
     df.to_csv(baseline, index=False)
     row_tol = check(res, baseline)
@@ -152,8 +182,7 @@ def test_non_finite_value_is_a_regression(baseline, tmp_path):
 
 def test_backbone_filter(tmp_path):
     res = tmp_path / "two"
-    ResultStore(res).append(recs(BASE) + recs({("teacher", 1, "fd_digits"): 9.0},
-                                              backbone="toy"))
+    ResultStore(res).append(recs(BASE) + recs({("teacher", 1, "fd_digits"): 9.0}, backbone="toy"))
     path = tmp_path / "all.csv"
     write_baseline(res, path)
     assert set(pd.read_csv(path)["backbone"]) == {"digits", "toy"}
@@ -164,21 +193,30 @@ def test_backbone_filter(tmp_path):
         write_baseline(res, tmp_path / "x.csv", "sd15")
 
 
-@pytest.mark.parametrize("content, message", [
-    (None, "not found"),
-    ("", "cannot read baseline"),
-    ('backbone,method,steps,metric,value\n"digits,cdm,1\n', "cannot read baseline"),
-    ("backbone,method,value\ndigits,cdm,1\n", "lacks column"),
-    ("backbone,method,steps,metric,value\n", "no rows"),
-    ("backbone,method,steps,metric,value\ndigits,cdm,one,fd_digits,1\n", "bad steps"),
-    ("backbone,method,steps,metric,value\ndigits,cdm,1,fd_digits,x\n", "bad value"),
-    ("backbone,method,steps,metric,value,tolerance\ndigits,cdm,1,fd_digits,1,lots\n",
-     "bad tolerance"),
-    ("backbone,method,steps,metric,value,higher_is_better\ndigits,cdm,1,fd_digits,1,maybe\n",
-     "bad higher_is_better"),
-    ("backbone,method,steps,metric,value\ndigits,cdm,1,fd_digits,1\ndigits,cdm,1,fd_digits,2\n",
-     "duplicate of line 2"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "not found"),
+        ("", "cannot read baseline"),
+        ('backbone,method,steps,metric,value\n"digits,cdm,1\n', "cannot read baseline"),
+        ("backbone,method,value\ndigits,cdm,1\n", "lacks column"),
+        ("backbone,method,steps,metric,value\n", "no rows"),
+        ("backbone,method,steps,metric,value\ndigits,cdm,one,fd_digits,1\n", "bad steps"),
+        ("backbone,method,steps,metric,value\ndigits,cdm,1,fd_digits,x\n", "bad value"),
+        (
+            "backbone,method,steps,metric,value,tolerance\ndigits,cdm,1,fd_digits,1,lots\n",
+            "bad tolerance",
+        ),
+        (
+            "backbone,method,steps,metric,value,higher_is_better\ndigits,cdm,1,fd_digits,1,maybe\n",
+            "bad higher_is_better",
+        ),
+        (
+            "backbone,method,steps,metric,value\ndigits,cdm,1,fd_digits,1\ndigits,cdm,1,fd_digits,2\n",
+            "duplicate of line 2",
+        ),
+    ],
+)
 def test_bad_baseline_is_a_user_error(tmp_path, content, message):
     path = tmp_path / "b.csv"
     if content is not None:
@@ -212,8 +250,15 @@ def test_render_rich(baseline, tmp_path):
 
 
 # ------------------------------------------------------------ tolerances the metrics declare
-DECLARED = {"fd_digits": "15%", "fid": "10%", "prompt_acc": "0.02", "precision": "0.05",
-            "recall": "0.05", "clip_score": "1.0", "image_reward": "0.1"}
+DECLARED = {
+    "fd_digits": "15%",
+    "fid": "10%",
+    "prompt_acc": "0.02",
+    "precision": "0.05",
+    "recall": "0.05",
+    "clip_score": "1.0",
+    "image_reward": "0.1",
+}
 TIMINGS = ("latency_ms", "latency_p90_ms", "denoiser_ms", "latency_batch_ms", "compile_s")
 
 
@@ -267,6 +312,11 @@ def test_check_uses_only_public_names_of_report():
     import cdmbench.check
 
     tree = ast.parse(Path(cdmbench.check.__file__).read_text())
-    private = [a.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
-               for a in node.names if a.name.startswith("_")]
+    private = [
+        a.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom)
+        for a in node.names
+        if a.name.startswith("_")
+    ]
     assert private == []

@@ -27,8 +27,14 @@ def test_help_lists_commands(capsys):
         assert cmd in out
 
 
-@pytest.mark.parametrize("what,names", [("methods", ["cdm", "dmd", "dmd2", "cd"]), ("backbones", ["digits"]),
-                                         ("metrics", ["fd_digits", "prompt_acc", "latency"])])
+@pytest.mark.parametrize(
+    "what,names",
+    [
+        ("methods", ["cdm", "dmd", "dmd2", "cd"]),
+        ("backbones", ["digits"]),
+        ("metrics", ["fd_digits", "prompt_acc", "latency"]),
+    ],
+)
 def test_list(capsys, what, names):
     code, out, _ = run(capsys, "list", what)
     assert code == 0
@@ -40,7 +46,9 @@ def test_list(capsys, what, names):
 def corrupt_run(tmp_path) -> Path:
     d = tmp_path / "runs" / "digits" / "cdm-000000000000"
     d.mkdir(parents=True)
-    (d / "run.json").write_text(json.dumps({"method": "cdm", "backbone": "digits", "student_sha256": "0" * 64}))
+    (d / "run.json").write_text(
+        json.dumps({"method": "cdm", "backbone": "digits", "student_sha256": "0" * 64})
+    )
     (d / "student.safetensors").write_bytes(b"not a safetensors file")
     return d
 
@@ -65,15 +73,26 @@ def bad_inputs(tmp: Path, corrupt: Path) -> list[tuple[list[str], str]]:
         (["train", "cdm", "--set", "iters"], "use key=value"),
         (["train", "cdm", "--set", "train.iters=abc"], "bad value"),
         (["train", "cdm", "--set", "foo.bar=1"], "unknown section"),
-        (["train", "cdm", "--backbone", "tiny-sd3", "--set", "backbone.resolutoin=64"],
-         "did you mean 'backbone.resolution'"),
+        (
+            ["train", "cdm", "--backbone", "tiny-sd3", "--set", "backbone.resolutoin=64"],
+            "did you mean 'backbone.resolution'",
+        ),
         (["train", "cdm", "--set", "backbone.teacher_steps=lots"], "backbone.teacher_steps"),
-        (["train", "cdm", "--backbone", "tiny-sd3", "--set", "backbone.resolution=100"], "multiple of 16"),
-        (["train", "cdm", "--backbone", "tiny-sd3", "--set", "backbone.dtype=float8"], "use one of"),
+        (
+            ["train", "cdm", "--backbone", "tiny-sd3", "--set", "backbone.resolution=100"],
+            "multiple of 16",
+        ),
+        (
+            ["train", "cdm", "--backbone", "tiny-sd3", "--set", "backbone.dtype=float8"],
+            "use one of",
+        ),
         (["eval", "--set", "train.iters=3"], "only backbone.KEY"),
         (["eval", "--set", "backbone.eval_bach=3"], "did you mean 'backbone.eval_batch'"),
         (["sample", "--set", "backbone.teacher_stps=3"], "did you mean 'backbone.teacher_steps'"),
-        (["sample", "--run", str(corrupt), "--set", "backbone.teacher_steps=3"], "--set with --run"),
+        (
+            ["sample", "--run", str(corrupt), "--set", "backbone.teacher_steps=3"],
+            "--set with --run",
+        ),
         (["bench", "--set", "method.n_max=3"], "only backbone.KEY"),
         (["teacher", "--backbone", "tiny-sd3"], "pretrained teacher"),
         (["train", "cdm", "--config", str(tmp / "missing.toml")], "not found"),
@@ -108,12 +127,30 @@ def bad_inputs(tmp: Path, corrupt: Path) -> list[tuple[list[str], str]]:
         (["check", "--baseline", str(base), "--tolerance", "fd_digits"], "METRIC=VALUE"),
         (["teacher", "--backbone", "sd3x"], "unknown backbone"),
         (["bench", "--methods", "cdm,cmd"], "did you mean 'cdm'"),
-        (["eval", "--backbone", "tiny-sd3", "--metrics", "fid", "--methods", "teacher"], "inception"),
-        (["eval", "--backbone", "tiny-sd3", "--metrics", "clip_score", "--methods", "teacher"], "ViT-L-14"),
-        (["eval", "--backbone", "tiny-sd3", "--metrics", "image_reward", "--methods", "teacher"],
-         "ImageReward"),
-        (["eval", "--metrics", "fd_digits", "--methods", "teacher", "--results", str(ro / "sub")],
-         "not writable"),
+        (
+            ["eval", "--backbone", "tiny-sd3", "--metrics", "fid", "--methods", "teacher"],
+            "inception",
+        ),
+        (
+            ["eval", "--backbone", "tiny-sd3", "--metrics", "clip_score", "--methods", "teacher"],
+            "ViT-L-14",
+        ),
+        (
+            ["eval", "--backbone", "tiny-sd3", "--metrics", "image_reward", "--methods", "teacher"],
+            "ImageReward",
+        ),
+        (
+            [
+                "eval",
+                "--metrics",
+                "fd_digits",
+                "--methods",
+                "teacher",
+                "--results",
+                str(ro / "sub"),
+            ],
+            "not writable",
+        ),
     ]
 
 
@@ -141,41 +178,95 @@ def _run_dirs(root: Path) -> set[Path]:
 
 def test_backbone_settings_reach_the_run_and_its_hash(tmp_path, capsys):
     """`--set backbone.KEY=VALUE` and TOML [backbone] configure the backbone; the settings
-    are part of the run's identity and `load_run` rebuilds the backbone with them."""
+    that change results are part of the run's identity, the others only its provenance, and
+    `load_run` rebuilds the backbone with them."""
     from cdmbench.training.run import load_run
 
     runs = tmp_path / "runs"
-    base = ["train", "cdm", "--backbone", "tiny-sd3", "--iters", "2", "--batch", "2", "--out", str(runs),
-            "--set", "method.n_max=2"]
-    code, _, err = run(capsys, *base, "--set", "backbone.gradient_checkpointing=true",
-                       "--set", "backbone.resolution=64")
+    base = [
+        "train",
+        "cdm",
+        "--backbone",
+        "tiny-sd3",
+        "--iters",
+        "2",
+        "--batch",
+        "2",
+        "--out",
+        str(runs),
+        "--set",
+        "method.n_max=2",
+    ]
+    code, _, err = run(
+        capsys,
+        *base,
+        "--set",
+        "backbone.gradient_checkpointing=true",
+        "--set",
+        "backbone.resolution=64",
+    )
     assert code == 0, err
     (with_settings,) = _run_dirs(runs)
     info = json.loads((with_settings / "run.json").read_text())
-    assert info["backbone_settings"]["gradient_checkpointing"] is True
+    assert info["backbone_settings_used"]["gradient_checkpointing"] is True
+    assert "gradient_checkpointing" not in info["backbone_settings"]  # the same gradients
     assert info["backbone_settings"]["resolution"] == 64
     assert info["teacher"] == "tiny-sd3-default"
-    code, _, err = run(capsys, *base)
+    code, out, err = run(capsys, *base)  # 64 px is tiny-sd3's default: the same computation
     assert code == 0, err
-    assert len(_run_dirs(runs)) == 2  # without those settings: another run directory
+    assert "already trained" in out and _run_dirs(runs) == {with_settings}
+
+    code, _, err = run(capsys, *base, "--set", "backbone.resolution=32")
+    assert code == 0, err
+    assert len(_run_dirs(runs)) == 2  # another resolution: another run directory
 
     cfg = tmp_path / "run.toml"
     cfg.write_text("[backbone]\nresolution = 128\n")
     code, _, err = run(capsys, *base, "--config", str(cfg))
     assert code == 0, err
-    (big,) = [d for d in _run_dirs(runs)
-              if json.loads((d / "run.json").read_text())["backbone_settings"]["resolution"] == 128]
+    (big,) = [
+        d
+        for d in _run_dirs(runs)
+        if json.loads((d / "run.json").read_text())["backbone_settings"]["resolution"] == 128
+    ]
     loaded = load_run(big)
-    assert loaded.backbone.settings.resolution == 128 and loaded.backbone.latent_shape == (16, 16, 16)
+    assert loaded.backbone.settings.resolution == 128 and loaded.backbone.latent_shape == (
+        16,
+        16,
+        16,
+    )
     assert load_run(with_settings).backbone.latent_shape == (16, 8, 8)
 
     # eval finds the run trained with the backbone settings it is given, and only that one
-    code, out, err = run(capsys, "eval", "--backbone", "tiny-sd3", "--runs", str(runs), "--methods", "cdm",
-                         "--metrics", "latency", "--steps", "1", "--num-samples", "1",
-                         "--samples", str(tmp_path / "samples"), "--results", str(tmp_path / "results"),
-                         "--prompts", str(_two_prompts(tmp_path)), "--set", "backbone.resolution=128")
+    code, out, err = run(
+        capsys,
+        "eval",
+        "--backbone",
+        "tiny-sd3",
+        "--runs",
+        str(runs),
+        "--methods",
+        "cdm",
+        "--metrics",
+        "latency",
+        "--steps",
+        "1",
+        "--num-samples",
+        "1",
+        "--samples",
+        str(tmp_path / "samples"),
+        "--results",
+        str(tmp_path / "results"),
+        "--prompts",
+        str(_two_prompts(tmp_path)),
+        "--set",
+        "backbone.resolution=128",
+    )
     assert code == 0, err
-    recs = [json.loads(line) for line in (tmp_path / "results" / "records.jsonl").read_text().splitlines()]
+    recs = [
+        json.loads(line)
+        for line in (tmp_path / "results" / "records.jsonl").read_text().splitlines()
+    ]
     assert {r["run_id"] for r in recs} == {big.name}
 
 

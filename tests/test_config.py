@@ -16,19 +16,23 @@ CDMConfig = CDM.Config
 
 
 # ---------------------------------------------------------------------------- parse_steps
-@pytest.mark.parametrize(("text", "expected"), [
-    ("1,2,4", [1, 2, 4]),
-    (" 1, 2 ", [1, 2]),
-    ("4", [4]),
-    ("8,1", [8, 1]),  # order is kept
-    ("1, 2, 4, 8, 50", [1, 2, 4, 8, 50]),
-])
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("1,2,4", [1, 2, 4]),
+        (" 1, 2 ", [1, 2]),
+        ("4", [4]),
+        ("8,1", [8, 1]),  # order is kept
+        ("1, 2, 4, 8, 50", [1, 2, 4, 8, 50]),
+    ],
+)
 def test_parse_steps_accepts(text, expected):
     assert parse_steps(text) == expected
 
 
-@pytest.mark.parametrize("text", ["0", "-1", "a", "1,,2", "", "1,1", " ", "1,", ",1", "1.5",
-                                  "2,0", "1,a,3", "1;2"])
+@pytest.mark.parametrize(
+    "text", ["0", "-1", "a", "1,,2", "", "1,1", " ", "1,", ",1", "1.5", "2,0", "1,a,3", "1;2"]
+)
 def test_parse_steps_rejects_with_user_error(text):
     with pytest.raises(UserError) as info:
         parse_steps(text)
@@ -100,15 +104,18 @@ def test_resolve_sets_method_name_as_section():
     assert method.n_max == 5
 
 
-@pytest.mark.parametrize(("item", "field", "expected"), [
-    ("method.student_lr=3e-4", "student_lr", 3e-4),
-    ("method.cfg_aug_scale=2", "cfg_aug_scale", 2.0),
-    ("method.offtraj=false", "offtraj", False),
-    ("method.ontraj=0", "ontraj", False),
-    ("method.cap_dm_tau=true", "cap_dm_tau", True),
-    ("method.cap_dm_tau=yes", "cap_dm_tau", True),
-    ("method.schedule=fixed", "schedule", "fixed"),
-])
+@pytest.mark.parametrize(
+    ("item", "field", "expected"),
+    [
+        ("method.student_lr=3e-4", "student_lr", 3e-4),
+        ("method.cfg_aug_scale=2", "cfg_aug_scale", 2.0),
+        ("method.offtraj=false", "offtraj", False),
+        ("method.ontraj=0", "ontraj", False),
+        ("method.cap_dm_tau=true", "cap_dm_tau", True),
+        ("method.cap_dm_tau=yes", "cap_dm_tau", True),
+        ("method.schedule=fixed", "schedule", "fixed"),
+    ],
+)
 def test_resolve_sets_coerce_each_type(item, field, expected):
     _, method = resolve(CDM, "digits", sets=[item])
     value = getattr(method, field)
@@ -122,10 +129,13 @@ def test_resolve_sets_int_tuple():
     assert all(type(e) is int for e in method.edges)
 
 
-@pytest.mark.parametrize(("item", "expected"), [
-    ("method.eval_sigmas=1.0,0.5", (1.0, 0.5)),
-    ("method.eval_sigmas=(1.0, 0.6, 0.3)", (1.0, 0.6, 0.3)),
-])
+@pytest.mark.parametrize(
+    ("item", "expected"),
+    [
+        ("method.eval_sigmas=1.0,0.5", (1.0, 0.5)),
+        ("method.eval_sigmas=(1.0, 0.6, 0.3)", (1.0, 0.6, 0.3)),
+    ],
+)
 def test_resolve_sets_float_tuple(item, expected):
     _, method = resolve(CDM, "digits", sets=[item])
     assert method.eval_sigmas == expected
@@ -134,16 +144,21 @@ def test_resolve_sets_float_tuple(item, expected):
 
 def test_resolve_sets_value_may_contain_equals_and_spaces():
     assert parse_sets([" train.iters = 5 ", "method.schedule=a=b"]) == {
-        "train.iters": "5", "method.schedule": "a=b"}
+        "train.iters": "5",
+        "method.schedule": "a=b",
+    }
     train, _ = resolve(CDM, "digits", sets=[" train.iters = 5 "])
     assert train.iters == 5
 
 
-@pytest.mark.parametrize(("item", "hint"), [
-    ("method.n_mx=4", "did you mean 'method.n_max'"),
-    ("train.iter=5", "did you mean 'train.iters'"),
-    ("method.update_ration=3", "did you mean 'method.update_ratio'"),
-])
+@pytest.mark.parametrize(
+    ("item", "hint"),
+    [
+        ("method.n_mx=4", "did you mean 'method.n_max'"),
+        ("train.iter=5", "did you mean 'train.iters'"),
+        ("method.update_ration=3", "did you mean 'method.update_ratio'"),
+    ],
+)
 def test_resolve_unknown_key_suggests(item, hint):
     with pytest.raises(UserError) as info:
         resolve(CDM, "digits", sets=[item])
@@ -174,7 +189,7 @@ def test_resolve_toml_layer_and_precedence(tmp_path):
     cfg = tmp_path / "run.toml"
     cfg.write_text(
         "[train]\niters = 11\nseed = 5\n\n"
-        "[method]\nn_max = 3\nupdate_ratio = 4\nschedule = \"fixed\"\nstudent_lr = 1e-3\n"
+        '[method]\nn_max = 3\nupdate_ratio = 4\nschedule = "fixed"\nstudent_lr = 1e-3\n'
     )
     train, method = resolve(CDM, "digits", config_file=str(cfg))
     assert (train.iters, train.seed, train.batch) == (11, 5, 128)
@@ -183,8 +198,9 @@ def test_resolve_toml_layer_and_precedence(tmp_path):
     assert method.fake_lr == CDM.backbone_defaults["digits"]["fake_lr"]  # backbone default kept
 
     # --set beats the file, keyword overrides sit between them
-    train, method = resolve(CDM, "digits", config_file=str(cfg), sets=["n_max=6", "train.seed=9"],
-                            iters=13)
+    train, method = resolve(
+        CDM, "digits", config_file=str(cfg), sets=["n_max=6", "train.seed=9"], iters=13
+    )
     assert (train.iters, train.seed) == (13, 9)
     assert (method.n_max, method.update_ratio) == (6, 4)
 
@@ -207,8 +223,9 @@ def test_backbone_settings_layers_and_coercion(tmp_path):
     from cdmbench.backbones.sd3 import SD3
 
     cfg = tmp_path / "run.toml"
-    cfg.write_text("[train]\niters = 3\n\n[backbone]\nresolution = 512\ndrop_t5 = true\n"
-                   "teacher_guidance = 5\n")
+    cfg.write_text(
+        "[train]\niters = 3\n\n[backbone]\nresolution = 512\ndrop_t5 = true\nteacher_guidance = 5\n"
+    )
     s = backbone_settings(SD3, str(cfg), ["backbone.resolution=768", "train.iters=4", "n_max=2"])
     assert (s.resolution, s.drop_t5, s.teacher_guidance) == (768, True, 5)  # --set beats the file
     assert type(s.resolution) is int and s.max_sequence_length == 256  # declared default kept

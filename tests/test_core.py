@@ -42,10 +42,12 @@ def _methods() -> dict:
     """Small configurations of every built-in method (warm-up short, lr large)."""
     return {
         "cdm": lambda: CDM(CDMConfig(student_lr=1e-3, fake_lr=1e-3, warmup=3, n_max=3)),
-        "dmd": lambda: DMD(DMDConfig(student_lr=1e-3, fake_lr=1e-3, warmup=3, reg_pairs=32,
-                                     real_guidance=2.0)),
-        "dmd2": lambda: DMD2(DMD2Config(student_lr=1e-3, fake_lr=1e-3, warmup=3,
-                                        real_guidance=2.0)),
+        "dmd": lambda: DMD(
+            DMDConfig(student_lr=1e-3, fake_lr=1e-3, warmup=3, reg_pairs=32, real_guidance=2.0)
+        ),
+        "dmd2": lambda: DMD2(
+            DMD2Config(student_lr=1e-3, fake_lr=1e-3, warmup=3, real_guidance=2.0)
+        ),
         "cd": lambda: CD(CDConfig(student_lr=1e-3, warmup=3, grid=10, edges=(0, 5))),
     }
 
@@ -75,8 +77,9 @@ def test_ema_decay_warm_start_and_cap():
 
 def _pair_of_modules(seed: int = 0) -> tuple[nn.Module, nn.Module]:
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2)), nn.Sequential(nn.Linear(3, 4),
-                                                                          nn.Linear(4, 2))
+    return nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2)), nn.Sequential(
+        nn.Linear(3, 4), nn.Linear(4, 2)
+    )
 
 
 @pytest.mark.parametrize("decay", [0.0, 0.1, 0.9, 0.999, 1.0])
@@ -104,8 +107,13 @@ def test_merge_moves_fake_by_alpha_toward_student():
 # ----------------------------------------------------------------------------- normaliser
 def test_dm_normalizer_per_sample_value_and_floor():
     ref = torch.zeros(3, 2, 2)
-    x0 = torch.stack([torch.full((2, 2), 0.5), torch.tensor([[1.0, -1.0], [0.0, 2.0]]),
-                      torch.full((2, 2), -0.02)])
+    x0 = torch.stack(
+        [
+            torch.full((2, 2), 0.5),
+            torch.tensor([[1.0, -1.0], [0.0, 2.0]]),
+            torch.full((2, 2), -0.02),
+        ]
+    )
     n = dm_normalizer(ref, x0)
     assert n.shape == (3, 1, 1)  # broadcastable to x0
     torch.testing.assert_close(n.flatten(), torch.tensor([0.5, 1.0, 0.02]))
@@ -134,14 +142,16 @@ class Probe(Method):
 
     def optim_groups(self, core: Core) -> dict[str, OptimSpec]:
         c = self.config
-        return {"student": OptimSpec("student", lr=c.lr, clip=c.clip, warmup=c.warmup,
-                                     weight_decay=0.0)}
+        return {
+            "student": OptimSpec("student", lr=c.lr, clip=c.clip, warmup=c.warmup, weight_decay=0.0)
+        }
 
     def groups_to_update(self, it: int) -> list[str]:
         return ["student"]
 
-    def losses(self, group: str, it: int, batch: Batch, state: None, core: Core
-               ) -> dict[str, torch.Tensor]:
+    def losses(
+        self, group: str, it: int, batch: Batch, state: None, core: Core
+    ) -> dict[str, torch.Tensor]:
         ones = torch.ones(len(batch))
         x0 = core.backbone.x0(core.student, batch.noise, ones, batch.cond)
         return {"mse": self.config.scale * (x0 - 5.0).pow(2).mean()}
@@ -156,6 +166,7 @@ def _record_steps(trainer: Trainer) -> dict[str, list]:
             grads = [p.grad for pg in opt.param_groups for p in pg["params"] if p.grad is not None]
             norm = float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])))
             seen[group].append((opt.param_groups[0]["lr"], norm))
+
         return fn
 
     for g, opt in trainer.optims.items():
@@ -255,9 +266,14 @@ def test_prepare_runs_once_per_iteration_and_its_state_reaches_every_group(tmp_p
     for _ in range(3):
         tr.step(tr.next_batch())
     assert method.calls == [
-        ("prepare", 0), ("fake", 0, ("state", 0)), ("student", 0, ("state", 0)),
-        ("prepare", 1), ("fake", 1, ("state", 1)),
-        ("prepare", 2), ("fake", 2, ("state", 2)), ("student", 2, ("state", 2)),
+        ("prepare", 0),
+        ("fake", 0, ("state", 0)),
+        ("student", 0, ("state", 0)),
+        ("prepare", 1),
+        ("fake", 1, ("state", 1)),
+        ("prepare", 2),
+        ("fake", 2, ("state", 2)),
+        ("student", 2, ("state", 2)),
     ]
     assert tr.updates == {"fake": 3, "student": 2}
 
@@ -275,12 +291,15 @@ def test_update_cadence_of_each_method():
     assert CDM.Config().update_ratio == 2 and DMD2.Config().update_ratio == 5
 
 
-@pytest.mark.parametrize("name, expected", [
-    ("cdm", {"fake": 11, "student": 6}),
-    ("dmd", {"student": 11, "fake": 11}),
-    ("dmd2", {"fake": 11, "student": 3}),
-    ("cd", {"student": 11}),
-])
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("cdm", {"fake": 11, "student": 6}),
+        ("dmd", {"student": 11, "fake": 11}),
+        ("dmd2", {"fake": 11, "student": 3}),
+        ("cd", {"student": 11}),
+    ],
+)
 def test_trainer_follows_the_cadence(tmp_path, name, expected):
     tr = Trainer(Toy(), _methods()[name](), _cfg(iters=11), tmp_path)
     tr.train()
@@ -383,8 +402,12 @@ class NaNAt(CD):
 
 
 def _nan_trainer(tmp_path, on_nan: str) -> Trainer:
-    return Trainer(Toy(), NaNAt(CDConfig(student_lr=1e-3, warmup=1, grid=10, edges=(0,))),
-                   _cfg(iters=4, on_nan=on_nan), tmp_path)
+    return Trainer(
+        Toy(),
+        NaNAt(CDConfig(student_lr=1e-3, warmup=1, grid=10, edges=(0,))),
+        _cfg(iters=4, on_nan=on_nan),
+        tmp_path,
+    )
 
 
 def test_non_finite_loss_stops_naming_term_and_iteration(tmp_path):
@@ -405,15 +428,16 @@ def test_non_finite_loss_is_skipped_and_counted(tmp_path):
     logs = tr.step(tr.next_batch())  # iteration 1: skipped
     assert tr.nan_skipped == 1 and tr.updates == {"student": 1} and tr.it == 2
     assert "student/boom" not in logs
-    assert _same(_params(tr.student), before) and _same(_params(tr.models["target"]),
-                                                         target_before)
+    assert _same(_params(tr.student), before) and _same(_params(tr.models["target"]), target_before)
     tr.train()  # iterations 2, 3 run normally
     assert tr.nan_skipped == 1 and tr.updates == {"student": 3} and tr.it == 4
     assert not _same(_params(tr.student), before)
     assert all(torch.isfinite(p).all() for p in tr.student.parameters())
 
 
-def test_checkpoint_killed_before_its_manifest_leaves_the_previous_one_intact(tmp_path, monkeypatch):
+def test_checkpoint_killed_before_its_manifest_leaves_the_previous_one_intact(
+    tmp_path, monkeypatch
+):
     import cdmbench.training.core as core_mod
 
     tr = Trainer(Toy(), _methods()["cd"](), _cfg(iters=4), _dir(tmp_path / "run"))
@@ -437,4 +461,5 @@ def test_checkpoint_killed_before_its_manifest_leaves_the_previous_one_intact(tm
     assert fresh.it == 2
     tr.save_checkpoint()  # the next good save removes the orphaned files
     assert sorted(p.name for p in ckpt.iterdir()) == sorted(
-        ["manifest.json", *[p.name for p in Trainer.checkpoint_files(ckpt).values()]])
+        ["manifest.json", *[p.name for p in Trainer.checkpoint_files(ckpt).values()]]
+    )

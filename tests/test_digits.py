@@ -23,7 +23,9 @@ def test_split_is_fixed_disjoint_and_stratified():
         n = (y == c).sum()
         assert (y[te] == c).sum() == n // 4  # every fourth image of each class
     x, labels = D.load_split("test")
-    assert x.shape == (445, 1, 8, 8) and x.min() >= -1 and x.max() <= 1 and labels.dtype == torch.long
+    assert (
+        x.shape == (445, 1, 8, 8) and x.min() >= -1 and x.max() <= 1 and labels.dtype == torch.long
+    )
     with pytest.raises(ValueError):
         D.split_indices("val")
 
@@ -31,8 +33,12 @@ def test_split_is_fixed_disjoint_and_stratified():
 def test_prompts_map_to_classes_and_null():
     bb = get_backbone("digits")
     ps = bb.prompts()
-    assert [p.text for p in ps][7] == "a handwritten digit seven" and [p.id for p in ps][3] == "digit-3"
-    cond = bb.encode([Prompt("a", "a handwritten digit nine"), Prompt("b", ""), Prompt("c", "digit 4")])
+    assert [p.text for p in ps][7] == "a handwritten digit seven" and [p.id for p in ps][
+        3
+    ] == "digit-3"
+    cond = bb.encode(
+        [Prompt("a", "a handwritten digit nine"), Prompt("b", ""), Prompt("c", "digit 4")]
+    )
     assert cond.tensors["label"].tolist() == [9, D.NULL_CLASS, 4]
     assert cond.null["label"].tolist() == [D.NULL_CLASS]
     with pytest.raises(ValueError, match="names no digit"):
@@ -83,7 +89,9 @@ def test_teacher_beats_one_step_at_fifty_steps():
     scores = {}
     for n in (1, 20):
         with torch.no_grad():
-            x = flow.sample(lambda x, s: bb.velocity(t, x, s, cond, 1.0), noise, flow.uniform_schedule(n))
+            x = flow.sample(
+                lambda x, s: bb.velocity(t, x, s, cond, 1.0), noise, flow.uniform_schedule(n)
+            )
         scores[n] = judge.score(bb.decode(x), labels)
     assert scores[20]["prompt_acc"] >= 0.9
     assert scores[20]["fd_digits"] < 0.5 * scores[1]["fd_digits"]
@@ -98,7 +106,12 @@ def test_quantize_matches_png_levels():
 
 def test_digits_settings_are_its_evaluation_defaults():
     s = get_backbone("digits").settings
-    assert (s.eval_batch, s.eval_samples, s.eval_samples_quick, s.eval_prompts) == (256, 200, 50, "digits")
+    assert (s.eval_batch, s.eval_samples, s.eval_samples_quick, s.eval_prompts) == (
+        256,
+        200,
+        50,
+        "digits",
+    )
     assert s.eval_metrics == ("fd_digits", "prompt_acc", "precision_recall", "latency")
     assert (s.teacher_steps, s.teacher_guidance) == (50, 2.0)
     assert get_backbone("digits").trains_teacher and not get_backbone("tiny-sd3").trains_teacher

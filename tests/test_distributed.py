@@ -26,8 +26,18 @@ def cdmbench(args: list[str], nproc: int, cwd: Path) -> subprocess.CompletedProc
     if nproc == 1:
         cmd = [sys.executable, "-m", "cdmbench.cli", *args]
     else:
-        cmd = ["torchrun", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
-               "--master_port", str(_port()), "-m", "cdmbench.cli", *args]
+        cmd = [
+            "torchrun",
+            "--nproc_per_node",
+            str(nproc),
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(_port()),
+            "-m",
+            "cdmbench.cli",
+            *args,
+        ]
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return proc
@@ -39,7 +49,18 @@ def _values(results: Path) -> list[tuple]:
 
 
 def test_two_process_train_and_eval_match_one_process(tmp_path):
-    train = ["train", "dmd2", "--iters", "4", "--batch", "4", "--set", "train.ckpt_every=2", "--out", "runs"]
+    train = [
+        "train",
+        "dmd2",
+        "--iters",
+        "4",
+        "--batch",
+        "4",
+        "--set",
+        "train.ckpt_every=2",
+        "--out",
+        "runs",
+    ]
     cdmbench(train, 2, tmp_path)
     run_dir = next((tmp_path / "runs" / "digits").glob("dmd2-*"))
     info = json.loads((run_dir / "run.json").read_text())
@@ -47,8 +68,19 @@ def test_two_process_train_and_eval_match_one_process(tmp_path):
     manifest = json.loads((run_dir / "checkpoint" / "manifest.json").read_text())
     assert manifest["it"] == 4
 
-    ev = ["eval", "--methods", "dmd2,teacher", "--steps", "1,2", "--metrics", "fd_digits,prompt_acc",
-          "--num-samples", "4", "--batch-size", "7"]
+    ev = [
+        "eval",
+        "--methods",
+        "dmd2,teacher",
+        "--steps",
+        "1,2",
+        "--metrics",
+        "fd_digits,prompt_acc",
+        "--num-samples",
+        "4",
+        "--batch-size",
+        "7",
+    ]
     cdmbench([*ev, "--results", "r1", "--samples", "s1"], 1, tmp_path)
     cdmbench([*ev, "--results", "r2", "--samples", "s2"], 2, tmp_path)
     one, two = _values(tmp_path / "r1"), _values(tmp_path / "r2")

@@ -35,11 +35,25 @@ def runs_root(tmp_path_factory) -> Path:
     return root
 
 
-def _plan(tmp: Path, runs_root: Path, metrics=("fd_digits", "prompt_acc"), per_prompt=6, steps=(1, 2)):
+def _plan(
+    tmp: Path, runs_root: Path, metrics=("fd_digits", "prompt_acc"), per_prompt=6, steps=(1, 2)
+):
     bb = get_backbone("digits")
     cands = [teacher_candidate(bb)] + run_candidates(runs_root, bb)
-    return EvalPlan(bb, cands, list(steps), list(metrics), bb.prompts(), "digits", per_prompt, 0,
-                    tmp / "samples", ResultStore(tmp / "results"), batch_size=16, teacher_default=False)
+    return EvalPlan(
+        bb,
+        cands,
+        list(steps),
+        list(metrics),
+        bb.prompts(),
+        "digits",
+        per_prompt,
+        0,
+        tmp / "samples",
+        ResultStore(tmp / "results"),
+        batch_size=16,
+        teacher_default=False,
+    )
 
 
 def test_records_for_every_model_and_step(tmp_path, runs_root):
@@ -50,7 +64,16 @@ def test_records_for_every_model_and_step(tmp_path, runs_root):
             assert {(m, n, "fd_digits"), (m, n, "prompt_acc")} <= keys
     r = next(r for r in new if r["method"] == "teacher" and r["steps"] == 2)
     assert r["schedule"] == [1.0, 0.5, 0.0] and r["guidance"] == 2.0 and r["n_samples"] == 60
-    for field in ("versions", "git_rev", "device", "metric_config", "checkpoint", "seed", "time", "run_id"):
+    for field in (
+        "versions",
+        "git_rev",
+        "device",
+        "metric_config",
+        "checkpoint",
+        "seed",
+        "time",
+        "run_id",
+    ):
         assert r[field] not in (None, "", {})
     stored = ResultStore(tmp_path / "results").read()
     assert len(stored.records) == len(new) and not stored.problems
@@ -72,13 +95,27 @@ def test_metric_config_hashes_stay_those_of_the_committed_records(tmp_path):
     """Stored records are reused by (sample key, metric, metric config hash): these are the
     hashes in results/records.jsonl; a change recomputes every committed number."""
     bb = get_backbone("digits")
-    plan = EvalPlan(bb, [teacher_candidate(bb)], [1],
-                    ["fd_digits", "prompt_acc", "precision_recall", "latency"], bb.prompts(),
-                    "digits", 1, 0, tmp_path / "samples", ResultStore(tmp_path / "results"),
-                    batch_size=16, teacher_default=False)
+    plan = EvalPlan(
+        bb,
+        [teacher_candidate(bb)],
+        [1],
+        ["fd_digits", "prompt_acc", "precision_recall", "latency"],
+        bb.prompts(),
+        "digits",
+        1,
+        0,
+        tmp_path / "samples",
+        ResultStore(tmp_path / "results"),
+        batch_size=16,
+        teacher_default=False,
+    )
     hashes = {r["metric_name"]: r["metric_config_hash"] for r in run_eval(plan)}
-    assert hashes == {"fd_digits": "df60c9f131d9", "prompt_acc": "400e018dfe5e",
-                      "precision_recall": "bae5896041b9", "latency": "4a2ae0e3196e"}
+    assert hashes == {
+        "fd_digits": "df60c9f131d9",
+        "prompt_acc": "400e018dfe5e",
+        "precision_recall": "bae5896041b9",
+        "latency": "4a2ae0e3196e",
+    }
 
 
 def test_rerun_computes_nothing_and_half_deleted_folder_regenerates_half(tmp_path, runs_root):
@@ -86,12 +123,16 @@ def test_rerun_computes_nothing_and_half_deleted_folder_regenerates_half(tmp_pat
     first = run_eval(plan)
     assert run_eval(plan) == []
     cand = next(c for c in plan.candidates if c.name == "cdm")
-    sset = ensure_samples(plan.backbone, cand, 1, plan.prompts, plan.prompt_set, 0, 4, plan.samples_root)
+    sset = ensure_samples(
+        plan.backbone, cand, 1, plan.prompts, plan.prompt_set, 0, 4, plan.samples_root
+    )
     assert sset.generated == 0
     before = load_images(sset)
     for f in sset.files[::2]:
         (sset.folder / f).unlink()
-    again = ensure_samples(plan.backbone, cand, 1, plan.prompts, plan.prompt_set, 0, 4, plan.samples_root)
+    again = ensure_samples(
+        plan.backbone, cand, 1, plan.prompts, plan.prompt_set, 0, 4, plan.samples_root
+    )
     assert again.generated == len(sset.files) // 2
     assert torch.equal(load_images(again), before)  # regenerated PNGs are bit-identical
     assert len(first) > 0
@@ -131,7 +172,10 @@ def _writer(root: str, tag: int, n: int) -> None:
 
 
 def test_two_concurrent_writers_lose_nothing(tmp_path):
-    procs = [mp.get_context("spawn").Process(target=_writer, args=(str(tmp_path), t, 150)) for t in (0, 1)]
+    procs = [
+        mp.get_context("spawn").Process(target=_writer, args=(str(tmp_path), t, 150))
+        for t in (0, 1)
+    ]
     for p in procs:
         p.start()
     for p in procs:
@@ -139,7 +183,8 @@ def test_two_concurrent_writers_lose_nothing(tmp_path):
     rep = ResultStore(tmp_path).read()
     assert not rep.problems
     assert sorted((r["writer"], r["value"]) for r in rep.records) == sorted(
-        (t, float(i)) for t in (0, 1) for i in range(150))
+        (t, float(i)) for t in (0, 1) for i in range(150)
+    )
 
 
 def test_truncated_line_is_reported_and_skipped(tmp_path):
@@ -157,10 +202,21 @@ def test_compiled_eval_reports_compile_time_and_keeps_samples_apart(tmp_path):
     """--compile: torch.compile (inductor) on the denoiser, compile time as its own value, samples
     keyed apart from eager ones and equal to them up to kernel rounding."""
     bb = get_backbone("digits")
-    eager = _plan(tmp_path / "eager", tmp_path / "none", metrics=("fd_digits", "latency"), per_prompt=3, steps=(2,))
+    eager = _plan(
+        tmp_path / "eager",
+        tmp_path / "none",
+        metrics=("fd_digits", "latency"),
+        per_prompt=3,
+        steps=(2,),
+    )
     eager.candidates = [teacher_candidate(bb)]
-    compiled = _plan(tmp_path / "compiled", tmp_path / "none", metrics=("fd_digits", "latency"), per_prompt=3,
-                     steps=(2,))
+    compiled = _plan(
+        tmp_path / "compiled",
+        tmp_path / "none",
+        metrics=("fd_digits", "latency"),
+        per_prompt=3,
+        steps=(2,),
+    )
     compiled.candidates = [teacher_candidate(bb)]
     compiled.samples_root = eager.samples_root  # one samples folder: the keys must keep them apart
     compiled.compile = "default"
@@ -171,11 +227,15 @@ def test_compiled_eval_reports_compile_time_and_keeps_samples_apart(tmp_path):
     assert b["latency_ms"]["metric_config"]["compile"] == "default"
     assert a["latency_ms"]["metric_config_hash"] != b["latency_ms"]["metric_config_hash"]
     assert a["fd_digits"]["eval_key"] != b["fd_digits"]["eval_key"]
-    assert set(compiled.candidates[0].model.state_dict()) == keys  # compiled in place: same weights, same names
+    assert (
+        set(compiled.candidates[0].model.state_dict()) == keys
+    )  # compiled in place: same weights, same names
     assert abs(a["fd_digits"]["value"] - b["fd_digits"]["value"]) < 1e-2 * a["fd_digits"]["value"]
     folders = sorted((eager.samples_root / "digits").glob("teacher-2-*"))
-    imgs = [load_images(ensure_samples(bb, c, 2, bb.prompts(), "digits", 0, 3, eager.samples_root))
-            for c in (eager.candidates[0], compiled.candidates[0])]
+    imgs = [
+        load_images(ensure_samples(bb, c, 2, bb.prompts(), "digits", 0, 3, eager.samples_root))
+        for c in (eager.candidates[0], compiled.candidates[0])
+    ]
     assert len(folders) == 2 and (imgs[0].int() - imgs[1].int()).abs().max() <= 1
 
 

@@ -39,7 +39,9 @@ def _kill_loop(args: list[str], cwd: Path, progress: callable, total: int, seed:
     while kills < KILLS:
         start = progress()
         target = start + rng.randint(0, max(1, total // 12))
-        p = subprocess.Popen(_cmd(args), cwd=cwd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        p = subprocess.Popen(
+            _cmd(args), cwd=cwd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         deadline = time.monotonic() + 120
         while p.poll() is None and progress() < target and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -60,8 +62,22 @@ def _lines(path: Path) -> int:
 
 
 def test_train_survives_kills(tmp_path):
-    args = ["train", "cdm", "--iters", "120", "--batch", "32", "--set", "train.ckpt_every=7",
-            "--set", "train.log_every=1", "--set", "method.n_max=4", "--set", "method.update_ratio=2"]
+    args = [
+        "train",
+        "cdm",
+        "--iters",
+        "120",
+        "--batch",
+        "32",
+        "--set",
+        "train.ckpt_every=7",
+        "--set",
+        "train.log_every=1",
+        "--set",
+        "method.n_max=4",
+        "--set",
+        "method.update_ratio=2",
+    ]
     _run([*args, "--out", "a"], tmp_path)
     a = next((tmp_path / "a" / "digits").glob("cdm-*"))
 
@@ -79,19 +95,36 @@ def test_train_survives_kills(tmp_path):
 
 
 def _records(results: Path) -> list[tuple]:
-    recs = [json.loads(x) for x in (results / "records.jsonl").read_text().splitlines() if x.strip()]
+    recs = [
+        json.loads(x) for x in (results / "records.jsonl").read_text().splitlines() if x.strip()
+    ]
     return sorted((r["method"], r["steps"], r["metric"], r["value"], r["eval_key"]) for r in recs)
 
 
 def test_eval_survives_kills(tmp_path):
-    args = ["eval", "--methods", "teacher", "--steps", "1,2,4,8", "--metrics", "fd_digits,prompt_acc",
-            "--num-samples", "40", "--batch-size", "20"]
+    args = [
+        "eval",
+        "--methods",
+        "teacher",
+        "--steps",
+        "1,2,4,8",
+        "--metrics",
+        "fd_digits,prompt_acc",
+        "--num-samples",
+        "40",
+        "--batch-size",
+        "20",
+    ]
     _run([*args, "--results", "ra", "--samples", "sa"], tmp_path)
 
     def progress() -> int:  # PNGs written plus records appended
-        return len(list((tmp_path / "sb").rglob("*.png"))) + _lines(tmp_path / "rb" / "records.jsonl")
+        return len(list((tmp_path / "sb").rglob("*.png"))) + _lines(
+            tmp_path / "rb" / "records.jsonl"
+        )
 
-    kills = _kill_loop([*args, "--results", "rb", "--samples", "sb"], tmp_path, progress, 5 * 400, seed=1)
+    kills = _kill_loop(
+        [*args, "--results", "rb", "--samples", "sb"], tmp_path, progress, 5 * 400, seed=1
+    )
     _run([*args, "--results", "rb", "--samples", "sb"], tmp_path)
     assert _records(tmp_path / "ra") == _records(tmp_path / "rb")
     assert kills == KILLS

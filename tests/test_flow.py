@@ -50,8 +50,9 @@ def test_round_trips_scalar_sigma(s):
     torch.testing.assert_close(flow.eps_from_v(xs, s, v), eps, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(flow.v_from_x0(xs, s, x0), v, atol=1e-4, rtol=1e-4)
     # x0_from_v and v_from_x0 are inverses of each other at fixed (x, s)
-    torch.testing.assert_close(flow.x0_from_v(xs, s, flow.v_from_x0(xs, s, x0)), x0,
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        flow.x0_from_v(xs, s, flow.v_from_x0(xs, s, x0)), x0, atol=1e-5, rtol=1e-5
+    )
 
 
 def test_round_trips_per_sample_sigma():
@@ -99,8 +100,9 @@ def test_euler_step_identity_and_closed_form():
     # on the straight rectified path, one Euler step from any s lands on x_{s'} exactly
     for s, s_next in [(1.0, 0.0), (1.0, 0.6), (0.6, 0.2), (0.3, 0.0)]:
         xs = flow.add_noise(x0, eps, s)
-        torch.testing.assert_close(flow.euler_step(xs, s, s_next, v),
-                                   flow.add_noise(x0, eps, s_next), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            flow.euler_step(xs, s, s_next, v), flow.add_noise(x0, eps, s_next), atol=1e-5, rtol=1e-5
+        )
     # to s' = 0 the Euler step equals the x0 prediction
     xs = flow.add_noise(x0, eps, 0.4)
     torch.testing.assert_close(flow.euler_step(xs, 0.4, 0.0, v), flow.x0_from_v(xs, 0.4, v))
@@ -249,8 +251,9 @@ def test_sample_stochastic_renoise_formula():
         calls.append(n)
         return fresh[n]
 
-    out, traj = flow.sample(_nonlinear_velocity, noise, sigmas, stochastic=True, renoise=renoise,
-                            record=True)
+    out, traj = flow.sample(
+        _nonlinear_velocity, noise, sigmas, stochastic=True, renoise=renoise, record=True
+    )
     # fresh noise is drawn for every step that does not end at sigma = 0
     assert calls == [0, 1, 2]
     # reference loop: x0 = x - s v; x_{n+1} = (1 - s') x0 + s' eps_n; the last step returns x0
@@ -275,12 +278,14 @@ def test_sample_stochastic_exact_field_lands_on_x0_for_any_fresh_noise():
     def velocity(x, s):
         return (x - x0) / s.view(-1, 1, 1, 1)
 
-    out, traj = flow.sample(velocity, noise, sigmas, stochastic=True,
-                            renoise=lambda n: fresh[n], record=True)
+    out, traj = flow.sample(
+        velocity, noise, sigmas, stochastic=True, renoise=lambda n: fresh[n], record=True
+    )
     torch.testing.assert_close(out, x0, atol=1e-5, rtol=1e-5)
     for n in range(1, len(sigmas) - 1):  # x_{n} = (1 - s_n) x0 + s_n eps_{n-1}
-        torch.testing.assert_close(traj.xt[n], flow.add_noise(x0, fresh[n - 1], sigmas[n]),
-                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            traj.xt[n], flow.add_noise(x0, fresh[n - 1], sigmas[n]), atol=1e-5, rtol=1e-5
+        )
 
 
 def test_sample_rows_independent_of_batch_with_seeded_noise():
@@ -293,8 +298,13 @@ def test_sample_rows_independent_of_batch_with_seeded_noise():
         def renoise(j):
             return flow.seeded_noise(shape, [flow.sample_seed(s, "renoise", j) for s in ss])
 
-        return flow.sample(_nonlinear_velocity, flow.seeded_noise(shape, ss), sigmas,
-                           stochastic=True, renoise=renoise)
+        return flow.sample(
+            _nonlinear_velocity,
+            flow.seeded_noise(shape, ss),
+            sigmas,
+            stochastic=True,
+            renoise=renoise,
+        )
 
     full = run(seeds)
     parts = torch.cat([run(seeds[:2]), run(seeds[2:3]), run(seeds[3:])])
@@ -343,15 +353,18 @@ def test_explicit_schedule_keeps_a_final_zero_once():
     assert flow.explicit_schedule([1.0, 0.5, 0.0], shift=3.0) == [1.0, 0.75, 0.0]
 
 
-@pytest.mark.parametrize("bad", [
-    [],
-    [0.5, 1.0],
-    [1.0, 1.0, 0.5],
-    [1.0, 0.5, 0.6],
-    [1.5, 0.5],
-    [1.0, -0.1],
-    [[1.0, 0.5]],
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        [],
+        [0.5, 1.0],
+        [1.0, 1.0, 0.5],
+        [1.0, 0.5, 0.6],
+        [1.5, 0.5],
+        [1.0, -0.1],
+        [[1.0, 0.5]],
+    ],
+)
 def test_explicit_schedule_rejects_bad_lists(bad):
     with pytest.raises(ValueError):
         flow.explicit_schedule(bad)
@@ -444,8 +457,9 @@ def test_sample_uniform_range_and_mean():
     t = flow.sample_uniform(20000, generator=_gen(1))
     assert t.min().item() >= 0.0 and t.max().item() < 1.0
     assert abs(t.mean().item() - 0.5) < 0.01
-    torch.testing.assert_close(flow.sample_uniform(10, generator=_gen(3)),
-                               flow.sample_uniform(10, generator=_gen(3)))
+    torch.testing.assert_close(
+        flow.sample_uniform(10, generator=_gen(3)), flow.sample_uniform(10, generator=_gen(3))
+    )
 
 
 def test_sample_logit_normal_range_and_median():
@@ -461,8 +475,9 @@ def test_sample_logit_normal_range_and_median():
 def test_clamp_sigma():
     s = torch.tensor([0.0, 0.01, 0.5, 0.99, 1.0])
     torch.testing.assert_close(flow.clamp_sigma(s), torch.tensor([0.02, 0.02, 0.5, 0.98, 0.98]))
-    torch.testing.assert_close(flow.clamp_sigma(s, 0.1, 0.9),
-                               torch.tensor([0.1, 0.1, 0.5, 0.9, 0.9]))
+    torch.testing.assert_close(
+        flow.clamp_sigma(s, 0.1, 0.9), torch.tensor([0.1, 0.1, 0.5, 0.9, 0.9])
+    )
     assert (flow.SIGMA_MIN, flow.SIGMA_MAX) == (0.02, 0.98)
 
 

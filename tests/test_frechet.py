@@ -30,8 +30,9 @@ def _torchmetrics_fid(a: np.ndarray, b: np.ndarray) -> float:
     return float(_compute_fid(ta.mean(0), torch.cov(ta.T), tb.mean(0), torch.cov(tb.T)))
 
 
-@pytest.mark.parametrize(("seed_b", "shift", "scale"),
-                         [(1, 0.0, 1.0), (2, 0.5, 1.0), (3, -0.2, 1.7)])
+@pytest.mark.parametrize(
+    ("seed_b", "shift", "scale"), [(1, 0.0, 1.0), (2, 0.5, 1.0), (3, -0.2, 1.7)]
+)
 def test_matches_torchmetrics_fid(seed_b, shift, scale):
     a = _features(0)
     b = _features(seed_b, shift=shift, scale=scale)
@@ -54,11 +55,13 @@ def test_accepts_torch_tensors_of_any_float_dtype():
     a, b = _features(0), _features(1, shift=0.5)
     ref = frechet_distance_features(a, b)
     assert frechet_distance_features(torch.from_numpy(a), torch.from_numpy(b)) == pytest.approx(
-        ref, rel=1e-12)
+        ref, rel=1e-12
+    )
     # float32 features are promoted to float64 before the statistics
     a32, b32 = a.astype(np.float32), b.astype(np.float32)
     assert frechet_distance_features(torch.from_numpy(a32), torch.from_numpy(b32)) == pytest.approx(
-        frechet_distance_features(a32.astype(np.float64), b32.astype(np.float64)), rel=1e-12)
+        frechet_distance_features(a32.astype(np.float64), b32.astype(np.float64)), rel=1e-12
+    )
 
 
 def test_self_distance_is_zero():

@@ -50,7 +50,10 @@ def test_auto_follows_accelerates_fsdp_variables():
     assert resolve_shard("none", 2, FSDP_ENV) is False
     assert resolve_shard("fsdp2", 2, {}) is True
     assert resolve_shard("auto", 1, FSDP_ENV) is False  # one process: nothing to shard across
-    for env in ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, {"ACCELERATE_USE_FSDP": "true"}):
+    for env in (
+        {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"},
+        {"ACCELERATE_USE_FSDP": "true"},
+    ):
         with pytest.raises(UserError, match="FSDP version 1.*--fsdp_version 2"):
             resolve_shard("auto", 2, env)
 
@@ -59,7 +62,9 @@ def test_fsdp2_in_one_process_warns_and_trains_unsharded(tmp_path):
     from cdmbench.training.core import Trainer
 
     with pytest.warns(UserWarning, match="single process"):
-        tr = Trainer(_backbone(), _method("dmd2"), TrainConfig(iters=2, batch=8, shard="fsdp2"), tmp_path)
+        tr = Trainer(
+            _backbone(), _method("dmd2"), TrainConfig(iters=2, batch=8, shard="fsdp2"), tmp_path
+        )
     assert not tr.sharded and not tr.sharded_models
     tr.train()
     assert tr.it == 2 and not any(type(p).__name__ == "DTensor" for p in tr.student.parameters())
@@ -106,8 +111,9 @@ def _assert_same_update(a: dict, b: dict, init: dict, what: str) -> None:
     moved = torch.cat([(a[k].float() - init[k].float()).flatten() for k in a])
     diff = torch.cat([(a[k].float() - b[k].float()).flatten() for k in a])
     assert moved.norm() > 1e-2, f"{what}: training barely moved the weights ({moved.norm():.2e})"
-    assert diff.abs().max() <= 1e-4 and diff.norm() <= 1e-4 * moved.norm(), \
+    assert diff.abs().max() <= 1e-4 and diff.norm() <= 1e-4 * moved.norm(), (
         f"{what}: max diff {diff.abs().max():.2e}, relative {diff.norm() / moved.norm():.2e}"
+    )
 
 
 def _assert_equal_optims(a: dict, b: dict, what: str) -> None:
@@ -126,9 +132,20 @@ def test_two_process_fsdp2_matches_replicated_and_resumes_exactly(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     for k in ("ACCELERATE_USE_FSDP", "FSDP_VERSION"):
         env.pop(k, None)
-    cmd = ["torchrun", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(_port()),
-           __file__, str(tmp_path)]
-    proc = subprocess.run(cmd, cwd=Path(__file__).parent, env=env, capture_output=True, text=True, timeout=600)
+    cmd = [
+        "torchrun",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_port()),
+        __file__,
+        str(tmp_path),
+    ]
+    proc = subprocess.run(
+        cmd, cwd=Path(__file__).parent, env=env, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
 
     # the models were sharded: every parameter a DTensor whose two shards make up the whole,
@@ -145,18 +162,28 @@ def test_two_process_fsdp2_matches_replicated_and_resumes_exactly(tmp_path):
         ref = next((tmp_path / "ref" / "digits").glob(f"{name}-*"))
         fsdp = next((tmp_path / "fsdp" / "digits").glob(f"{name}-*"))
         # the exported EMA student and every checkpointed model moved as in the replicated run
-        _assert_same_update(_models(ref / "student.safetensors"), _models(fsdp / "student.safetensors"), teacher,
-                            f"{name} EMA student")
+        _assert_same_update(
+            _models(ref / "student.safetensors"),
+            _models(fsdp / "student.safetensors"),
+            teacher,
+            f"{name} EMA student",
+        )
         (m_ref, t_ref, o_ref), (m_fsdp, t_fsdp, o_fsdp) = _checkpoint(ref), _checkpoint(fsdp)
         assert m_ref["it"] == m_fsdp["it"] == ITERS and o_ref["updates"] == o_fsdp["updates"]
         for model in {k.split(".")[0] for k in t_ref}:
-            pick = lambda t, m=model: {k.split(".", 1)[1]: v for k, v in t.items() if k.startswith(m + ".")}  # noqa: E731
+
+            def pick(t, m=model):
+                return {k.split(".", 1)[1]: v for k, v in t.items() if k.startswith(m + ".")}
+
             _assert_same_update(pick(t_ref), pick(t_fsdp), teacher, f"{name} {model}")
         # gradient norms (scale-sensitive, unlike Adam's update): the same mean over ranks
         g_ref, g_fsdp = _grad_norms(ref), _grad_norms(fsdp)
         assert g_ref.keys() == g_fsdp.keys()
         for k in g_ref:
-            assert torch.allclose(torch.tensor(g_fsdp[k]), torch.tensor(g_ref[k]), rtol=1e-4), (name, k)
+            assert torch.allclose(torch.tensor(g_fsdp[k]), torch.tensor(g_ref[k]), rtol=1e-4), (
+                name,
+                k,
+            )
         # full optimizer state in the replicated format, close to the replicated run's
         for g in o_ref["optims"]:
             sr, sf = o_ref["optims"][g]["state"], o_fsdp["optims"][g]["state"]
@@ -167,18 +194,27 @@ def test_two_process_fsdp2_matches_replicated_and_resumes_exactly(tmp_path):
                 assert torch.allclose(sf[i]["exp_avg"], sr[i]["exp_avg"], rtol=1e-3, atol=1e-7)
 
     # sharded checkpoint -> replicated run -> its checkpoint: the same tensors, bit for bit
-    (_, t_first, o_first), (_, t_mid, o_mid) = _checkpoint(tmp_path / "first"), _checkpoint(tmp_path / "mid")
-    assert t_first.keys() == t_mid.keys() and all(torch.equal(t_first[k], t_mid[k]) for k in t_first)
+    (_, t_first, o_first), (_, t_mid, o_mid) = (
+        _checkpoint(tmp_path / "first"),
+        _checkpoint(tmp_path / "mid"),
+    )
+    assert t_first.keys() == t_mid.keys() and all(
+        torch.equal(t_first[k], t_mid[k]) for k in t_first
+    )
     _assert_equal_optims(o_first["optims"], o_mid["optims"], "sharded -> replicated")
     # ... -> sharded again, trained on: bitwise the uninterrupted sharded run
-    (m_res, t_res, o_res), (m_whole, t_whole, o_whole) = _checkpoint(tmp_path / "resumed"), _checkpoint(
-        next((tmp_path / "fsdp" / "digits").glob("cdm-*")))
+    (m_res, t_res, o_res), (m_whole, t_whole, o_whole) = (
+        _checkpoint(tmp_path / "resumed"),
+        _checkpoint(next((tmp_path / "fsdp" / "digits").glob("cdm-*"))),
+    )
     assert m_res["it"] == m_whole["it"] == ITERS and o_res["updates"] == o_whole["updates"]
     assert t_res.keys() == t_whole.keys()
     for k in t_res:
         assert torch.equal(t_res[k], t_whole[k]), k
     _assert_equal_optims(o_res["optims"], o_whole["optims"], "resumed")
-    assert all(torch.equal(a, b) for a, b in zip(o_res["rng"]["g"], o_whole["rng"]["g"], strict=True))
+    assert all(
+        torch.equal(a, b) for a, b in zip(o_res["rng"]["g"], o_whole["rng"]["g"], strict=True)
+    )
 
 
 # ----------------------------------------------------------------------------- worker
@@ -188,9 +224,14 @@ def _method(name: str):
     from cdmbench.methods.dmd2 import DMD2, DMD2Config
 
     if name == "cdm":
-        return CDM(CDMConfig(student_lr=1e-3, fake_lr=1e-3, warmup=0, n_max=3, update_ratio=2,
-                             cfg_aug_scale=0.0))
-    return DMD2(DMD2Config(student_lr=1e-3, fake_lr=1e-3, warmup=0, update_ratio=2, real_guidance=1.0))
+        return CDM(
+            CDMConfig(
+                student_lr=1e-3, fake_lr=1e-3, warmup=0, n_max=3, update_ratio=2, cfg_aug_scale=0.0
+            )
+        )
+    return DMD2(
+        DMD2Config(student_lr=1e-3, fake_lr=1e-3, warmup=0, update_ratio=2, real_guidance=1.0)
+    )
 
 
 def _backbone():
@@ -231,13 +272,18 @@ def _worker(out: Path) -> None:
     ema = first.unsharded("ema")  # a collective: every rank calls
     facts = {
         "sharded_models": sorted(first.sharded_models),
-        "all_dtensor": all(isinstance(p, DTensor) for m in first.models.values() for p in m.parameters()),
+        "all_dtensor": all(
+            isinstance(p, DTensor) for m in first.models.values() for p in m.parameters()
+        ),
         "teacher_dtensor": all(isinstance(p, DTensor) for p in first.teacher.parameters()),
-        "blocks_wrapped": all(isinstance(b, FSDPModule) for b in student.blocks) and isinstance(student, FSDPModule),
+        "blocks_wrapped": all(isinstance(b, FSDPModule) for b in student.blocks)
+        and isinstance(student, FSDPModule),
         "local_numel": n_local,
         "local_numel_sum": int(total),
         "full_numel": sum(p.numel() for p in student.parameters()),
-        "plain_export": ema is None if rank else not any(isinstance(p, DTensor) for p in ema.parameters()),
+        "plain_export": ema is None
+        if rank
+        else not any(isinstance(p, DTensor) for p in ema.parameters()),
     }
     (out / f"facts-{rank}.json").write_text(json.dumps(facts))
 
@@ -250,7 +296,10 @@ def _worker(out: Path) -> None:
     resumed.train()
     if rank == 0:
         teacher = _backbone().load_teacher()
-        save_file({k: v.contiguous() for k, v in teacher.state_dict().items()}, str(out / "teacher.safetensors"))
+        save_file(
+            {k: v.contiguous() for k, v in teacher.state_dict().items()},
+            str(out / "teacher.safetensors"),
+        )
     dist.barrier()  # no rank tears gloo down while another still works (an abort at exit under load)
     dist.destroy_process_group()
 

@@ -28,8 +28,10 @@ from cdmbench.prompts_io import Prompt
 from cdmbench.registry import BACKBONES, METHODS
 from cdmbench.training.core import TrainConfig, Trainer
 
-PROMPTS = [Prompt("fox", "a red fox curled up in fresh snow, soft morning light"),
-           Prompt("sign", "a wooden sign that says 'LongCat' in a quiet garden")]
+PROMPTS = [
+    Prompt("fox", "a red fox curled up in fresh snow, soft morning light"),
+    Prompt("sign", "a wooden sign that says 'LongCat' in a quiet garden"),
+]
 STEPS = 4
 
 
@@ -48,9 +50,13 @@ def _pipeline(bb: TinyLongCat, transformer):
     from diffusers import FlowMatchEulerDiscreteScheduler, LongCatImagePipeline
 
     pipe = LongCatImagePipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler.from_config(bb.scheduler_config), vae=bb.vae,
-        text_encoder=bb.text_encoder, tokenizer=bb.tokenizer, text_processor=None,
-        transformer=transformer)
+        scheduler=FlowMatchEulerDiscreteScheduler.from_config(bb.scheduler_config),
+        vae=bb.vae,
+        text_encoder=bb.text_encoder,
+        tokenizer=bb.tokenizer,
+        text_processor=None,
+        transformer=transformer,
+    )
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -65,10 +71,18 @@ def _noise(bb) -> torch.Tensor:
 
 
 def _diffusers(bb, pipe, noise, w: float, renorm: bool = False, output_type: str = "latent"):
-    out = pipe(prompt=[p.text for p in PROMPTS], height=bb.height, width=bb.width,
-               latents=bb.pack(noise), num_inference_steps=STEPS, guidance_scale=w,
-               output_type=output_type, enable_prompt_rewrite=False,
-               enable_cfg_renorm=renorm, cfg_renorm_min=0.0).images
+    out = pipe(
+        prompt=[p.text for p in PROMPTS],
+        height=bb.height,
+        width=bb.width,
+        latents=bb.pack(noise),
+        num_inference_steps=STEPS,
+        guidance_scale=w,
+        output_type=output_type,
+        enable_prompt_rewrite=False,
+        enable_cfg_renorm=renorm,
+        cfg_renorm_min=0.0,
+    ).images
     return out if output_type != "latent" else bb.unpack(out, *bb.latent_shape[1:])
 
 
@@ -165,7 +179,9 @@ def test_tiny_weights_are_seeded_and_a_student_reloads(bb, teacher, tmp_path):
     from safetensors.torch import save_file
 
     fresh = build_tiny_states(TinyLongCat, 0)["transformer"]  # seeded construction, not the cache
-    assert all(torch.equal(fresh[k], v) for k, v in tiny_states(TinyLongCat, 0)["transformer"].items())
+    assert all(
+        torch.equal(fresh[k], v) for k, v in tiny_states(TinyLongCat, 0)["transformer"].items()
+    )
     other = build_tiny_states(TinyLongCat, 1)["transformer"]
     assert not torch.equal(other["proj_out.weight"], fresh["proj_out.weight"])
     # load_run: a saved student state dict loads into load_teacher's architecture
@@ -181,8 +197,10 @@ def test_tiny_weights_are_seeded_and_a_student_reloads(bb, teacher, tmp_path):
     assert set(bb.fsdp_wrap_classes) <= {type(m) for m in teacher.modules()}
 
 
-@pytest.mark.parametrize("name,over", [("cdm", {"n_max": 3}), ("dmd", {"reg_pairs": 4}),
-                                       ("dmd2", {}), ("cd", {"cache_size": 4})])
+@pytest.mark.parametrize(
+    "name,over",
+    [("cdm", {"n_max": 3}), ("dmd", {"reg_pairs": 4}), ("dmd2", {}), ("cd", {"cache_size": 4})],
+)
 def test_methods_train_two_iterations(bb, tmp_path, name, over):
     cls = METHODS.get(name)
     method = cls(replace(cls.default_config("tiny-longcat"), **over))

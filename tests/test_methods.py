@@ -25,8 +25,9 @@ from cdmbench.training.core import TrainConfig, Trainer
 
 # ------------------------------------------------------------------------------- helpers
 def _trainer(method, tmp_path, batch: int = 64, backbone=None, **kw) -> Trainer:
-    cfg = TrainConfig(**(dict(iters=10, batch=batch, seed=0, ckpt_every=10**9,
-                              log_every=10**9) | kw))
+    cfg = TrainConfig(
+        **(dict(iters=10, batch=batch, seed=0, ckpt_every=10**9, log_every=10**9) | kw)
+    )
     return Trainer(backbone or Toy(), method, cfg, tmp_path)
 
 
@@ -67,8 +68,9 @@ def _labels(batch) -> torch.Tensor:
 # ========================================================================== CDM (5.1)
 def test_cdm_random_schedule_length_start_end():
     m = CDM(CDMConfig(n_max=6))
-    core = SimpleNamespace(g_shared=torch.Generator().manual_seed(0),
-                           backbone=SimpleNamespace(shift=1.0))
+    core = SimpleNamespace(
+        g_shared=torch.Generator().manual_seed(0), backbone=SimpleNamespace(shift=1.0)
+    )
     lengths = set()
     for _ in range(300):
         s = m._schedule(core)
@@ -158,8 +160,7 @@ def test_cdm_offtrajectory_extrapolates_along_recorded_velocity(tmp_path, capped
     torch.testing.assert_close(x_off, xt + (sp - s)[:, None] * v, rtol=1e-5, atol=1e-5)
     # x' is on the straight line through the anchor: between its x0 and its implied noise
     eps_hat = xt + (1 - s)[:, None] * v
-    torch.testing.assert_close(x_off, flow.add_noise(sim.x0, eps_hat, sp), rtol=1e-5,
-                               atol=1e-5)
+    torch.testing.assert_close(x_off, flow.add_noise(sim.x0, eps_hat, sp), rtol=1e-5, atol=1e-5)
     # sigma' = 0 gives the recorded x0 = xt - s v; sigma' = s gives the anchor itself
     torch.testing.assert_close(xt + (0 - s)[:, None] * v, sim.x0)
     torch.testing.assert_close(xt + (s - s)[:, None] * v, xt)
@@ -222,8 +223,9 @@ def test_cdm_dm_target_value_and_detached_gradient(tmp_path):
     torch.testing.assert_close(loss, F.mse_loss(x0s, target), rtol=1e-5, atol=1e-8)
     # the target is a constant: dL/dx0s = 2 (x0s - target) / numel, and v enters with -s
     (g_v,) = grads
-    torch.testing.assert_close(g_v, -s[:, None] * 2 * (x0s - target) / x0s.numel(), rtol=1e-4,
-                               atol=1e-9)
+    torch.testing.assert_close(
+        g_v, -s[:, None] * 2 * (x0s - target) / x0s.numel(), rtol=1e-4, atol=1e-9
+    )
     assert float(g_v.abs().max()) > 0
 
 
@@ -241,14 +243,17 @@ def test_cdm_dm_target_is_the_student_sample_when_fake_equals_teacher(tmp_path):
     assert not torch.equal(m._dm_target(x0s, tau, batch, tr), x0s)
 
 
-@pytest.mark.parametrize("kw, names", [
-    ({}, {"cfg_aug", "dm_on", "dm_off"}),
-    ({"cfg_aug_scale": 0.0}, {"dm_on", "dm_off"}),
-    ({"offtraj": False}, {"cfg_aug", "dm_on"}),
-    ({"ontraj": False}, {"cfg_aug", "dm_off"}),
-    ({"ontraj": False, "cfg_aug_scale": 0.0}, {"dm_off"}),
-    ({"offtraj": False, "cfg_aug_scale": 0.0}, {"dm_on"}),
-])
+@pytest.mark.parametrize(
+    "kw, names",
+    [
+        ({}, {"cfg_aug", "dm_on", "dm_off"}),
+        ({"cfg_aug_scale": 0.0}, {"dm_on", "dm_off"}),
+        ({"offtraj": False}, {"cfg_aug", "dm_on"}),
+        ({"ontraj": False}, {"cfg_aug", "dm_off"}),
+        ({"ontraj": False, "cfg_aug_scale": 0.0}, {"dm_off"}),
+        ({"offtraj": False, "cfg_aug_scale": 0.0}, {"dm_on"}),
+    ],
+)
 def test_cdm_toggles_name_the_loss_terms(tmp_path, kw, names):
     m = CDM(CDMConfig(n_max=3, **kw))
     tr = _trainer(m, tmp_path, batch=8)
@@ -272,8 +277,7 @@ def test_cdm_after_step_merges_student_into_fake(tmp_path, alpha):
     assert all(torch.equal(p, q) for p, q in zip(fake, fake0, strict=True))
     m.after_step("fake", 0, tr)
     for p, f, s in zip(tr.models["fake"].parameters(), fake0, stud, strict=True):
-        torch.testing.assert_close(p.detach(), (1 - alpha) * f + alpha * s, rtol=1e-6,
-                                   atol=1e-8)
+        torch.testing.assert_close(p.detach(), (1 - alpha) * f + alpha * s, rtol=1e-6, atol=1e-8)
     assert all(torch.equal(p, q) for p, q in zip(tr.student.parameters(), stud, strict=True))
 
 
@@ -399,7 +403,7 @@ def test_dmd2_cadence_and_losses(tmp_path):
     fake_only = tr.next_batch()  # a fake-only iteration generates its own sample
     state = m.prepare(1, fake_only, tr)
     assert set(m.losses("fake", 1, fake_only, state, tr)) == {"fm"} and state.x0 is not None
-    assert m.sampler(4, 1.0).stochastic and m.sampler(4, 1.0).sigmas == [1.0, .75, .5, .25, 0.0]
+    assert m.sampler(4, 1.0).stochastic and m.sampler(4, 1.0).sigmas == [1.0, 0.75, 0.5, 0.25, 0.0]
 
 
 # =========================================================================== CD (5.3)
@@ -419,8 +423,9 @@ def test_cd_pseudo_huber():
     target = torch.linspace(-1, 1, 6)
     pred = target + d
     torch.testing.assert_close(pseudo_huber(pred, target, c), (torch.sqrt(d**2 + c**2) - c).mean())
-    assert float(pseudo_huber(pred, target, c)) == pytest.approx(float(pseudo_huber(target, pred,
-                                                                                    c)))
+    assert float(pseudo_huber(pred, target, c)) == pytest.approx(
+        float(pseudo_huber(target, pred, c))
+    )
     big = torch.tensor([5.0, -8.0])
     assert float(pseudo_huber(big, torch.zeros(2), c)) == pytest.approx(6.5 - c, rel=1e-6)
     small = torch.tensor([2e-5, -4e-5])
@@ -503,14 +508,46 @@ def test_toy_teacher_many_steps_sits_on_the_modes():
 
 GMM_RUNS = {
     # method, iterations: scaled for a 2-D toy (lr 1e-3 range, short warm-up, short schedules)
-    "cdm": (lambda: CDM(CDMConfig(student_lr=5e-4, fake_lr=3e-3, warmup=10, n_max=4,
-                                  cfg_aug_scale=0.0)), 250),
-    "dmd": (lambda: DMD(DMDConfig(student_lr=5e-4, fake_lr=3e-3, warmup=10, real_guidance=1.0,
-                                  reg_weight=0.0, reg_pairs=256)), 200),
-    "dmd-reg": (lambda: DMD(DMDConfig(student_lr=5e-4, fake_lr=3e-3, warmup=10,
-                                      real_guidance=1.0, reg_weight=0.25, reg_pairs=512)), 150),
-    "dmd2": (lambda: DMD2(DMD2Config(student_lr=1e-3, fake_lr=3e-3, warmup=10, real_guidance=1.0,
-                                     weight_decay=1e-4)), 400),
+    "cdm": (
+        lambda: CDM(
+            CDMConfig(student_lr=5e-4, fake_lr=3e-3, warmup=10, n_max=4, cfg_aug_scale=0.0)
+        ),
+        250,
+    ),
+    "dmd": (
+        lambda: DMD(
+            DMDConfig(
+                student_lr=5e-4,
+                fake_lr=3e-3,
+                warmup=10,
+                real_guidance=1.0,
+                reg_weight=0.0,
+                reg_pairs=256,
+            )
+        ),
+        200,
+    ),
+    "dmd-reg": (
+        lambda: DMD(
+            DMDConfig(
+                student_lr=5e-4,
+                fake_lr=3e-3,
+                warmup=10,
+                real_guidance=1.0,
+                reg_weight=0.25,
+                reg_pairs=512,
+            )
+        ),
+        150,
+    ),
+    "dmd2": (
+        lambda: DMD2(
+            DMD2Config(
+                student_lr=1e-3, fake_lr=3e-3, warmup=10, real_guidance=1.0, weight_decay=1e-4
+            )
+        ),
+        400,
+    ),
     # one phase (edges (0,)) makes the 1-step sampler the trained jump; a 10-point grid
     "cd": (lambda: CD(CDConfig(student_lr=1e-3, warmup=10, grid=10, edges=(0,))), 250),
 }
@@ -521,8 +558,12 @@ GMM_RUNS = {
 def test_student_one_step_moves_to_the_mixture_modes(tmp_path, name):
     make, iters = GMM_RUNS[name]
     method = make()
-    tr = Trainer(Toy(), method, TrainConfig(iters=iters, batch=256, seed=0, ckpt_every=10**9,
-                                            log_every=50), tmp_path)
+    tr = Trainer(
+        Toy(),
+        method,
+        TrainConfig(iters=iters, batch=256, seed=0, ckpt_every=10**9, log_every=50),
+        tmp_path,
+    )
     spec = method.sampler(1, tr.backbone.shift)
     assert spec.sigmas == [1.0, 0.0]
     teacher = _mode_distance(tr.teacher, spec)

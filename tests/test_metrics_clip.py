@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from cdmbench.backbones.base import Backbone, Prompt
+from cdmbench.backbones.base import Backbone
 from cdmbench.metrics.base import EvalSet, MissingWeightsError, Value
 from cdmbench.metrics.clip_score import (
     ClipScore,
@@ -19,10 +19,16 @@ from cdmbench.metrics.clip_score import (
     clip_score_from_embeddings,
     uint8_to_pil,
 )
+from cdmbench.prompts_io import Prompt
 from cdmbench.registry import METRICS
 
-TEXTS = ["a photo of a cat", "a red dog", "two blue birds on a wire", "an empty street at night",
-         "a bowl of fruit on a wooden table"]
+TEXTS = [
+    "a photo of a cat",
+    "a red dog",
+    "two blue birds on a wire",
+    "an empty street at night",
+    "a bowl of fruit on a wooden table",
+]
 SMALL = "ViT-S-32-alt"  # the smallest architecture open_clip ships
 
 
@@ -35,6 +41,7 @@ def _images(n: int, seed: int = 0, size: int = 32) -> Tensor:
 
 
 # ---------------------------------------------------------------- torchmetrics reference
+
 
 class _FeaturesAsTensors(nn.Module):
     """transformers 4's ``get_*_features`` contract, which torchmetrics 1.9 relies on.
@@ -87,16 +94,31 @@ def hf_clip(tmp_path_factory):
     tokenizer = CLIPTokenizer.from_pretrained(str(d))
     assert len(tokenizer) == 49408 and tokenizer("a cat")["input_ids"] == [49406, 320, 2368, 49407]
     processor = CLIPProcessor(
-        image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
-                                           crop_size={"height": 32, "width": 32}),
-        tokenizer=tokenizer)
+        image_processor=CLIPImageProcessor(
+            size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+        ),
+        tokenizer=tokenizer,
+    )
     torch.manual_seed(0)
     config = CLIPConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=77),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                           num_attention_heads=2, image_size=32, patch_size=16),
-        projection_dim=16)
+        text_config=dict(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=77,
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=16,
+        ),
+        projection_dim=16,
+    )
     return _FeaturesAsTensors(CLIPModel(config).eval()), processor
 
 
@@ -124,15 +146,18 @@ def test_embeddings_match_torchmetrics(hf_clip):
         # and the module accumulating over two updates
         fetch = lambda: (model, processor)  # noqa: E731  (torchmetrics accepts a callable)
         assert aggregate_clip_score(ours) == pytest.approx(
-            float(clip_score(images, TEXTS, fetch)), abs=1e-5)
+            float(clip_score(images, TEXTS, fetch)), abs=1e-5
+        )
         signs = set()
         for i in range(5):  # the same shapes as torchmetrics' call (text padding is per batch)
             one = clip_score_from_embeddings(
                 _get_features([images[i]], "image", cpu, model, processor),
-                _get_features([TEXTS[i]], "text", cpu, model, processor))
+                _get_features([TEXTS[i]], "text", cpu, model, processor),
+            )
             signs.add(bool(one > 0))
             assert aggregate_clip_score(one) == pytest.approx(
-                float(clip_score(images[i], TEXTS[i], fetch)), abs=1e-5)
+                float(clip_score(images[i], TEXTS[i], fetch)), abs=1e-5
+            )
         assert signs == {True, False}  # the clamp was exercised
         module = CLIPScore(fetch)
         module.update(images[:2], TEXTS[:2])
@@ -149,6 +174,7 @@ def test_aggregate_clamps_the_mean_not_each_sample():
 
 
 # ---------------------------------------------------------------- open_clip end to end
+
 
 @pytest.fixture(scope="module")
 def small_metric():
@@ -185,8 +211,9 @@ def test_open_clip_end_to_end(small_metric):
             assert s[i].item() == pytest.approx(ref, abs=1e-4)
 
     # the EvalSet path reports torchmetrics' aggregate, in [0, 100]
-    data = EvalSet(images=images, prompts=[Prompt(str(i), t) for i, t in enumerate(TEXTS)],
-                   backbone=Backbone())
+    data = EvalSet(
+        images=images, prompts=[Prompt(str(i), t) for i, t in enumerate(TEXTS)], backbone=Backbone()
+    )
     value = small_metric.compute(data)["clip_score"]
     assert 0.0 <= value <= 100.0 and value == pytest.approx(max(float(s.mean()), 0.0), abs=1e-5)
 
@@ -200,13 +227,16 @@ def test_open_clip_end_to_end(small_metric):
 
 def test_grey_images_are_converted_to_rgb(small_metric):
     grey = _images(2, seed=2)[:, :1]
-    torch.testing.assert_close(small_metric.scores(grey, TEXTS[:2]),
-                               small_metric.scores(grey.expand(-1, 3, -1, -1), TEXTS[:2]))
+    torch.testing.assert_close(
+        small_metric.scores(grey, TEXTS[:2]),
+        small_metric.scores(grey.expand(-1, 3, -1, -1), TEXTS[:2]),
+    )
     with pytest.raises(ValueError, match="uint8"):
         small_metric.scores(grey.float(), TEXTS[:2])
 
 
 # ---------------------------------------------------------------- config, weights
+
 
 def test_registered_and_config_is_recorded():
     assert METRICS.get("clip_score") is ClipScore
@@ -216,7 +246,9 @@ def test_registered_and_config_is_recorded():
     assert cfg["model"] == "ViT-L-14" and cfg["pretrained"] == "openai"
     assert cfg["convention"].startswith("max(mean_i 100*cos")
     assert cfg["quick_gelu"] is True  # OpenAI's weights were trained with QuickGELU
-    assert cfg["preprocess"]["size"] == [224, 224] and cfg["preprocess"]["interpolation"] == "bicubic"
+    assert (
+        cfg["preprocess"]["size"] == [224, 224] and cfg["preprocess"]["interpolation"] == "bicubic"
+    )
     assert ClipScore.values == {"clip_score": Value(higher_is_better=True, tolerance="1.0")}
 
 
@@ -270,5 +302,6 @@ def test_local_checkpoint_file(small_metric, tmp_path):
     metric = ClipScore(SMALL, str(path), batch_size=4)
     assert metric.create_kwargs()["pretrained"] == str(path)
     images = _images(3, seed=5)
-    torch.testing.assert_close(metric.scores(images, TEXTS[:3]),
-                               small_metric.scores(images, TEXTS[:3]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        metric.scores(images, TEXTS[:3]), small_metric.scores(images, TEXTS[:3]), atol=1e-5, rtol=0
+    )

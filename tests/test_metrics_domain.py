@@ -6,13 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cdmbench.backbones.base import Backbone, Prompt
+from cdmbench.backbones.base import Backbone
 from cdmbench.backbones.digits import Digits, load_split
 from cdmbench.errors import UserError
 from cdmbench.io import to_uint8
 from cdmbench.metrics.base import EvalSet
 from cdmbench.metrics.digits import DigitsFD, DigitsJudge, PromptAccuracy
 from cdmbench.metrics.prdc import PrecisionRecall
+from cdmbench.prompts_io import Prompt
 
 
 class Renamed(Digits):
@@ -47,21 +48,34 @@ def test_domain_metric_depends_on_the_contract_not_the_name(cls):
 def test_digits_config_is_what_the_records_store():
     metric = DigitsFD()
     metric.check(Digits())
-    assert metric.config() == {"features": "digits classifier penultimate (32-d)",
-                               "reference": "digits test split (445 real images)",
-                               "dtype": "float64", "input": "8-bit PNG levels"}
+    assert metric.config() == {
+        "features": "digits classifier penultimate (32-d)",
+        "reference": "digits test split (445 real images)",
+        "dtype": "float64",
+        "input": "8-bit PNG levels",
+    }
     pr = PrecisionRecall()
     pr.check(Digits())
-    assert pr.config()["space"]["digits"] == ("digits classifier penultimate (32-d), "
-                                              "reference = digits test split (445 images)")
+    assert pr.config()["space"]["digits"] == (
+        "digits classifier penultimate (32-d), reference = digits test split (445 images)"
+    )
 
 
-@pytest.mark.parametrize("metric", [DigitsFD(), PromptAccuracy(),
-                                    PrecisionRecall(space="domain"),
-                                    PrecisionRecall(space="digits")])
+@pytest.mark.parametrize(
+    "metric",
+    [
+        DigitsFD(),
+        PromptAccuracy(),
+        PrecisionRecall(space="domain"),
+        PrecisionRecall(space="digits"),
+    ],
+)
 def test_backbone_without_a_domain_classifier_is_refused_in_one_line(metric):
+    class Plain(Backbone):
+        name = "plain"
+
     with pytest.raises(UserError) as err:
-        metric.check(Backbone(name="plain"))
+        metric.check(Plain())
     assert "\n" not in str(err.value) and "domain classifier" in str(err.value)
     assert "'plain'" in str(err.value)
 
@@ -73,8 +87,9 @@ def test_precision_recall_auto_uses_the_domain_space_of_any_backbone_with_one():
     out_a = a.compute(_eval_set(Digits()))
     out_b = b.compute(_eval_set(Renamed()))
     assert out_a == out_b
-    assert b.config()["space"]["renamed"] == ("renamed classifier penultimate (32-d), "
-                                              "reference = renamed test split (445 images)")
+    assert b.config()["space"]["renamed"] == (
+        "renamed classifier penultimate (32-d), reference = renamed test split (445 images)"
+    )
     assert b.last["space"] == "renamed classifier" and b.last["reference"] == "renamed:test"
 
 

@@ -16,9 +16,9 @@ from torch import Tensor, nn
 
 from cdmbench.backbones.base import Backbone
 from cdmbench.backbones.digits import Digits, load_split
-from cdmbench.errors import UserError
+from cdmbench.errors import MissingWeightsError, UserError
 from cdmbench.io import to_uint8
-from cdmbench.metrics.base import EvalSet, MissingWeightsError, Value
+from cdmbench.metrics.base import EvalSet, Value
 from cdmbench.metrics.features import (
     INCEPTION_ENV,
     INCEPTION_FILE,
@@ -68,9 +68,14 @@ class TinyNet(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(),
-                                 nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.Tanh(),
-                                 nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.net = nn.Sequential(
+            nn.Conv2d(3, 8, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(8, 16, 3, stride=2, padding=1),
+            nn.Tanh(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         x = x.float() / 255.0
@@ -116,8 +121,15 @@ def test_fid_matches_cleanfid_and_torchmetrics():
 def test_clean_resize_is_cleanfids_resize(backend):
     rng = np.random.default_rng(0)
     # upscales, one-pass cases, and downscales in both of Pillow's pass orders
-    for c, h, w in [(3, 32, 32), (3, 37, 53), (1, 8, 8), (3, 320, 301), (3, 301, 320),
-                    (3, 299, 150), (3, 64, 299)]:
+    for c, h, w in [
+        (3, 32, 32),
+        (3, 37, 53),
+        (1, 8, 8),
+        (3, 320, 301),
+        (3, 301, 320),
+        (3, 299, 150),
+        (3, 64, 299),
+    ]:
         imgs = rng.integers(0, 256, (2, c, h, w), dtype=np.uint8)
         ours = clean_resize(torch.from_numpy(imgs), backend=backend, threads=2)
         assert ours.dtype == torch.float32 and ours.shape == (2, 3, 299, 299)
@@ -148,8 +160,12 @@ def test_missing_inception_fails_in_one_line(tmp_path, monkeypatch):
     monkeypatch.setenv(INCEPTION_ENV, str(tmp_path))  # a folder: folder/inception-2015-12-05.pt
     with pytest.raises(MissingWeightsError, match=str(tmp_path / INCEPTION_FILE)):
         FID().check()
-    data = EvalSet(images=torch.zeros(4, 3, 8, 8, dtype=torch.uint8), prompts=[],
-                   backbone=Backbone(), cache_dir=tmp_path / "cache")
+    data = EvalSet(
+        images=torch.zeros(4, 3, 8, 8, dtype=torch.uint8),
+        prompts=[],
+        backbone=Backbone(),
+        cache_dir=tmp_path / "cache",
+    )
     with pytest.raises(MissingWeightsError):
         FID().compute(data)  # fails before any work
     assert not (tmp_path / "cache").exists()
@@ -238,8 +254,13 @@ def test_fid_end_to_end_folder_reference_and_cache(tmp_path):
     gen = (torch.randint(0, 200, (30, 3, 16, 16)) + 40).to(torch.uint8)
     _write_pngs(tmp_path / "ref", ref)
     cache = tmp_path / "cache"
-    data = EvalSet(images=gen, prompts=[], backbone=Backbone(), reference=str(tmp_path / "ref"),
-                   cache_dir=cache)
+    data = EvalSet(
+        images=gen,
+        prompts=[],
+        backbone=Backbone(),
+        reference=str(tmp_path / "ref"),
+        cache_dir=cache,
+    )
 
     metric = FID(feature_fn=fn, feature_id="tiny", batch_size=16)
     first = metric.compute(data)["fid"]
@@ -285,8 +306,12 @@ def test_fid_reference_from_backbone_real_data(tmp_path):
 
 
 def test_fid_reference_errors(tmp_path):
-    data = EvalSet(images=torch.zeros(4, 3, 8, 8, dtype=torch.uint8), prompts=[],
-                   backbone=Backbone(), cache_dir=tmp_path)
+    data = EvalSet(
+        images=torch.zeros(4, 3, 8, 8, dtype=torch.uint8),
+        prompts=[],
+        backbone=Backbone(),
+        cache_dir=tmp_path,
+    )
     with pytest.raises(UserError, match="no real data"):  # "" on a backbone without data
         FID(feature_fn=lambda x: x.float().flatten(1), feature_id="px").compute(data)
     data.reference = str(tmp_path / "missing" / "folder")

@@ -14,8 +14,9 @@ from torch import Tensor
 
 from cdmbench.backbones.base import Backbone
 from cdmbench.backbones.digits import Digits, load_split
+from cdmbench.errors import MissingWeightsError
 from cdmbench.io import to_uint8
-from cdmbench.metrics.base import EvalSet, MissingWeightsError
+from cdmbench.metrics.base import EvalSet
 from cdmbench.metrics.features import INCEPTION_ENV, INCEPTION_FILE
 from cdmbench.metrics.prdc import PrecisionRecall, knn_radii, precision_recall
 
@@ -33,25 +34,28 @@ def naive_precision_recall(real: list[list[float]], fake: list[list[float]], k: 
     """The definition, literally, in pure Python."""
 
     def radii(points):
-        return [sorted(math.dist(p, q) for j, q in enumerate(points) if j != i)[k - 1]
-                for i, p in enumerate(points)]
+        return [
+            sorted(math.dist(p, q) for j, q in enumerate(points) if j != i)[k - 1]
+            for i, p in enumerate(points)
+        ]
 
     def share_inside(probe, support, rad):
-        inside = [any(math.dist(p, s) <= r for s, r in zip(support, rad, strict=True))
-                  for p in probe]
+        inside = [
+            any(math.dist(p, s) <= r for s, r in zip(support, rad, strict=True)) for p in probe
+        ]
         return sum(inside) / len(inside)
 
     return share_inside(fake, real, radii(real)), share_inside(real, fake, radii(fake))
 
 
-CENTRES = torch.tensor([[30.0, 0.0], [0.0, 30.0], [-30.0, 0.0], [0.0, -30.0]],
-                       dtype=torch.float64)
+CENTRES = torch.tensor([[30.0, 0.0], [0.0, 30.0], [-30.0, 0.0], [0.0, -30.0]], dtype=torch.float64)
 
 
 def _clusters(n_per: int, modes: list[int], gen: torch.Generator) -> Tensor:
     """Unit-variance 2-D Gaussian blobs at the chosen ``CENTRES`` (30 apart or more)."""
-    return torch.cat([CENTRES[m] + torch.randn(n_per, 2, dtype=torch.float64, generator=gen)
-                      for m in modes])
+    return torch.cat(
+        [CENTRES[m] + torch.randn(n_per, 2, dtype=torch.float64, generator=gen) for m in modes]
+    )
 
 
 def test_identical_sets():
@@ -114,8 +118,9 @@ def test_metric_on_digits_uses_the_classifier_space(tmp_path):
     assert same == {"precision": 1.0, "recall": 1.0}
     assert metric.run_config()["space"] == "digits classifier"
     assert metric.run_config()["n_ref"] == 445
-    half = metric.compute(EvalSet(images=_digits_u8({0, 1, 2, 3, 4}), prompts=[], backbone=bb,
-                                  cache_dir=tmp_path))
+    half = metric.compute(
+        EvalSet(images=_digits_u8({0, 1, 2, 3, 4}), prompts=[], backbone=bb, cache_dir=tmp_path)
+    )
     assert half["precision"] == 1.0
     assert 0.4 < half["recall"] < 0.75  # digits 5-9 are missing: recall drops to about half
     assert not list(tmp_path.iterdir())  # nothing to cache for a 445-image reference
@@ -132,13 +137,19 @@ def test_metric_with_feature_fn_and_folder_reference(tmp_path):
     (tmp_path / "ref").mkdir()
     for i, img in enumerate(ref):
         Image.fromarray(img.permute(1, 2, 0).numpy()).save(tmp_path / "ref" / f"{i}.png")
-    data = EvalSet(images=ref[:12].clone(), prompts=[], backbone=Backbone(),
-                   reference=str(tmp_path / "ref"), cache_dir=tmp_path / "cache")
+    data = EvalSet(
+        images=ref[:12].clone(),
+        prompts=[],
+        backbone=Backbone(),
+        reference=str(tmp_path / "ref"),
+        cache_dir=tmp_path / "cache",
+    )
     metric = PrecisionRecall(feature_fn=pixels, feature_id="pixels", batch_size=5)
     out = metric.compute(data)
     assert out["precision"] == 1.0
-    p, r = naive_precision_recall(ref.flatten(1).double().tolist(),
-                                  ref[:12].flatten(1).double().tolist(), 3)
+    p, r = naive_precision_recall(
+        ref.flatten(1).double().tolist(), ref[:12].flatten(1).double().tolist(), 3
+    )
     assert out == {"precision": p, "recall": r}
     assert calls["n"] == 36
     assert len(list((tmp_path / "cache").glob("ref-features-*-n24-*.npz"))) == 1
@@ -149,8 +160,12 @@ def test_metric_with_feature_fn_and_folder_reference(tmp_path):
 def test_metric_needs_inception_off_digits(tmp_path):
     metric = PrecisionRecall(inception_path=tmp_path / INCEPTION_FILE)
     metric.check()  # "auto" cannot know the backbone yet
-    data = EvalSet(images=torch.zeros(8, 3, 8, 8, dtype=torch.uint8), prompts=[],
-                   backbone=Backbone(), cache_dir=tmp_path / "cache")
+    data = EvalSet(
+        images=torch.zeros(8, 3, 8, 8, dtype=torch.uint8),
+        prompts=[],
+        backbone=Backbone(),
+        cache_dir=tmp_path / "cache",
+    )
     with pytest.raises(MissingWeightsError) as err:
         metric.compute(data)
     assert "\n" not in str(err.value) and INCEPTION_FILE in str(err.value)

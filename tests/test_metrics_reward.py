@@ -14,14 +14,17 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from cdmbench.backbones.base import Backbone, Prompt
-from cdmbench.metrics.base import EvalSet, MissingWeightsError, Value
+from cdmbench.backbones.base import Backbone
+from cdmbench.errors import MissingWeightsError
+from cdmbench.metrics.base import EvalSet, Value
 from cdmbench.metrics.image_reward import ENV, ImageRewardScore
+from cdmbench.prompts_io import Prompt
 from cdmbench.registry import METRICS
 
 HAVE_IR = importlib.util.find_spec("ImageReward") is not None
 needs_ir = pytest.mark.skipif(
-    not HAVE_IR, reason="image-reward not installed (pip install --no-deps image-reward==1.5)")
+    not HAVE_IR, reason="image-reward not installed (pip install --no-deps image-reward==1.5)"
+)
 
 WORDS = ["a", "photo", "of", "cat", "dog", "red", "blue", "the", "on", "table", "##s", ".", ","]
 PROMPTS = ["a photo of a red cat", "the blue dogs on the table."]
@@ -31,27 +34,42 @@ SIZE = 32  # input size of the tiny ViT (and of the preprocessing)
 
 def _images(n: int, seed: int = 0, size: int = 48) -> Tensor:
     g = torch.Generator().manual_seed(seed)
-    x = nn.functional.interpolate(torch.rand(n, 3, 4, 4, generator=g), size=(size, size),
-                                  mode="bilinear", align_corners=False)
+    x = nn.functional.interpolate(
+        torch.rand(n, 3, 4, 4, generator=g), size=(size, size), mode="bilinear", align_corners=False
+    )
     return (x * 255).round().to(torch.uint8)
 
 
 def _med_config(vocab_size: int, hidden: int = 32, heads: int = 2) -> dict:
     """BLIP's med_config.json keys, tiny sizes."""
-    return dict(architectures=["BertModel"], hidden_size=hidden, num_hidden_layers=2,
-                num_attention_heads=heads, intermediate_size=64, hidden_act="gelu",
-                hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1, initializer_range=0.02,
-                layer_norm_eps=1e-12, max_position_embeddings=64, model_type="bert",
-                pad_token_id=0, type_vocab_size=2, vocab_size=vocab_size, encoder_width=hidden,
-                add_cross_attention=True)
+    return dict(
+        architectures=["BertModel"],
+        hidden_size=hidden,
+        num_hidden_layers=2,
+        num_attention_heads=heads,
+        intermediate_size=64,
+        hidden_act="gelu",
+        hidden_dropout_prob=0.1,
+        attention_probs_dropout_prob=0.1,
+        initializer_range=0.02,
+        layer_norm_eps=1e-12,
+        max_position_embeddings=64,
+        model_type="bert",
+        pad_token_id=0,
+        type_vocab_size=2,
+        vocab_size=vocab_size,
+        encoder_width=hidden,
+        add_cross_attention=True,
+    )
 
 
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory) -> Path:
     """A WordPiece vocabulary in bert-base-uncased's layout (vocab.txt only)."""
     d = tmp_path_factory.mktemp("bert-tiny")
-    (d / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS])
-                                 + "\n")
+    (d / "vocab.txt").write_text(
+        "\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n"
+    )
     return d
 
 
@@ -68,12 +86,13 @@ def tiny(tokenizer_dir):
     with torch.no_grad():  # the package's MLP init (std 1/(d+1)) makes every reward ~ -mean/std
         for layer in model.mlp.layers:
             if isinstance(layer, nn.Linear):
-                layer.weight.normal_(0, layer.in_features ** -0.5)
+                layer.weight.normal_(0, layer.in_features**-0.5)
                 layer.bias.normal_(0, 0.1)
     return model
 
 
 # ---------------------------------------------------------------- the compatibility layer
+
 
 @needs_ir
 def test_import_under_transformers5_leaves_no_trace(monkeypatch):
@@ -134,8 +153,9 @@ def test_builder_matches_the_packages_constructor(tokenizer_dir, tmp_path, monke
     torch.manual_seed(0)
     theirs = m.ImageReward.ImageReward(med_config=str(tmp_path / "med_config.json")).eval()
     assert seen["vit"] == ("large", 224, (False, 0, 0))  # what build_imagereward's default does
-    ours = compat.build_imagereward(tmp_path / "med_config.json", tok, vit=TINY_VIT,
-                                    image_size=SIZE)
+    ours = compat.build_imagereward(
+        tmp_path / "med_config.json", tok, vit=TINY_VIT, image_size=SIZE
+    )
     a, b = theirs.state_dict(), ours.state_dict()
     assert list(a) == list(b)
     assert all(a[k].shape == b[k].shape for k in a)
@@ -147,6 +167,7 @@ def test_builder_matches_the_packages_constructor(tokenizer_dir, tmp_path, monke
 
 
 # ---------------------------------------------------------------- scoring
+
 
 @needs_ir
 def test_scores_match_the_packages_methods(tiny):
@@ -161,15 +182,16 @@ def test_scores_match_the_packages_methods(tiny):
     assert ours.shape == (4,) and ours.dtype == torch.float32 and torch.isfinite(ours).all()
     assert ours.std() > 1e-3  # not degenerate: images and prompts change the reward
     torch.testing.assert_close(compat.score_images(tiny, batch, texts), ours, atol=0, rtol=0)
-    torch.testing.assert_close(compat.score_images(tiny, batch, texts, batch_size=1), ours,
-                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        compat.score_images(tiny, batch, texts, batch_size=1), ours, atol=1e-5, rtol=0
+    )
     with torch.inference_mode():
         for k, (i, p) in enumerate(pairs):  # ImageReward.score: one PIL image, one prompt
             assert ours[k].item() == pytest.approx(tiny.score(PROMPTS[p], pils[i]), abs=1e-5)
         for p in range(2):  # ImageReward.inference_rank: one prompt, a list of images
             ranks, rewards = tiny.inference_rank(PROMPTS[p], pils)
-            assert rewards == pytest.approx(ours[2 * p:2 * p + 2].tolist(), abs=1e-5)
-            assert ranks == (torch.argsort(torch.argsort(-ours[2 * p:2 * p + 2])) + 1).tolist()
+            assert rewards == pytest.approx(ours[2 * p : 2 * p + 2].tolist(), abs=1e-5)
+            assert ranks == (torch.argsort(torch.argsort(-ours[2 * p : 2 * p + 2])) + 1).tolist()
 
 
 @needs_ir
@@ -177,13 +199,16 @@ def test_grey_images_and_metric_compute(tiny):
     from cdmbench.metrics import _imagereward_compat as compat
 
     grey = _images(2, seed=3)[:, :1]
-    torch.testing.assert_close(compat.score_images(tiny, grey, PROMPTS),
-                               compat.score_images(tiny, grey.expand(-1, 3, -1, -1), PROMPTS))
+    torch.testing.assert_close(
+        compat.score_images(tiny, grey, PROMPTS),
+        compat.score_images(tiny, grey.expand(-1, 3, -1, -1), PROMPTS),
+    )
     metric = ImageRewardScore()
     metric._model = tiny  # tests only: the metric itself loads nothing but ImageReward-v1.0
     metric.check()
-    data = EvalSet(images=grey, prompts=[Prompt(str(i), t) for i, t in enumerate(PROMPTS)],
-                   backbone=Backbone())
+    data = EvalSet(
+        images=grey, prompts=[Prompt(str(i), t) for i, t in enumerate(PROMPTS)], backbone=Backbone()
+    )
     value = metric.compute(data)["image_reward"]
     assert value == pytest.approx(float(compat.score_images(tiny, grey, PROMPTS).mean()))
 
@@ -196,20 +221,32 @@ def test_load_roundtrip_and_missing_parameters(tiny, tokenizer_dir, tmp_path):
     (tmp_path / "med_config.json").write_text(json.dumps(cfg))
     torch.save(tiny.state_dict(), tmp_path / "ImageReward.pt")
     tok = compat.blip_tokenizer(tokenizer_dir)
-    loaded = compat.load_imagereward(tmp_path / "ImageReward.pt", tmp_path / "med_config.json",
-                                     tok, vit=TINY_VIT, image_size=SIZE)
+    loaded = compat.load_imagereward(
+        tmp_path / "ImageReward.pt",
+        tmp_path / "med_config.json",
+        tok,
+        vit=TINY_VIT,
+        image_size=SIZE,
+    )
     images = _images(2, seed=4)
-    torch.testing.assert_close(compat.score_images(loaded, images, PROMPTS),
-                               compat.score_images(tiny, images, PROMPTS))
+    torch.testing.assert_close(
+        compat.score_images(loaded, images, PROMPTS), compat.score_images(tiny, images, PROMPTS)
+    )
     state = tiny.state_dict()
     del state["mlp.layers.0.weight"]
     torch.save(state, tmp_path / "ImageReward.pt")
     with pytest.raises(RuntimeError, match="mlp.layers.0.weight"):
-        compat.load_imagereward(tmp_path / "ImageReward.pt", tmp_path / "med_config.json", tok,
-                                vit=TINY_VIT, image_size=SIZE)
+        compat.load_imagereward(
+            tmp_path / "ImageReward.pt",
+            tmp_path / "med_config.json",
+            tok,
+            vit=TINY_VIT,
+            image_size=SIZE,
+        )
 
 
 # ---------------------------------------------------------------- weights, config
+
 
 def _one_line(fn) -> str:
     t0 = time.perf_counter()
@@ -243,8 +280,10 @@ def test_missing_weights_one_line(tmp_path, monkeypatch, tokenizer_dir):
     if HAVE_IR:
         msg = _one_line(metric.check)
         assert "bert-base-uncased" in msg
-    assert ImageRewardScore(weights, tokenizer_dir, cache_dir=tmp_path).tokenizer_dir() \
+    assert (
+        ImageRewardScore(weights, tokenizer_dir, cache_dir=tmp_path).tokenizer_dir()
         == tokenizer_dir
+    )
 
 
 def test_registered_and_config_is_recorded():
@@ -253,5 +292,6 @@ def test_registered_and_config_is_recorded():
     json.dumps(cfg)  # stored with every value
     assert cfg["model"] == "ImageReward-v1.0"
     assert "0.16717362830052426" in cfg["convention"]
-    assert ImageRewardScore.values == {"image_reward": Value(higher_is_better=True,
-                                                             tolerance="0.1")}
+    assert ImageRewardScore.values == {
+        "image_reward": Value(higher_is_better=True, tolerance="0.1")
+    }

@@ -90,7 +90,8 @@ def _install(root: Path) -> None:
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: cdmb-onestep\nVersion: 0.1\n")
     (dist / "entry_points.txt").write_text(
-        "[cdmbench.methods]\nonestep = cdmb_onestep.method:OneStep\n")
+        "[cdmbench.methods]\nonestep = cdmb_onestep.method:OneStep\n"
+    )
 
 
 def test_entry_point_method_trains_through_the_cli(tmp_path):
@@ -102,13 +103,25 @@ def test_entry_point_method_trains_through_the_cli(tmp_path):
     env = {**os.environ, "PYTHONPATH": path, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     code = "import sys; from cdmbench.cli import main; main(sys.argv[1:])"
     args = ["list", "methods"]
-    listed = subprocess.run([sys.executable, "-c", code, *args], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=300)
+    listed = subprocess.run(
+        [sys.executable, "-c", code, *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert listed.returncode == 0, listed.stderr[-3000:]
     assert "onestep" in listed.stdout
     args = ["train", "onestep", "--iters", "6", "--batch", "16", "--out", "runs"]
-    proc = subprocess.run([sys.executable, "-c", code, *args], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
 
     (run_dir,) = (tmp_path / "runs" / "digits").glob("onestep-*")

@@ -92,8 +92,11 @@ def test_bad_limit(limit):
 def test_hash_is_sha256_of_id_text_pairs(tmp_path):
     path = write(tmp_path, "mine.txt", "a red apple\na blue car\n")
     set_id, prompts = load_prompt_set(str(path))
-    pairs = json.dumps([["mine-1", "a red apple"], ["mine-2", "a blue car"]],
-                       ensure_ascii=False, separators=(",", ":"))
+    pairs = json.dumps(
+        [["mine-1", "a red apple"], ["mine-2", "a blue car"]],
+        ensure_ascii=False,
+        separators=(",", ":"),
+    )
     expected = hashlib.sha256(pairs.encode()).hexdigest()[:12]
     assert set_id == f"mine-{expected}" == f"mine-{prompt_set_hash(prompts)}"
 
@@ -108,32 +111,52 @@ def test_hash_stable_and_content_sensitive(tmp_path):
     reordered = write(tmp_path, "c.txt", "a blue car\na red apple\n")
     assert load_prompt_set(str(reordered))[0].split("-")[1] != first.split("-")[1]
     # same (id, text) pairs from another format give the same hash
-    same = write(tmp_path, "a.jsonl", '{"id": "a-1", "text": "a red apple"}\n'
-                                       '{"id": "a-2", "text": "a blue car"}\n')
+    same = write(
+        tmp_path,
+        "a.jsonl",
+        '{"id": "a-1", "text": "a red apple"}\n{"id": "a-2", "text": "a blue car"}\n',
+    )
     assert load_prompt_set(str(same))[0] == first
 
 
 # ------------------------------------------------------------------------------ own files
 def test_txt(tmp_path):
-    path = write(tmp_path, "my prompts.txt",
-                 "# a comment\n\na red apple\n  a blue car  \r\n# another\na cat\n")
+    path = write(
+        tmp_path,
+        "my prompts.txt",
+        "# a comment\n\na red apple\n  a blue car  \r\n# another\na cat\n",
+    )
     set_id, prompts = load_prompt_set(str(path))
-    assert ids_texts(prompts) == [("my_prompts-3", "a red apple"), ("my_prompts-4", "a blue car"),
-                                  ("my_prompts-6", "a cat")]
+    assert ids_texts(prompts) == [
+        ("my_prompts-3", "a red apple"),
+        ("my_prompts-4", "a blue car"),
+        ("my_prompts-6", "a cat"),
+    ]
     assert set_id.startswith("my_prompts-")
 
 
 def test_jsonl_keys_and_ids(tmp_path):
-    path = write(tmp_path, "set.jsonl", "\n".join([
-        json.dumps({"id": "p-a", "text": "a red apple", "category": "food"}),
-        "",
-        json.dumps({"prompt": "a blue car"}),
-        json.dumps({"id": 17, "caption": "a cat on a mat"}),
-        json.dumps("a bare string prompt"),
-    ]) + "\n")
+    path = write(
+        tmp_path,
+        "set.jsonl",
+        "\n".join(
+            [
+                json.dumps({"id": "p-a", "text": "a red apple", "category": "food"}),
+                "",
+                json.dumps({"prompt": "a blue car"}),
+                json.dumps({"id": 17, "caption": "a cat on a mat"}),
+                json.dumps("a bare string prompt"),
+            ]
+        )
+        + "\n",
+    )
     _, prompts = load_prompt_set(str(path))
-    assert ids_texts(prompts) == [("p-a", "a red apple"), ("set-3", "a blue car"),
-                                  ("17", "a cat on a mat"), ("set-5", "a bare string prompt")]
+    assert ids_texts(prompts) == [
+        ("p-a", "a red apple"),
+        ("set-3", "a blue car"),
+        ("17", "a cat on a mat"),
+        ("set-5", "a bare string prompt"),
+    ]
 
 
 def test_json_list(tmp_path):
@@ -174,7 +197,8 @@ def test_detect_from_content_without_suffix(tmp_path):
 
 # ---------------------------------------------------------------------------- standard sets
 COCO = {
-    "info": {}, "images": [{"id": 42}, {"id": 7}],
+    "info": {},
+    "images": [{"id": 42}, {"id": 7}],
     "annotations": [
         {"image_id": 42, "id": 1001, "caption": "A man riding a  bike.\n"},
         {"image_id": 7, "id": 900, "caption": "Two dogs on a couch."},
@@ -187,8 +211,10 @@ COCO = {
 def test_coco_first_caption_per_image(tmp_path):
     path = write(tmp_path, "captions_val2014.json", json.dumps(COCO))
     set_id, prompts = load_prompt_set(str(path))
-    assert ids_texts(prompts) == [("coco-1001", "A man riding a bike."),
-                                  ("coco-900", "Two dogs on a couch.")]
+    assert ids_texts(prompts) == [
+        ("coco-1001", "A man riding a bike."),
+        ("coco-900", "Two dogs on a couch."),
+    ]
     assert set_id.startswith("captions_val2014-")
     _, two = load_prompt_set(str(path), captions_per_image=2)
     assert [p.id for p in two] == ["coco-1001", "coco-900", "coco-1002"]
@@ -204,10 +230,13 @@ def test_coco_detected_without_suffix(tmp_path):
 
 
 def test_drawbench(tmp_path):
-    path = write(tmp_path, "drawbench.csv",
-                 'Prompts,Category\nA red colored car.,Colors\n'
-                 '"A storefront with ""Text"" written on it, at night.",Text\n,\n'
-                 "A black colored dog.,Colors\n")
+    path = write(
+        tmp_path,
+        "drawbench.csv",
+        "Prompts,Category\nA red colored car.,Colors\n"
+        '"A storefront with ""Text"" written on it, at night.",Text\n,\n'
+        "A black colored dog.,Colors\n",
+    )
     _, prompts = load_prompt_set(str(path))
     assert ids_texts(prompts) == [
         ("drawbench-0", "A red colored car."),
@@ -217,12 +246,15 @@ def test_drawbench(tmp_path):
 
 
 def test_parti(tmp_path):
-    path = write(tmp_path, "PartiPrompts.tsv",
-                 "Prompt\tCategory\tChallenge\tNote\n"
-                 "bond\tAbstract\tBasic\tBiology-inspired concepts\n"
-                 'A robot painted as graffiti. The words "Fly an airplane" are on the wall.'
-                 "\tOutdoor Scenes\tComplex\t\n"
-                 "flying over the city of Mars. \tWorld Knowledge\tComplex\t\n")
+    path = write(
+        tmp_path,
+        "PartiPrompts.tsv",
+        "Prompt\tCategory\tChallenge\tNote\n"
+        "bond\tAbstract\tBasic\tBiology-inspired concepts\n"
+        'A robot painted as graffiti. The words "Fly an airplane" are on the wall.'
+        "\tOutdoor Scenes\tComplex\t\n"
+        "flying over the city of Mars. \tWorld Knowledge\tComplex\t\n",
+    )
     set_id, prompts = load_prompt_set(str(path))
     assert ids_texts(prompts) == [
         ("parti-0", "bond"),
@@ -236,16 +268,27 @@ def test_parti(tmp_path):
 
 def test_geneval(tmp_path):
     rows = [
-        {"tag": "single_object", "include": [{"class": "bench", "count": 1}],
-         "prompt": "a photo of a bench"},
-        {"tag": "counting", "include": [{"class": "cat", "count": 2}],
-         "prompt": "a photo of two cats"},
+        {
+            "tag": "single_object",
+            "include": [{"class": "bench", "count": 1}],
+            "prompt": "a photo of a bench",
+        },
+        {
+            "tag": "counting",
+            "include": [{"class": "cat", "count": 2}],
+            "prompt": "a photo of two cats",
+        },
     ]
-    path = write(tmp_path, "evaluation_metadata.jsonl",
-                 json.dumps(rows[0]) + "\n\n" + json.dumps(rows[1]) + "\n")
+    path = write(
+        tmp_path,
+        "evaluation_metadata.jsonl",
+        json.dumps(rows[0]) + "\n\n" + json.dumps(rows[1]) + "\n",
+    )
     _, prompts = load_prompt_set(str(path))
-    assert ids_texts(prompts) == [("geneval-0", "a photo of a bench"),
-                                  ("geneval-1", "a photo of two cats")]
+    assert ids_texts(prompts) == [
+        ("geneval-0", "a photo of a bench"),
+        ("geneval-1", "a photo of two cats"),
+    ]
     _, generic = load_prompt_set(str(path), fmt="jsonl")  # explicit format wins
     assert [p.id for p in generic] == ["evaluation_metadata-1", "evaluation_metadata-3"]
 
@@ -286,8 +329,9 @@ def test_jsonl_without_text_field(tmp_path):
     assert "line 2" in user_error(path, "no 'text', 'prompt' or 'caption'")
 
 
-@pytest.mark.parametrize("line", ['{"text": ""}', '{"text": 3}', "[1, 2]",
-                                  '{"id": [1], "text": "a"}'])
+@pytest.mark.parametrize(
+    "line", ['{"text": ""}', '{"text": 3}', "[1, 2]", '{"id": [1], "text": "a"}']
+)
 def test_jsonl_bad_values(tmp_path, line):
     user_error(write(tmp_path, "bad.jsonl", line + "\n"), "line 1")
 
@@ -354,13 +398,14 @@ def test_prompts_do_not_import_backbones():
     import subprocess
     import sys
 
-    code = ("import sys, cdmbench.prompts_io as p; "
-            "print(any(m.startswith('cdmbench.backbones') or m == 'torch' for m in sys.modules), "
-            "p.Prompt.__module__)")
+    code = (
+        "import sys, cdmbench.prompts_io as p; "
+        "print(any(m.startswith('cdmbench.backbones') or m == 'torch' for m in sys.modules), "
+        "p.Prompt.__module__)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "cdmbench.prompts_io"]
     from cdmbench.backbones import Prompt as FromBackbones
     from cdmbench.prompts_io import Prompt
 
     assert FromBackbones is Prompt
-

@@ -122,13 +122,16 @@ def test_unknown_name_in_empty_registry():
         reg.get("x")
 
 
-@pytest.mark.parametrize(("name", "expected"), [
-    ("cmd", "cdm"),
-    ("dmd3", "dmd2"),
-    ("CDM", "cdm"),
-    ("digit", "digits"),
-    ("qqq", None),
-])
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("cmd", "cdm"),
+        ("dmd3", "dmd2"),
+        ("CDM", "cdm"),
+        ("digit", "digits"),
+        ("qqq", None),
+    ],
+)
 def test_suggest(name, expected):
     assert suggest(name, ["cdm", "dmd", "dmd2", "cd", "digits"]) == expected
 
@@ -140,7 +143,8 @@ def plugin_on_path(tmp_path, monkeypatch):
     pkg = tmp_path / "cdmb_test_plugin_pkg"
     pkg.mkdir()
     (pkg / "__init__.py").write_text("")
-    (pkg / "mod.py").write_text(textwrap.dedent('''
+    (pkg / "mod.py").write_text(
+        textwrap.dedent('''
         class MyMethod:
             """A third-party distillation method."""
 
@@ -149,7 +153,8 @@ def plugin_on_path(tmp_path, monkeypatch):
 
         class Shadow:
             """Must not replace a registered entry."""
-    '''))
+    ''')
+    )
     dist = tmp_path / "cdmb_test_plugin-0.1.dist-info"
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: cdmb-test-plugin\nVersion: 0.1\n")

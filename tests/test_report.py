@@ -27,19 +27,44 @@ from cdmbench.results import ResultStore, load_records
 VERSIONS = {"cdmbench": "0.1.0", "torch": "2.4.0", "python": "3.11.7"}
 
 
-def rec(method: str, steps: int, metric: str, value: float, *, backbone: str = "digits",
-        seed: int = 0, t: int = 0, run_id: str | None = None, samples: str = "",
-        prompt_set: str = "digits-abc") -> dict[str, Any]:
+def rec(
+    method: str,
+    steps: int,
+    metric: str,
+    value: float,
+    *,
+    backbone: str = "digits",
+    seed: int = 0,
+    t: int = 0,
+    run_id: str | None = None,
+    samples: str = "",
+    prompt_set: str = "digits-abc",
+) -> dict[str, Any]:
     """A record as cdmbench.evaluate writes it; ``t`` seconds after a fixed time."""
     hib = {"fd_digits": False, "prompt_acc": True, "latency_ms": False}[metric]
     return {
-        "run_id": run_id or f"{method}-run", "backbone": backbone, "method": method,
-        "checkpoint": f"sha256:{method}", "steps": steps, "schedule": [1.0, 0.0],
-        "guidance": 1.0, "prompt_set": prompt_set, "n_samples": 20, "metric": metric,
-        "value": value, "higher_is_better": hib, "metric_name": metric,
-        "metric_config": {"features": "toy"}, "metric_config_hash": "h", "seed": seed,
-        "device": "cpu (test)", "dtype": "float32", "versions": VERSIONS, "git_rev": "abc123",
-        "time": f"2026-01-01T00:{t // 60:02d}:{t % 60:02d}+0000", "eval_key": "k",
+        "run_id": run_id or f"{method}-run",
+        "backbone": backbone,
+        "method": method,
+        "checkpoint": f"sha256:{method}",
+        "steps": steps,
+        "schedule": [1.0, 0.0],
+        "guidance": 1.0,
+        "prompt_set": prompt_set,
+        "n_samples": 20,
+        "metric": metric,
+        "value": value,
+        "higher_is_better": hib,
+        "metric_name": metric,
+        "metric_config": {"features": "toy"},
+        "metric_config_hash": "h",
+        "seed": seed,
+        "device": "cpu (test)",
+        "dtype": "float32",
+        "versions": VERSIONS,
+        "git_rev": "abc123",
+        "time": f"2026-01-01T00:{t // 60:02d}:{t % 60:02d}+0000",
+        "eval_key": "k",
         "samples": samples,
     }
 
@@ -54,8 +79,17 @@ def make_samples(root: Path, name: str, n: int = 4, px: int = 8) -> str:
     for i in range(n):
         f = f"digit-{i % 2}-{i:05d}.png"
         Image.new("L", (px, px), color=30 * i).save(folder / f)
-        lines.append(json.dumps({"prompt_id": f"digit-{i % 2}", "prompt": f"digit {i % 2}",
-                                 "index": i, "seed": 1000 + i, "file": f}))
+        lines.append(
+            json.dumps(
+                {
+                    "prompt_id": f"digit-{i % 2}",
+                    "prompt": f"digit {i % 2}",
+                    "index": i,
+                    "seed": 1000 + i,
+                    "file": f,
+                }
+            )
+        )
     (folder / "manifest.jsonl").write_text("\n".join(lines) + "\n")
     return str(folder)
 
@@ -65,10 +99,24 @@ def results(tmp_path: Path) -> Path:
     """Teacher and two students at 1 and 2 steps (teacher also at 50), with sample folders."""
     res = tmp_path / "results"
     samples = tmp_path / "samples"
-    fd = {("teacher", 1): 100.0, ("teacher", 2): 30.0, ("teacher", 50): 10.0,
-          ("cdm", 1): 50.0, ("cdm", 2): 25.0, ("dmd", 1): 40.0, ("dmd", 2): 28.0}
-    acc = {("teacher", 1): 0.5, ("teacher", 2): 0.9, ("teacher", 50): 0.99,
-           ("cdm", 1): 0.8, ("cdm", 2): 0.95, ("dmd", 1): 0.85, ("dmd", 2): 0.95}
+    fd = {
+        ("teacher", 1): 100.0,
+        ("teacher", 2): 30.0,
+        ("teacher", 50): 10.0,
+        ("cdm", 1): 50.0,
+        ("cdm", 2): 25.0,
+        ("dmd", 1): 40.0,
+        ("dmd", 2): 28.0,
+    }
+    acc = {
+        ("teacher", 1): 0.5,
+        ("teacher", 2): 0.9,
+        ("teacher", 50): 0.99,
+        ("cdm", 1): 0.8,
+        ("cdm", 2): 0.95,
+        ("dmd", 1): 0.85,
+        ("dmd", 2): 0.95,
+    }
     recs = []
     for t, (key, v) in enumerate(fd.items()):
         folder = make_samples(samples, f"{key[0]}-{key[1]}")
@@ -89,16 +137,23 @@ def test_pivot_order_arrows_and_values(results):
     assert warnings == []
     assert list(table.columns) == ["backbone", "method", "steps", "fd_digits ↓", "prompt_acc ↑"]
     assert list(zip(table["method"], table["steps"], strict=True)) == [
-        ("teacher", 1), ("teacher", 2), ("teacher", 50), ("cdm", 1), ("cdm", 2), ("dmd", 1),
-        ("dmd", 2)]
+        ("teacher", 1),
+        ("teacher", 2),
+        ("teacher", 50),
+        ("cdm", 1),
+        ("cdm", 2),
+        ("dmd", 1),
+        ("dmd", 2),
+    ]
     row = table[(table["method"] == "dmd") & (table["steps"] == 1)].iloc[0]
     assert row["fd_digits ↓"] == 40.0 and row["prompt_acc ↑"] == 0.85
 
 
 def test_best_marked_per_step_count_not_per_column(results):
     table = pivot(load_records(results)[0])
-    best = {(table.loc[i, "method"], int(table.loc[i, "steps"]), col) for i, col in
-            best_cells(table)}
+    best = {
+        (table.loc[i, "method"], int(table.loc[i, "steps"]), col) for i, col in best_cells(table)
+    }
     # lowest fd at 1 step is dmd (40), at 2 steps cdm (25); teacher alone at 50: unmarked
     assert ("dmd", 1, "fd_digits ↓") in best and ("cdm", 2, "fd_digits ↓") in best
     assert not any(steps == 50 for _, steps, _ in best)
@@ -124,9 +179,14 @@ def test_all_tied_group_not_marked(tmp_path):
 
 
 def test_latest_keeps_newest_and_all_keeps_runs(tmp_path):
-    df = _df([rec("cdm", 1, "fd_digits", 60.0, t=0, run_id="cdm-old"),
-              rec("cdm", 1, "fd_digits", 50.0, t=10, run_id="cdm-new"),
-              rec("cdm", 1, "fd_digits", 55.0, t=5, run_id="cdm-old")], tmp_path)
+    df = _df(
+        [
+            rec("cdm", 1, "fd_digits", 60.0, t=0, run_id="cdm-old"),
+            rec("cdm", 1, "fd_digits", 50.0, t=10, run_id="cdm-new"),
+            rec("cdm", 1, "fd_digits", 55.0, t=5, run_id="cdm-old"),
+        ],
+        tmp_path,
+    )
     latest = pivot(df, latest=True)
     assert len(latest) == 1 and latest["fd_digits ↓"].iloc[0] == 50.0
     every = pivot(df, latest=False)
@@ -137,9 +197,14 @@ def test_latest_keeps_newest_and_all_keeps_runs(tmp_path):
 
 
 def test_seeds_mean_std(tmp_path):
-    df = _df([rec("cdm", 1, "fd_digits", 10.0, seed=0, t=1),
-              rec("cdm", 1, "fd_digits", 14.0, seed=1, t=2),
-              rec("cdm", 1, "fd_digits", 99.0, seed=2, t=0, run_id="older-model")], tmp_path)
+    df = _df(
+        [
+            rec("cdm", 1, "fd_digits", 10.0, seed=0, t=1),
+            rec("cdm", 1, "fd_digits", 14.0, seed=1, t=2),
+            rec("cdm", 1, "fd_digits", 99.0, seed=2, t=0, run_id="older-model"),
+        ],
+        tmp_path,
+    )
     latest = pivot(df)
     # seed 2 belongs to another (older) run: not averaged with the newest run's seeds
     assert latest["fd_digits ↓"].iloc[0] == 12.0
@@ -159,8 +224,15 @@ def test_build_report_outputs(results, tmp_path):
     assert not list((tmp_path / "out").glob(".*.tmp"))
     assert out.warnings == [] and out.n_records == 14
     md = out.markdown.read_text()
-    for text in ("fd_digits ↓", "cdmbench 0.1.0", "abc123", "cpu (test)", "digits-abc",
-                 "Metric configs", "**25.0**"):
+    for text in (
+        "fd_digits ↓",
+        "cdmbench 0.1.0",
+        "abc123",
+        "cpu (test)",
+        "digits-abc",
+        "Metric configs",
+        "**25.0**",
+    ):
         assert text in md
     csv = pd.read_csv(out.csv)
     assert list(csv.columns) == ["backbone", "method", "steps", "fd_digits", "prompt_acc"]
@@ -178,8 +250,15 @@ def test_build_report_outputs(results, tmp_path):
     plots = [a for _, a in imgs if "vs steps" in a]
     cells = {a: b for b, a in imgs if "vs steps" not in a}
     assert len(plots) == 2
-    assert set(cells) == {"teacher, 1 step", "teacher, 2 steps", "teacher, 50 steps",
-                          "cdm, 1 step", "cdm, 2 steps", "dmd, 1 step", "dmd, 2 steps"}
+    assert set(cells) == {
+        "teacher, 1 step",
+        "teacher, 2 steps",
+        "teacher, 50 steps",
+        "cdm, 1 step",
+        "cdm, 2 steps",
+        "dmd, 1 step",
+        "dmd, 2 steps",
+    }
     from PIL import Image
 
     sheet = Image.open(io.BytesIO(base64.b64decode(cells["cdm, 1 step"])))
@@ -210,12 +289,18 @@ def test_missing_sample_folder_is_a_warning(tmp_path):
 
 
 def test_filters(results, tmp_path):
-    out = build_report(results, tmp_path / "o1", methods=["teacher", "dmd"],
-                       metrics=["fd_digits"], samples_per_cell=0)
+    out = build_report(
+        results,
+        tmp_path / "o1",
+        methods=["teacher", "dmd"],
+        metrics=["fd_digits"],
+        samples_per_cell=0,
+    )
     assert set(out.table["method"]) == {"teacher", "dmd"}
     assert list(out.table.columns) == ["backbone", "method", "steps", "fd_digits ↓"]
-    out = build_report(results, tmp_path / "o2", backbone="digits", methods="cdm",
-                       samples_per_cell=0)
+    out = build_report(
+        results, tmp_path / "o2", backbone="digits", methods="cdm", samples_per_cell=0
+    )
     assert set(out.table["method"]) == {"cdm"}
     with pytest.raises(UserError, match=r"method nope .*have: teacher, cdm, dmd"):
         build_report(results, tmp_path / "o3", methods=["cdm", "nope"])
@@ -229,10 +314,14 @@ def test_filters(results, tmp_path):
 
 def test_two_backbones_and_prompt_sets(tmp_path):
     res = tmp_path / "r"
-    ResultStore(res).append([
-        rec("teacher", 1, "fd_digits", 5.0), rec("cdm", 1, "fd_digits", 4.0),
-        rec("teacher", 1, "fd_digits", 7.0, prompt_set="other", t=1),
-        rec("teacher", 1, "prompt_acc", 0.5, backbone="toy", t=2)])
+    ResultStore(res).append(
+        [
+            rec("teacher", 1, "fd_digits", 5.0),
+            rec("cdm", 1, "fd_digits", 4.0),
+            rec("teacher", 1, "fd_digits", 7.0, prompt_set="other", t=1),
+            rec("teacher", 1, "prompt_acc", 0.5, backbone="toy", t=2),
+        ]
+    )
     table = pivot(load_records(res)[0])
     assert "prompt_set" in table.columns and len(table) == 4
     out = build_report(res, tmp_path / "out", samples_per_cell=0)

@@ -24,7 +24,6 @@ from cdmbench.backbones.sd3 import (
     TINY_RESOLUTION,
     TinySD3,
     export_student,
-    unshift,
 )
 from cdmbench.backbones.tiny_tokenizers import clip_tokenizer, t5_tokenizer
 from cdmbench.errors import UserError
@@ -33,8 +32,10 @@ from cdmbench.registry import METHODS
 from cdmbench.training.core import TrainConfig, Trainer
 
 TOL = 1e-5
-PROMPTS = [Prompt("p0", "a red bicycle leaning against a brick wall"),
-           Prompt("p1", "portrait of an old fisherman at dawn, oil painting")]
+PROMPTS = [
+    Prompt("p0", "a red bicycle leaning against a brick wall"),
+    Prompt("p1", "portrait of an old fisherman at dawn, oil painting"),
+]
 TEXTS = [p.text for p in PROMPTS]
 
 
@@ -59,9 +60,17 @@ def _noise(bb: TinySD3, n: int = 2) -> torch.Tensor:
 
 def _run_pipe(pipe, latents, pre_sigmas, w, output_type="latent", **kw) -> torch.Tensor:
     res = TINY_RESOLUTION
-    return pipe(prompt=TEXTS[: len(latents)], latents=latents.clone(), height=res, width=res,
-                num_inference_steps=len(pre_sigmas), sigmas=list(pre_sigmas), guidance_scale=w,
-                output_type=output_type, **kw).images
+    return pipe(
+        prompt=TEXTS[: len(latents)],
+        latents=latents.clone(),
+        height=res,
+        width=res,
+        num_inference_steps=len(pre_sigmas),
+        sigmas=list(pre_sigmas),
+        guidance_scale=w,
+        output_type=output_type,
+        **kw,
+    ).images
 
 
 # -------------------------------------------------------------------------- structure
@@ -91,7 +100,7 @@ def test_scheduler_shifts_custom_sigmas():
     assert sched.sigmas.tolist() == pytest.approx([1.0, 0.9, 0.75, 0.5, 0.0], abs=1e-6)
     assert sched.sigmas.tolist() == pytest.approx(flow.explicit_schedule(pre, 3.0), abs=1e-6)
     assert sched.timesteps.tolist() == pytest.approx([1000 * s for s in sched.sigmas[:-1].tolist()])
-    assert unshift(flow.explicit_schedule(pre, 3.0)[:-1], 3.0) == pytest.approx(pre, abs=1e-12)
+    assert flow.unshift(flow.explicit_schedule(pre, 3.0)[:-1], 3.0) == pytest.approx(pre, abs=1e-12)
     # without sigmas the grid is linspace(1, shift(1/1000), n) before the shift: not uniform
     sched.set_timesteps(4)
     assert sched.sigmas[-2].item() < 0.01 < flow.uniform_schedule(4, 3.0)[-2]
@@ -110,8 +119,9 @@ def test_tiny_tokenizers():
 
 def test_encode_matches_pipeline_and_caches(bb: TinySD3, pipe):
     cond = bb.encode(PROMPTS)
-    emb, neg, pooled, neg_pooled = pipe.encode_prompt(TEXTS, None, None,
-                                                      do_classifier_free_guidance=True)
+    emb, neg, pooled, neg_pooled = pipe.encode_prompt(
+        TEXTS, None, None, do_classifier_free_guidance=True
+    )
     assert cond.tensors["prompt_embeds"].shape == (2, 77 + 256, 64)
     assert torch.allclose(cond.tensors["prompt_embeds"], emb, atol=1e-6)
     assert torch.allclose(cond.tensors["pooled_projections"], pooled, atol=1e-6)
@@ -125,8 +135,9 @@ def test_encode_matches_pipeline_and_caches(bb: TinySD3, pipe):
 
 
 # --------------------------------------------------------------------- sampler, decode
-@pytest.mark.parametrize("pre", [[1.0, 2 / 3, 1 / 3], [1.0, 0.6, 0.3, 0.1]],
-                         ids=["uniform3", "explicit4"])
+@pytest.mark.parametrize(
+    "pre", [[1.0, 2 / 3, 1 / 3], [1.0, 0.6, 0.3, 0.1]], ids=["uniform3", "explicit4"]
+)
 @pytest.mark.parametrize("w", [1.0, 7.0])
 def test_sampler_matches_pipeline(bb: TinySD3, teacher, pipe, pre, w):
     sigmas = flow.uniform_schedule(3, 3.0) if len(pre) == 3 else flow.explicit_schedule(pre, 3.0)
@@ -196,13 +207,16 @@ def test_method_trains_and_exports(bb: TinySD3, method, tmp_path):
     student.load_state_dict(trainer.ema.state_dict())
 
     spec = m.sampler(2, bb.shift)
-    out = export_student(bb, trainer.ema, tmp_path / "export", spec.sigmas,
-                         stochastic=spec.stochastic)
+    out = export_student(
+        bb, trainer.ema, tmp_path / "export", spec.sigmas, stochastic=spec.stochastic
+    )
     info = json.loads((out / SCHEDULE_FILE).read_text())
     assert info["sigmas"] == spec.sigmas and info["stochastic"] == spec.stochastic
     loaded = bb.load_teacher(str(out))  # a pipeline directory as teacher weights
-    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(),
-                                                 student.state_dict().values(), strict=True))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(loaded.state_dict().values(), student.state_dict().values(), strict=True)
+    )
 
     exported = StableDiffusion3Pipeline.from_pretrained(out)  # offline (conftest)
     exported.set_progress_bar_config(disable=True)
@@ -211,8 +225,13 @@ def test_method_trains_and_exports(bb: TinySD3, method, tmp_path):
     noise = _noise(bb)
     cond = bb.encode(PROMPTS)
     torch.manual_seed(11)  # the pipeline's re-noising draws come from the global RNG
-    ours = flow.sample(lambda x, s: bb.velocity(student, x, s, cond), noise, spec.sigmas,
-                       stochastic=spec.stochastic, renoise=lambda n: torch.randn(noise.shape))
+    ours = flow.sample(
+        lambda x, s: bb.velocity(student, x, s, cond),
+        noise,
+        spec.sigmas,
+        stochastic=spec.stochastic,
+        renoise=lambda n: torch.randn(noise.shape),
+    )
     torch.manual_seed(11)
     ref = _run_pipe(exported, noise, info["pipeline_sigmas"], info["guidance_scale"])
     assert exported.scheduler.sigmas.tolist() == pytest.approx(spec.sigmas, abs=1e-6)

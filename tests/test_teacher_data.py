@@ -53,8 +53,11 @@ def _build(bb, teacher, n: int = N, cache_dir: Path | None = None, **kw) -> Teac
 
 
 def _same(a: TeacherSamples, b: TeacherSamples) -> bool:
-    return (torch.equal(a.x0, b.x0) and torch.equal(a.seeds, b.seeds)
-            and torch.equal(a.prompt_index, b.prompt_index))
+    return (
+        torch.equal(a.x0, b.x0)
+        and torch.equal(a.seeds, b.seeds)
+        and torch.equal(a.prompt_index, b.prompt_index)
+    )
 
 
 def _cache_file(folder: Path) -> Path:
@@ -83,18 +86,26 @@ def test_noise_is_regenerated_from_the_seeds_and_x0_is_the_teacher_sample(digits
     idx = torch.tensor([0, 7, 7, 39, 12])
     noise, cond, x0 = data.batch(idx)
     prompts = [data.prompts[i] for i in data.prompt_index[idx].tolist()]
-    seeds = [flow.sample_seed(SEED, f"teacher-samples/{p.id}", i) for p, i in zip(prompts, idx.tolist(), strict=True)]
+    seeds = [
+        flow.sample_seed(SEED, f"teacher-samples/{p.id}", i)
+        for p, i in zip(prompts, idx.tolist(), strict=True)
+    ]
     assert data.seeds[idx].tolist() == seeds
     assert torch.equal(noise, flow.seeded_noise((1, 8, 8), seeds))
     assert torch.equal(cond.tensors["label"], digits.encode(prompts).tensors["label"])
     assert x0.dtype == torch.float32 and torch.equal(x0, data.x0[idx])
     # the stored x0 is the teacher's Euler sample from that noise and prompt at CFG 2
-    ref = flow.sample(lambda x, s: digits.velocity(teacher, x, s, cond, 2.0), noise,
-                      flow.uniform_schedule(STEPS, digits.shift))
+    ref = flow.sample(
+        lambda x, s: digits.velocity(teacher, x, s, cond, 2.0),
+        noise,
+        flow.uniform_schedule(STEPS, digits.shift),
+    )
     torch.testing.assert_close(x0, ref, rtol=1e-5, atol=1e-6)
     # sample i does not depend on the set's size or the chunking
     small = _build(digits, teacher, n=13, chunk=5)
-    assert torch.equal(small.seeds, data.seeds[:13]) and torch.equal(small.prompt_index, data.prompt_index[:13])
+    assert torch.equal(small.seeds, data.seeds[:13]) and torch.equal(
+        small.prompt_index, data.prompt_index[:13]
+    )
     torch.testing.assert_close(small.x0, data.x0[:13], rtol=1e-5, atol=1e-6)
 
 
@@ -111,7 +122,11 @@ def test_second_build_reads_the_cache_instead_of_calling_the_teacher(digits, tea
     first = _build(digits, counting, cache_dir=tmp_path)
     path = _cache_file(tmp_path)
     assert first.path == path and first.generated == N and counting.rows > 0
-    assert first.meta["seed"] == SEED and first.meta["guidance"] == 2.0 and first.meta["steps"] == STEPS
+    assert (
+        first.meta["seed"] == SEED
+        and first.meta["guidance"] == 2.0
+        and first.meta["steps"] == STEPS
+    )
     counting.rows = 0
     again = _build(digits, counting, cache_dir=tmp_path)
     assert counting.rows == 0 and again.generated == 0 and _same(again, first)
@@ -121,7 +136,9 @@ def test_second_build_reads_the_cache_instead_of_calling_the_teacher(digits, tea
     assert grown.generated == 9 and torch.equal(grown.x0[:N], first.x0)
     assert _same(_build(digits, teacher, n=N + 9), grown)
     counting.rows = 0
-    assert _build(digits, counting, n=N + 9, cache_dir=tmp_path).generated == 0 and counting.rows == 0
+    assert (
+        _build(digits, counting, n=N + 9, cache_dir=tmp_path).generated == 0 and counting.rows == 0
+    )
     assert list(tmp_path.glob("teacher-samples-*")) == [path]  # one file, grown in place
 
 
@@ -144,11 +161,14 @@ def _damage_data(path: Path) -> None:
     path.write_bytes(bytes(raw))
 
 
-@pytest.mark.parametrize("damage, problem", [
-    (_damage_data, "corrupt"),
-    (lambda p: p.write_bytes(p.read_bytes()[: len(p.read_bytes()) // 2]), "unreadable"),
-    (lambda p: p.write_bytes(b"not a safetensors file"), "unreadable"),
-])
+@pytest.mark.parametrize(
+    "damage, problem",
+    [
+        (_damage_data, "corrupt"),
+        (lambda p: p.write_bytes(p.read_bytes()[: len(p.read_bytes()) // 2]), "unreadable"),
+        (lambda p: p.write_bytes(b"not a safetensors file"), "unreadable"),
+    ],
+)
 def test_a_damaged_cache_is_regenerated_with_a_warning(digits, teacher, tmp_path, damage, problem):
     first = _build(digits, teacher, cache_dir=tmp_path)
     path = _cache_file(tmp_path)
@@ -175,7 +195,9 @@ def test_an_interrupted_generation_continues_from_its_saved_progress(digits, tea
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        _build(digits, teacher, n=N, cache_dir=tmp_path, save_every=0.0, progress=stop_after_two_chunks)
+        _build(
+            digits, teacher, n=N, cache_dir=tmp_path, save_every=0.0, progress=stop_after_two_chunks
+        )
     assert not list(tmp_path.glob(".*.tmp"))
     resumed = _build(digits, teacher, cache_dir=tmp_path)
     assert resumed.generated == N - 16  # the first chunk was saved before the second finished
@@ -214,20 +236,35 @@ def _port() -> int:
 
 
 def test_two_processes_get_identical_data_equal_to_one_process(digits, teacher, tmp_path):
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_port()), "WORLD_SIZE": "2",
-           "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(tmp_path), str(SEED), str(STEPS)],
-                              env=env | {"RANK": str(r)}, stderr=subprocess.PIPE, text=True)
-             for r in range(2)]
+    env = {
+        **os.environ,
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(_port()),
+        "WORLD_SIZE": "2",
+        "OMP_NUM_THREADS": "1",
+    }
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", WORKER, str(tmp_path), str(SEED), str(STEPS)],
+            env=env | {"RANK": str(r)},
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in range(2)
+    ]
     errors = [p.communicate(timeout=120)[1] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], errors
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     # one process, the same sequence: 30 samples, then grown to 45 from its cache
-    single = {n: _build(digits, teacher, n=n, chunk=7, cache_dir=tmp_path / "one") for n in (30, 45)}
+    single = {
+        n: _build(digits, teacher, n=n, chunk=7, cache_dir=tmp_path / "one") for n in (30, 45)
+    }
     for res in ranks:
         for name, n in (("fresh", 30), ("cached", 30), ("grown", 45)):
             x0, index, seeds, _ = res[name]
-            assert torch.equal(index, single[n].prompt_index) and torch.equal(seeds, single[n].seeds)
+            assert torch.equal(index, single[n].prompt_index) and torch.equal(
+                seeds, single[n].seeds
+            )
             assert torch.equal(x0, single[n].x0), name  # same chunks on the same grid: same bits
     # each rank generated its share of the chunks and holds the gathered set; the second
     # build was rank 0's cache, sent on; the third generated only the 15 missing samples
@@ -243,8 +280,9 @@ def tiny():
     return TinySD3()
 
 
-@pytest.mark.parametrize("method, sets", [("dmd", ["method.reg_pairs=4"]),
-                                          ("cd", ["method.cache_size=4"])])
+@pytest.mark.parametrize(
+    "method, sets", [("dmd", ["method.reg_pairs=4"]), ("cd", ["method.cache_size=4"])]
+)
 def test_method_trains_on_tiny_sd3_and_reuses_the_cache(tiny, tmp_path, method, sets):
     cls = METHODS.get(method)
     runs = tmp_path / "runs"

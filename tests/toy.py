@@ -113,16 +113,20 @@ class Toy(Backbone):
         return net.to(self.device).eval().requires_grad_(False)
 
     def prompts(self, split: str = "train") -> list[Prompt]:
-        return [Prompt(id="toy-0", text="class zero", label=0),
-                Prompt(id="toy-1", text="class one", label=1)]
+        return [
+            Prompt(id="toy-0", text="class zero", label=0),
+            Prompt(id="toy-1", text="class one", label=1),
+        ]
 
     def encode(self, prompts: Sequence[Prompt]) -> Cond:
         labels = [NULL_CLASS if p.label is None else p.label for p in prompts]
         return self.encode_labels(torch.tensor(labels, dtype=torch.long))
 
     def encode_labels(self, labels: Tensor) -> Cond:
-        return Cond({"label": labels.to(self.device)},
-                    {"label": torch.tensor([NULL_CLASS], device=self.device)})
+        return Cond(
+            {"label": labels.to(self.device)},
+            {"label": torch.tensor([NULL_CLASS], device=self.device)},
+        )
 
     def forward(self, model: nn.Module, x: Tensor, s: Tensor, cond: dict[str, Tensor]) -> Tensor:
         return model(x, flow.timestep(s), cond["label"])

@@ -53,8 +53,10 @@ class Cond:
         return self._with_uncond
 
     def to(self, device) -> Cond:
-        return Cond({k: v.to(device) for k, v in self.tensors.items()},
-                    {k: v.to(device) for k, v in self.null.items()})
+        return Cond(
+            {k: v.to(device) for k, v in self.tensors.items()},
+            {k: v.to(device) for k, v in self.null.items()},
+        )
 
 
 @dataclass(frozen=True)
@@ -69,15 +71,17 @@ class BackboneSettings:
     eval_samples: int = setting(1, hashed=False)  # samples per prompt, full evaluation
     eval_samples_quick: int = setting(1, hashed=False)  # samples per prompt, `bench --quick`
     eval_metrics: tuple[str, ...] = setting(  # what eval scores without --metrics
-        ("fid", "clip_score", "precision_recall", "latency"), hashed=False)
+        ("fid", "clip_score", "precision_recall", "latency"), hashed=False
+    )
     eval_prompts: str = setting("default", hashed=False)  # prompt set or file of eval
     fid_reference: str = setting("", hashed=False)  # FID reference folder; "": the real data
 
     def __post_init__(self) -> None:
         for name in ("teacher_steps", "eval_batch", "eval_samples", "eval_samples_quick"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise UserError(f"backbone.{name} must be a whole number >= 1, "
-                                f"got {getattr(self, name)!r}")
+                raise UserError(
+                    f"backbone.{name} must be a whole number >= 1, got {getattr(self, name)!r}"
+                )
 
 
 class Backbone:
@@ -101,15 +105,19 @@ class Backbone:
     channels_last: bool | None = None
     trains_teacher: ClassVar[bool] = False  # `cdmbench teacher` can build its weights
 
-    def __init__(self, device: str = "cpu",
-                 settings: BackboneSettings | Mapping[str, Any] | None = None,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self,
+        device: str = "cpu",
+        settings: BackboneSettings | Mapping[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
         self.device = str(device)
         self.settings = self.make_settings(settings, **kwargs)
 
     @classmethod
-    def make_settings(cls, settings: BackboneSettings | Mapping[str, Any] | None = None,
-                      **kwargs: Any) -> BackboneSettings:
+    def make_settings(
+        cls, settings: BackboneSettings | Mapping[str, Any] | None = None, **kwargs: Any
+    ) -> BackboneSettings:
         """``Settings`` from an instance, a mapping and/or keywords (later ones win)."""
         if isinstance(settings, cls.Settings):
             base, given = settings, {}
@@ -138,14 +146,27 @@ class Backbone:
         return f"{self.name}-default" if weights is None else weights_fingerprint(weights)
 
     def use_channels_last(self) -> bool:
-        return str(self.device).startswith("cuda") if self.channels_last is None else self.channels_last
+        return (
+            str(self.device).startswith("cuda")
+            if self.channels_last is None
+            else self.channels_last
+        )
 
-    def train_teacher_assets(self, out_dir: str | Path, *, seed: int = 0, iters: int | None = None,
-                             epochs: int | None = None, progress=None) -> str:
+    def train_teacher_assets(
+        self,
+        out_dir: str | Path,
+        *,
+        seed: int = 0,
+        iters: int | None = None,
+        epochs: int | None = None,
+        progress=None,
+    ) -> str:
         """Train this backbone's own teacher (and whatever its metrics need) into
         ``out_dir``; returns a one-line summary. Only where ``trains_teacher``."""
-        raise UserError(f"backbone '{self.name}' loads a pretrained teacher; it has no teacher "
-                        "training of its own")
+        raise UserError(
+            f"backbone '{self.name}' loads a pretrained teacher; it has no teacher "
+            "training of its own"
+        )
 
     # ---- models
     def load_teacher(self, weights: str | None = None) -> nn.Module:
@@ -179,21 +200,27 @@ class Backbone:
         """One raw network call: v(x, s | cond); ``s`` is a [B] tensor of sigmas."""
         raise NotImplementedError
 
-    def velocity(self, model: nn.Module, x: Tensor, s: Tensor, cond: Cond, guidance: float = 1.0) -> Tensor:
+    def velocity(
+        self, model: nn.Module, x: Tensor, s: Tensor, cond: Cond, guidance: float = 1.0
+    ) -> Tensor:
         """v at (x, s), with classifier-free guidance batched in one call when w != 1."""
         s = _sigma_rows(s, x)
         if guidance == 1.0:
             return self.forward(model, x, s, cond.tensors).float()
         return flow.cfg(*self.velocity_uc(model, x, s, cond), guidance)
 
-    def velocity_uc(self, model: nn.Module, x: Tensor, s: Tensor, cond: Cond) -> tuple[Tensor, Tensor]:
+    def velocity_uc(
+        self, model: nn.Module, x: Tensor, s: Tensor, cond: Cond
+    ) -> tuple[Tensor, Tensor]:
         """(v_uncond, v_cond) from one batched call, for methods that need both."""
         s = _sigma_rows(s, x)
         v = self.forward(model, torch.cat([x, x]), torch.cat([s, s]), cond.with_uncond()).float()
         v_u, v_c = v.chunk(2)
         return v_u, v_c
 
-    def x0(self, model: nn.Module, x: Tensor, s: Tensor, cond: Cond, guidance: float = 1.0) -> Tensor:
+    def x0(
+        self, model: nn.Module, x: Tensor, s: Tensor, cond: Cond, guidance: float = 1.0
+    ) -> Tensor:
         """The model's clean-sample prediction x0 = x - s v (float32)."""
         return flow.x0_from_v(x, s, self.velocity(model, x, s, cond, guidance))
 
@@ -216,10 +243,14 @@ class Backbone:
         accuracy); None where the backbone has none."""
         return None
 
-    def export(self, student: nn.Module, out_dir, sigmas: list[float], stochastic: bool = False) -> Path:
+    def export(
+        self, student: nn.Module, out_dir, sigmas: list[float], stochastic: bool = False
+    ) -> Path:
         """Write the student in its family's native format (diffusers layout where there is one)."""
-        raise UserError(f"backbone '{self.name}' has no native export format; its student is the run's "
-                        "student.safetensors")
+        raise UserError(
+            f"backbone '{self.name}' has no native export format; its student is the run's "
+            "student.safetensors"
+        )
 
     def schedule(self, steps: int) -> list[float]:
         """The default uniform schedule at this backbone's shift."""
@@ -269,6 +300,11 @@ def _plain(value: Any) -> Any:
 
 def _sigma_rows(s: Tensor | float, x: Tensor) -> Tensor:
     """``s`` as a float32 [B] tensor on x's device (a sampler's rows pass through untouched)."""
-    if isinstance(s, Tensor) and s.dtype == torch.float32 and s.shape == x.shape[:1] and s.device == x.device:
+    if (
+        isinstance(s, Tensor)
+        and s.dtype == torch.float32
+        and s.shape == x.shape[:1]
+        and s.device == x.device
+    ):
         return s
     return torch.as_tensor(s, dtype=torch.float32, device=x.device).expand(x.shape[0])

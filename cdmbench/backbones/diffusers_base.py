@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from cdmbench.backbones.base import Backbone, BackboneSettings, Cond, weights_fingerprint
-from cdmbench.errors import UserError
+from cdmbench.errors import MissingWeightsError
 from cdmbench.prompts_io import Prompt, load_prompt_set
 from cdmbench.settings import setting
 
@@ -43,10 +43,6 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name on the Hugging Face hub
 # files a diffusers directory may hold that no loader here reads
 IGNORE = ["*.bin", "*.ckpt", "*.msgpack", "*.onnx*", "*fp16*"]
-
-
-class MissingWeightsError(UserError, FileNotFoundError):
-    """Weights that are not on this machine; the one-line message names what to fetch."""
 
 
 # ------------------------------------------------------------------------------ weights
@@ -110,9 +106,9 @@ class DiffusersSettings(BackboneSettings):
     dtype: str = setting("auto", choices=DTYPES)  # teacher, text encoders, VAE
     train_dtype: str = setting("float32", choices=DTYPES)  # student and copies; auto: = dtype
     resolution: int = 1024  # image side in pixels
-    # activations recomputed in the student's backward: less memory; bitwise the same
-    # gradients on CPU, but not a guarantee on every GPU kernel, so part of the run's hash
-    gradient_checkpointing: bool = False
+    # recompute activations in the backward of trained copies: less memory, the same
+    # gradients; not hashed, so a run can be resumed with it switched on to fit fewer GPUs
+    gradient_checkpointing: bool = setting(False, hashed=False)
     train_prompts: str = "general"  # prompt set or file the trainer draws from
     test_prompts: str = setting("general", hashed=False)  # the set eval's "default" names
     teacher_steps: int = 28
@@ -167,14 +163,19 @@ class DiffusersBackbone(Backbone):
         super().__init__(device, settings, **kwargs)
         s = self.settings
         self.dtype = resolve_dtype(s.dtype, self.device)
-        self.train_dtype = (self.dtype if s.train_dtype == "auto"
-                            else resolve_dtype(s.train_dtype, "cpu"))
+        self.train_dtype = (
+            self.dtype if s.train_dtype == "auto" else resolve_dtype(s.train_dtype, "cpu")
+        )
         self.weights = self.default_weights() if s.weights is None else s.weights
-        if self.weights is not None and not is_hub_id(self.weights) \
-                and not Path(self.weights).expanduser().is_dir():
+        if (
+            self.weights is not None
+            and not is_hub_id(self.weights)
+            and not Path(self.weights).expanduser().is_dir()
+        ):
             path = Path(self.weights).expanduser()
-            what = ("are a file, not a diffusers pipeline directory" if path.exists()
-                    else "not found")
+            what = (
+                "are a file, not a diffusers pipeline directory" if path.exists() else "not found"
+            )
             raise self.missing(f"weights {path} {what}")
         self._root: Path | None = None
         self._parts: dict[str, Any] = {}
@@ -194,7 +195,8 @@ class DiffusersBackbone(Backbone):
         return MissingWeightsError(
             f"{self.label} {what}; fetch them with `hf download {repo}` (a gated repo: accept "
             f"its licence on huggingface.co and run `hf auth login` first), or set "
-            f"backbone.weights to a local diffusers directory (or ${self.weights_env})")
+            f"backbone.weights to a local diffusers directory (or ${self.weights_env})"
+        )
 
     @property
     def parts(self) -> tuple[str, ...]:
@@ -224,8 +226,11 @@ class DiffusersBackbone(Backbone):
             return path
         from huggingface_hub import snapshot_download
 
-        kw = dict(revision=self.settings.revision, allow_patterns=[
-            "model_index.json", *(f"{p}/*" for p in parts)], ignore_patterns=IGNORE)
+        kw = dict(
+            revision=self.settings.revision,
+            allow_patterns=["model_index.json", *(f"{p}/*" for p in parts)],
+            ignore_patterns=IGNORE,
+        )
         try:
             return Path(snapshot_download(spec, local_files_only=True, **kw))
         except Exception:  # not cached: try the hub below
@@ -233,8 +238,11 @@ class DiffusersBackbone(Backbone):
         try:
             return Path(snapshot_download(spec, **kw))
         except Exception as e:  # offline, gated, no network: all one user error
-            raise self.missing(f"weights '{spec}' are not in the local Hugging Face cache and "
-                               f"could not be downloaded ({type(e).__name__})", spec) from None
+            raise self.missing(
+                f"weights '{spec}' are not in the local Hugging Face cache and "
+                f"could not be downloaded ({type(e).__name__})",
+                spec,
+            ) from None
 
     def teacher_id(self, weights: str | None = None) -> str:
         """``hf:<hub id>@<commit>`` for hub weights, a folder or file fingerprint for local
@@ -255,11 +263,13 @@ class DiffusersBackbone(Backbone):
         try:
             return dict(cls.load_config(src, subfolder=name, revision=self.settings.revision))
         except Exception as e:
-            raise self.missing(f"{name} config not readable from {src} "
-                               f"({type(e).__name__})") from None
+            raise self.missing(
+                f"{name} config not readable from {src} ({type(e).__name__})"
+            ) from None
 
-    def load_part(self, name: str, root: str | Path | None = None,
-                  subfolder: str | None = "") -> Any:
+    def load_part(
+        self, name: str, root: str | Path | None = None, subfolder: str | None = ""
+    ) -> Any:
         """One component as stored (on the CPU, models in ``dtype``)."""
         cls = self.classes[name]
         plain = name.startswith("tokenizer") or name == "scheduler"
@@ -269,8 +279,10 @@ class DiffusersBackbone(Backbone):
             sub = name if subfolder == "" else subfolder
             return cls.from_pretrained(root, subfolder=sub, **kwargs)
         except OSError as e:
-            raise self.missing(f"component '{name}' is missing or unreadable under {root} "
-                               f"({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
+            raise self.missing(
+                f"component '{name}' is missing or unreadable under {root} "
+                f"({type(e).__name__}: {str(e).splitlines()[0][:160]})"
+            ) from None
 
     def _load(self, name: str) -> Any:
         """A component as stored; tiny twins build theirs."""
@@ -314,9 +326,11 @@ class DiffusersBackbone(Backbone):
             try:
                 model.load_state_dict(load_file(str(path)))
             except Exception as e:
-                raise self.missing(f"cannot read transformer weights {path} ({type(e).__name__}); "
-                                   "pass a safetensors state dict of the backbone's transformer",
-                                   spec) from None
+                raise self.missing(
+                    f"cannot read transformer weights {path} ({type(e).__name__}); "
+                    "pass a safetensors state dict of the backbone's transformer",
+                    spec,
+                ) from None
             return model
         if path.is_dir() and (path / "config.json").is_file():
             return self.load_part("transformer", path, subfolder=None)
@@ -331,8 +345,11 @@ class DiffusersBackbone(Backbone):
 
     def autocast(self, model_dtype: torch.dtype, device: torch.device):
         """bf16/fp16 autocast for a float32 student on GPU; nothing otherwise."""
-        if device.type == "cuda" and model_dtype != self.dtype and self.dtype in (
-                torch.bfloat16, torch.float16):
+        if (
+            device.type == "cuda"
+            and model_dtype != self.dtype
+            and self.dtype in (torch.bfloat16, torch.float16)
+        ):
             return torch.autocast("cuda", dtype=self.dtype)
         return contextlib.nullcontext()
 
@@ -438,5 +455,6 @@ def build_tiny_states(cls: type[TinyTwin], seed: int) -> dict[str, dict[str, Ten
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         modules = {k: build() for k, build in cls.tiny_builders().items()}
-    return {k: {n: v.detach().clone() for n, v in m.state_dict().items()}
-            for k, m in modules.items()}
+    return {
+        k: {n: v.detach().clone() for n, v in m.state_dict().items()} for k, m in modules.items()
+    }

@@ -75,7 +75,9 @@ def load_split(split: str) -> tuple[Tensor, Tensor]:
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
     """Sinusoidal embedding of the network timestep (1000 * s), as in DDPM/DiT."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    freqs = torch.exp(
+        -math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half
+    )
     args = t.float()[:, None] * freqs[None]
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
@@ -115,7 +117,9 @@ class VelocityMLP(nn.Module):
         super().__init__()
         self.cfg = cfg = cfg or VelocityMLPConfig()
         self.inp = nn.Linear(cfg.pixels, cfg.width)
-        self.t_mlp = nn.Sequential(nn.Linear(cfg.temb, cfg.width), nn.SiLU(), nn.Linear(cfg.width, cfg.width))
+        self.t_mlp = nn.Sequential(
+            nn.Linear(cfg.temb, cfg.width), nn.SiLU(), nn.Linear(cfg.width, cfg.width)
+        )
         self.y_emb = nn.Embedding(cfg.num_classes + 1, cfg.width)
         self.blocks = nn.ModuleList(_Block(cfg.width, cfg.mult) for _ in range(cfg.depth))
         self.out_norm = nn.LayerNorm(cfg.width)
@@ -139,9 +143,14 @@ class DigitClassifier(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.conv = nn.Sequential(
-            nn.Conv2d(1, 32, 3, padding=1), nn.SiLU(),
-            nn.Conv2d(32, 64, 3, padding=1), nn.SiLU(), nn.MaxPool2d(2),
-            nn.Conv2d(64, 64, 3, padding=1), nn.SiLU(), nn.Flatten(),
+            nn.Conv2d(1, 32, 3, padding=1),
+            nn.SiLU(),
+            nn.Conv2d(32, 64, 3, padding=1),
+            nn.SiLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(64, 64, 3, padding=1),
+            nn.SiLU(),
+            nn.Flatten(),
         )
         self.fc = nn.Linear(64 * 4 * 4, self.feature_dim)
         self.drop = nn.Dropout(0.2)
@@ -182,7 +191,8 @@ class DigitsSettings(BackboneSettings):
     eval_samples: int = setting(200, hashed=False)  # 2,000 samples: FD's noise floor is low
     eval_samples_quick: int = setting(50, hashed=False)  # CI budget
     eval_metrics: tuple[str, ...] = setting(
-        ("fd_digits", "prompt_acc", "precision_recall", "latency"), hashed=False)
+        ("fd_digits", "prompt_acc", "precision_recall", "latency"), hashed=False
+    )
     eval_prompts: str = setting("digits", hashed=False)  # the ten class prompts
 
 
@@ -199,8 +209,15 @@ class Digits(Backbone):
         """The content hash of the teacher file (the shipped one by default)."""
         return super().teacher_id(str(_asset_path(TEACHER_FILE)) if weights is None else weights)
 
-    def train_teacher_assets(self, out_dir: str | Path, *, seed: int = 0, iters: int | None = None,
-                             epochs: int | None = None, progress=None) -> str:
+    def train_teacher_assets(
+        self,
+        out_dir: str | Path,
+        *,
+        seed: int = 0,
+        iters: int | None = None,
+        epochs: int | None = None,
+        progress=None,
+    ) -> str:
         """Train the classifier and the teacher (:func:`build_assets`) into ``out_dir``."""
         teacher = TeacherConfig(seed=seed, **({} if iters is None else {"iters": iters}))
         clf = ClassifierConfig(seed=seed, **({} if epochs is None else {"epochs": epochs}))
@@ -209,21 +226,31 @@ class Digits(Backbone):
 
     def load_teacher(self, weights: str | None = None) -> nn.Module:
         net = VelocityMLP()
-        return _load_safetensors(net, weights or _asset_path(TEACHER_FILE), "digits teacher").to(self.device)
+        return _load_safetensors(net, weights or _asset_path(TEACHER_FILE), "digits teacher").to(
+            self.device
+        )
 
     def load_classifier(self, weights: str | None = None) -> DigitClassifier:
         net = DigitClassifier()
-        return _load_safetensors(net, weights or _asset_path(CLASSIFIER_FILE), "digits classifier").to(self.device)
+        return _load_safetensors(
+            net, weights or _asset_path(CLASSIFIER_FILE), "digits classifier"
+        ).to(self.device)
 
     def prompts(self, split: str = "train") -> list[Prompt]:
-        return [Prompt(id=f"digit-{c}", text=f"a handwritten digit {NAMES[c]}", label=c) for c in range(NUM_CLASSES)]
+        return [
+            Prompt(id=f"digit-{c}", text=f"a handwritten digit {NAMES[c]}", label=c)
+            for c in range(NUM_CLASSES)
+        ]
 
     def encode(self, prompts: Sequence[Prompt]) -> Cond:
         labels = torch.tensor([_label_of(p) for p in prompts], dtype=torch.long, device=self.device)
         return Cond({"label": labels}, {"label": torch.tensor([NULL_CLASS], device=self.device)})
 
     def encode_labels(self, labels: Tensor) -> Cond:
-        return Cond({"label": labels.to(self.device)}, {"label": torch.tensor([NULL_CLASS], device=self.device)})
+        return Cond(
+            {"label": labels.to(self.device)},
+            {"label": torch.tensor([NULL_CLASS], device=self.device)},
+        )
 
     def forward(self, model: nn.Module, x: Tensor, s: Tensor, cond: dict[str, Tensor]) -> Tensor:
         return model(x, flow.timestep(s), cond["label"])
@@ -286,7 +313,9 @@ def train_teacher(cfg: TeacherConfig, progress=None) -> VelocityMLP:
     ema.load_state_dict(net.state_dict())
     ema.requires_grad_(False)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.iters, pct_start=0.05)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=cfg.lr, total_steps=cfg.iters, pct_start=0.05
+    )
     for it in range(cfg.iters):
         idx = torch.randint(0, len(x_all), (cfg.batch,), generator=g)
         x0, y = x_all[idx], y_all[idx].clone()
@@ -322,7 +351,9 @@ def train_classifier(cfg: ClassifierConfig, progress=None) -> DigitClassifier:
     net = DigitClassifier()
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(x_all) / cfg.batch)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch
+    )
     step = 0
     for _ in range(cfg.epochs):
         perm = torch.randperm(len(x_all), generator=g)
@@ -360,18 +391,42 @@ def save_module(module: nn.Module, path: str | Path, meta: dict | None = None) -
         atomic_write_json(path.with_suffix(".json"), meta)
 
 
-def build_assets(out_dir: str | Path, teacher: TeacherConfig, classifier: ClassifierConfig,
-                 progress=None) -> dict:
+def build_assets(
+    out_dir: str | Path, teacher: TeacherConfig, classifier: ClassifierConfig, progress=None
+) -> dict:
     """Train the classifier and the teacher, write both as safetensors with JSON sidecars."""
     out_dir = Path(out_dir)
-    report = lambda what, total: (lambda it, loss: progress(what, it, total, loss)) if progress else None  # noqa: E731
-    clf = train_classifier(classifier, report("classifier", classifier.epochs * math.ceil(len(split_indices("train")) / classifier.batch)))
+
+    def report(what, total):
+        return (lambda it, loss: progress(what, it, total, loss)) if progress else None
+
+    clf = train_classifier(
+        classifier,
+        report(
+            "classifier",
+            classifier.epochs * math.ceil(len(split_indices("train")) / classifier.batch),
+        ),
+    )
     acc = classifier_accuracy(clf, "test")
-    save_module(clf, out_dir / CLASSIFIER_FILE,
-                {"config": asdict(classifier), "test_accuracy": acc, "torch": torch.__version__,
-                 "split": "train (per class, position % 4 != 3)"})
+    save_module(
+        clf,
+        out_dir / CLASSIFIER_FILE,
+        {
+            "config": asdict(classifier),
+            "test_accuracy": acc,
+            "torch": torch.__version__,
+            "split": "train (per class, position % 4 != 3)",
+        },
+    )
     net = train_teacher(teacher, report("teacher", teacher.iters))
-    save_module(net, out_dir / TEACHER_FILE,
-                {"config": asdict(teacher), "model": asdict(net.cfg), "torch": torch.__version__,
-                 "split": "train (per class, position % 4 != 3)"})
+    save_module(
+        net,
+        out_dir / TEACHER_FILE,
+        {
+            "config": asdict(teacher),
+            "model": asdict(net.cfg),
+            "torch": torch.__version__,
+            "split": "train (per class, position % 4 != 3)",
+        },
+    )
     return {"classifier_test_accuracy": acc}

@@ -122,15 +122,25 @@ def shift_for(scheduler_config: Mapping[str, Any], seq_len: int) -> float:
     from diffusers.pipelines.longcat_image.pipeline_longcat_image import calculate_shift
 
     cfg = dict(scheduler_config)
-    for key in ("shift_terminal", "use_karras_sigmas", "use_exponential_sigmas",
-                "use_beta_sigmas", "invert_sigmas", "stochastic_sampling"):
+    for key in (
+        "shift_terminal",
+        "use_karras_sigmas",
+        "use_exponential_sigmas",
+        "use_beta_sigmas",
+        "invert_sigmas",
+        "stochastic_sampling",
+    ):
         if cfg.get(key):
             raise ValueError(f"scheduler option {key}={cfg[key]!r} has no cdmbench equivalent")
     if not cfg.get("use_dynamic_shifting", False):
         return float(cfg.get("shift", 1.0))
-    mu = calculate_shift(seq_len, cfg.get("base_image_seq_len", 256),
-                         cfg.get("max_image_seq_len", 4096), cfg.get("base_shift", 0.5),
-                         cfg.get("max_shift", 1.15))
+    mu = calculate_shift(
+        seq_len,
+        cfg.get("base_image_seq_len", 256),
+        cfg.get("max_image_seq_len", 4096),
+        cfg.get("base_shift", 0.5),
+        cfg.get("max_shift", 1.15),
+    )
     kind = cfg.get("time_shift_type", "exponential")
     return float(math.exp(mu)) if kind == "exponential" else float(mu)
 
@@ -175,8 +185,10 @@ class LongCat(DiffusersBackbone):
         self.vae_config = self.component_config("vae")
         f = 2 ** (len(self.vae_config["block_out_channels"]) - 1)  # the pipeline's vae_scale_factor
         if h % (2 * f) or w % (2 * f):
-            raise UserError(f"LongCat resolution {h}x{w} must be a multiple of {2 * f} "
-                            "(VAE scale x 2x2 packing)")
+            raise UserError(
+                f"LongCat resolution {h}x{w} must be a multiple of {2 * f} "
+                "(VAE scale x 2x2 packing)"
+            )
         self.height, self.width, self.vae_scale_factor = h, w, f
         self.latent_shape = (int(self.vae_config.get("latent_channels", 16)), h // f, w // f)
         self.shift = shift_for(self.scheduler_config, image_seq_len(h, w, f))
@@ -210,8 +222,12 @@ class LongCat(DiffusersBackbone):
         with ``enable_prompt_rewrite=False``."""
         pipe = LongCatImagePipeline(
             scheduler=FlowMatchEulerDiscreteScheduler.from_config(self.scheduler_config),
-            vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer,
-            text_processor=None, transformer=transformer)
+            vae=self.vae,
+            text_encoder=self.text_encoder,
+            tokenizer=self.tokenizer,
+            text_processor=None,
+            transformer=transformer,
+        )
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
@@ -223,8 +239,11 @@ class LongCat(DiffusersBackbone):
 
     def generation_settings(self) -> dict:
         """The shared settings plus the guidance variant."""
-        return {**super().generation_settings(), "cfg_renorm": self.settings.cfg_renorm,
-                "cfg_renorm_min": self.settings.cfg_renorm_min}
+        return {
+            **super().generation_settings(),
+            "cfg_renorm": self.settings.cfg_renorm,
+            "cfg_renorm_min": self.settings.cfg_renorm_min,
+        }
 
     # ------------------------------------------------------------------ network call
     def pack(self, x: Tensor) -> Tensor:
@@ -237,8 +256,9 @@ class LongCat(DiffusersBackbone):
         f = self.vae_scale_factor
         return LongCatImagePipeline._unpack_latents(tokens, h * f, w * f, f)
 
-    def position_ids(self, n_text: int, h: int, w: int,
-                     device: torch.device) -> tuple[Tensor, Tensor]:
+    def position_ids(
+        self, n_text: int, h: int, w: int, device: torch.device
+    ) -> tuple[Tensor, Tensor]:
         """(text ids, image ids) as the pipeline builds them, cached per shape and device."""
         key = (n_text, h, w, str(device))
         if key not in self._ids:
@@ -246,8 +266,9 @@ class LongCat(DiffusersBackbone):
 
             start = getattr(self._pipe, "tokenizer_max_length", TEXT_TOKENS)
             txt = prepare_pos_ids(modality_id=0, type="text", start=(0, 0), num_token=n_text)
-            img = prepare_pos_ids(modality_id=1, type="image", start=(start, start),
-                                  height=h // 2, width=w // 2)
+            img = prepare_pos_ids(
+                modality_id=1, type="image", start=(start, start), height=h // 2, width=w // 2
+            )
             self._ids[key] = (txt.to(device), img.to(device))
         return self._ids[key]
 
@@ -260,12 +281,19 @@ class LongCat(DiffusersBackbone):
         s = torch.as_tensor(s, dtype=torch.float32, device=x.device).expand(b)
         t = flow.timestep(s).to(dtype) / 1000  # the pipeline's `timestep / 1000`
         with self.autocast(dtype, x.device):
-            out = model(hidden_states=self.pack(x.to(dtype)), encoder_hidden_states=emb,
-                        timestep=t, img_ids=img_ids, txt_ids=txt_ids, return_dict=False)[0]
+            out = model(
+                hidden_states=self.pack(x.to(dtype)),
+                encoder_hidden_states=emb,
+                timestep=t,
+                img_ids=img_ids,
+                txt_ids=txt_ids,
+                return_dict=False,
+            )[0]
         return self.unpack(out.float(), h, w)
 
-    def velocity(self, model: nn.Module, x: Tensor, s: Tensor, cond: Cond,
-                 guidance: float = 1.0) -> Tensor:
+    def velocity(
+        self, model: nn.Module, x: Tensor, s: Tensor, cond: Cond, guidance: float = 1.0
+    ) -> Tensor:
         """Plain CFG (the base contract); with ``cfg_renorm`` and ``w > 1`` the pipeline's
         renorm: per packed token, ``v`` scaled by clamp(|v_c| / |v|, cfg_renorm_min, 1)."""
         if not self.settings.cfg_renorm or guidance <= 1.0:
@@ -306,26 +334,52 @@ class LongCat(DiffusersBackbone):
 
 
 # ------------------------------------------------------------------------- tiny variant
-TINY_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>",
-                 "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
+TINY_SPECIALS = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+)
 TINY_TEXT_HIDDEN = 32
 
 TINY_TRANSFORMER: dict[str, Any] = {
-    "patch_size": 1, "in_channels": 64, "num_layers": 1, "num_single_layers": 1,
-    "attention_head_dim": 16, "num_attention_heads": 2, "joint_attention_dim": TINY_TEXT_HIDDEN,
-    "pooled_projection_dim": TINY_TEXT_HIDDEN, "axes_dims_rope": [4, 6, 6],
+    "patch_size": 1,
+    "in_channels": 64,
+    "num_layers": 1,
+    "num_single_layers": 1,
+    "attention_head_dim": 16,
+    "num_attention_heads": 2,
+    "joint_attention_dim": TINY_TEXT_HIDDEN,
+    "pooled_projection_dim": TINY_TEXT_HIDDEN,
+    "axes_dims_rope": [4, 6, 6],
 }
 TINY_VAE: dict[str, Any] = {
-    "in_channels": 3, "out_channels": 3, "latent_channels": 16,
-    "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
-    "block_out_channels": [8, 8, 16, 16], "layers_per_block": 1, "norm_num_groups": 4,
-    "sample_size": 64, "scaling_factor": 0.3611, "shift_factor": 0.1159,
-    "use_quant_conv": False, "use_post_quant_conv": False,
+    "in_channels": 3,
+    "out_channels": 3,
+    "latent_channels": 16,
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "block_out_channels": [8, 8, 16, 16],
+    "layers_per_block": 1,
+    "norm_num_groups": 4,
+    "sample_size": 64,
+    "scaling_factor": 0.3611,
+    "shift_factor": 0.1159,
+    "use_quant_conv": False,
+    "use_post_quant_conv": False,
 }
 # Flux-style dynamic shifting: the values LongCatImagePipeline falls back to.
 TINY_SCHEDULER: dict[str, Any] = {
-    "num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": True, "base_shift": 0.5,
-    "max_shift": 1.15, "base_image_seq_len": 256, "max_image_seq_len": 4096,
+    "num_train_timesteps": 1000,
+    "shift": 3.0,
+    "use_dynamic_shifting": True,
+    "base_shift": 0.5,
+    "max_shift": 1.15,
+    "base_image_seq_len": 256,
+    "max_image_seq_len": 4096,
     "time_shift_type": "exponential",
 }
 
@@ -351,20 +405,40 @@ def tiny_text_config() -> Any:
     n = len(TINY_SPECIALS) + 256
     ids = {t: 256 + i for i, t in enumerate(TINY_SPECIALS)}
     mrope = [2, 3, 3]
-    rope = ({"rope_parameters": {"rope_type": "default", "mrope_section": mrope, "rope_theta": 1e6}}
-            if transformers_major() >= 5
-            else {"rope_scaling": {"type": "mrope", "mrope_section": mrope}, "rope_theta": 1e6})
-    text = {"vocab_size": n + 1, "hidden_size": TINY_TEXT_HIDDEN, "intermediate_size": 64,
-            "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
-            "max_position_embeddings": 1024, "bos_token_id": ids["<|endoftext|>"],
-            "eos_token_id": ids["<|im_end|>"], "pad_token_id": ids["<|endoftext|>"], **rope}
-    vision = {"depth": 1, "hidden_size": 16, "intermediate_size": 32, "num_heads": 2,
-              "out_hidden_size": TINY_TEXT_HIDDEN, "fullatt_block_indexes": [0]}
-    return Qwen2_5_VLConfig(text_config=text, vision_config=vision,
-                            image_token_id=ids["<|image_pad|>"],
-                            video_token_id=ids["<|video_pad|>"],
-                            vision_start_token_id=ids["<|vision_start|>"],
-                            vision_end_token_id=ids["<|vision_end|>"])
+    rope = (
+        {"rope_parameters": {"rope_type": "default", "mrope_section": mrope, "rope_theta": 1e6}}
+        if transformers_major() >= 5
+        else {"rope_scaling": {"type": "mrope", "mrope_section": mrope}, "rope_theta": 1e6}
+    )
+    text = {
+        "vocab_size": n + 1,
+        "hidden_size": TINY_TEXT_HIDDEN,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "max_position_embeddings": 1024,
+        "bos_token_id": ids["<|endoftext|>"],
+        "eos_token_id": ids["<|im_end|>"],
+        "pad_token_id": ids["<|endoftext|>"],
+        **rope,
+    }
+    vision = {
+        "depth": 1,
+        "hidden_size": 16,
+        "intermediate_size": 32,
+        "num_heads": 2,
+        "out_hidden_size": TINY_TEXT_HIDDEN,
+        "fullatt_block_indexes": [0],
+    }
+    return Qwen2_5_VLConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+    )
 
 
 @dataclass(frozen=True)
@@ -399,8 +473,10 @@ class TinyLongCat(TinyTwin, LongCat):
 
     @classmethod
     def tiny_plain(cls) -> dict[str, Any]:
-        return {"tokenizer": tiny_tokenizer(),
-                "scheduler": FlowMatchEulerDiscreteScheduler.from_config(TINY_SCHEDULER)}
+        return {
+            "tokenizer": tiny_tokenizer(),
+            "scheduler": FlowMatchEulerDiscreteScheduler.from_config(TINY_SCHEDULER),
+        }
 
     def generation_settings(self) -> dict:
         """LongCat's settings plus the seed of the random tiny text encoder."""

@@ -66,8 +66,14 @@ WEIGHTS_ENV = "CDMBENCH_SD3"  # a local diffusers directory or a hub id
 SHIFT = 3.0  # SD3-Medium's scheduler config
 SCHEDULE_FILE = "cdmbench_schedule.json"
 
-TEXT_PARTS = ("text_encoder", "text_encoder_2", "text_encoder_3",
-              "tokenizer", "tokenizer_2", "tokenizer_3")
+TEXT_PARTS = (
+    "text_encoder",
+    "text_encoder_2",
+    "text_encoder_3",
+    "tokenizer",
+    "tokenizer_2",
+    "tokenizer_3",
+)
 T5_PARTS = ("text_encoder_3", "tokenizer_3")
 CLASSES: dict[str, Any] = {
     "transformer": SD3Transformer2DModel,
@@ -96,8 +102,9 @@ class SD3Settings(DiffusersSettings):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.resolution % 16 or self.resolution < 16:
-            raise UserError(f"SD3 resolution must be a multiple of 16 (VAE 8 x patch 2), "
-                            f"got {self.resolution}")
+            raise UserError(
+                f"SD3 resolution must be a multiple of 16 (VAE 8 x patch 2), got {self.resolution}"
+            )
 
 
 class SD3(DiffusersBackbone):
@@ -131,12 +138,16 @@ class SD3(DiffusersBackbone):
         """The pipeline components this backbone uses (no T5 with ``drop_t5``)."""
         return tuple(n for n in CLASSES if not (self.settings.drop_t5 and n in T5_PARTS))
 
-    def pipeline(self, transformer: nn.Module | None = None,
-                 scheduler: FlowMatchEulerDiscreteScheduler | None = None,
-                 vae: bool = True) -> StableDiffusion3Pipeline:
+    def pipeline(
+        self,
+        transformer: nn.Module | None = None,
+        scheduler: FlowMatchEulerDiscreteScheduler | None = None,
+        vae: bool = True,
+    ) -> StableDiffusion3Pipeline:
         """A ``StableDiffusion3Pipeline`` over this backbone's components."""
         pipe = StableDiffusion3Pipeline(
-            transformer=transformer, scheduler=scheduler or self.component("scheduler"),
+            transformer=transformer,
+            scheduler=scheduler or self.component("scheduler"),
             vae=self.component("vae") if vae else None,
             **{n: self.component(n) for n in TEXT_PARTS},
         )
@@ -161,30 +172,42 @@ class SD3(DiffusersBackbone):
     def _encode_texts(self, texts: list[str]) -> dict[str, Tensor]:
         """Cond {"prompt_embeds", "pooled_projections"} from the pipeline's ``encode_prompt``."""
         emb, _, pooled, _ = self._text_pipeline().encode_prompt(
-            prompt=texts, prompt_2=None, prompt_3=None, device=torch.device(self.device),
+            prompt=texts,
+            prompt_2=None,
+            prompt_3=None,
+            device=torch.device(self.device),
             do_classifier_free_guidance=False,
-            max_sequence_length=self.settings.max_sequence_length)
+            max_sequence_length=self.settings.max_sequence_length,
+        )
         return {"prompt_embeds": emb, "pooled_projections": pooled}
 
     def generation_settings(self) -> dict:
         """The shared settings plus how the text encoders are run."""
-        return {**super().generation_settings(), "drop_t5": self.settings.drop_t5,
-                "max_sequence_length": self.settings.max_sequence_length}
+        return {
+            **super().generation_settings(),
+            "drop_t5": self.settings.drop_t5,
+            "max_sequence_length": self.settings.max_sequence_length,
+        }
 
     # ---------------------------------------------------------------------- network
     def forward(self, model: nn.Module, x: Tensor, s: Tensor, cond: dict[str, Tensor]) -> Tensor:
         """v(x, s | cond), called as the pipeline calls the transformer (timestep 1000 s)."""
         dtype = param_dtype(model)
         with self.autocast(dtype, x.device):
-            out = model(hidden_states=x.to(dtype), timestep=flow.timestep(s.float()),
-                        encoder_hidden_states=cond["prompt_embeds"].to(dtype),
-                        pooled_projections=cond["pooled_projections"].to(dtype),
-                        return_dict=False)[0]
+            out = model(
+                hidden_states=x.to(dtype),
+                timestep=flow.timestep(s.float()),
+                encoder_hidden_states=cond["prompt_embeds"].to(dtype),
+                pooled_projections=cond["pooled_projections"].to(dtype),
+                return_dict=False,
+            )[0]
         return out.float()
 
     # ----------------------------------------------------------------------- pixels
     @torch.no_grad()
-    def export(self, student: nn.Module, out_dir, sigmas: list[float], stochastic: bool = False) -> Path:
+    def export(
+        self, student: nn.Module, out_dir, sigmas: list[float], stochastic: bool = False
+    ) -> Path:
         """A ``StableDiffusion3Pipeline`` directory holding the student (see :func:`export_student`)."""
         return export_student(self, student, out_dir, sigmas, stochastic=stochastic)
 
@@ -219,28 +242,64 @@ def tiny_configs() -> dict[str, dict[str, Any]]:
     from cdmbench.backbones.tiny_tokenizers import clip_vocab, t5_vocab
 
     n = len(clip_vocab(TINY_CLIP_MERGES)[0])  # bos, eos: the last two ids
-    clip = dict(vocab_size=n, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                num_attention_heads=4, max_position_embeddings=77, projection_dim=32,
-                bos_token_id=n - 2, eos_token_id=n - 1, pad_token_id=n - 1)
+    clip = dict(
+        vocab_size=n,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        projection_dim=32,
+        bos_token_id=n - 2,
+        eos_token_id=n - 1,
+        pad_token_id=n - 1,
+    )
     return {
-        "transformer": dict(sample_size=8, patch_size=2, in_channels=16, num_layers=2,
-                            attention_head_dim=8, num_attention_heads=4,
-                            joint_attention_dim=64,  # T5 width; >= the two CLIP widths
-                            caption_projection_dim=32, pooled_projection_dim=64,
-                            out_channels=16, pos_embed_max_size=16),
-        "vae": dict(in_channels=3, out_channels=3, latent_channels=16,
-                    down_block_types=("DownEncoderBlock2D",) * 4,
-                    up_block_types=("UpDecoderBlock2D",) * 4,
-                    block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=4,
-                    sample_size=TINY_RESOLUTION, scaling_factor=1.5305, shift_factor=0.0609,
-                    use_quant_conv=False, use_post_quant_conv=False),  # SD3's VAE has neither
+        "transformer": dict(
+            sample_size=8,
+            patch_size=2,
+            in_channels=16,
+            num_layers=2,
+            attention_head_dim=8,
+            num_attention_heads=4,
+            joint_attention_dim=64,  # T5 width; >= the two CLIP widths
+            caption_projection_dim=32,
+            pooled_projection_dim=64,
+            out_channels=16,
+            pos_embed_max_size=16,
+        ),
+        "vae": dict(
+            in_channels=3,
+            out_channels=3,
+            latent_channels=16,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(8, 8, 16, 16),
+            layers_per_block=1,
+            norm_num_groups=4,
+            sample_size=TINY_RESOLUTION,
+            scaling_factor=1.5305,
+            shift_factor=0.0609,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+        ),  # SD3's VAE has neither
         "text_encoder": clip | {"hidden_act": "quick_gelu"},  # CLIP ViT-L/14's text tower
         "text_encoder_2": clip | {"hidden_act": "gelu"},  # OpenCLIP bigG's
-        "text_encoder_3": dict(vocab_size=len(t5_vocab()), d_model=64, d_kv=16, d_ff=64,
-                               num_layers=2, num_heads=4, relative_attention_num_buckets=8,
-                               relative_attention_max_distance=16, dropout_rate=0.0,
-                               feed_forward_proj="gated-gelu", is_encoder_decoder=False,
-                               pad_token_id=0, eos_token_id=1),  # T5 v1.1 style
+        "text_encoder_3": dict(
+            vocab_size=len(t5_vocab()),
+            d_model=64,
+            d_kv=16,
+            d_ff=64,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            relative_attention_max_distance=16,
+            dropout_rate=0.0,
+            feed_forward_proj="gated-gelu",
+            is_encoder_decoder=False,
+            pad_token_id=0,
+            eos_token_id=1,
+        ),  # T5 v1.1 style
         "scheduler": dict(shift=SHIFT),
     }
 
@@ -249,10 +308,12 @@ def tiny_configs() -> dict[str, dict[str, Any]]:
 def _tiny_plain() -> dict[str, Any]:
     from cdmbench.backbones.tiny_tokenizers import clip_tokenizer, t5_tokenizer
 
-    return {"scheduler": FlowMatchEulerDiscreteScheduler(**tiny_configs()["scheduler"]),
-            "tokenizer": clip_tokenizer(merges=TINY_CLIP_MERGES),
-            "tokenizer_2": clip_tokenizer(pad_token="!", merges=TINY_CLIP_MERGES),  # as SD3's
-            "tokenizer_3": t5_tokenizer()}
+    return {
+        "scheduler": FlowMatchEulerDiscreteScheduler(**tiny_configs()["scheduler"]),
+        "tokenizer": clip_tokenizer(merges=TINY_CLIP_MERGES),
+        "tokenizer_2": clip_tokenizer(pad_token="!", merges=TINY_CLIP_MERGES),  # as SD3's
+        "tokenizer_3": t5_tokenizer(),
+    }
 
 
 @dataclass(frozen=True)
@@ -265,8 +326,9 @@ class TinySD3Settings(SD3Settings):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.resolution > 256:
-            raise UserError(f"tiny-sd3 resolution must be at most 256 (16 x 16 patches), "
-                            f"got {self.resolution}")
+            raise UserError(
+                f"tiny-sd3 resolution must be at most 256 (16 x 16 patches), got {self.resolution}"
+            )
 
 
 class TinySD3(TinyTwin, SD3):
@@ -291,9 +353,11 @@ class TinySD3(TinyTwin, SD3):
             "transformer": lambda: SD3Transformer2DModel(**cfg["transformer"]),
             "vae": lambda: AutoencoderKL(**cfg["vae"]),
             "text_encoder": lambda: CLIPTextModelWithProjection(
-                CLIPTextConfig(**cfg["text_encoder"])),
+                CLIPTextConfig(**cfg["text_encoder"])
+            ),
             "text_encoder_2": lambda: CLIPTextModelWithProjection(
-                CLIPTextConfig(**cfg["text_encoder_2"])),
+                CLIPTextConfig(**cfg["text_encoder_2"])
+            ),
             "text_encoder_3": lambda: T5EncoderModel(T5Config(**cfg["text_encoder_3"])),
         }
 
@@ -307,15 +371,16 @@ class TinySD3(TinyTwin, SD3):
 
 
 # ------------------------------------------------------------------------------- export
-def unshift(sigmas: Sequence[float], shift: float) -> list[float]:
-    """Inverse of the time shift: s = s' / (k - (k - 1) s')."""
-    t = torch.as_tensor(list(sigmas), dtype=torch.float64)
-    return [float(v) for v in (t / (shift - (shift - 1) * t))]
-
-
-def export_student(backbone: SD3, student: nn.Module, out_dir: str | os.PathLike,
-                   sigmas: Sequence[float], *, stochastic: bool = False, guidance: float = 1.0,
-                   copy_components: bool | None = None) -> Path:
+def export_student(
+    backbone: SD3,
+    student: nn.Module,
+    out_dir: str | os.PathLike,
+    sigmas: Sequence[float],
+    *,
+    stochastic: bool = False,
+    guidance: float = 1.0,
+    copy_components: bool | None = None,
+) -> Path:
     """Write ``student`` as a ``StableDiffusion3Pipeline`` directory (``save_pretrained`` layout).
 
     ``sigmas`` is the student's post-shift schedule ending in 0 (what the network sees). The
@@ -335,8 +400,8 @@ def export_student(backbone: SD3, student: nn.Module, out_dir: str | os.PathLike
     if not isinstance(transformer, SD3Transformer2DModel):
         raise TypeError(f"expected an SD3Transformer2DModel, got {type(transformer).__name__}")
     scheduler = FlowMatchEulerDiscreteScheduler.from_config(
-        backbone.component("scheduler").config, shift=backbone.shift,
-        stochastic_sampling=stochastic)
+        backbone.component("scheduler").config, shift=backbone.shift, stochastic_sampling=stochastic
+    )
     root = backbone.weights_dir
     if copy_components if copy_components is not None else root is None:
         backbone.pipeline(transformer=transformer, scheduler=scheduler).save_pretrained(out)
@@ -356,12 +421,12 @@ def export_student(backbone: SD3, student: nn.Module, out_dir: str | os.PathLike
         "backbone": backbone.name,
         "shift": backbone.shift,
         "sigmas": sig,
-        "pipeline_sigmas": unshift(sig[:-1], backbone.shift),
+        "pipeline_sigmas": flow.unshift(sig[:-1], backbone.shift),
         "num_inference_steps": len(sig) - 1,
         "stochastic": stochastic,
         "guidance_scale": guidance,
         "usage": "StableDiffusion3Pipeline.from_pretrained(dir)(prompt, sigmas=pipeline_sigmas, "
-                 "num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)",
+        "num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)",
     }
     (out / SCHEDULE_FILE).write_text(json.dumps(info, indent=2) + "\n")
     return out

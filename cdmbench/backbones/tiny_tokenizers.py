@@ -28,8 +28,11 @@ WORD_START = "\u2581"  # sentencepiece's word-start marker
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2/CLIP's reversible map from bytes to printable unicode characters."""
-    bs = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1))
-          + list(range(ord("\xae"), ord("\xff") + 1)))
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("\xa1"), ord("\xac") + 1))
+        + list(range(ord("\xae"), ord("\xff") + 1))
+    )
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -44,8 +47,10 @@ def _open_clip_bpe_path() -> Path:
     """The BPE merges file inside the open_clip package, found without importing it."""
     spec = importlib.util.find_spec("open_clip")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"open_clip is not installed; `pip install open_clip_torch` ships "
-                                f"{CLIP_BPE_FILE}, which the tiny CLIP tokenizer is built from")
+        raise FileNotFoundError(
+            f"open_clip is not installed; `pip install open_clip_torch` ships "
+            f"{CLIP_BPE_FILE}, which the tiny CLIP tokenizer is built from"
+        )
     path = Path(next(iter(spec.submodule_search_locations))) / CLIP_BPE_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing; reinstall open_clip_torch")
@@ -69,8 +74,9 @@ def clip_vocab(merges: int | None = None) -> tuple[dict[str, int], list[tuple[st
     return vocab, pairs  # type: ignore[return-value]
 
 
-def clip_tokenizer(pad_token: str = CLIP_EOS, model_max_length: int = 77,
-                   merges: int | None = None):
+def clip_tokenizer(
+    pad_token: str = CLIP_EOS, model_max_length: int = 77, merges: int | None = None
+):
     """A ``CLIPTokenizer`` over CLIP's real BPE (SD3's second one pads with "!").
 
     With all merges the ids equal open_clip's; bos and eos are the last two ids.
@@ -78,8 +84,12 @@ def clip_tokenizer(pad_token: str = CLIP_EOS, model_max_length: int = 77,
     from transformers import CLIPTokenizer
 
     vocab, pairs = clip_vocab(merges)
-    return CLIPTokenizer(vocab=dict(vocab), merges=list(pairs), pad_token=pad_token,
-                         model_max_length=model_max_length)
+    return CLIPTokenizer(
+        vocab=dict(vocab),
+        merges=list(pairs),
+        pad_token=pad_token,
+        model_max_length=model_max_length,
+    )
 
 
 _T5_WORDS = """
@@ -102,8 +112,12 @@ standing sitting walking running holding wearing looking playing lying flying
 @lru_cache(maxsize=1)
 def t5_vocab() -> tuple[tuple[str, float], ...]:
     """(piece, log-probability) pairs: specials, whole words, then single characters."""
-    pieces: list[tuple[str, float]] = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0),
-                                       (WORD_START, -2.0)]
+    pieces: list[tuple[str, float]] = [
+        ("<pad>", 0.0),
+        ("</s>", 0.0),
+        ("<unk>", 0.0),
+        (WORD_START, -2.0),
+    ]
     seen = {p for p, _ in pieces}
     for w in dict.fromkeys(_T5_WORDS):
         for piece in (WORD_START + w, WORD_START + w.capitalize()):

@@ -57,7 +57,9 @@ ALIAS = "_cdmbench_imagereward"  # private package name the ImageReward files ar
 # ImageReward-v1.0's reward normalisation, as set in ImageReward.ImageReward.__init__
 REWARD_MEAN = 0.16717362830052426
 REWARD_STD = 1.0333394966054072
-IMAGE_SIZE = 224  # ImageReward.__init__: BLIP_Pretrain(image_size=224, vit='large'), _transform(224)
+IMAGE_SIZE = (
+    224  # ImageReward.__init__: BLIP_Pretrain(image_size=224, vit='large'), _transform(224)
+)
 MAX_TEXT_LEN = 35  # ImageReward.score: tokenizer(..., max_length=35)
 PROJ_DIM = 256  # BLIP_Pretrain's embed_dim default
 
@@ -78,8 +80,9 @@ def find_pruneable_heads_and_indices(
     return heads, index
 
 
-def _get_head_mask(self: Any, head_mask: Tensor | None, num_hidden_layers: int,
-                   is_attention_chunked: bool = False) -> Tensor | list[None]:
+def _get_head_mask(
+    self: Any, head_mask: Tensor | None, num_hidden_layers: int, is_attention_chunked: bool = False
+) -> Tensor | list[None]:
     """transformers 4.x ``ModuleUtilsMixin.get_head_mask``."""
     if head_mask is None:
         return [None] * num_hidden_layers
@@ -122,9 +125,11 @@ def _import_shims() -> Iterator[None]:
     import transformers.pytorch_utils as pu
 
     added: list[str] = []
-    for name, obj in [("apply_chunking_to_forward", pu.apply_chunking_to_forward),
-                      ("prune_linear_layer", pu.prune_linear_layer),
-                      ("find_pruneable_heads_and_indices", find_pruneable_heads_and_indices)]:
+    for name, obj in [
+        ("apply_chunking_to_forward", pu.apply_chunking_to_forward),
+        ("prune_linear_layer", pu.prune_linear_layer),
+        ("find_pruneable_heads_and_indices", find_pruneable_heads_and_indices),
+    ]:
         if not hasattr(mu, name):
             setattr(mu, name, obj)
             added.append(name)
@@ -159,8 +164,9 @@ def imagereward_modules() -> types.SimpleNamespace:
         return _modules
     spec = importlib.util.find_spec("ImageReward")
     if spec is None or not spec.submodule_search_locations:
-        raise ImportError("ImageReward needs the image-reward package: "
-                          "pip install --no-deps image-reward==1.5")
+        raise ImportError(
+            "ImageReward needs the image-reward package: pip install --no-deps image-reward==1.5"
+        )
     root = Path(next(iter(spec.submodule_search_locations)))
     for name, path in [(ALIAS, root), (f"{ALIAS}.models", root / "models")]:
         if name not in sys.modules:  # empty packages: the real __init__ files are not run
@@ -177,8 +183,9 @@ def imagereward_modules() -> types.SimpleNamespace:
     med.BertModel.get_head_mask = _get_head_mask
     med.BertModel.invert_attention_mask = _invert_attention_mask
     med.BertModel.init_weights = _init_weights
-    _modules = types.SimpleNamespace(ImageReward=ir, med=med, vit=vit, blip=blip,
-                                     blip_pretrain=blip_pretrain, root=root)
+    _modules = types.SimpleNamespace(
+        ImageReward=ir, med=med, vit=vit, blip=blip, blip_pretrain=blip_pretrain, root=root
+    )
     return _modules
 
 
@@ -238,8 +245,13 @@ def build_imagereward(
     return to_device(model, device)
 
 
-def load_imagereward(checkpoint: str | os.PathLike, med_config: str | os.PathLike, tokenizer: Any,
-                     device: str | torch.device = "cpu", **build: Any) -> nn.Module:
+def load_imagereward(
+    checkpoint: str | os.PathLike,
+    med_config: str | os.PathLike,
+    tokenizer: Any,
+    device: str | torch.device = "cpu",
+    **build: Any,
+) -> nn.Module:
     """ImageReward-v1.0 as ``ImageReward.load`` builds it, failing on any missing parameter.
 
     ``build``: :func:`build_imagereward`'s size arguments (the defaults are ImageReward-v1.0's).
@@ -249,8 +261,10 @@ def load_imagereward(checkpoint: str | os.PathLike, med_config: str | os.PathLik
     missing, _ = model.load_state_dict(state, strict=False)  # the package loads non-strictly
     params = {n for n, _ in model.named_parameters()}
     if missing_params := sorted(set(missing) & params):
-        raise RuntimeError(f"{checkpoint} lacks {len(missing_params)} ImageReward parameters "
-                           f"(first: {missing_params[0]}); is it ImageReward.pt?")
+        raise RuntimeError(
+            f"{checkpoint} lacks {len(missing_params)} ImageReward parameters "
+            f"(first: {missing_params[0]}); is it ImageReward.pt?"
+        )
     return to_device(model, device)
 
 
@@ -261,8 +275,9 @@ def to_device(model: nn.Module, device: str | torch.device) -> nn.Module:
 
 
 @torch.inference_mode()
-def score_images(model: nn.Module, images: Tensor, prompts: Sequence[str],
-                 batch_size: int = 16) -> Tensor:
+def score_images(
+    model: nn.Module, images: Tensor, prompts: Sequence[str], batch_size: int = 16
+) -> Tensor:
     """Per-sample ImageReward of images[i] for prompts[i], batched (``ImageReward.score``'s steps).
 
     Preprocess -> BLIP ViT -> BLIP text encoder cross-attending to the image tokens -> [CLS]
@@ -274,20 +289,35 @@ def score_images(model: nn.Module, images: Tensor, prompts: Sequence[str],
     pils = uint8_to_pil(images)
     out: list[Tensor] = []
     for i in range(0, len(pils), batch_size):
-        x = torch.stack([model.preprocess(p) for p in pils[i:i + batch_size]]).to(device)
-        text = model.blip.tokenizer(list(prompts[i:i + batch_size]), padding="max_length",
-                                    truncation=True, max_length=MAX_TEXT_LEN,
-                                    return_tensors="pt").to(device)
+        x = torch.stack([model.preprocess(p) for p in pils[i : i + batch_size]]).to(device)
+        text = model.blip.tokenizer(
+            list(prompts[i : i + batch_size]),
+            padding="max_length",
+            truncation=True,
+            max_length=MAX_TEXT_LEN,
+            return_tensors="pt",
+        ).to(device)
         image_embeds = model.blip.visual_encoder(x)
         image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=device)
-        text_output = model.blip.text_encoder(text.input_ids, attention_mask=text.attention_mask,
-                                              encoder_hidden_states=image_embeds,
-                                              encoder_attention_mask=image_atts, return_dict=True)
+        text_output = model.blip.text_encoder(
+            text.input_ids,
+            attention_mask=text.attention_mask,
+            encoder_hidden_states=image_embeds,
+            encoder_attention_mask=image_atts,
+            return_dict=True,
+        )
         feats = text_output.last_hidden_state[:, 0, :].float()
         rewards = (model.mlp(feats) - model.mean) / model.std
         out.append(rewards[:, 0].cpu())
     return torch.cat(out) if out else torch.zeros(0)
 
 
-__all__ = ["blip_tokenizer", "build_imagereward", "find_pruneable_heads_and_indices",
-           "imagereward_modules", "load_imagereward", "score_images", "to_device"]
+__all__ = [
+    "blip_tokenizer",
+    "build_imagereward",
+    "find_pruneable_heads_and_indices",
+    "imagereward_modules",
+    "load_imagereward",
+    "score_images",
+    "to_device",
+]

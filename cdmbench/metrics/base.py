@@ -16,8 +16,8 @@ from typing import Any, ClassVar
 
 from torch import Tensor
 
-from cdmbench.backbones.base import Backbone, Prompt
-from cdmbench.errors import UserError
+from cdmbench.backbones.base import Backbone
+from cdmbench.prompts_io import Prompt
 
 FALLBACK_TOLERANCE = "10%"  # for values no registered metric declares
 
@@ -32,10 +32,6 @@ class Value:
     tolerance: str | None = FALLBACK_TOLERANCE
     machine_dependent: bool = False  # measures the machine as much as the model (timings)
     description: str = ""
-
-
-class MissingWeightsError(UserError, RuntimeError):
-    """Pretrained weights a metric needs are not on this machine; the message says what to fetch."""
 
 
 @dataclass

@@ -29,7 +29,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from cdmbench.metrics.base import EvalSet, Metric, MissingWeightsError, Value
+from cdmbench.errors import MissingWeightsError
+from cdmbench.metrics.base import EvalSet, Metric, Value
 
 CONVENTION = "max(mean_i 100*cos(E_image_i, E_text_i), 0) (torchmetrics CLIPScore)"
 
@@ -37,8 +38,9 @@ CONVENTION = "max(mean_i 100*cos(E_image_i, E_text_i), 0) (torchmetrics CLIPScor
 def clip_score_from_embeddings(img_emb: Tensor, txt_emb: Tensor) -> Tensor:
     """Per-sample ``100 * cos(img_emb[i], txt_emb[i])``, as torchmetrics' ``_clip_score_update``."""
     if img_emb.shape != txt_emb.shape or img_emb.ndim != 2:
-        raise ValueError(f"need two [N, D] embeddings, got {tuple(img_emb.shape)} and "
-                         f"{tuple(txt_emb.shape)}")
+        raise ValueError(
+            f"need two [N, D] embeddings, got {tuple(img_emb.shape)} and {tuple(txt_emb.shape)}"
+        )
     img = img_emb / img_emb.norm(p=2, dim=-1, keepdim=True)
     txt = txt_emb / txt_emb.norm(p=2, dim=-1, keepdim=True)
     return 100 * (img * txt).sum(dim=-1)
@@ -55,8 +57,9 @@ def uint8_to_pil(images: Tensor) -> list[Any]:
     from PIL import Image
 
     if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] not in (1, 3):
-        raise ValueError(f"expected uint8 [N, 1|3, H, W] images, got {images.dtype} "
-                         f"{tuple(images.shape)}")
+        raise ValueError(
+            f"expected uint8 [N, 1|3, H, W] images, got {images.dtype} {tuple(images.shape)}"
+        )
     if images.shape[1] == 1:
         images = images.expand(-1, 3, -1, -1)
     arr = images.permute(0, 2, 3, 1).contiguous().cpu().numpy()
@@ -78,9 +81,15 @@ class ClipScore(Metric):
     values = {"clip_score": Value(higher_is_better=True, tolerance="1.0")}
     needs = ("images", "prompts")
 
-    def __init__(self, model: str = "ViT-L-14", pretrained: str | None = "openai", *,
-                 device: str | None = None, batch_size: int = 32,
-                 cache_dir: str | os.PathLike | None = None) -> None:
+    def __init__(
+        self,
+        model: str = "ViT-L-14",
+        pretrained: str | None = "openai",
+        *,
+        device: str | None = None,
+        batch_size: int = 32,
+        cache_dir: str | os.PathLike | None = None,
+    ) -> None:
         self.model_name = model
         self.pretrained = pretrained
         self.device = device
@@ -91,30 +100,36 @@ class ClipScore(Metric):
     # ---- what the weights are and where they are
     def _is_file(self) -> bool:
         p = self.pretrained or ""
-        return os.path.isfile(p) or os.sep in p or p.endswith((".pt", ".pth", ".bin",
-                                                               ".safetensors"))
+        return (
+            os.path.isfile(p) or os.sep in p or p.endswith((".pt", ".pth", ".bin", ".safetensors"))
+        )
 
     def _pretrained_cfg(self) -> dict[str, Any]:
         """open_clip's config for the pretrained tag ({} for a file or random weights)."""
         import open_clip
 
         if open_clip.get_model_config(self.model_name) is None:
-            raise ValueError(f"unknown open_clip model '{self.model_name}' "
-                             "(see open_clip.list_models())")
+            raise ValueError(
+                f"unknown open_clip model '{self.model_name}' (see open_clip.list_models())"
+            )
         if not self.pretrained or self._is_file():
             return {}
         cfg = open_clip.get_pretrained_cfg(self.model_name, self.pretrained)
         if not cfg:
             tags = open_clip.list_pretrained_tags_by_model(self.model_name)
-            raise ValueError(f"unknown open_clip pretrained tag '{self.pretrained}' for "
-                             f"{self.model_name} (known: {', '.join(tags) or 'none'})")
+            raise ValueError(
+                f"unknown open_clip pretrained tag '{self.pretrained}' for "
+                f"{self.model_name} (known: {', '.join(tags) or 'none'})"
+            )
         return cfg
 
     def _fetch_hint(self) -> str:
-        return (f"fetch them on a machine with network with `python -c \"import open_clip; "
-                f"open_clip.create_model('{self.model_name}', pretrained='{self.pretrained}')\"`"
-                f" (they go to the Hugging Face cache, {_hub_cache_dir(self.cache_dir)}) "
-                "or pass pretrained=/path/to/checkpoint")
+        return (
+            f'fetch them on a machine with network with `python -c "import open_clip; '
+            f"open_clip.create_model('{self.model_name}', pretrained='{self.pretrained}')\"`"
+            f" (they go to the Hugging Face cache, {_hub_cache_dir(self.cache_dir)}) "
+            "or pass pretrained=/path/to/checkpoint"
+        )
 
     def checkpoint(self) -> str | None:
         """Local checkpoint file for the weights (None: random), found without any network call."""
@@ -122,9 +137,11 @@ class ClipScore(Metric):
             return None
         if self._is_file():
             if not os.path.isfile(self.pretrained):
-                raise MissingWeightsError(f"clip_score: checkpoint {self.pretrained} does not "
-                                          f"exist; put the open_clip {self.model_name} weights "
-                                          "there")
+                raise MissingWeightsError(
+                    f"clip_score: checkpoint {self.pretrained} does not "
+                    f"exist; put the open_clip {self.model_name} weights "
+                    "there"
+                )
             return self.pretrained
         cfg = self._pretrained_cfg()
         if cfg.get("file"):
@@ -146,9 +163,11 @@ class ClipScore(Metric):
             if target.is_file():
                 return str(target)
         where = cfg.get("hf_hub") or cfg.get("url") or cfg.get("file")
-        raise MissingWeightsError(f"clip_score needs open_clip weights {self.model_name}/"
-                                  f"{self.pretrained} ({where}), not on this machine: "
-                                  f"{self._fetch_hint()}")
+        raise MissingWeightsError(
+            f"clip_score needs open_clip weights {self.model_name}/"
+            f"{self.pretrained} ({where}), not on this machine: "
+            f"{self._fetch_hint()}"
+        )
 
     # ---- the plugin interface
     def config(self) -> dict[str, Any]:
@@ -167,10 +186,13 @@ class ClipScore(Metric):
             "pretrained": self.pretrained if self.pretrained else "none (random weights)",
             "quick_gelu": bool(cfg.get("quick_gelu") or model_cfg.get("quick_gelu")),
             "convention": CONVENTION,
-            "preprocess": {**pre, "steps": "uint8 -> PIL RGB -> open_clip eval transform "
-                           "(resize shortest side, center crop, to tensor, normalize)"},
+            "preprocess": {
+                **pre,
+                "steps": "uint8 -> PIL RGB -> open_clip eval transform "
+                "(resize shortest side, center crop, to tensor, normalize)",
+            },
             "text": f"open_clip.get_tokenizer('{self.model_name}'), "
-                    f"context {model_cfg['text_cfg'].get('context_length', 77)}, truncated",
+            f"context {model_cfg['text_cfg'].get('context_length', 77)}, truncated",
             "dtype": "float32",
         }
 
@@ -181,18 +203,23 @@ class ClipScore(Metric):
         try:
             open_clip.get_tokenizer(self.model_name)
         except Exception as e:  # HF tokenizers (non-OpenAI text towers) come from the hub
-            raise MissingWeightsError(f"clip_score: the tokenizer for {self.model_name} is not on "
-                                      f"this machine ({type(e).__name__}); "
-                                      f"{self._fetch_hint()}") from None
+            raise MissingWeightsError(
+                f"clip_score: the tokenizer for {self.model_name} is not on "
+                f"this machine ({type(e).__name__}); "
+                f"{self._fetch_hint()}"
+            ) from None
 
     def create_kwargs(self) -> dict[str, Any]:
         """open_clip.create_model_and_transforms arguments: the local file and the tag's settings."""
         cfg = self._pretrained_cfg()
-        return {"pretrained": self.checkpoint(),
-                "force_quick_gelu": bool(cfg.get("quick_gelu", False)),
-                "image_mean": cfg.get("mean"), "image_std": cfg.get("std"),
-                "image_interpolation": cfg.get("interpolation"),
-                "image_resize_mode": cfg.get("resize_mode")}
+        return {
+            "pretrained": self.checkpoint(),
+            "force_quick_gelu": bool(cfg.get("quick_gelu", False)),
+            "image_mean": cfg.get("mean"),
+            "image_std": cfg.get("std"),
+            "image_interpolation": cfg.get("interpolation"),
+            "image_resize_mode": cfg.get("resize_mode"),
+        }
 
     def load(self, device: str | torch.device = "cpu") -> tuple[Any, Any, Any]:
         """(model, preprocess, tokenizer), built once; weights only from local files."""
@@ -201,15 +228,20 @@ class ClipScore(Metric):
 
             kwargs = self.create_kwargs()
             if kwargs["pretrained"] is None:
-                warnings.warn(f"clip_score: {self.model_name} with random weights "
-                              "(pretrained=None)", stacklevel=2)
+                warnings.warn(
+                    f"clip_score: {self.model_name} with random weights (pretrained=None)",
+                    stacklevel=2,
+                )
             model, _, preprocess = open_clip.create_model_and_transforms(
-                self.model_name, device=device, **kwargs)
+                self.model_name, device=device, **kwargs
+            )
             self._loaded = (model.eval(), preprocess, open_clip.get_tokenizer(self.model_name))
         return self._loaded
 
     @torch.inference_mode()
-    def scores(self, images: Tensor, texts: list[str], device: str | torch.device = "cpu") -> Tensor:
+    def scores(
+        self, images: Tensor, texts: list[str], device: str | torch.device = "cpu"
+    ) -> Tensor:
         """Per-sample ``100 * cos`` of images[i] (uint8 [N, C, H, W]) and texts[i], float32 CPU."""
         if images.shape[0] != len(texts):
             raise ValueError(f"{images.shape[0]} images but {len(texts)} prompts")
@@ -217,9 +249,9 @@ class ClipScore(Metric):
         dev = next(model.parameters()).device
         out: list[Tensor] = []
         for i in range(0, len(texts), self.batch_size):
-            pils = uint8_to_pil(images[i:i + self.batch_size])
+            pils = uint8_to_pil(images[i : i + self.batch_size])
             x = torch.stack([preprocess(p) for p in pils]).to(dev)
-            tokens = tokenizer(texts[i:i + self.batch_size]).to(dev)
+            tokens = tokenizer(texts[i : i + self.batch_size]).to(dev)
             img = model.encode_image(x).float()
             txt = model.encode_text(tokens).float()
             out.append(clip_score_from_embeddings(img, txt).cpu())
@@ -231,5 +263,10 @@ class ClipScore(Metric):
         return {"clip_score": aggregate_clip_score(s)}
 
 
-__all__ = ["CONVENTION", "ClipScore", "aggregate_clip_score", "clip_score_from_embeddings",
-           "uint8_to_pil"]
+__all__ = [
+    "CONVENTION",
+    "ClipScore",
+    "aggregate_clip_score",
+    "clip_score_from_embeddings",
+    "uint8_to_pil",
+]

@@ -30,17 +30,23 @@ def quantize(images: Tensor) -> Tensor:
 
 def no_domain(what: str, backbone: Backbone) -> UserError:
     """The one-line error for a domain measure on a backbone without a classifier or real data."""
-    return UserError(f"{what} needs a backbone with a domain classifier and real "
-                     f"images; '{backbone.name}' has none (use fid or precision_recall with "
-                     "--reference)")
+    return UserError(
+        f"{what} needs a backbone with a domain classifier and real "
+        f"images; '{backbone.name}' has none (use fid or precision_recall with "
+        "--reference)"
+    )
 
 
 class DigitsJudge:
     """Scores samples against the backbone's real test split with its domain classifier."""
 
-    def __init__(self, backbone: Backbone, reference: str = "test",
-                 device: str | torch.device | None = None,
-                 classifier: nn.Module | None = None) -> None:
+    def __init__(
+        self,
+        backbone: Backbone,
+        reference: str = "test",
+        device: str | torch.device | None = None,
+        classifier: nn.Module | None = None,
+    ) -> None:
         """``device``: where to score (default: where the backbone puts its classifier)."""
         classifier = classifier if classifier is not None else backbone.domain_classifier()
         if classifier is None:
@@ -72,18 +78,25 @@ class DigitsJudge:
         `digits`: "digits classifier", "... penultimate (32-d)", "digits test split", 445)."""
         n, dim = self.reference_features.shape
         classifier = f"{self.backbone.name} classifier"
-        return {"classifier": classifier, "features": f"{classifier} penultimate ({dim}-d)",
-                "reference": f"{self.backbone.name} {self.reference} split", "n_ref": n}
+        return {
+            "classifier": classifier,
+            "features": f"{classifier} penultimate ({dim}-d)",
+            "reference": f"{self.backbone.name} {self.reference} split",
+            "n_ref": n,
+        }
 
     def score(self, images: Tensor, labels: Tensor) -> dict[str, float]:
         """{"fd_digits", "prompt_acc"} of [0, 1] images generated for class ``labels``."""
         f, logits = self.features_and_logits(images)
-        return {"fd_digits": frechet_distance(*feature_stats(f), *self.reference_stats),
-                "prompt_acc": prompt_accuracy(logits, labels)}
+        return {
+            "fd_digits": frechet_distance(*feature_stats(f), *self.reference_stats),
+            "prompt_acc": prompt_accuracy(logits, labels),
+        }
 
 
-def domain_judge(backbone: Backbone, reference: str = "test",
-                 device: str | torch.device | None = None) -> DigitsJudge | None:
+def domain_judge(
+    backbone: Backbone, reference: str = "test", device: str | torch.device | None = None
+) -> DigitsJudge | None:
     """A judge of ``backbone``'s images; None where it has no domain classifier or real images."""
     classifier = backbone.domain_classifier()
     if classifier is None or backbone.real_images(reference) is None:
@@ -121,8 +134,12 @@ class DigitsFD(Metric):
         else:
             d = self.judge.describe()
             features, reference = d["features"], f"{d['reference']} ({d['n_ref']} real images)"
-        return {"features": features, "reference": reference, "dtype": "float64",
-                "input": "8-bit PNG levels"}
+        return {
+            "features": features,
+            "reference": reference,
+            "dtype": "float64",
+            "input": "8-bit PNG levels",
+        }
 
     def compute(self, data: EvalSet) -> dict[str, float]:
         labels = torch.tensor([p.label for p in data.prompts])

@@ -41,8 +41,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from cdmbench.errors import MissingWeightsError
 from cdmbench.io import module_sha256
-from cdmbench.metrics.base import MissingWeightsError
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
 # cleanfid.downloads_helper.inception_url (a test checks that the two agree)
@@ -75,9 +75,11 @@ def inception_path(path: str | os.PathLike | None = None) -> Path:
 
 def missing_inception_message(path: Path) -> str:
     """The one-line message for a missing Inception file."""
-    return (f"clean-fid Inception weights not found at {path}: fetch {INCEPTION_FILE} from "
-            f"{INCEPTION_URL} and save it as {path} (or set {INCEPTION_ENV}=/path/to/"
-            f"{INCEPTION_FILE})")
+    return (
+        f"clean-fid Inception weights not found at {path}: fetch {INCEPTION_FILE} from "
+        f"{INCEPTION_URL} and save it as {path} (or set {INCEPTION_ENV}=/path/to/"
+        f"{INCEPTION_FILE})"
+    )
 
 
 # ------------------------------------------------------------------------------ resize
@@ -119,10 +121,12 @@ def _torch_pass(x: Tensor, in_size: int, out_size: int) -> Tensor:
     """One Pillow pass along the last dim of float32 ``x``: float64 tap sums -> float32."""
     taps = pil_bicubic_taps(in_size, out_size)
     ksize = max(len(w) for _, w in taps)
-    idx = torch.tensor([[min(x0 + t, in_size - 1) for t in range(ksize)] for x0, _ in taps],
-                       device=x.device)
-    wts = torch.tensor([list(w) + [0.0] * (ksize - len(w)) for _, w in taps],
-                       dtype=torch.float64, device=x.device)
+    idx = torch.tensor(
+        [[min(x0 + t, in_size - 1) for t in range(ksize)] for x0, _ in taps], device=x.device
+    )
+    wts = torch.tensor(
+        [list(w) + [0.0] * (ksize - len(w)) for _, w in taps], dtype=torch.float64, device=x.device
+    )
     xd = x.to(torch.float64)
     acc = xd[..., idx[:, 0]] * wts[:, 0]
     for t in range(1, ksize):  # padded taps carry weight 0 and leave the sum unchanged
@@ -151,8 +155,10 @@ def _vertical_first(h: int, w: int, h_out: int, w_out: int) -> bool:
     when the height shrinks by more than twice what the width does."""
     rule = _pillow_order_rule()
     if rule is None:
-        raise RuntimeError("the torch resize backend does not reproduce this Pillow version's "
-                           "pass order; use resize backend 'pil'")
+        raise RuntimeError(
+            "the torch resize backend does not reproduce this Pillow version's "
+            "pass order; use resize backend 'pil'"
+        )
     return rule and h > h_out and w != w_out and (h - h_out) > 2 * (w - w_out)
 
 
@@ -211,12 +217,17 @@ def default_threads() -> int:
     return max(1, min(8, cores))
 
 
-def clean_resize(images: Tensor, size: tuple[int, int] = CLEAN_SIZE, backend: str = "pil",
-                 threads: int | None = None) -> Tensor:
+def clean_resize(
+    images: Tensor,
+    size: tuple[int, int] = CLEAN_SIZE,
+    backend: str = "pil",
+    threads: int | None = None,
+) -> Tensor:
     """clean-fid's "clean" resize of uint8 [N, C, H, W] -> float32 RGB [N, 3, h, w] in [0, 255]."""
     if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] not in (1, 3):
-        raise ValueError(f"expected uint8 [N, 1 or 3, H, W] images, got {images.dtype} "
-                         f"{tuple(images.shape)}")
+        raise ValueError(
+            f"expected uint8 [N, 1 or 3, H, W] images, got {images.dtype} {tuple(images.shape)}"
+        )
     if backend == "pil":
         x = _resize_pil(images.cpu().numpy(), size, threads or default_threads())
         out = torch.from_numpy(x).to(images.device)
@@ -268,8 +279,9 @@ class ImageFeatures:
         """Features of all images, batch by batch; batch k + 1 is prepared (resized) while the
         network runs on batch k, so the resize stays off the critical path on a GPU."""
         if images.dtype != torch.uint8 or images.ndim != 4:
-            raise ValueError(f"expected uint8 [N, C, H, W] images, got {images.dtype} "
-                             f"{tuple(images.shape)}")
+            raise ValueError(
+                f"expected uint8 [N, C, H, W] images, got {images.dtype} {tuple(images.shape)}"
+            )
         starts = range(0, images.shape[0], self.batch_size)
         if type(self).prepare is ImageFeatures.prepare or len(starts) < 2:  # nothing to overlap
             feats = [self.embed(images[s : s + self.batch_size]) for s in starts]
@@ -280,7 +292,9 @@ class ImageFeatures:
             for s in starts:
                 cur = nxt.result()
                 if s + self.batch_size < images.shape[0]:
-                    nxt = ahead.submit(self.prepare, images[s + self.batch_size : s + 2 * self.batch_size])
+                    nxt = ahead.submit(
+                        self.prepare, images[s + self.batch_size : s + 2 * self.batch_size]
+                    )
                 feats.append(self.forward(cur))
         out = [torch.as_tensor(f).detach().float().reshape(f.shape[0], -1).cpu() for f in feats]
         return torch.cat(out) if out else torch.empty(0, 0)
@@ -298,8 +312,12 @@ class CallableFeatures(ImageFeatures):
     ``nn.Module`` (a module's id is a hash of its weights; a function's is only its name).
     """
 
-    def __init__(self, feature_fn: Callable[[Tensor], Tensor | np.ndarray],
-                 feature_id: str | None = None, batch_size: int = 64) -> None:
+    def __init__(
+        self,
+        feature_fn: Callable[[Tensor], Tensor | np.ndarray],
+        feature_id: str | None = None,
+        batch_size: int = 64,
+    ) -> None:
         super().__init__(batch_size)
         self.fn = feature_fn
         if feature_id is None:  # content-keyed for modules, so cached statistics stay valid
@@ -319,9 +337,15 @@ class InceptionFeatures(ImageFeatures):
     mode = "clean"
     resize = CLEAN_RESIZE
 
-    def __init__(self, path: str | os.PathLike | None = None, batch_size: int = 64,
-                 device: str | torch.device | None = None, model: nn.Module | None = None,
-                 resize_backend: str = "pil", threads: int | None = None) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike | None = None,
+        batch_size: int = 64,
+        device: str | torch.device | None = None,
+        model: nn.Module | None = None,
+        resize_backend: str = "pil",
+        threads: int | None = None,
+    ) -> None:
         """``model``: a network of the architecture ([B, 3, 299, 299] in [-1, 1] -> [B, 2048])
         in place of the TorchScript file, e.g. randomly initialised for tests."""
         super().__init__(batch_size, device)
@@ -363,8 +387,11 @@ class InceptionFeatures(ImageFeatures):
     def prepare(self, images: Tensor) -> Tensor:
         device = self.device or torch.device("cpu")
         backend = self.resize_backend
-        return clean_resize(images.to(device) if backend == "torch" else images, backend=backend,
-                            threads=self.threads)
+        return clean_resize(
+            images.to(device) if backend == "torch" else images,
+            backend=backend,
+            threads=self.threads,
+        )
 
     def forward(self, prepared: Tensor) -> Tensor:
         device = self.device or torch.device("cpu")
@@ -374,10 +401,15 @@ class InceptionFeatures(ImageFeatures):
         return net(x).reshape(x.shape[0], 2048)
 
 
-def as_features(features: ImageFeatures | Callable[[Tensor], Any] | None = None, *,
-                feature_fn: Callable[[Tensor], Any] | None = None, feature_id: str | None = None,
-                inception_path: str | os.PathLike | None = None, batch_size: int = 64,
-                device: str | torch.device | None = None) -> ImageFeatures:
+def as_features(
+    features: ImageFeatures | Callable[[Tensor], Any] | None = None,
+    *,
+    feature_fn: Callable[[Tensor], Any] | None = None,
+    feature_id: str | None = None,
+    inception_path: str | os.PathLike | None = None,
+    batch_size: int = 64,
+    device: str | torch.device | None = None,
+) -> ImageFeatures:
     """An extractor from what a metric was given: an extractor, a callable, or Inception."""
     if features is not None and feature_fn is not None:
         raise ValueError("give either features or feature_fn, not both")
@@ -390,7 +422,16 @@ def as_features(features: ImageFeatures | Callable[[Tensor], Any] | None = None,
 
 
 __all__ = [
-    "CLEAN_RESIZE", "INCEPTION_FILE", "INCEPTION_URL", "CallableFeatures", "ImageFeatures",
-    "InceptionFeatures", "as_features", "clean_resize", "cleanfid_inception_path",
-    "inception_path", "module_digest", "pil_bicubic_taps",
+    "CLEAN_RESIZE",
+    "INCEPTION_FILE",
+    "INCEPTION_URL",
+    "CallableFeatures",
+    "ImageFeatures",
+    "InceptionFeatures",
+    "as_features",
+    "clean_resize",
+    "cleanfid_inception_path",
+    "inception_path",
+    "module_digest",
+    "pil_bicubic_taps",
 ]

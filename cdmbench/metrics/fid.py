@@ -39,14 +39,26 @@ class FID(Metric):
     values = {"fid": Value(higher_is_better=False, tolerance="10%")}
     needs = ("images", "reference")
 
-    def __init__(self, features: ImageFeatures | Callable[[Tensor], Any] | None = None, *,
-                 feature_fn: Callable[[Tensor], Any] | None = None, feature_id: str | None = None,
-                 reference: str | None = None, n_ref: int | None = None, batch_size: int = 64,
-                 inception_path: str | os.PathLike | None = None,
-                 device: str | torch.device | None = None) -> None:
-        self.features = as_features(features, feature_fn=feature_fn, feature_id=feature_id,
-                                    inception_path=inception_path, batch_size=batch_size,
-                                    device=device)
+    def __init__(
+        self,
+        features: ImageFeatures | Callable[[Tensor], Any] | None = None,
+        *,
+        feature_fn: Callable[[Tensor], Any] | None = None,
+        feature_id: str | None = None,
+        reference: str | None = None,
+        n_ref: int | None = None,
+        batch_size: int = 64,
+        inception_path: str | os.PathLike | None = None,
+        device: str | torch.device | None = None,
+    ) -> None:
+        self.features = as_features(
+            features,
+            feature_fn=feature_fn,
+            feature_id=feature_id,
+            inception_path=inception_path,
+            batch_size=batch_size,
+            device=device,
+        )
         self.reference = reference
         self.n_ref = n_ref
         self.device = device
@@ -56,11 +68,14 @@ class FID(Metric):
         self.features.check()
 
     def config(self) -> dict[str, Any]:
-        return {**self.features.config(),
-                "reference": self.reference if self.reference is not None else REFERENCE_DEFAULT,
-                "n_ref": self.n_ref or "all", "n_gen": "all samples",
-                "stats": "float64 mean, unbiased covariance",
-                "distance": "Frechet, tr sqrt via eigenvalues of S1 S2 (cdmbench.metrics.frechet)"}
+        return {
+            **self.features.config(),
+            "reference": self.reference if self.reference is not None else REFERENCE_DEFAULT,
+            "n_ref": self.n_ref or "all",
+            "n_gen": "all samples",
+            "stats": "float64 mean, unbiased covariance",
+            "distance": "Frechet, tr sqrt via eigenvalues of S1 S2 (cdmbench.metrics.frechet)",
+        }
 
     def run_config(self) -> dict[str, Any]:
         """``config()`` plus what the last :meth:`compute` used: reference, N_ref, N_gen."""
@@ -71,13 +86,18 @@ class FID(Metric):
         if data.images.shape[0] < 2:
             raise UserError(f"FID needs at least 2 generated images, got {data.images.shape[0]}")
         self.features.to(self.device if self.device is not None else data.backbone.device)
-        ref = resolve_reference(self.reference if self.reference is not None else data.reference,
-                                data.backbone, self.n_ref)
+        ref = resolve_reference(
+            self.reference if self.reference is not None else data.reference,
+            data.backbone,
+            self.n_ref,
+        )
         mu_ref, sigma_ref = ref.stats(self.features, data.cache_dir)
         mu, sigma = feature_stats(self.features(data.images))
-        self.last = {**ref.describe(), "n_gen": int(data.images.shape[0]),
-                     "ref_cache": str(Path(ref.cache_path(data.cache_dir, "fid-stats",
-                                                          self.features)))}
+        self.last = {
+            **ref.describe(),
+            "n_gen": int(data.images.shape[0]),
+            "ref_cache": str(Path(ref.cache_path(data.cache_dir, "fid-stats", self.features))),
+        }
         return {"fid": frechet_distance(mu, sigma, mu_ref, sigma_ref)}
 
 

@@ -14,16 +14,23 @@ from torch import Tensor
 
 def feature_stats(features: Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(mean, unbiased covariance) of an [N, D] feature matrix, in float64."""
-    f = np.asarray(features.detach().cpu() if isinstance(features, Tensor) else features, dtype=np.float64)
+    f = np.asarray(
+        features.detach().cpu() if isinstance(features, Tensor) else features, dtype=np.float64
+    )
     if f.ndim != 2 or f.shape[0] < 2:
         raise ValueError(f"need an [N >= 2, D] feature matrix, got shape {f.shape}")
     return f.mean(0), np.cov(f, rowvar=False)
 
 
-def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+def frechet_distance(
+    mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray
+) -> float:
     """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2)."""
     mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
-    s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    s1, s2 = (
+        np.atleast_2d(np.asarray(sigma1, np.float64)),
+        np.atleast_2d(np.asarray(sigma2, np.float64)),
+    )
     eig = np.linalg.eigvals(s1 @ s2)
     tr_covmean = np.sqrt(np.clip(eig.real, 0, None)).sum()
     diff = mu1 - mu2

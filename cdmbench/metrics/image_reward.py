@@ -36,7 +36,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from cdmbench.metrics.base import EvalSet, Metric, MissingWeightsError, Value
+from cdmbench.errors import MissingWeightsError
+from cdmbench.metrics.base import EvalSet, Metric, Value
 
 ENV = "CDMBENCH_IMAGEREWARD"
 REPO = "THUDM/ImageReward"
@@ -60,9 +61,15 @@ class ImageRewardScore(Metric):
     values = {"image_reward": Value(higher_is_better=True, tolerance="0.1")}
     needs = ("images", "prompts")
 
-    def __init__(self, weights: str | os.PathLike | None = None,
-                 tokenizer: str | os.PathLike | None = None, *, device: str | None = None,
-                 batch_size: int = 16, cache_dir: str | os.PathLike | None = None) -> None:
+    def __init__(
+        self,
+        weights: str | os.PathLike | None = None,
+        tokenizer: str | os.PathLike | None = None,
+        *,
+        device: str | None = None,
+        batch_size: int = 16,
+        cache_dir: str | os.PathLike | None = None,
+    ) -> None:
         self.weights = weights if weights is not None else os.environ.get(ENV) or None
         self.tokenizer = tokenizer
         self.device = device
@@ -78,8 +85,10 @@ class ImageRewardScore(Metric):
             d = Path(self.weights).expanduser()
             missing = [f for f in FILES if not (d / f).is_file()]
             if missing:
-                raise MissingWeightsError(f"image_reward: {' and '.join(missing)} not in {d}; "
-                                          f"fetch them with `{fetch}` using DIR={d}")
+                raise MissingWeightsError(
+                    f"image_reward: {' and '.join(missing)} not in {d}; "
+                    f"fetch them with `{fetch}` using DIR={d}"
+                )
             return d / FILES[0], d / FILES[1]
         home = Path("~/.cache/ImageReward").expanduser()
         if all((home / f).is_file() for f in FILES):
@@ -87,8 +96,10 @@ class ImageRewardScore(Metric):
         hits = [_cached(REPO, f, self.cache_dir) for f in FILES]
         if hits[0] is not None and hits[1] is not None:
             return hits[0], hits[1]
-        raise MissingWeightsError(f"image_reward needs ImageReward-v1.0 ({' and '.join(FILES)} "
-                                  f"from huggingface.co/{REPO}): run `{fetch}` and set {ENV}=DIR")
+        raise MissingWeightsError(
+            f"image_reward needs ImageReward-v1.0 ({' and '.join(FILES)} "
+            f"from huggingface.co/{REPO}): run `{fetch}` and set {ENV}=DIR"
+        )
 
     def tokenizer_dir(self) -> Path:
         """Local directory of the bert-base-uncased tokenizer, else MissingWeightsError."""
@@ -109,7 +120,8 @@ class ImageRewardScore(Metric):
         raise MissingWeightsError(
             "image_reward needs BLIP's bert-base-uncased tokenizer: run `hf download "
             f"bert-base-uncased vocab.txt tokenizer.json tokenizer_config.json --local-dir {d}`"
-            + (" (DIR: the ImageReward weights directory)" if d.parts[0] == "DIR" else ""))
+            + (" (DIR: the ImageReward weights directory)" if d.parts[0] == "DIR" else "")
+        )
 
     # ---- the plugin interface
     def config(self) -> dict[str, Any]:
@@ -124,11 +136,11 @@ class ImageRewardScore(Metric):
             "model": "ImageReward-v1.0",
             "weights": f"huggingface.co/{REPO} {FILES[0]} + {FILES[1]}",
             "text": f"BLIP bert-base-uncased tokenizer, max_length {compat.MAX_TEXT_LEN}, "
-                    "padded, truncated",
+            "padded, truncated",
             "preprocess": f"uint8 -> PIL RGB -> resize {compat.IMAGE_SIZE} bicubic, center crop "
-                          f"{compat.IMAGE_SIZE}, to tensor, normalize (CLIP mean/std)",
+            f"{compat.IMAGE_SIZE}, to tensor, normalize (CLIP mean/std)",
             "convention": f"mean_i (MLP(BLIP(image_i, prompt_i)) - {compat.REWARD_MEAN}) / "
-                          f"{compat.REWARD_STD}",
+            f"{compat.REWARD_STD}",
             "dtype": "float32",
         }
 
@@ -154,8 +166,9 @@ class ImageRewardScore(Metric):
             self._model = compat.load_imagereward(ckpt, med_config, tokenizer, device)
         return self._model
 
-    def scores(self, images: Tensor, texts: list[str],
-               device: str | torch.device = "cpu") -> Tensor:
+    def scores(
+        self, images: Tensor, texts: list[str], device: str | torch.device = "cpu"
+    ) -> Tensor:
         """Per-sample reward of images[i] (uint8 [N, C, H, W]) for texts[i], float32 CPU."""
         from cdmbench.metrics import _imagereward_compat as compat
 

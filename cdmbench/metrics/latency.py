@@ -18,15 +18,17 @@ import torch
 from torch import nn
 
 from cdmbench import flow
-from cdmbench.backbones.base import Backbone, Prompt
+from cdmbench.backbones.base import Backbone
 from cdmbench.metrics.base import EvalSet, Metric, Value
+from cdmbench.prompts_io import Prompt
 
 if TYPE_CHECKING:
     from cdmbench.generate import SamplerSpec
 
 
-def make_timer(backbone: Backbone, model: nn.Module, spec: SamplerSpec,
-               prompts: Sequence[Prompt]) -> Callable[[int], tuple[float, float]]:
+def make_timer(
+    backbone: Backbone, model: nn.Module, spec: SamplerSpec, prompts: Sequence[Prompt]
+) -> Callable[[int], tuple[float, float]]:
     """timer(batch) -> (end-to-end seconds, denoiser-only seconds) of one generation call."""
     cuda = str(backbone.device).startswith("cuda")
 
@@ -42,8 +44,12 @@ def make_timer(backbone: Backbone, model: nn.Module, spec: SamplerSpec,
         cond = backbone.encode(ps)
         noise = flow.seeded_noise(backbone.latent_shape, list(range(batch)), device=backbone.device)
         t1 = now_sync()
-        lat = flow.sample(lambda x, s: backbone.velocity(model, x, s, cond, spec.guidance), noise,
-                          spec.sigmas, stochastic=spec.stochastic)
+        lat = flow.sample(
+            lambda x, s: backbone.velocity(model, x, s, cond, spec.guidance),
+            noise,
+            spec.sigmas,
+            stochastic=spec.stochastic,
+        )
         t2 = now_sync()
         backbone.decode(lat)
         t3 = now_sync()
@@ -53,8 +59,9 @@ def make_timer(backbone: Backbone, model: nn.Module, spec: SamplerSpec,
 
 
 def _timing(description: str) -> Value:
-    return Value(higher_is_better=False, tolerance=None, machine_dependent=True,
-                 description=description)
+    return Value(
+        higher_is_better=False, tolerance=None, machine_dependent=True, description=description
+    )
 
 
 class Latency(Metric):
@@ -74,9 +81,13 @@ class Latency(Metric):
         self.warmup, self.repeats = warmup, repeats
 
     def config(self) -> dict[str, Any]:
-        return {"warmup": self.warmup, "repeats": self.repeats,
-                "clock": "perf_counter, CUDA-synchronised on GPU",
-                "unit": "ms per image", "batch_sizes": "1 and the eval batch"}
+        return {
+            "warmup": self.warmup,
+            "repeats": self.repeats,
+            "clock": "perf_counter, CUDA-synchronised on GPU",
+            "unit": "ms per image",
+            "batch_sizes": "1 and the eval batch",
+        }
 
     def compute(self, data: EvalSet) -> dict[str, float]:
         assert data.timer is not None
@@ -88,11 +99,15 @@ class Latency(Metric):
         den = sorted(r[1] for r in runs)
         b = max(1, data.eval_batch)
         data.timer(b)
-        per_img_batch = statistics.median(data.timer(b)[0]
-                                          for _ in range(max(3, self.repeats // 4))) / b
-        out = {"latency_ms": 1e3 * statistics.median(e2e),
-               "latency_p90_ms": 1e3 * float(np.percentile(e2e, 90)),
-               "denoiser_ms": 1e3 * statistics.median(den), "latency_batch_ms": 1e3 * per_img_batch}
+        per_img_batch = (
+            statistics.median(data.timer(b)[0] for _ in range(max(3, self.repeats // 4))) / b
+        )
+        out = {
+            "latency_ms": 1e3 * statistics.median(e2e),
+            "latency_p90_ms": 1e3 * float(np.percentile(e2e, 90)),
+            "denoiser_ms": 1e3 * statistics.median(den),
+            "latency_batch_ms": 1e3 * per_img_batch,
+        }
         if compile_s is not None:  # paid once per architecture and shape, reported on its own
             out["compile_s"] = compile_s
         return out

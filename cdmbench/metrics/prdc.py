@@ -61,13 +61,13 @@ def in_manifold(probe: Tensor, support: Tensor, radii: Tensor, chunk: int = 1024
     return out
 
 
-def precision_recall(real: Tensor, fake: Tensor, k: int = 3, chunk: int = 1024
-                     ) -> dict[str, float]:
+def precision_recall(real: Tensor, fake: Tensor, k: int = 3, chunk: int = 1024) -> dict[str, float]:
     """Improved precision and recall of ``fake`` against ``real`` (Kynkäänniemi et al. 2019)."""
     real, fake = torch.as_tensor(real), torch.as_tensor(fake)
     if real.ndim != 2 or fake.ndim != 2 or real.shape[1] != fake.shape[1]:
-        raise ValueError(f"need [N, D] feature sets of one D, got {tuple(real.shape)} and "
-                         f"{tuple(fake.shape)}")
+        raise ValueError(
+            f"need [N, D] feature sets of one D, got {tuple(real.shape)} and {tuple(fake.shape)}"
+        )
     precision = in_manifold(fake, real, knn_radii(real, k, chunk), chunk)
     recall = in_manifold(real, fake, knn_radii(fake, k, chunk), chunk)
     return {"precision": float(precision.double().mean()), "recall": float(recall.double().mean())}
@@ -77,16 +77,27 @@ class PrecisionRecall(Metric):
     """Improved precision and recall, k-NN manifolds (Kynkäänniemi et al. 2019)."""
 
     name = "precision_recall"
-    values = {"precision": Value(higher_is_better=True, tolerance="0.05"),
-              "recall": Value(higher_is_better=True, tolerance="0.05")}
+    values = {
+        "precision": Value(higher_is_better=True, tolerance="0.05"),
+        "recall": Value(higher_is_better=True, tolerance="0.05"),
+    }
     needs = ("images", "reference")
 
-    def __init__(self, k: int = 3, features: ImageFeatures | Callable[[Tensor], Any] | None = None,
-                 *, feature_fn: Callable[[Tensor], Any] | None = None,
-                 feature_id: str | None = None, space: str = "auto",
-                 reference: str | None = None, n_ref: int | None = None, batch_size: int = 64,
-                 inception_path: str | os.PathLike | None = None,
-                 device: str | torch.device | None = None, chunk: int = 1024) -> None:
+    def __init__(
+        self,
+        k: int = 3,
+        features: ImageFeatures | Callable[[Tensor], Any] | None = None,
+        *,
+        feature_fn: Callable[[Tensor], Any] | None = None,
+        feature_id: str | None = None,
+        space: str = "auto",
+        reference: str | None = None,
+        n_ref: int | None = None,
+        batch_size: int = 64,
+        inception_path: str | os.PathLike | None = None,
+        device: str | torch.device | None = None,
+        chunk: int = 1024,
+    ) -> None:
         """``space``: "auto" (the domain classifier where the backbone has one, else the FID
         features), "features" (always the FID features or ``feature_fn``) or "domain"."""
         if space not in SPACES:
@@ -94,9 +105,14 @@ class PrecisionRecall(Metric):
         if space == "auto" and (features is not None or feature_fn is not None):
             space = "features"  # an explicit extractor is used on every backbone
         self.k, self.space, self.chunk = k, "domain" if space == "digits" else space, chunk
-        self.features = as_features(features, feature_fn=feature_fn, feature_id=feature_id,
-                                    inception_path=inception_path, batch_size=batch_size,
-                                    device=device)
+        self.features = as_features(
+            features,
+            feature_fn=feature_fn,
+            feature_id=feature_id,
+            inception_path=inception_path,
+            batch_size=batch_size,
+            device=device,
+        )
         self.reference, self.n_ref, self.device = reference, n_ref, device
         self._domain: tuple[Backbone, DigitsJudge | None] | None = None  # (backbone, its judge)
         self.last: dict[str, Any] = {}
@@ -124,14 +140,25 @@ class PrecisionRecall(Metric):
         else:
             d = judge.describe()
             domain = f"{d['features']}, reference = {d['reference']} ({d['n_ref']} images)"
-        feats = {**self.features.config(),
-                 "reference": self.reference if self.reference is not None else REFERENCE_DEFAULT,
-                 "n_ref": self.n_ref or "all"}
-        auto = {judge.backbone.name if judge is not None else "backbones with a domain classifier":
-                domain, "other backbones": feats}
+        feats = {
+            **self.features.config(),
+            "reference": self.reference if self.reference is not None else REFERENCE_DEFAULT,
+            "n_ref": self.n_ref or "all",
+        }
+        auto = {
+            judge.backbone.name
+            if judge is not None
+            else "backbones with a domain classifier": domain,
+            "other backbones": feats,
+        }
         space: dict[str, Any] = {"auto": auto, "features": feats, "domain": domain}[self.space]
-        return {"k": self.k, "space": space, "n_gen": "all samples", "distance": "L2, float64",
-                "ball": "closed (d <= k-NN radius)"}
+        return {
+            "k": self.k,
+            "space": space,
+            "n_gen": "all samples",
+            "distance": "L2, float64",
+            "ball": "closed (d <= k-NN radius)",
+        }
 
     def run_config(self) -> dict[str, Any]:
         """``config()`` plus what the last :meth:`compute` used: space, reference, N_ref, N_gen."""
@@ -139,21 +166,28 @@ class PrecisionRecall(Metric):
 
     def compute(self, data: EvalSet) -> dict[str, float]:
         if data.images.shape[0] <= self.k:
-            raise UserError(f"precision/recall with k = {self.k} needs more than {self.k} "
-                            f"generated images, got {data.images.shape[0]}")
+            raise UserError(
+                f"precision/recall with k = {self.k} needs more than {self.k} "
+                f"generated images, got {data.images.shape[0]}"
+            )
         judge = self._judge(data.backbone)
         if judge is not None:
             real = judge.reference_features
             fake = judge.features_and_logits(data.images.float() / 255.0)[0]
             d = judge.describe()
-            info = {"space": d["classifier"],
-                    "reference": f"{data.backbone.name}:{judge.reference}", "n_ref": d["n_ref"]}
+            info = {
+                "space": d["classifier"],
+                "reference": f"{data.backbone.name}:{judge.reference}",
+                "n_ref": d["n_ref"],
+            }
         else:
             self.features.check()
             self.features.to(self.device if self.device is not None else data.backbone.device)
             ref = resolve_reference(
                 self.reference if self.reference is not None else data.reference,
-                data.backbone, self.n_ref)
+                data.backbone,
+                self.n_ref,
+            )
             real = ref.features(self.features, data.cache_dir)
             fake = self.features(data.images)
             info = {"space": self.features.id, **ref.describe()}

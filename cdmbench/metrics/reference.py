@@ -29,15 +29,17 @@ from cdmbench.metrics.features import ImageFeatures
 from cdmbench.metrics.frechet import feature_stats
 
 IMAGE_EXTENSIONS = frozenset(
-    {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
+    {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+)
 CACHE_VERSION = 1
 
 
 def image_files(folder: str | Path) -> list[Path]:
     """Image files under ``folder`` (recursive), sorted by path."""
     root = Path(folder)
-    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS
-                  and p.is_file())
+    return sorted(
+        p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+    )
 
 
 def read_image(path: str | Path) -> Tensor:
@@ -67,9 +69,17 @@ class Reference:
         return {"reference": self.name, "n_ref": self.n, "ref_resolution": self.resolution}
 
     def key(self, kind: str, extractor: ImageFeatures) -> dict[str, Any]:
-        return {"kind": kind, "version": CACHE_VERSION, "reference": self.name,
-                "fingerprint": self.fingerprint, "resolution": self.resolution, "n": self.n,
-                "mode": extractor.mode, "resize": extractor.resize, "features": extractor.id}
+        return {
+            "kind": kind,
+            "version": CACHE_VERSION,
+            "reference": self.name,
+            "fingerprint": self.fingerprint,
+            "resolution": self.resolution,
+            "n": self.n,
+            "mode": extractor.mode,
+            "resize": extractor.resize,
+            "features": extractor.id,
+        }
 
     def cache_path(self, cache_dir: str | Path, kind: str, extractor: ImageFeatures) -> Path:
         blob = json.dumps(self.key(kind, extractor), sort_keys=True).encode()
@@ -91,8 +101,9 @@ class Reference:
         _save_npz(path, self.key("ref-features", extractor), features=f.numpy())
         return f
 
-    def stats(self, extractor: ImageFeatures, cache_dir: str | Path
-              ) -> tuple[np.ndarray, np.ndarray]:
+    def stats(
+        self, extractor: ImageFeatures, cache_dir: str | Path
+    ) -> tuple[np.ndarray, np.ndarray]:
         """(mu, sigma) in float64, from the cache or computed (from cached features if any)."""
         path = self.cache_path(cache_dir, "fid-stats", extractor)
         if path.is_file():
@@ -118,8 +129,9 @@ def _folder_reference(folder: Path, n_ref: int | None) -> Reference:
 
     files = image_files(folder)
     if not files:
-        raise UserError(f"reference folder {folder} holds no images "
-                        f"({', '.join(sorted(IMAGE_EXTENSIONS))})")
+        raise UserError(
+            f"reference folder {folder} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})"
+        )
     files = files[:n_ref] if n_ref else files
     h = hashlib.sha256()
     sizes = set()
@@ -148,11 +160,15 @@ def _backbone_reference(backbone: Backbone, split: str, n_ref: int | None) -> Re
     try:
         real = backbone.real_latents(split)
     except ValueError as e:  # an unknown split
-        raise UserError(f"reference '{split}' is neither a folder of images nor a real-data "
-                        f"split of backbone '{backbone.name}' ({e})") from e
+        raise UserError(
+            f"reference '{split}' is neither a folder of images nor a real-data "
+            f"split of backbone '{backbone.name}' ({e})"
+        ) from e
     if real is None:
-        raise UserError(f"backbone '{backbone.name}' has no real data; give the reference as a "
-                        "folder of real images (--reference PATH)")
+        raise UserError(
+            f"backbone '{backbone.name}' has no real data; give the reference as a "
+            "folder of real images (--reference PATH)"
+        )
     latents = real[0][:n_ref] if n_ref else real[0]
     lat_np = latents.detach().cpu().contiguous()
     fingerprint = hashlib.sha256(lat_np.view(torch.uint8).numpy().tobytes()).hexdigest()[:16]

@@ -90,15 +90,24 @@ class Trainer:
     Provides the :class:`~cdmbench.training.method.Core` interface methods are given.
     """
 
-    def __init__(self, backbone: Backbone, method: Method, config: TrainConfig, run_dir: str | Path,
-                 teacher_weights: str | None = None, log: Callable[[dict], None] | None = None) -> None:
+    def __init__(
+        self,
+        backbone: Backbone,
+        method: Method,
+        config: TrainConfig,
+        run_dir: str | Path,
+        teacher_weights: str | None = None,
+        log: Callable[[dict], None] | None = None,
+    ) -> None:
         self.backbone = backbone
         self.method = method
         self.config = config
         self.run_dir = Path(run_dir)
         self.teacher_weights = teacher_weights
         self.rank, self.world = init_distributed(config.device)
-        self.sharded = sharding.resolve_shard(config.shard, self.world)  # before loading any weights
+        self.sharded = sharding.resolve_shard(
+            config.shard, self.world
+        )  # before loading any weights
         if config.threads:
             torch.set_num_threads(config.threads)
         self.device = torch.device(config.device)
@@ -116,7 +125,9 @@ class Trainer:
         # each group's parameters, listed once (after sharding: the optimizer holds the shards)
         self._params = {g: list(self.models[s.model].parameters()) for g, s in self.specs.items()}
         self.optims = {
-            g: torch.optim.AdamW(self._params[g], lr=s.lr, betas=s.betas, weight_decay=s.weight_decay)
+            g: torch.optim.AdamW(
+                self._params[g], lr=s.lr, betas=s.betas, weight_decay=s.weight_decay
+            )
             for g, s in self.specs.items()
         }
         self.updates = dict.fromkeys(self.specs, 0)  # per-group update counters
@@ -213,7 +224,10 @@ class Trainer:
             gnorm = sharding.full(gnorm)  # a replicated DTensor when the gradients are sharded
             if not bool(torch.isfinite(loss.detach() + gnorm)):
                 opt.zero_grad(set_to_none=True)
-                self._non_finite(group, {k: float(v.detach()) for k, v in terms.items()} | {"grad_norm": float(gnorm)})
+                self._non_finite(
+                    group,
+                    {k: float(v.detach()) for k, v in terms.items()} | {"grad_norm": float(gnorm)},
+                )
                 continue
             for pg in opt.param_groups:
                 pg["lr"] = self._lr(group)
@@ -245,7 +259,9 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         writer = _tensorboard(self.run_dir) if self.rank == 0 else None
         t0 = time.perf_counter()
-        latest: dict[str, Tensor] = {}  # last value of every term, also of groups not updated this step
+        latest: dict[
+            str, Tensor
+        ] = {}  # last value of every term, also of groups not updated this step
         while self.it < self.config.iters:
             latest.update(self.step(self.next_batch()))
             if self.it % self.config.ckpt_every == 0 and self.it < self.config.iters:
@@ -274,14 +290,19 @@ class Trainer:
         on how the run that wrote it was laid out. A collective under several processes;
         under sharding only rank 0's result holds the tensors.
         """
-        tensors = {f"{name}.{k}": v for name in self.models for k, v in self.full_state_dict(name).items()}
+        tensors = {
+            f"{name}.{k}": v for name in self.models for k, v in self.full_state_dict(name).items()
+        }
         other = {
             "it": self.it,
             "updates": self.updates,
             "nan_skipped": self.nan_skipped,
             "optims": {g: sharding.full_optimizer_state(o) for g, o in self.optims.items()},
-            "rng": {"g": self._rank_states(), "g_shared": self.g_shared.get_state(),
-                    "torch": torch.get_rng_state()},
+            "rng": {
+                "g": self._rank_states(),
+                "g_shared": self.g_shared.get_state(),
+                "torch": torch.get_rng_state(),
+            },
             "method_state": self.method.state_dict(),
             "method": self.method.name,
             "backbone": self.backbone.name,
@@ -316,12 +337,22 @@ class Trainer:
             save_file(tensors, str(tmp))
         with atomic_path(ckpt / files["state"]) as tmp:
             torch.save(other, tmp)
-        atomic_write_json(ckpt / "manifest.json", {
-            "it": self.it, "method": self.method.name, "backbone": self.backbone.name, "files": files,
-            "sha256": {n: sha256_file(ckpt / n) for n in files.values()},
-        })
+        atomic_write_json(
+            ckpt / "manifest.json",
+            {
+                "it": self.it,
+                "method": self.method.name,
+                "backbone": self.backbone.name,
+                "files": files,
+                "sha256": {n: sha256_file(ckpt / n) for n in files.values()},
+            },
+        )
         for old in ckpt.iterdir():
-            if old.name != "manifest.json" and old.name not in files.values() and not old.name.startswith("."):
+            if (
+                old.name != "manifest.json"
+                and old.name not in files.values()
+                and not old.name.startswith(".")
+            ):
                 old.unlink(missing_ok=True)
         return ckpt
 
@@ -344,29 +375,44 @@ class Trainer:
             digests = manifest["sha256"]
             for path in files.values():
                 if sha256_file(path) != digests[path.name]:
-                    raise CheckpointError(f"checkpoint file {path} is corrupt (hash mismatch); "
-                                          "delete the checkpoint directory to start over")
+                    raise CheckpointError(
+                        f"checkpoint file {path} is corrupt (hash mismatch); "
+                        "delete the checkpoint directory to start over"
+                    )
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise CheckpointError(f"checkpoint {ckpt} is unreadable or incomplete ({type(e).__name__}); "
-                                  "delete the checkpoint directory to start over") from None
+            raise CheckpointError(
+                f"checkpoint {ckpt} is unreadable or incomplete ({type(e).__name__}); "
+                "delete the checkpoint directory to start over"
+            ) from None
         if manifest["method"] != self.method.name or manifest["backbone"] != self.backbone.name:
             raise CheckpointError(
                 f"checkpoint {ckpt} is for method '{manifest['method']}' on backbone "
-                f"'{manifest['backbone']}', not '{self.method.name}' on '{self.backbone.name}'")
+                f"'{manifest['backbone']}', not '{self.method.name}' on '{self.backbone.name}'"
+            )
         tensors = load_file(str(files["models"]))
         for name, m in self.models.items():
             prefix = f"{name}."
             # every rank read the file: a sharded model keeps its shards
-            sharding.load_full_model_state(m, {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+            sharding.load_full_model_state(
+                m, {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+            )
         other = torch.load(files["state"], weights_only=True)
-        self.it, self.updates, self.nan_skipped = other["it"], other["updates"], other["nan_skipped"]
+        self.it, self.updates, self.nan_skipped = (
+            other["it"],
+            other["updates"],
+            other["nan_skipped"],
+        )
         for g, o in self.optims.items():
             sharding.load_full_optimizer_state(o, other["optims"][g])
         states = other["rng"]["g"]
-        states = [states] if isinstance(states, Tensor) else states  # one-process checkpoints of 0.1.0
+        states = (
+            [states] if isinstance(states, Tensor) else states
+        )  # one-process checkpoints of 0.1.0
         if len(states) != self.world:
-            raise CheckpointError(f"checkpoint {ckpt} was written by {len(states)} process(es), this run has "
-                                  f"{self.world}; resume with the same number of processes")
+            raise CheckpointError(
+                f"checkpoint {ckpt} was written by {len(states)} process(es), this run has "
+                f"{self.world}; resume with the same number of processes"
+            )
         self.g.set_state(states[self.rank])
         self.g_shared.set_state(other["rng"]["g_shared"])
         torch.set_rng_state(other["rng"]["torch"])
@@ -389,4 +435,3 @@ class CheckpointError(RuntimeError):
 def cpu_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
     """A state dict's tensors detached, contiguous and on the CPU (for safetensors)."""
     return {k: v.detach().contiguous().cpu() for k, v in state.items()}
-

@@ -163,8 +163,9 @@ class Method(Generic[StateT]):
         """Work shared by this iteration's groups, done once before them (default: none)."""
         return None
 
-    def losses(self, group: str, it: int, batch: Batch, state: StateT, core: Core
-               ) -> dict[str, Tensor]:
+    def losses(
+        self, group: str, it: int, batch: Batch, state: StateT, core: Core
+    ) -> dict[str, Tensor]:
         """The group's loss terms (scalars); the core backpropagates their sum."""
         raise NotImplementedError
 

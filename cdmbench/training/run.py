@@ -1,12 +1,12 @@
 """A training run on disk: content-keyed directory, resume, export of the student.
 
-    runs/<backbone>/<method>-<hash>/
-        config.json          resolved configuration, backbone settings included (the hash is over it)
-        log.jsonl            loss terms every ``log_every`` iterations
-        checkpoint/          everything needed to resume (hash-verified)
-        student.safetensors  the student's EMA weights, written last
-        run.json             what eval needs: method, backbone, config, weights hash
-        samples.png          a grid at the method's step counts
+runs/<backbone>/<method>-<hash>/
+    config.json          resolved configuration, backbone settings included (the hash is over it)
+    log.jsonl            loss terms every ``log_every`` iterations
+    checkpoint/          everything needed to resume (hash-verified)
+    student.safetensors  the student's EMA weights, written last
+    run.json             what eval needs: method, backbone, config, weights hash
+    samples.png          a grid at the method's step counts
 """
 
 from __future__ import annotations
@@ -24,9 +24,11 @@ from torch import nn
 from cdmbench.backbones import get_backbone
 from cdmbench.backbones.base import Backbone
 from cdmbench.config import config_hash, run_payload
+from cdmbench.distributed import barrier
 from cdmbench.errors import UserError
 from cdmbench.io import atomic_path, atomic_write_json, remove_stale_temps, sha256_file
 from cdmbench.registry import METHODS
+from cdmbench.settings import as_dict
 from cdmbench.training.core import CheckpointError, TrainConfig, Trainer, cpu_state
 from cdmbench.training.method import Method
 
@@ -45,10 +47,16 @@ class RunResult:
     seconds: float
 
 
-def train_run(method: Method, backbone: Backbone, train_cfg: TrainConfig, out_root: str | Path = "runs",
-              teacher_weights: str | None = None, resume: bool | None = None,
-              progress: Callable[[int, dict[str, float]], None] | None = None,
-              sample_steps: tuple[int, ...] = (1, 2, 4)) -> RunResult:
+def train_run(
+    method: Method,
+    backbone: Backbone,
+    train_cfg: TrainConfig,
+    out_root: str | Path = "runs",
+    teacher_weights: str | None = None,
+    resume: bool | None = None,
+    progress: Callable[[int, dict[str, float]], None] | None = None,
+    sample_steps: tuple[int, ...] = (1, 2, 4),
+) -> RunResult:
     """Train (or finish, or reuse) the run this configuration names.
 
     ``resume=None`` continues from a checkpoint when one exists; ``True`` requires one;
@@ -61,17 +69,26 @@ def train_run(method: Method, backbone: Backbone, train_cfg: TrainConfig, out_ro
     ckpt = run_dir / "checkpoint"
     has_ckpt = (ckpt / "manifest.json").is_file()
     if resume is True and not has_ckpt:
-        raise UserError(f"nothing to resume: no checkpoint in {run_dir}; run without --resume to start")
+        raise UserError(
+            f"nothing to resume: no checkpoint in {run_dir}; run without --resume to start"
+        )
     if resume is False and has_ckpt:
-        raise UserError(f"{run_dir} has a checkpoint; add --resume to continue it or delete the directory")
-    trainer = Trainer(backbone, method, train_cfg, run_dir, teacher_weights)  # loads weights: fails before any write
-    if trainer.rank == 0:
+        raise UserError(
+            f"{run_dir} has a checkpoint; add --resume to continue it or delete the directory"
+        )
+    trainer = Trainer(
+        backbone, method, train_cfg, run_dir, teacher_weights
+    )  # loads weights: fails before any write
+    if trainer.rank == 0:  # one writer: another rank's temporary file is not a stale one
         remove_stale_temps(run_dir)  # a killed predecessor's half-written files
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(run_dir / "config.json", payload)
-    except OSError as e:
-        raise UserError(f"cannot write run directory {run_dir}: {e.strerror}; choose another --out") from None
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(run_dir / "config.json", payload)
+        except OSError as e:
+            raise UserError(
+                f"cannot write run directory {run_dir}: {e.strerror}; choose another --out"
+            ) from None
+    barrier(trainer.world)
     start = 0
     if has_ckpt:
         try:
@@ -88,8 +105,14 @@ def train_run(method: Method, backbone: Backbone, train_cfg: TrainConfig, out_ro
     return RunResult(run_dir, False, start, seconds)
 
 
-def export_student(trainer: Trainer, run_dir: Path, payload: dict[str, Any], seconds: float,
-                   sample_steps: tuple[int, ...], ema: nn.Module | None = None) -> None:
+def export_student(
+    trainer: Trainer,
+    run_dir: Path,
+    payload: dict[str, Any],
+    seconds: float,
+    sample_steps: tuple[int, ...],
+    ema: nn.Module | None = None,
+) -> None:
     """Write the EMA student, its sample grid and run.json. ``ema``: a whole (unsharded)
     EMA model, from :meth:`Trainer.unsharded`; the trainer's own by default."""
     from safetensors.torch import save_file
@@ -107,15 +130,20 @@ def export_student(trainer: Trainer, run_dir: Path, payload: dict[str, Any], sec
         spec = method.sampler(steps, bb.shift)
         rows.append(generate(bb, ema, prompts, [1000 + i for i in range(len(prompts))], spec))
     save_grid(bb.decode(torch.cat(rows)), run_dir / "samples.png", nrow=len(prompts), scale=4)
-    atomic_write_json(run_dir / "run.json", {
-        **payload,
-        "student_sha256": sha256_file(run_dir / STUDENT_FILE),
-        "iters": trainer.it,
-        "updates": trainer.updates,
-        "nan_skipped": trainer.nan_skipped,
-        "train_seconds_last_session": round(seconds, 2),
-        "torch": torch.__version__,
-    })
+    atomic_write_json(
+        run_dir / "run.json",
+        {
+            **payload,
+            "student_sha256": sha256_file(run_dir / STUDENT_FILE),
+            "iters": trainer.it,
+            "updates": trainer.updates,
+            "nan_skipped": trainer.nan_skipped,
+            "train_seconds_last_session": round(seconds, 2),
+            "torch": torch.__version__,
+            # every setting of the session that finished the run, hashed or not (provenance)
+            "backbone_settings_used": as_dict(bb.settings),
+        },
+    )
 
 
 @dataclass
@@ -127,7 +155,9 @@ class LoadedRun:
     student: nn.Module
 
 
-def load_run(run_dir: str | Path, device: str = "cpu", teacher_weights: str | None = None) -> LoadedRun:
+def load_run(
+    run_dir: str | Path, device: str = "cpu", teacher_weights: str | None = None
+) -> LoadedRun:
     """Backbone (rebuilt with the run's settings), configured method and student (EMA
     weights, hash-verified) of a finished run."""
     from dataclasses import replace
@@ -137,19 +167,28 @@ def load_run(run_dir: str | Path, device: str = "cpu", teacher_weights: str | No
     run_dir = Path(run_dir)
     info_path = run_dir / "run.json"
     if not info_path.is_file():
-        raise UserError(f"{run_dir} is not a finished training run (no run.json); finish it with `cdmbench train`")
+        raise UserError(
+            f"{run_dir} is not a finished training run (no run.json); finish it with `cdmbench train`"
+        )
     try:
         info = json.loads(info_path.read_text())
     except json.JSONDecodeError:
         raise UserError(f"{info_path} is corrupt; retrain the run") from None
     weights = run_dir / STUDENT_FILE
     if not weights.is_file() or sha256_file(weights) != info.get("student_sha256"):
-        raise UserError(f"student weights in {run_dir} are missing or corrupt (hash mismatch); retrain the run")
+        raise UserError(
+            f"student weights in {run_dir} are missing or corrupt (hash mismatch); retrain the run"
+        )
     # the settings the run was trained with (declared defaults for runs that stored none)
-    backbone = get_backbone(info["backbone"], device=device, settings=info.get("backbone_settings") or {})
+    backbone = get_backbone(
+        info["backbone"], device=device, settings=info.get("backbone_settings") or {}
+    )
     method_cls = METHODS.get(info["method"])
     cfg = method_cls.Config()
-    mc = {k: tuple(v) if isinstance(getattr(cfg, k, None), tuple) else v for k, v in info["method_config"].items()}
+    mc = {
+        k: tuple(v) if isinstance(getattr(cfg, k, None), tuple) else v
+        for k, v in info["method_config"].items()
+    }
     method = method_cls(replace(cfg, **mc))
     student = backbone.load_teacher(teacher_weights)
     student.load_state_dict(load_file(str(weights)))

@@ -66,8 +66,10 @@ _TRUE = ("1", "true", "yes", "y", "on", "t")  # accelerate's str_to_bool
 def check_shard_mode(mode: str) -> None:
     """A one-line :class:`UserError` for a value outside :data:`SHARD_MODES`."""
     if mode not in SHARD_MODES:
-        raise UserError(f"bad value '{mode}' for 'train.shard': use none, fsdp2 or auto "
-                        "(auto: FSDP2 under `accelerate launch --use_fsdp --fsdp_version 2`)")
+        raise UserError(
+            f"bad value '{mode}' for 'train.shard': use none, fsdp2 or auto "
+            "(auto: FSDP2 under `accelerate launch --use_fsdp --fsdp_version 2`)"
+        )
 
 
 def resolve_shard(mode: str, world: int, env: Mapping[str, str] | None = None) -> bool:
@@ -76,8 +78,10 @@ def resolve_shard(mode: str, world: int, env: Mapping[str, str] | None = None) -
     env = os.environ if env is None else env
     if world == 1:
         if mode == "fsdp2":
-            warnings.warn("train.shard=fsdp2 in a single process: nothing to shard across, training unsharded",
-                          stacklevel=2)
+            warnings.warn(
+                "train.shard=fsdp2 in a single process: nothing to shard across, training unsharded",
+                stacklevel=2,
+            )
         return False
     if mode != "auto":
         return mode == "fsdp2"
@@ -85,8 +89,10 @@ def resolve_shard(mode: str, world: int, env: Mapping[str, str] | None = None) -
         return False
     version = env.get("FSDP_VERSION", "1")
     if version != "2":
-        raise UserError(f"accelerate is configured for FSDP version {version}, cdmbench shards with FSDP2 only: "
-                        "launch with --fsdp_version 2, or set train.shard=none to replicate the models")
+        raise UserError(
+            f"accelerate is configured for FSDP version {version}, cdmbench shards with FSDP2 only: "
+            "launch with --fsdp_version 2, or set train.shard=none to replicate the models"
+        )
     return True
 
 
@@ -149,7 +155,9 @@ def full_model_state(model: nn.Module) -> dict[str, Tensor]:
         return model.state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return get_model_state_dict(
+        model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )
 
 
 def load_full_model_state(model: nn.Module, state: dict[str, Tensor]) -> None:
@@ -194,8 +202,12 @@ def load_full_optimizer_state(optim: torch.optim.Optimizer, sd: dict[str, Any]) 
     for i, entry in sd["state"].items():
         p = params[int(i)]
         if is_dtensor(p):
-            entry = {k: shard_like(v, p) if isinstance(v, Tensor) and v.shape == p.shape and v.dim() > 0 else v
-                     for k, v in entry.items()}
+            entry = {
+                k: shard_like(v, p)
+                if isinstance(v, Tensor) and v.shape == p.shape and v.dim() > 0
+                else v
+                for k, v in entry.items()
+            }
         state[i] = entry
     optim.load_state_dict({"state": state, "param_groups": sd["param_groups"]})
 
@@ -213,8 +225,14 @@ def shard_like(whole: Tensor, like: DTensor) -> DTensor:
     mesh = like.device_mesh
     n, world, rank = whole.shape[0], mesh.size(), mesh.get_local_rank()
     rows = -(-n // world)  # torch.chunk's split, as FSDP2 and DTensor use
-    piece = whole[min(rank * rows, n):min((rank + 1) * rows, n)].to(like.device, like.dtype, copy=True)
+    piece = whole[min(rank * rows, n) : min((rank + 1) * rows, n)].to(
+        like.device, like.dtype, copy=True
+    )
     if piece.shape != like.to_local().shape:
-        raise ValueError(f"shard of shape {tuple(piece.shape)} does not match the parameter's local "
-                         f"{tuple(like.to_local().shape)}")
-    return DTensor.from_local(piece, mesh, like.placements, run_check=False, shape=like.shape, stride=like.stride())
+        raise ValueError(
+            f"shard of shape {tuple(piece.shape)} does not match the parameter's local "
+            f"{tuple(like.to_local().shape)}"
+        )
+    return DTensor.from_local(
+        piece, mesh, like.placements, run_check=False, shape=like.shape, stride=like.stride()
+    )

@@ -48,8 +48,9 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from cdmbench import distributed, flow
-from cdmbench.backbones.base import Backbone, Cond, Prompt
+from cdmbench.backbones.base import Backbone, Cond
 from cdmbench.io import atomic_path, module_sha256
+from cdmbench.prompts_io import Prompt
 
 if TYPE_CHECKING:
     from cdmbench.training.method import Core
@@ -77,7 +78,9 @@ class TeacherSamples:
     seeds: Tensor  # [n] int64, CPU (63-bit per-sample seeds)
     x0: Tensor  # [n, *latent_shape], CPU, storage dtype
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    meta: dict[str, Any] = field(default_factory=dict)  # the cache key's contents (where a cache is kept)
+    meta: dict[str, Any] = field(
+        default_factory=dict
+    )  # the cache key's contents (where a cache is kept)
     path: Path | None = None  # the cache file, where there is one
     generated: int = 0  # how many samples this process's build generated (the rest were read)
 
@@ -111,15 +114,31 @@ class TeacherSamples:
         return self.noise(idx), self.cond(idx), self.targets(idx)
 
     @classmethod
-    def for_trainer(cls, core: Core, n: int, steps: int | None = None,
-                    guidance: float | None = None, chunk: int | None = None,
-                    progress: Progress | None = None) -> TeacherSamples:
+    def for_trainer(
+        cls,
+        core: Core,
+        n: int,
+        steps: int | None = None,
+        guidance: float | None = None,
+        chunk: int | None = None,
+        progress: Progress | None = None,
+    ) -> TeacherSamples:
         """The set a training run needs: the core's teacher, seed, device and processes, cached
         beside the run directory (``runs/<backbone>/``)."""
         return build_teacher_samples(
-            core.backbone, core.teacher, n, seed=core.config.seed, steps=steps, guidance=guidance,
-            device=core.device, cache_dir=Path(core.run_dir).parent, rank=core.rank,
-            world=core.world, chunk=chunk, progress=progress)
+            core.backbone,
+            core.teacher,
+            n,
+            seed=core.config.seed,
+            steps=steps,
+            guidance=guidance,
+            device=core.device,
+            cache_dir=Path(core.run_dir).parent,
+            rank=core.rank,
+            world=core.world,
+            chunk=chunk,
+            progress=progress,
+        )
 
 
 # ---------------------------------------------------------------------- what a sample is
@@ -132,7 +151,9 @@ def prompt_indices(seed: int, n_prompts: int, n: int) -> list[int]:
 
 def noise_seeds(seed: int, prompts: Sequence[Prompt], index: Sequence[int]) -> list[int]:
     """Noise seed of sample i, from (seed, its prompt id, i) in the teacher-samples namespace."""
-    return [flow.sample_seed(seed, f"teacher-samples/{prompts[p].id}", i) for i, p in enumerate(index)]
+    return [
+        flow.sample_seed(seed, f"teacher-samples/{prompts[p].id}", i) for i, p in enumerate(index)
+    ]
 
 
 def default_chunk(backbone: Backbone) -> int:
@@ -145,18 +166,31 @@ def default_chunk(backbone: Backbone) -> int:
 
 def storage_dtype(backbone: Backbone) -> torch.dtype:
     """The backbone's dtype (bf16 on GPU for the image backbones); float32 for anything else."""
-    return backbone.dtype if backbone.dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
+    return (
+        backbone.dtype
+        if backbone.dtype in (torch.float32, torch.bfloat16, torch.float16)
+        else torch.float32
+    )
 
 
-def cache_meta(backbone: Backbone, teacher: nn.Module, seed: int, sigmas: Sequence[float],
-               guidance: float, dtype: torch.dtype, prompts: Sequence[Prompt]) -> dict[str, Any]:
+def cache_meta(
+    backbone: Backbone,
+    teacher: nn.Module,
+    seed: int,
+    sigmas: Sequence[float],
+    guidance: float,
+    dtype: torch.dtype,
+    prompts: Sequence[Prompt],
+) -> dict[str, Any]:
     """Everything that determines sample i (the count excepted): the cache key's contents."""
     listing = json.dumps([[p.id, p.text, p.label] for p in prompts])
     meta = {
         "format": FORMAT,
         "backbone": backbone.name,
         "settings": backbone.generation_settings(),
-        "teacher_sha256": module_sha256(teacher),  # what it computes, however its weights were named
+        "teacher_sha256": module_sha256(
+            teacher
+        ),  # what it computes, however its weights were named
         "prompts_sha256": hashlib.sha256(listing.encode()).hexdigest(),
         "n_prompts": len(prompts),
         "sampler": "euler",
@@ -166,7 +200,9 @@ def cache_meta(backbone: Backbone, teacher: nn.Module, seed: int, sigmas: Sequen
         "dtype": str(dtype).removeprefix("torch."),
         "seed": int(seed),
     }
-    return json.loads(json.dumps(meta, default=str))  # as it reads back from a file (tuples as lists)
+    return json.loads(
+        json.dumps(meta, default=str)
+    )  # as it reads back from a file (tuples as lists)
 
 
 def cache_key(meta: dict[str, Any]) -> str:
@@ -181,19 +217,30 @@ def _data_sha256(x0: Tensor, index: Tensor, seeds: Tensor) -> str:
     return h.hexdigest()
 
 
-def save_samples(path: Path, x0: Tensor, index: Tensor, seeds: Tensor, meta: dict[str, Any]) -> None:
+def save_samples(
+    path: Path, x0: Tensor, index: Tensor, seeds: Tensor, meta: dict[str, Any]
+) -> None:
     """Write a set atomically; its metadata is the key, the count and a hash of the tensors."""
     from safetensors.torch import save_file
 
     x0, index, seeds = x0.contiguous(), index.contiguous(), seeds.contiguous()
     header = {**meta, "n": len(x0), "data_sha256": _data_sha256(x0, index, seeds)}
     with atomic_path(path) as tmp:
-        save_file({"x0": x0, "prompt_index": index, "seed": seeds}, str(tmp),
-                  metadata={META_KEY: json.dumps(header, sort_keys=True)})
+        save_file(
+            {"x0": x0, "prompt_index": index, "seed": seeds},
+            str(tmp),
+            metadata={META_KEY: json.dumps(header, sort_keys=True)},
+        )
 
 
-def load_samples(path: Path, meta: dict[str, Any], index: Tensor, seeds: Tensor,
-                 shape: tuple[int, ...], dtype: torch.dtype) -> Tensor | None:
+def load_samples(
+    path: Path,
+    meta: dict[str, Any],
+    index: Tensor,
+    seeds: Tensor,
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+) -> Tensor | None:
     """The x0 of a cached set's first ``min(n_file, len(index))`` samples, or None.
 
     None when there is no file; a warning and None when the file is unreadable or fails a
@@ -212,15 +259,27 @@ def load_samples(path: Path, meta: dict[str, Any], index: Tensor, seeds: Tensor,
     except Exception as e:  # any unreadable file is a cache miss: its contents can be recomputed
         problem = f"unreadable ({type(e).__name__})"
     if problem:
-        warnings.warn(f"teacher-sample cache {path} is {problem}; regenerating it", RuntimeWarning,
-                      stacklevel=3)
+        warnings.warn(
+            f"teacher-sample cache {path} is {problem}; regenerating it",
+            RuntimeWarning,
+            stacklevel=3,
+        )
         return None
     m = min(len(x0), len(index))
     return x0[:m] if m == len(x0) else x0[:m].clone()
 
 
-def _check(header: dict, meta: dict, x0: Tensor, idx: Tensor, sd: Tensor, index: Tensor, seeds: Tensor,
-           shape: tuple[int, ...], dtype: torch.dtype) -> str:
+def _check(
+    header: dict,
+    meta: dict,
+    x0: Tensor,
+    idx: Tensor,
+    sd: Tensor,
+    index: Tensor,
+    seeds: Tensor,
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+) -> str:
     """What is wrong with a loaded set ('' when nothing)."""
     if {k: header.get(k) for k in meta} != meta:
         return "for other teacher settings"
@@ -253,7 +312,9 @@ class _StderrProgress:
         left = ""
         if 0 < done < total:
             secs = (total - done) * (now - self.t0) / done
-            left = f", about {secs / 60:.0f} min left" if secs >= 90 else f", about {secs:.0f} s left"
+            left = (
+                f", about {secs / 60:.0f} min left" if secs >= 90 else f", about {secs:.0f} s left"
+            )
         print(f"{self.label}: {done}/{total} generated{left}", file=sys.stderr, flush=True)
 
 
@@ -263,12 +324,22 @@ def _comm_device(device: torch.device) -> torch.device:
 
 
 @torch.no_grad()
-def build_teacher_samples(backbone: Backbone, teacher: nn.Module, n: int, *, seed: int,
-                          steps: int | None = None, guidance: float | None = None,
-                          device: str | torch.device = "cpu", cache_dir: str | Path | None = None,
-                          rank: int = 0, world: int = 1, chunk: int | None = None,
-                          progress: Progress | None = None,
-                          save_every: float = SAVE_EVERY_S) -> TeacherSamples:
+def build_teacher_samples(
+    backbone: Backbone,
+    teacher: nn.Module,
+    n: int,
+    *,
+    seed: int,
+    steps: int | None = None,
+    guidance: float | None = None,
+    device: str | torch.device = "cpu",
+    cache_dir: str | Path | None = None,
+    rank: int = 0,
+    world: int = 1,
+    chunk: int | None = None,
+    progress: Progress | None = None,
+    save_every: float = SAVE_EVERY_S,
+) -> TeacherSamples:
     """``n`` teacher Euler samples at ``steps`` (backbone default) and CFG ``guidance``
     (backbone default), read from ``cache_dir`` where a cached set covers them.
 
@@ -307,7 +378,9 @@ def build_teacher_samples(backbone: Backbone, teacher: nn.Module, n: int, *, see
         start = _broadcast_prefix(x0, start, comm, chunk * world)
 
     if progress is None and rank == 0:
-        progress = _StderrProgress(f"teacher samples for {bb.name} ({n - start} of {n} to generate)")
+        progress = _StderrProgress(
+            f"teacher samples for {bb.name} ({n - start} of {n} to generate)"
+        )
 
     def generate(lo: int, hi: int) -> Tensor:
         rows = index[lo:hi].tolist()
@@ -317,7 +390,10 @@ def build_teacher_samples(backbone: Backbone, teacher: nn.Module, n: int, *, see
         return out.to(dtype)
 
     # chunks on the fixed grid [k chunk, (k + 1) chunk) of sample indices, clipped to [start, n)
-    chunks = [(max(k * chunk, start), min((k + 1) * chunk, n)) for k in range(start // chunk, -(-n // chunk))]
+    chunks = [
+        (max(k * chunk, start), min((k + 1) * chunk, n))
+        for k in range(start // chunk, -(-n // chunk))
+    ]
     chunks = [(lo, hi) for lo, hi in chunks if lo < hi]
     last_save = time.perf_counter()
     for r in range(0, len(chunks), world):
@@ -339,13 +415,19 @@ def build_teacher_samples(backbone: Backbone, teacher: nn.Module, n: int, *, see
     return TeacherSamples(bb, prompts, index, seeds, x0, device, meta, path, generated)
 
 
-def _save_quietly(path: Path, x0: Tensor, index: Tensor, seeds: Tensor, meta: dict[str, Any]) -> None:
+def _save_quietly(
+    path: Path, x0: Tensor, index: Tensor, seeds: Tensor, meta: dict[str, Any]
+) -> None:
     """Save the set; a cache that cannot be written costs a warning, never the run."""
     try:
         save_samples(path, x0, index, seeds, meta)
     except OSError as e:
-        warnings.warn(f"cannot write teacher-sample cache {path} ({e.strerror or type(e).__name__}); "
-                      "the samples are kept in memory only", RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"cannot write teacher-sample cache {path} ({e.strerror or type(e).__name__}); "
+            "the samples are kept in memory only",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def _broadcast_prefix(x0: Tensor, start: int, comm: torch.device, rows: int) -> int:
@@ -361,9 +443,17 @@ def _broadcast_prefix(x0: Tensor, start: int, comm: torch.device, rows: int) -> 
     return start
 
 
-def _generate_round(x0: Tensor, round_: list[tuple[int, int]], rank: int, world: int, chunk: int,
-                    shape: tuple[int, ...], dtype: torch.dtype, comm: torch.device,
-                    generate: Callable[[int, int], Tensor]) -> None:
+def _generate_round(
+    x0: Tensor,
+    round_: list[tuple[int, int]],
+    rank: int,
+    world: int,
+    chunk: int,
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    comm: torch.device,
+    generate: Callable[[int, int], Tensor],
+) -> None:
     """Rank r generates the round's r-th chunk; the chunks (padded to ``chunk`` rows) are
     all-gathered into every rank's x0."""
     local = torch.zeros((chunk, *shape), dtype=dtype, device=comm)
