@@ -12,7 +12,8 @@ import torch
 from torch import Tensor, nn
 
 from cdmbench.backbones.base import Backbone
-from cdmbench.metrics.base import EvalSet, MissingWeightsError, Value
+from cdmbench.errors import MissingWeightsError
+from cdmbench.metrics.base import EvalSet, Value
 from cdmbench.metrics.clip_score import (
     ClipScore,
     aggregate_clip_score,

@@ -16,7 +16,6 @@ from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
 from cdmbench import flow
 from cdmbench.backbones import BACKBONES, get_backbone
-from cdmbench.backbones.diffusers_base import MissingWeightsError
 from cdmbench.backbones.sd3 import (
     HUB_ID,
     SCHEDULE_FILE,
@@ -26,7 +25,7 @@ from cdmbench.backbones.sd3 import (
     export_student,
 )
 from cdmbench.backbones.tiny_tokenizers import clip_tokenizer, t5_tokenizer
-from cdmbench.errors import UserError
+from cdmbench.errors import MissingWeightsError, UserError
 from cdmbench.prompts_io import Prompt
 from cdmbench.registry import METHODS
 from cdmbench.training.core import TrainConfig, Trainer
