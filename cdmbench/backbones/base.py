@@ -181,6 +181,22 @@ class Backbone:
     def clone(self, model: nn.Module) -> nn.Module:
         return copy.deepcopy(model)
 
+    def mark_trainable(self, model: nn.Module) -> None:
+        """Restrict a trained model (student, fake score) to the parameters training may change
+        (default: all of them, as the method made them)."""
+
+    def offload(self, model: nn.Module) -> None:
+        """Keep a frozen model's weights off the accelerator between its calls (default: no)."""
+
+    def plain_state(self, model: nn.Module) -> dict[str, Tensor]:
+        """A trained model's weights as a state dict of :meth:`load_teacher`'s architecture
+        (adapters merged in where the backbone trains any)."""
+        return model.state_dict()
+
+    def adapter_state(self, model: nn.Module) -> dict[str, Tensor] | None:
+        """A trained model's LoRA adapter weights, or None where it has none."""
+        return None
+
     # ---- conditioning
     def prompts(self, split: str = "train") -> list[Prompt]:
         raise NotImplementedError

@@ -103,6 +103,7 @@ class Core(Protocol):
     world: int
     g: torch.Generator  # per process
     g_shared: torch.Generator  # identical on every process
+    micro_batch: int  # which of the iteration's config.grad_accum micro-batches is worked on
 
     def randn(self, *shape: int) -> Tensor:
         """Standard normals of ``shape`` from ``g``, on the device."""
