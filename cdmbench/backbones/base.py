@@ -268,6 +268,10 @@ class Backbone:
             "student.safetensors"
         )
 
+    def export_adapter(self, adapter: dict[str, Tensor], out_dir) -> Path:
+        """Write LoRA weights (:meth:`adapter_state`) where the family's loader reads them."""
+        raise UserError(f"backbone '{self.name}' has no LoRA export")
+
     def schedule(self, steps: int) -> list[float]:
         """The default uniform schedule at this backbone's shift."""
         return flow.uniform_schedule(steps, self.shift)
