@@ -142,7 +142,7 @@ class DiffusersSettings(BackboneSettings):
                 import peft  # noqa: F401
             except ImportError:
                 raise UserError(
-                    "backbone.lora_rank needs peft: pip install 'cdmbench[lora]'"
+                    "backbone.lora_rank needs peft (the lora extra): pip install peft"
                 ) from None
 
 
