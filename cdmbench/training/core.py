@@ -89,7 +89,8 @@ class TrainConfig:
                 import bitsandbytes  # noqa: F401
             except ImportError:
                 raise UserError(
-                    "train.optimizer=adamw8bit needs bitsandbytes (the adam8bit extra): pip install bitsandbytes"
+                    "train.optimizer=adamw8bit needs bitsandbytes (the adam8bit extra): "
+                    "pip install bitsandbytes"
                 ) from None
 
 
