@@ -147,6 +147,7 @@ class Trainer:
         torch.manual_seed(config.seed)  # module initialisers a method may call in build()
         self.g = torch.Generator().manual_seed(config.seed * 1000 + self.rank)  # per process
         self.g_shared = torch.Generator().manual_seed(config.seed)  # identical on every rank
+        self.micro_batch = 0  # the micro-batch being worked on, of config.grad_accum
         self.teacher = backbone.load_teacher(teacher_weights).requires_grad_(False).eval()
         self.student = backbone.make_student(self.teacher)
         self.models: dict[str, nn.Module] = {"student": self.student}
@@ -166,7 +167,6 @@ class Trainer:
             for g, s in self.specs.items()
         }
         self.optims = {g: self._optimizer(self._params[g], s) for g, s in self.specs.items()}
-        self.micro_batch = 0  # the micro-batch being worked on, of config.grad_accum
         self.updates = dict.fromkeys(self.specs, 0)  # per-group update counters
         self.it = 0
         self.nan_skipped = 0
