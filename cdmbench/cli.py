@@ -527,11 +527,15 @@ def export(
     The exact post-shift schedule goes to cdmbench_schedule.json; pass its pipeline_sigmas as
     `sigmas=` and guidance_scale=1 when sampling with diffusers.
     """
-    from cdmbench.training.run import load_run
+    from cdmbench.training.run import ADAPTER_FILE, load_run
 
     r = load_run(run, teacher_weights=teacher_weights)
     spec = r.method.sampler(steps, r.backbone.shift)
     path = r.backbone.export(r.student, out_dir, spec.sigmas, stochastic=spec.stochastic)
+    if (r.run_dir / ADAPTER_FILE).is_file():  # a LoRA run: its adapter too, for load_lora_weights
+        from safetensors.torch import load_file
+
+        r.backbone.export_adapter(load_file(str(r.run_dir / ADAPTER_FILE)), path)
     out.print(f"wrote {path} ({r.info['method']} student, {steps}-step schedule {spec.sigmas})")
 
 

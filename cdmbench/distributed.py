@@ -8,6 +8,7 @@ Training and evaluation both join the process group here.
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -18,14 +19,20 @@ def rank_world() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-def init_distributed(device: str) -> tuple[int, int]:
+def init_distributed(device: str, timeout_s: float = 7200.0) -> tuple[int, int]:
     """Join the launcher's process group; on GPU each process takes its local device, so
-    that "cuda" names a different GPU in every process (NCCL and FSDP2 need that)."""
+    that "cuda" names a different GPU in every process (NCCL and FSDP2 need that).
+
+    ``timeout_s``: how long a collective waits for the slowest process before failing the
+    run. The default is evaluation's, where one rank may score metrics while the others wait;
+    training passes ``train.dist_timeout_s``."""
     rank, world = rank_world()
     if world > 1 and device == "cuda" and torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count())))
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("gloo" if device == "cpu" else "nccl")
+        dist.init_process_group(
+            "gloo" if device == "cpu" else "nccl", timeout=timedelta(seconds=timeout_s)
+        )
     return rank, world
 
 

@@ -181,6 +181,22 @@ class Backbone:
     def clone(self, model: nn.Module) -> nn.Module:
         return copy.deepcopy(model)
 
+    def mark_trainable(self, model: nn.Module) -> None:
+        """Restrict a trained model (student, fake score) to the parameters training may change
+        (default: all of them, as the method made them)."""
+
+    def offload(self, model: nn.Module) -> None:
+        """Keep a frozen model's weights off the accelerator between its calls (default: no)."""
+
+    def plain_state(self, model: nn.Module) -> dict[str, Tensor]:
+        """A trained model's weights as a state dict of :meth:`load_teacher`'s architecture
+        (adapters merged in where the backbone trains any)."""
+        return model.state_dict()
+
+    def adapter_state(self, model: nn.Module) -> dict[str, Tensor] | None:
+        """A trained model's LoRA adapter weights, or None where it has none."""
+        return None
+
     # ---- conditioning
     def prompts(self, split: str = "train") -> list[Prompt]:
         raise NotImplementedError
@@ -251,6 +267,10 @@ class Backbone:
             f"backbone '{self.name}' has no native export format; its student is the run's "
             "student.safetensors"
         )
+
+    def export_adapter(self, adapter: dict[str, Tensor], out_dir) -> Path:
+        """Write LoRA weights (:meth:`adapter_state`) where the family's loader reads them."""
+        raise UserError(f"backbone '{self.name}' has no LoRA export")
 
     def schedule(self, steps: int) -> list[float]:
         """The default uniform schedule at this backbone's shift."""

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from cdmbench.backbones.base import Backbone, BackboneSettings, Cond, weights_fingerprint
-from cdmbench.errors import MissingWeightsError
+from cdmbench.errors import MissingWeightsError, UserError
 from cdmbench.prompts_io import Prompt, load_prompt_set
 from cdmbench.settings import setting
 
@@ -43,6 +43,17 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name on the Hugging Face hub
 # files a diffusers directory may hold that no loader here reads
 IGNORE = ["*.bin", "*.ckpt", "*.msgpack", "*.onnx*", "*fp16*"]
+# diffusers' attention projections: image stream, and the text stream of joint (MMDiT) blocks
+LORA_TARGETS = (
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "add_q_proj",
+    "add_k_proj",
+    "add_v_proj",
+    "to_add_out",
+)
 
 
 # ------------------------------------------------------------------------------ weights
@@ -113,6 +124,58 @@ class DiffusersSettings(BackboneSettings):
     test_prompts: str = setting("general", hashed=False)  # the set eval's "default" names
     teacher_steps: int = 28
     teacher_guidance: float = 7.0
+    # the frozen teacher, text encoders and VAE stay in CPU memory and move to the GPU block
+    # by block for their own calls: slower, the same results, and a one-GPU run fits
+    offload_frozen: bool = setting(False, hashed=False)
+    lora_rank: int = 0  # LoRA (peft) adapters on the student and fake score; 0: full fine-tune
+    lora_alpha: float = 0.0  # adapter scale alpha / rank; 0: alpha = rank
+    lora_targets: tuple[str, ...] = LORA_TARGETS  # module names (or name suffixes) adapted
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.lora_rank, int) or self.lora_rank < 0:
+            raise UserError(
+                f"backbone.lora_rank must be a whole number >= 0, got {self.lora_rank!r}"
+            )
+        if self.lora_rank:
+            try:
+                import peft  # noqa: F401
+            except ImportError:
+                raise UserError(
+                    "backbone.lora_rank needs peft (the lora extra): pip install peft"
+                ) from None
+
+
+def offload_to_cpu(module: nn.Module, device: str | torch.device) -> nn.Module:
+    """Keep a frozen ``module`` in CPU memory and run it on ``device``: each of its units (a
+    direct child; each block of a ``ModuleList``) moves to ``device`` for its forward and back
+    after it, so at most one block is resident. Tensors held by the module itself stay on
+    ``device``. Frozen modules only: an optimizer holds the tensors a move replaces."""
+
+    def to_device(unit: nn.Module, args: Any) -> None:
+        unit.to(device)
+
+    def to_cpu(unit: nn.Module, args: Any, out: Any) -> None:
+        unit.to("cpu")
+
+    for unit in _units(module):
+        unit.to("cpu")
+        unit.register_forward_pre_hook(to_device)
+        unit.register_forward_hook(to_cpu)
+    for t in (*module.parameters(recurse=False), *module.buffers(recurse=False)):
+        t.data = t.data.to(device)
+    return module
+
+
+def _units(module: nn.Module) -> list[nn.Module]:
+    """The modules :func:`offload_to_cpu` moves: children, with containers opened."""
+    out = []
+    for child in module.children():
+        if isinstance(child, nn.ModuleList | nn.ModuleDict):
+            out += [m for m in child.children() if any(True for _ in m.parameters())]
+        elif any(True for _ in child.parameters()):
+            out.append(child)
+    return out
 
 
 class PromptCache:
@@ -298,9 +361,11 @@ class DiffusersBackbone(Backbone):
         if name not in self._parts:
             part = self._load(name)
             if isinstance(part, nn.Module):
-                part = place(part, self.device, self.dtype).eval().requires_grad_(False)
+                home = "cpu" if self.settings.offload_frozen else self.device
+                part = place(part, home, self.dtype).eval().requires_grad_(False)
                 if name == "vae" and self.use_channels_last():
                     part = part.to(memory_format=torch.channels_last)
+                self.offload(part)
             self._parts[name] = part
         return self._parts[name]
 
@@ -337,11 +402,56 @@ class DiffusersBackbone(Backbone):
         return self.load_part("transformer", self.resolve(spec, ["transformer"]))
 
     def make_student(self, teacher: nn.Module) -> nn.Module:
-        """A trainable copy of the teacher in ``train_dtype``."""
+        """A trainable copy of the teacher in ``train_dtype``; with ``lora_rank``, LoRA
+        adapters on ``lora_targets`` are its only trainable parameters (B = 0: it starts as
+        the teacher)."""
         student = place(self.clone(teacher), self.device, self.train_dtype)
         if self.settings.gradient_checkpointing:
             student.enable_gradient_checkpointing()
-        return student.requires_grad_(True).train()
+        student.requires_grad_(True).train()
+        if self.settings.lora_rank:
+            student.add_adapter(self.lora_config())
+            self.mark_trainable(student)
+        return student
+
+    def lora_config(self):
+        """The peft ``LoraConfig`` of the student's adapters (Hu et al. 2021, arXiv 2106.09685)."""
+        from peft import LoraConfig
+
+        s = self.settings
+        return LoraConfig(
+            r=s.lora_rank,
+            lora_alpha=s.lora_alpha or s.lora_rank,
+            target_modules=list(s.lora_targets),
+        )
+
+    def mark_trainable(self, model: nn.Module) -> None:
+        """With LoRA, only the adapters train; otherwise every parameter."""
+        if self.settings.lora_rank:
+            for name, p in model.named_parameters():
+                p.requires_grad_("lora_" in name)
+
+    def offload(self, model: nn.Module) -> None:
+        """``offload_frozen``: ``model`` in CPU memory, run block by block on the device."""
+        if self.settings.offload_frozen:
+            offload_to_cpu(model, self.device)
+
+    def plain_state(self, model: nn.Module) -> dict[str, Tensor]:
+        """The weights with the adapters merged in (W + alpha / r B A), as the teacher's keys."""
+        if not self.settings.lora_rank:
+            return model.state_dict()
+        merged = copy.deepcopy(unwrap(model))
+        merged.fuse_lora()
+        merged.unload_lora()
+        return merged.state_dict()
+
+    def adapter_state(self, model: nn.Module) -> dict[str, Tensor] | None:
+        """The LoRA weights as peft names them (``<module>.lora_A.weight``); None without."""
+        if not self.settings.lora_rank:
+            return None
+        from peft.utils import get_peft_model_state_dict
+
+        return get_peft_model_state_dict(unwrap(model))
 
     def autocast(self, model_dtype: torch.dtype, device: torch.device):
         """bf16/fp16 autocast for a float32 student on GPU; nothing otherwise."""

@@ -211,6 +211,22 @@ class SD3(DiffusersBackbone):
         """A ``StableDiffusion3Pipeline`` directory holding the student (see :func:`export_student`)."""
         return export_student(self, student, out_dir, sigmas, stochastic=stochastic)
 
+    def export_adapter(self, adapter: dict[str, Tensor], out_dir) -> Path:
+        """``pytorch_lora_weights.safetensors`` in ``out_dir``, as diffusers' SD3 LoRA trainer
+        writes it: ``StableDiffusion3Pipeline.load_lora_weights(out_dir)`` reads it onto the
+        teacher's pipeline (rank and alpha in its metadata)."""
+        s = self.settings
+        StableDiffusion3Pipeline.save_lora_weights(
+            out_dir,
+            transformer_lora_layers=adapter,
+            transformer_lora_adapter_metadata={
+                "r": s.lora_rank,
+                "lora_alpha": s.lora_alpha or s.lora_rank,
+                "target_modules": list(s.lora_targets),
+            },
+        )
+        return Path(out_dir)
+
     @torch.no_grad()
     def decode(self, latents: Tensor, batch: int = 8) -> Tensor:
         """Latents -> images in [0, 1] as [B, 3, H, W] float, the pipeline's VAE path."""

@@ -15,6 +15,18 @@ reducer does not support; an explicit all-reduce is exact and works with any of 
 Models too large to replicate are sharded with FSDP2 instead (``TrainConfig.shard``, see
 :mod:`cdmbench.training.sharding`): FSDP2 accepts several forwards per backward and
 averages the gradients itself, and checkpoints hold full tensors either way.
+
+Gradient accumulation (``TrainConfig.grad_accum = k``): an iteration works on k micro-batches
+of ``batch`` samples and is one update of batch k x batch per process. The method's
+``prepare`` runs once per micro-batch, all of them before any group (each micro-batch keeps its
+own state); then each scheduled group, in the method's order, backpropagates the losses of
+every micro-batch scaled by 1/k into one set of gradients, and clips, steps and runs its
+``after_step`` and EMA once. A later group therefore sees the earlier group's update, as with
+one big batch, and the update equals the big batch's up to float32 summation order (losses are
+per-sample means; no method's loss has a statistic over the batch). Draws from ``g_shared``
+(a schedule length) are per iteration: every micro-batch sees the same ones, as every process
+does. Under FSDP2 the gradients are reduce-scattered at each micro-batch's backward, so they
+stay sharded while they accumulate.
 """
 
 from __future__ import annotations
@@ -22,7 +34,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,9 +45,13 @@ from torch import Tensor, nn
 
 from cdmbench.backbones.base import Backbone
 from cdmbench.distributed import init_distributed
+from cdmbench.errors import UserError
 from cdmbench.io import atomic_path, atomic_write_json, sha256_file
+from cdmbench.settings import setting
 from cdmbench.training import sharding
 from cdmbench.training.method import Batch, Method, OptimSpec
+
+OPTIMIZERS = ("adamw", "adamw8bit")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -56,9 +72,26 @@ class TrainConfig:
     device: str = "cpu"
     threads: int = 0  # torch CPU threads; 0 keeps torch's default
     shard: str = "auto"  # "none", "fsdp2", or "auto": fsdp2 under `accelerate launch` with FSDP2
+    grad_accum: int = 1  # micro-batches per update: the effective batch is batch x this x world
+    # AdamW in 32-bit, or bitsandbytes' 8-bit AdamW (a quarter of the optimizer-state memory)
+    optimizer: str = setting("adamw", choices=OPTIMIZERS)
+    # seconds a collective may wait for the slowest process (NCCL/gloo) before the run fails
+    dist_timeout_s: float = setting(1800.0, hashed=False)
 
     def __post_init__(self) -> None:
         sharding.check_shard_mode(self.shard)
+        if not isinstance(self.grad_accum, int) or self.grad_accum < 1:
+            raise UserError(
+                f"train.grad_accum must be a whole number >= 1, got {self.grad_accum!r}"
+            )
+        if self.optimizer == "adamw8bit":
+            try:
+                import bitsandbytes  # noqa: F401
+            except ImportError:
+                raise UserError(
+                    "train.optimizer=adamw8bit needs bitsandbytes (the adam8bit extra): "
+                    "pip install bitsandbytes"
+                ) from None
 
 
 def ema_decay(k: int, cap: float = 0.999) -> float:
@@ -104,7 +137,7 @@ class Trainer:
         self.config = config
         self.run_dir = Path(run_dir)
         self.teacher_weights = teacher_weights
-        self.rank, self.world = init_distributed(config.device)
+        self.rank, self.world = init_distributed(config.device, config.dist_timeout_s)
         self.sharded = sharding.resolve_shard(
             config.shard, self.world
         )  # before loading any weights
@@ -114,6 +147,7 @@ class Trainer:
         torch.manual_seed(config.seed)  # module initialisers a method may call in build()
         self.g = torch.Generator().manual_seed(config.seed * 1000 + self.rank)  # per process
         self.g_shared = torch.Generator().manual_seed(config.seed)  # identical on every rank
+        self.micro_batch = 0  # the micro-batch being worked on, of config.grad_accum
         self.teacher = backbone.load_teacher(teacher_weights).requires_grad_(False).eval()
         self.student = backbone.make_student(self.teacher)
         self.models: dict[str, nn.Module] = {"student": self.student}
@@ -122,18 +156,30 @@ class Trainer:
         self.models.update(method.build(self))
         self.sharded_models: set[str] = self._shard() if self.sharded else set()
         self.specs: dict[str, OptimSpec] = method.optim_groups(self)
-        # each group's parameters, listed once (after sharding: the optimizer holds the shards)
-        self._params = {g: list(self.models[s.model].parameters()) for g, s in self.specs.items()}
-        self.optims = {
-            g: torch.optim.AdamW(
-                self._params[g], lr=s.lr, betas=s.betas, weight_decay=s.weight_decay
-            )
+        for s in self.specs.values():  # a method's copy of the student made all of it trainable
+            backbone.mark_trainable(self.models[s.model])
+        if not self.sharded:
+            backbone.offload(self.teacher)
+        # each group's trainable parameters, listed once (after sharding: the optimizer holds
+        # the shards; with LoRA only the adapters)
+        self._params = {
+            g: [p for p in self.models[s.model].parameters() if p.requires_grad]
             for g, s in self.specs.items()
         }
+        self.optims = {g: self._optimizer(self._params[g], s) for g, s in self.specs.items()}
         self.updates = dict.fromkeys(self.specs, 0)  # per-group update counters
         self.it = 0
         self.nan_skipped = 0
         self._log = log
+
+    def _optimizer(self, params: list[Tensor], spec: OptimSpec) -> torch.optim.Optimizer:
+        """AdamW over ``params`` with the group's hyper-parameters (``train.optimizer``)."""
+        kw = dict(lr=spec.lr, betas=spec.betas, weight_decay=spec.weight_decay)
+        if self.config.optimizer == "adamw8bit":
+            import bitsandbytes as bnb
+
+            return bnb.optim.AdamW8bit(params, **kw)
+        return torch.optim.AdamW(params, **kw)
 
     def _shard(self) -> set[str]:
         """FSDP2-shard the teacher and every model with parameters; the names sharded.
@@ -200,21 +246,58 @@ class Trainer:
                 dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
                 p.grad.div_(self.world)
 
-    def step(self, batch: Batch) -> dict[str, Tensor]:
+    def next_batches(self) -> list[Batch]:
+        """The iteration's ``grad_accum`` micro-batches, drawn in order."""
+        return [self.next_batch() for _ in range(self.config.grad_accum)]
+
+    def _micro(self, j: int, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)`` for micro-batch ``j``, seeing the ``g_shared`` draws micro-batch 0 saw: a
+        shared draw (a schedule length) is one per iteration, whatever the accumulation."""
+        self.micro_batch = j
+        if j == 0:
+            self._shared_state = self.g_shared.get_state()
+            out = fn(*args)
+            self._shared_after = self.g_shared.get_state()
+            return out
+        self.g_shared.set_state(self._shared_state)
+        out = fn(*args)
+        self.g_shared.set_state(self._shared_after)
+        return out
+
+    def step(self, batch: Batch | Sequence[Batch]) -> dict[str, Tensor]:
         """One iteration: the method's ``prepare``, then every group it schedules, in its order.
 
-        Returns the loss terms and grad norms as detached tensors; converting them to floats
-        is left to the logging cadence. One host sync per group remains: the finiteness check
-        that decides whether the optimizer may step.
+        ``batch``: the iteration's micro-batches, or its first one (the core draws the other
+        ``grad_accum - 1``). Returns the loss terms (means over the micro-batches) and grad
+        norms as detached tensors; converting them to floats is left to the logging cadence.
+        One host sync per group remains: the finiteness check that decides whether the
+        optimizer may step.
         """
+        if isinstance(batch, Batch):
+            batches = [batch, *(self.next_batch() for _ in range(self.config.grad_accum - 1))]
+        else:
+            batches = list(batch)
+        n_micro = len(batches)
         logs: dict[str, Tensor] = {}
-        state = self.method.prepare(self.it, batch, self)
+        states = [
+            self._micro(j, self.method.prepare, self.it, b, self) for j, b in enumerate(batches)
+        ]
         for group in self.method.groups_to_update(self.it):
             spec, opt = self.specs[group], self.optims[group]
-            terms = self.method.losses(group, self.it, batch, state, self)
-            loss = sum(terms.values())
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            terms: dict[str, Tensor] = {}
+            loss: Tensor | float = 0.0
+            for j, (b, state) in enumerate(zip(batches, states, strict=True)):
+                t = self._micro(j, self.method.losses, group, self.it, b, state, self)
+                if n_micro == 1:  # the loss as it is: bit-identical to a run without accumulation
+                    terms, loss = t, sum(t.values())
+                    loss.backward()
+                    continue
+                micro_loss = sum(t.values()) / n_micro  # a mean over n_micro x batch samples
+                micro_loss.backward()
+                loss = loss + micro_loss.detach()
+                for name, v in t.items():
+                    terms[name] = terms.get(name, 0.0) + v.detach() / n_micro
             params = [p for p in self._params[group] if p.grad is not None]
             self._allreduce_grads(params)
             if spec.clip is not None:
@@ -240,6 +323,7 @@ class Trainer:
             for k, v in terms.items():
                 logs[f"{group}/{k}"] = v.detach()
             logs[f"{group}/grad_norm"] = gnorm.detach()
+        self.micro_batch = 0
         self.it += 1
         return logs
 

@@ -26,6 +26,11 @@ One iteration of the core:
         method.after_step(group, it, core)
         a step of a group that trains "student" also updates the student's EMA
 
+With ``train.grad_accum = k`` an iteration has k micro-batches: ``prepare`` runs on each of
+them first (one state per micro-batch), then each group backpropagates its losses on every
+micro-batch, scaled by 1/k, before its one step; ``core.micro_batch`` says which micro-batch
+a hook is working on.
+
 ``state`` is a value of the method's own type (a dataclass: ``Method[MyState]``), made once
 per iteration by :meth:`Method.prepare`, e.g. a backward simulation every group trains on.
 A group that needs something another group computes (DMD's fake score trains on the
@@ -103,6 +108,7 @@ class Core(Protocol):
     world: int
     g: torch.Generator  # per process
     g_shared: torch.Generator  # identical on every process
+    micro_batch: int  # which of the iteration's config.grad_accum micro-batches is worked on
 
     def randn(self, *shape: int) -> Tensor:
         """Standard normals of ``shape`` from ``g``, on the device."""

@@ -4,7 +4,8 @@ runs/<backbone>/<method>-<hash>/
     config.json          resolved configuration, backbone settings included (the hash is over it)
     log.jsonl            loss terms every ``log_every`` iterations
     checkpoint/          everything needed to resume (hash-verified)
-    student.safetensors  the student's EMA weights, written last
+    student.safetensors  the student's EMA weights (LoRA merged in), written last
+    student_lora.safetensors  a LoRA run's EMA adapter weights (peft names)
     run.json             what eval needs: method, backbone, config, weights hash
     samples.png          a grid at the method's step counts
 """
@@ -33,6 +34,7 @@ from cdmbench.training.core import CheckpointError, TrainConfig, Trainer, cpu_st
 from cdmbench.training.method import Method
 
 STUDENT_FILE = "student.safetensors"
+ADAPTER_FILE = "student_lora.safetensors"
 
 
 def run_dir_for(out_root: str | Path, payload: dict[str, Any]) -> Path:
@@ -120,10 +122,14 @@ def export_student(
     from cdmbench.generate import generate, save_grid
 
     ema = trainer.ema if ema is None else ema
-    state = cpu_state(ema.state_dict())
+    bb, method = trainer.backbone, trainer.method
+    adapter = bb.adapter_state(ema)
+    if adapter is not None:
+        with atomic_path(run_dir / ADAPTER_FILE) as tmp:
+            save_file(cpu_state(adapter), str(tmp))
+    state = cpu_state(bb.plain_state(ema))
     with atomic_path(run_dir / STUDENT_FILE) as tmp:
         save_file(state, str(tmp))
-    bb, method = trainer.backbone, trainer.method
     prompts = bb.prompts("train")[:10]
     rows = []
     for steps in sample_steps:
