@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cdmbench.errors import UserError
-from cdmbench.settings import apply
+from cdmbench.settings import apply, unhashed
 
 try:
     import tomllib
@@ -191,6 +191,8 @@ def run_payload(
         "on_nan",
         "shard",
     ):  # do not change results
+        t.pop(k, None)
+    for k in unhashed(type(train)):  # declared with setting(hashed=False)
         t.pop(k, None)
     return {
         "method": method,
