@@ -381,7 +381,8 @@ class DiffusersBackbone(Backbone):
             name = self.settings.train_prompts
             if name not in self._prompt_sets:
                 self._prompt_sets[name] = open_prompt_source(name)
-            return self._prompt_sets[name]
+            source = self._prompt_sets[name]
+            return list(source) if isinstance(source, list) else source  # a list: a copy
         name = self.settings.test_prompts
         if name not in self._prompt_sets:
             self._prompt_sets[name] = load_prompt_set(name)[1]
