@@ -163,6 +163,21 @@ def _backbone(
     return get_backbone(name, device=device, settings=settings)
 
 
+def _pipeline_weights(
+    teacher_weights: str | None, sets: list[str] | None
+) -> tuple[str | None, list[str] | None]:
+    """``--teacher-weights DIR`` naming a whole diffusers pipeline (a folder with
+    model_index.json) is ``--set backbone.weights=DIR``: every component comes from DIR,
+    none from the hub. With ``backbone.weights`` also set, DIR replaces the transformer only."""
+    if teacher_weights is None or any(
+        s.split("=", 1)[0].strip() == "backbone.weights" for s in sets or []
+    ):
+        return teacher_weights, sets
+    if (Path(teacher_weights).expanduser() / "model_index.json").is_file():
+        return None, [*(sets or []), f"backbone.weights={teacher_weights}"]
+    return teacher_weights, sets
+
+
 # ---------------------------------------------------------------------------- sample
 @app.command()
 def sample(
@@ -202,6 +217,7 @@ def sample(
         bb, model = loaded.backbone, loaded.student
         spec_for = lambda n: loaded.method.sampler(n, bb.shift)  # noqa: E731
     else:
+        teacher_weights, set_ = _pipeline_weights(teacher_weights, set_)
         bb = _backbone(backbone, set_)
         model = bb.load_teacher(teacher_weights)
         w = bb.default_teacher_guidance if guidance is None else guidance
@@ -258,7 +274,11 @@ def train(
         typer.Option(help="On a non-finite loss: stop (keep last checkpoint) or skip the step."),
     ] = "stop",
     teacher_weights: Annotated[
-        str | None, typer.Option(help="Teacher weights (default: shipped/hub).")
+        str | None,
+        typer.Option(
+            help="Teacher weights (default: shipped/hub); a diffusers pipeline folder is "
+            "--set backbone.weights=FOLDER."
+        ),
     ] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
 ) -> None:
@@ -271,7 +291,9 @@ def train(
     from cdmbench.training.run import train_run
 
     method_cls = METHODS.get(method)
+    teacher_weights, set_ = _pipeline_weights(teacher_weights, set_)
     bb_obj = _backbone(backbone, set_, device, config, only_backbone=False)
+    bb_obj.warn_prompt_overlap()
     if on_nan not in ("stop", "skip"):
         raise UserError(f"bad --on-nan '{on_nan}': use stop or skip")
     train_cfg, method_cfg = resolve(
@@ -407,6 +429,7 @@ def eval_cmd(
 
     step_list = parse_steps(steps)
     mode = _compile_mode(compile_, compile_mode)
+    teacher_weights, set_ = _pipeline_weights(teacher_weights, set_)
     bb = _backbone(backbone, set_, device)
     defaults = bb.settings
     wanted = [m.strip() for m in methods.split(",")] if methods else None
@@ -427,6 +450,7 @@ def eval_cmd(
                 f"add it to --metrics"
             )
     prompt_set, prompt_list = load_prompt_set(prompts or defaults.eval_prompts, backbone=bb)
+    bb.warn_prompt_overlap(prompt_list)
     per_prompt = num_samples or defaults.eval_samples
     rank, world = init_distributed(device)
     cands = (

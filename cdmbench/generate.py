@@ -68,14 +68,67 @@ def generate(
     return torch.cat(out)
 
 
-def save_grid(images: Tensor, path, nrow: int, scale: int = 1) -> None:
-    """Write [B, C, H, W] images in [0, 1] as one PNG grid (nearest-neighbour upscaled)."""
+MAX_CELL = 256  # pixels on a grid cell's longer side
+MAX_GRID_PIXELS = 4_000_000  # pixels of a whole grid
+
+
+def grid_cell_scale(
+    h: int,
+    w: int,
+    cells: int,
+    scale: int = 1,
+    max_cell: int = MAX_CELL,
+    max_pixels: int = MAX_GRID_PIXELS,
+) -> float:
+    """The factor a grid applies to [h, w] images: ``scale`` (a whole number, nearest-neighbour
+    up) while a cell fits in ``max_cell`` pixels and the ``cells`` fit in ``max_pixels``, else
+    the largest whole factor that fits, else a downscale below 1."""
+    limit = min(max_cell, int((max_pixels / max(cells, 1)) ** 0.5))
+    side = max(h, w)
+    if side * scale <= limit:
+        return float(scale)
+    if side <= limit:
+        return float(limit // side)
+    return limit / side
+
+
+def save_grid(
+    images: Tensor,
+    path,
+    nrow: int,
+    scale: int = 1,
+    max_cell: int = MAX_CELL,
+    max_pixels: int = MAX_GRID_PIXELS,
+) -> None:
+    """Write [B, C, H, W] images in [0, 1] as one PNG grid of ``nrow`` columns, each cell
+    nearest-neighbour upscaled ``scale`` times; bounded: a cell is at most ``max_cell``
+    pixels a side and the grid about ``max_pixels`` (larger images are downscaled with
+    antialiasing), so a grid of 1024 px samples stays a few megapixels."""
+    from cdmbench.io import atomic_path
+
+    img = grid_image(images, nrow, scale, max_cell, max_pixels)
+    with atomic_path(path) as tmp:
+        img.save(tmp, format="PNG")
+
+
+def grid_image(
+    images: Tensor,
+    nrow: int,
+    scale: int = 1,
+    max_cell: int = MAX_CELL,
+    max_pixels: int = MAX_GRID_PIXELS,
+):
+    """The PIL image :func:`save_grid` writes."""
     import numpy as np
     from PIL import Image
 
-    from cdmbench.io import atomic_path
-
     x = images.detach().float().clamp(0, 1).cpu()
+    factor = grid_cell_scale(x.shape[-2], x.shape[-1], x.shape[0], scale, max_cell, max_pixels)
+    if factor < 1:
+        size = (max(1, int(x.shape[-2] * factor)), max(1, int(x.shape[-1] * factor)))
+        x = torch.nn.functional.interpolate(x, size=size, mode="bilinear", antialias=True)
+        x = x.clamp(0, 1)
+    scale = int(factor) if factor >= 1 else 1
     if scale > 1:
         x = torch.nn.functional.interpolate(x, scale_factor=scale, mode="nearest")
     b, c, h, w = x.shape
@@ -91,6 +144,4 @@ def save_grid(images: Tensor, path, nrow: int, scale: int = 1) -> None:
             pad + q * (w + pad) : pad + q * (w + pad) + w,
         ] = x[k]
     arr = (canvas.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-    img = Image.fromarray(arr[..., 0] if c == 1 else arr, mode="L" if c == 1 else "RGB")
-    with atomic_path(path) as tmp:
-        img.save(tmp, format="PNG")
+    return Image.fromarray(arr[..., 0] if c == 1 else arr, mode="L" if c == 1 else "RGB")

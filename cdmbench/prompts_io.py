@@ -5,8 +5,12 @@ name and a content hash, e.g. ``general-1a2b3c4d5e6f``: sha256 over the (id, tex
 the prompts returned (after ``limit``), first 12 hex digits. Same prompts, same id.
 
 Names: ``digits`` (``prompts/digits.txt``, ids ``digit-<class>``, label = class),
-``general`` (``prompts/general.jsonl``, 300 prompts in 12 categories) and ``default`` (the
-backbone's ``prompts("test")`` when a backbone is given, named after it; else ``general``).
+``general`` (``prompts/general.jsonl``, 300 prompts in 12 categories of 25), its two
+disjoint halves ``general-test`` (the prompts at odd positions of the file, gen-0001,
+gen-0003, ...: the text-to-image backbones' evaluation prompts) and ``general-train`` (the
+even positions, gen-0002, ...: their default training prompts), each category split about
+half and half, and ``default`` (the backbone's ``prompts("test")`` when a backbone is
+given, named after it; else ``general``).
 
 Files (``fmt`` picks the format; otherwise it is detected from the suffix and content):
 
@@ -33,6 +37,10 @@ counted), as those benchmarks index them: ``geneval-0`` is the prompt of GenEval
 
 Every problem with a file raises :class:`~cdmbench.errors.UserError` with one line naming
 the file, the line where there is one, and what to do.
+
+Training prompt files can be of any size: :func:`open_prompt_source` serves a txt, JSONL or
+CSV/TSV file through :class:`PromptFile`, which keeps only each prompt's byte offset and
+line number and reads a prompt when it is drawn.
 """
 
 from __future__ import annotations
@@ -43,7 +51,8 @@ import io
 import json
 import os
 import re
-from collections.abc import Sequence
+from array import array
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -52,7 +61,7 @@ from typing import Any, Protocol
 from cdmbench.errors import UserError
 
 PACKAGE = "cdmbench.prompts"
-NAMES = ("digits", "general", "default")
+NAMES = ("digits", "general", "general-train", "general-test", "default")
 FORMATS = ("coco", "drawbench", "parti", "geneval", "txt", "jsonl", "csv")
 TEXT_KEYS = ("text", "prompt", "caption")  # jsonl fields, in order of preference
 TEXT_COLUMNS = ("prompt", "text", "caption", "prompts")  # csv columns, matched in any case
@@ -131,6 +140,9 @@ def _packaged(name: str, backbone: PromptSource | None) -> tuple[str, list[Promp
                 "pass a prompt set name or file instead of 'default'"
             )
         return backbone.name, prompts
+    if name in ("general-train", "general-test"):
+        prompts = _packaged("general", None)[1]
+        return name, prompts[name == "general-train" :: 2]  # test: 1st, 3rd, ...; train: 2nd, ...
     filename = "digits.txt" if name == "digits" else "general.jsonl"
     source = f"{PACKAGE}/{filename}"
     try:
@@ -481,3 +493,260 @@ def _error(source: str, where: str, what: str, todo: str) -> UserError:
     """A one-line UserError: '<file>, <where>: <what>; <what to do>'."""
     msg = f"{source}{', ' + where if where else ''}: {what}; {todo}"
     return UserError(" ".join(msg.split()))
+
+
+# ----------------------------------------------------------------------------- streaming
+STREAM_FORMATS = ("txt", "jsonl", "geneval", "csv", "drawbench", "parti")  # a record per line
+_BOM = b"\xef\xbb\xbf"
+_HEAD = 1 << 16  # bytes read to detect a file's format
+
+
+def open_prompt_source(name_or_path: str | os.PathLike) -> Sequence[Prompt]:
+    """The prompts of a packaged set name or a file, for drawing training prompts: a
+    :class:`PromptFile` (read on demand) for a txt, JSONL or CSV/TSV file, else the whole
+    set as :func:`load_prompt_set` reads it (packaged sets, COCO, JSON lists)."""
+    key = os.fspath(name_or_path)
+    if key not in NAMES:
+        path = Path(key).expanduser()
+        if path.is_file() and _streamable(path) is not None:
+            return PromptFile(path)
+    return load_prompt_set(key)[1]
+
+
+def _streamable(path: Path) -> str | None:
+    """The format of ``path`` when :class:`PromptFile` can serve it, else None."""
+    with open(path, "rb") as f:
+        head = f.read(_HEAD).removeprefix(_BOM).decode("utf-8", errors="replace")
+    fmt = _detect(path, head)
+    suffix, first = path.suffix.lower(), head.lstrip()[:1]
+    if fmt not in STREAM_FORMATS:
+        return None
+    if fmt == "jsonl" and suffix not in (".jsonl", ".ndjson"):
+        if first == "[":
+            return None  # a JSON list
+        try:  # a suffix-less file opening with "{": a JSON object per line, or one document
+            json.loads(head.split("\n", 1)[0])
+        except json.JSONDecodeError:
+            return None
+    return fmt
+
+
+class PromptFile(Sequence[Prompt]):
+    """The prompts of a txt, JSONL or CSV/TSV file of any size, read when drawn.
+
+    Opening reads the file once, line by line: it checks every record (the errors are
+    :func:`load_prompt_set`'s) and keeps, per prompt, only the byte offset and line number of
+    its record (16 bytes: 3.2 MB for 200k prompts) and the file's sha256. ``prompts[i]``
+    reads and parses record ``i`` alone. Ids and texts are those :func:`load_prompt_set`
+    gives; duplicate ids are not looked for (that would hold every id). A file changed
+    after opening is an error at the next read.
+    """
+
+    def __init__(self, path: str | os.PathLike, fmt: str | None = None) -> None:
+        self.path = Path(path).expanduser()
+        if not self.path.is_file():
+            raise UserError(
+                f"prompt set {self.path}: no such file; pass the path of a {_SUFFIXES} file"
+            )
+        self.source, self.name = str(self.path), _slug(self.path.stem)
+        self.fmt = fmt or _streamable(self.path)
+        if self.fmt not in STREAM_FORMATS:
+            raise UserError(
+                f"{self.source}: a {self.fmt or 'JSON list or COCO'} file is read whole; "
+                "write the training prompts as .txt, .jsonl or .csv to stream them"
+            )
+        self.delimiter, self.header, self.columns = ",", [], (0, None)
+        self.offsets, self.lines = array("q"), array("q")  # per prompt
+        self.sha256 = self._scan()
+        if not self.offsets:
+            raise _error(self.source, "", "contains no prompts", "add at least one prompt")
+        st = self.path.stat()
+        self._stamp = (st.st_size, st.st_mtime_ns)
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self[k] for k in range(*i.indices(len(self)))]
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"prompt {i} of {n}")
+        i %= n
+        st = self.path.stat()
+        if (st.st_size, st.st_mtime_ns) != self._stamp:
+            raise UserError(
+                f"{self.source} changed while in use; keep training prompt files unchanged "
+                "during a run"
+            )
+        with open(self.path, "rb") as f:
+            f.seek(self.offsets[i])
+            return self._prompt(i, self._read_record(f))
+
+    def __iter__(self) -> Iterator[Prompt]:
+        with open(self.path, "rb") as f:
+            for i, off in enumerate(self.offsets):
+                f.seek(off)
+                yield self._prompt(i, self._read_record(f))
+
+    # -- reading
+    def _quoted(self) -> bool:
+        return self.fmt in ("csv", "drawbench", "parti") and self.delimiter == ","
+
+    def _read_record(self, f) -> str:
+        """The record at the file position: one line, or for quoted CSV the lines up to
+        the one that closes its quotes."""
+        text = f.readline().decode("utf-8")
+        while self._quoted() and text.count('"') % 2:
+            more = f.readline()
+            if not more:
+                break
+            text += more.decode("utf-8")
+        return text
+
+    def _row(self, text: str, where: str) -> list[str]:
+        quoting = csv.QUOTE_MINIMAL if self._quoted() else csv.QUOTE_NONE
+        try:
+            reader = csv.reader(
+                io.StringIO(text, newline=""),
+                delimiter=self.delimiter,
+                quoting=quoting,
+                strict=True,
+            )
+            return next(reader, [])
+        except csv.Error as e:
+            raise _error(
+                self.source, where, f"malformed CSV ({e})", "check the quotes in that row"
+            ) from None
+
+    def _prompt(self, i: int, text: str) -> Prompt:
+        """Prompt ``i`` from its record's text (ids as :func:`load_prompt_set` makes them)."""
+        line = self.lines[i]
+        where = f"line {line}"
+        if self.fmt == "txt":
+            return Prompt(id=f"{self.name}-{line}", text=text.strip())
+        if self.fmt in ("jsonl", "geneval"):
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise _error(
+                    self.source,
+                    where,
+                    f"malformed JSON ({e.msg}, column {e.colno})",
+                    "write one JSON object per line",
+                ) from None
+            if self.fmt == "jsonl":
+                return _record(obj, self.source, where, f"{self.name}-{line}")
+            if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
+                raise _error(
+                    self.source,
+                    where,
+                    "GenEval record without a 'prompt' string",
+                    "pass GenEval's evaluation_metadata.jsonl unchanged",
+                )
+            return Prompt(id=f"geneval-{i}", text=_text(obj["prompt"], self.source, where))
+        row = self._row(text, where)
+        col, id_col = self.columns
+        pid = f"{self.fmt}-{i}" if self.fmt != "csv" else f"{self.name}-{line}"
+        if id_col is not None and id_col < len(row) and row[id_col].strip():
+            pid = row[id_col].strip()
+        return Prompt(id=pid, text=_text(row[col] if col < len(row) else "", self.source, where))
+
+    # -- the one pass over the file
+    def _scan(self) -> str:
+        """Record every prompt's offset and line number, checking it; the file's sha256."""
+        digest = hashlib.sha256()
+        table = self.fmt in ("csv", "drawbench", "parti")
+        pending: tuple[int, int, str] | None = None  # a quoted CSV record spanning lines
+        pos = 0
+        try:
+            with open(self.path, "rb") as f:
+                for n, raw in enumerate(f, 1):
+                    digest.update(raw)
+                    start, pos = pos, pos + len(raw)
+                    if n == 1 and raw.startswith(_BOM):
+                        start, raw = start + len(_BOM), raw[len(_BOM) :]
+                    try:
+                        line = raw.decode("utf-8")
+                    except UnicodeDecodeError as e:
+                        raise _error(
+                            self.source,
+                            f"line {n}",
+                            f"not UTF-8 text (byte {start + e.start})",
+                            "save the file as UTF-8",
+                        ) from None
+                    if not table:
+                        self._scan_line(start, n, line)
+                        continue
+                    if pending is not None:
+                        start, n0, line = pending[0], pending[1], pending[2] + line
+                    else:
+                        n0 = n
+                    if self._quoted() and line.count('"') % 2:
+                        pending = (start, n0, line)
+                        continue
+                    pending = None
+                    self._scan_row(start, n0, line)
+        except OSError as e:
+            raise _error(
+                self.source, "", f"cannot read it ({e.strerror})", "check the file's permissions"
+            ) from None
+        if pending is not None:
+            self._scan_row(pending[0], pending[1], pending[2])
+        if table and not self.header:
+            raise _error(self.source, "", "the file is empty", "add at least one prompt")
+        return digest.hexdigest()
+
+    def _scan_line(self, start: int, n: int, line: str) -> None:
+        s = line.strip()
+        if not s or (self.fmt == "txt" and s.startswith("#")):
+            return
+        self.offsets.append(start)
+        self.lines.append(n)
+        self._prompt(len(self.offsets) - 1, line)  # checks the record
+
+    def _scan_row(self, start: int, n: int, text: str) -> None:
+        if not self.header:  # the first record names the columns
+            if self.path.suffix.lower() == ".tsv" or "\t" in text.split("\n", 1)[0]:
+                self.delimiter = "\t"
+            self.header = [c.strip() for c in self._row(text, "line 1")] or [""]
+            if not any(self.header):
+                raise _error(
+                    self.source,
+                    "",
+                    "no header row",
+                    "add a first line naming the columns, e.g. prompt,id",
+                )
+            lower = [c.lower() for c in self.header]
+            wanted = {"drawbench": ("prompts",), "parti": ("prompt",)}.get(self.fmt, TEXT_COLUMNS)
+            col = next((lower.index(w) for w in wanted if w in lower), None)
+            if col is None:
+                names = " or ".join(f"'{w}'" for w in wanted)
+                raise _error(
+                    self.source,
+                    "line 1",
+                    f"no {names} column among {self.header}",
+                    "name the prompt column 'prompt' in the header",
+                )
+            id_col = lower.index("id") if self.fmt == "csv" and "id" in lower else None
+            self.columns = (col, id_col)
+            return
+        if not any(c.strip() for c in self._row(text, f"line {n}")):
+            return
+        self.offsets.append(start)
+        self.lines.append(n)
+        self._prompt(len(self.offsets) - 1, text)
+
+
+def prompt_overlap(train: Sequence[Prompt], test: Sequence[Prompt]) -> int:
+    """How many of the ``test`` prompts' texts (compared case- and space-insensitively) are
+    also among the ``train`` prompts; ``train`` is read once, in order."""
+    wanted = {" ".join(p.text.casefold().split()) for p in test}
+    found = set()
+    for p in train:
+        key = " ".join(p.text.casefold().split())
+        if key in wanted:
+            found.add(key)
+            if len(found) == len(wanted):
+                break
+    return len(found)

@@ -37,7 +37,7 @@ from cdmbench.backbones.base import Cond
 from cdmbench.losses import pseudo_huber
 from cdmbench.training.core import ema_update_
 from cdmbench.training.method import Batch, Core, Method, OptimSpec, SamplerSpec
-from cdmbench.training.teacher_data import TeacherSamples
+from cdmbench.training.teacher_data import TeacherSamples, run_sample_count
 
 
 @dataclass
@@ -52,7 +52,8 @@ class CDConfig:
     target_ema: float = 0.95
     huber_c: float = 1e-3
     data: str = "auto"  # "real", "teacher" (cached teacher samples) or "auto"
-    cache_size: int = 10_000  # teacher samples cached when data is "teacher"
+    # teacher samples cached when data is "teacher"; None: min(10,000, iters x batch x processes)
+    cache_size: int | None = None
 
 
 def phase_end(n: Tensor, edges: tuple[int, ...], grid: int) -> Tensor:
@@ -90,7 +91,8 @@ class CD(Method[None]):
         if real is None:
             if c.data == "real":
                 raise ValueError(f"backbone '{bb.name}' has no real data; use data='teacher'")
-            self.samples = TeacherSamples.for_trainer(core, c.cache_size)
+            n = run_sample_count(core, core.config.batch, c.cache_size)
+            self.samples = TeacherSamples.for_trainer(core, n)
         else:
             x0, labels = real
             self.data = (x0.to(core.device), bb.encode_labels(labels))

@@ -35,7 +35,7 @@ from cdmbench import flow
 from cdmbench.backbones.base import Cond
 from cdmbench.losses import dm_loss, fm_loss, regression_loss
 from cdmbench.training.method import Batch, Core, Method, OptimSpec, SamplerSpec
-from cdmbench.training.teacher_data import TeacherSamples
+from cdmbench.training.teacher_data import TeacherSamples, run_sample_count
 
 
 @dataclass
@@ -46,7 +46,9 @@ class DMDConfig:
     warmup: int = 100
     real_guidance: float = 3.0  # CFG of the real score
     reg_weight: float = 0.25  # regression loss weight
-    reg_pairs: int = 10_000  # cached (noise, teacher sample) pairs; none are made at reg_weight 0
+    # cached (noise, teacher sample) pairs; None: min(10,000, iters x reg batch x processes);
+    # none are made at reg_weight 0
+    reg_pairs: int | None = None
     reg_batch: int = 0  # regression pairs per step; 0 = the training batch size
     norm_floor: float = 1e-6
 
@@ -81,7 +83,8 @@ class DMD(Method[DMDState]):
         c = self.config
         self.reg_data: TeacherSamples | None = None
         if c.reg_weight > 0:
-            self.reg_data = TeacherSamples.for_trainer(core, c.reg_pairs, guidance=c.real_guidance)
+            n = run_sample_count(core, c.reg_batch or core.config.batch, c.reg_pairs)
+            self.reg_data = TeacherSamples.for_trainer(core, n, guidance=c.real_guidance)
         return {"fake": core.backbone.clone(core.student).requires_grad_(True).train()}
 
     @property

@@ -130,7 +130,7 @@ def test_encode_matches_pipeline_and_caches(bb: TinySD3, pipe):
     again = bb.encode(PROMPTS[::-1])
     assert set(bb._embeds.keys()) == cached  # no text encoded twice
     assert torch.equal(again.tensors["prompt_embeds"][0], cond.tensors["prompt_embeds"][1])
-    assert len(bb.prompts("train")) == 300 and bb.real_latents() is None
+    assert len(bb.prompts("train")) == 150 and bb.real_latents() is None  # general-train
 
 
 # --------------------------------------------------------------------- sampler, decode

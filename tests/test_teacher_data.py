@@ -308,3 +308,69 @@ def test_method_trains_on_tiny_sd3_and_reuses_the_cache(tiny, tmp_path, method, 
     data2 = m2.reg_data if method == "dmd" else m2.samples
     assert res2.run_dir != res.run_dir and data2.generated == 0
     assert torch.equal(data2.x0, data.x0) and data2.path == data.path
+
+
+# ------------------------------------------------------------- sized from the run's needs
+def test_default_size_is_what_the_run_draws():
+    from types import SimpleNamespace
+
+    from cdmbench.training.teacher_data import MAX_SAMPLES, run_sample_count
+
+    def core(iters, world=1):
+        return SimpleNamespace(config=SimpleNamespace(iters=iters), world=world)
+
+    assert run_sample_count(core(2), 4) == 8  # a 2-iteration run at batch 4
+    assert run_sample_count(core(2, world=8), 4) == 64
+    assert run_sample_count(core(10**6), 16) == MAX_SAMPLES
+    assert run_sample_count(core(2), 4, count=100) == 100  # a set count is kept
+    # digits keeps its declared sizes: DMD's 2048 pairs, and CD trains on real data
+    assert METHODS.get("dmd").default_config("digits").reg_pairs == 2048
+    assert METHODS.get("dmd").Config().reg_pairs is None
+    assert METHODS.get("cd").Config().cache_size is None
+
+
+@pytest.mark.parametrize("method", ["dmd", "cd"])
+def test_short_run_makes_only_the_samples_it_draws(tiny, tmp_path, method):
+    cls = METHODS.get(method)
+    train_cfg, method_cfg = resolve(cls, "tiny-sd3", None, [], iters=2, batch=2)
+    m = cls(method_cfg)
+    train_run(m, tiny, train_cfg, tmp_path / "runs", sample_steps=(1,))
+    data = m.reg_data if method == "dmd" else m.samples
+    assert len(data) == data.generated == 2 * 2
+
+
+def test_cd_on_digits_uses_real_data_and_no_teacher_samples(digits, tmp_path):
+    cls = METHODS.get("cd")
+    train_cfg, method_cfg = resolve(cls, "digits", None, [], iters=1, batch=8)
+    m = cls(method_cfg)
+    train_run(m, digits, train_cfg, tmp_path / "runs", sample_steps=(1,))
+    assert m.samples is None and m.data is not None
+    assert not list((tmp_path / "runs" / "digits").glob("teacher-samples-*"))
+
+
+def test_prompt_file_samples_match_the_whole_read_and_key_by_content(digits, teacher, tmp_path):
+    """A file served on demand gives the samples of the same prompts read whole; its
+    cache key is the file's content hash, so an edited file is another set."""
+    from cdmbench.prompts_io import PromptFile, load_prompt_set
+    from cdmbench.training.teacher_data import cache_meta
+
+    path = tmp_path / "d.txt"
+    path.write_text("".join(f"a handwritten digit {d}\n" for d in (3, 1, 4, 1, 5, 9, 2, 6)))
+    stream, whole = PromptFile(path), load_prompt_set(path)[1]
+
+    class FromFile(Digits):
+        def __init__(self, prompts):
+            super().__init__()
+            self.source = prompts
+
+        def prompts(self, split="train"):
+            return self.source
+
+    a = build_teacher_samples(FromFile(stream), teacher, 12, seed=0, steps=4)
+    b = build_teacher_samples(FromFile(whole), teacher, 12, seed=0, steps=4)
+    assert torch.equal(a.x0, b.x0) and torch.equal(a.seeds, b.seeds)
+    key = cache_meta(FromFile(stream), teacher, 0, [1.0, 0.0], 1.0, torch.float32, stream)
+    path.write_text(path.read_text() + "a handwritten digit 7\n")
+    edited = PromptFile(path)
+    key2 = cache_meta(FromFile(edited), teacher, 0, [1.0, 0.0], 1.0, torch.float32, edited)
+    assert key["prompts_sha256"] != key2["prompts_sha256"]

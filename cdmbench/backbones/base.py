@@ -198,15 +198,24 @@ class Backbone:
         return None
 
     # ---- conditioning
-    def prompts(self, split: str = "train") -> list[Prompt]:
+    def prompts(self, split: str = "train") -> Sequence[Prompt]:
+        """The training prompts (``"train"``: any sequence, e.g. a file read on demand) or
+        the evaluation ones (``"test"``)."""
         raise NotImplementedError
+
+    def warn_prompt_overlap(self, prompts: Sequence[Prompt] | None = None) -> int:
+        """Warn when evaluation ``prompts`` (default: the backbone's) are among the training
+        prompts; how many are.
+        Nothing here: a class-conditional backbone trains and evaluates on every class."""
+        return 0
 
     def encode(self, prompts: Sequence[Prompt]) -> Cond:
         raise NotImplementedError
 
     def random_cond(self, n: int, generator: torch.Generator) -> Cond:
         """``n`` training prompts drawn uniformly with replacement, encoded (the trainer's
-        conditioning for each batch)."""
+        conditioning for each batch). Only the drawn prompts are read: ``prompts("train")``
+        may be a file of any size served on demand."""
         prompts = self.prompts("train")
         idx = torch.randint(0, len(prompts), (n,), generator=generator).tolist()
         return self.encode([prompts[i] for i in idx])

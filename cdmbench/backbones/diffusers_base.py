@@ -10,8 +10,16 @@
 - Dtypes: ``dtype`` (teacher, text encoders, VAE; ``auto``: bfloat16 on GPU, float32
   elsewhere) and ``train_dtype`` (the student and its copies: float32 master weights by
   default, run under autocast in ``dtype`` on GPU).
-- Prompts: training and test prompt sets by name or file; embeddings computed by the
-  pipeline's own ``encode_prompt``, cached per prompt text on the CPU (LRU, bounded).
+- Weights: one setting for every component. A local directory must hold every component
+  the configuration uses (one error naming the missing subfolders); it is never completed
+  from the hub.
+- Prompts: training prompts by packaged set name or a file of any size, read on demand
+  (:func:`cdmbench.prompts_io.open_prompt_source`), evaluation prompts by name or file; the
+  packaged defaults are the disjoint halves ``general-train`` and ``general-test``.
+  Embeddings are computed online by the pipeline's own ``encode_prompt``, ``encode_batch``
+  texts per call (a partial call is padded with "" to that size, so an embedding does not
+  depend on the other prompts of its call), and kept per prompt text on the CPU (LRU,
+  ``embed_cache_size`` texts): host and GPU memory do not grow with the number of prompts.
 - Tiny twins: the same classes from small configs with seeded random weights, offline.
 
 A family subclasses :class:`DiffusersBackbone` and keeps only what is its own: component
@@ -24,6 +32,7 @@ import contextlib
 import copy
 import os
 import re
+import sys
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -35,8 +44,9 @@ import torch
 from torch import Tensor, nn
 
 from cdmbench.backbones.base import Backbone, BackboneSettings, Cond, weights_fingerprint
+from cdmbench.distributed import rank_world
 from cdmbench.errors import MissingWeightsError, UserError
-from cdmbench.prompts_io import Prompt, load_prompt_set
+from cdmbench.prompts_io import Prompt, load_prompt_set, open_prompt_source, prompt_overlap
 from cdmbench.settings import setting
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -120,8 +130,10 @@ class DiffusersSettings(BackboneSettings):
     # recompute activations in the backward of trained copies: less memory, the same
     # gradients; not hashed, so a run can be resumed with it switched on to fit fewer GPUs
     gradient_checkpointing: bool = setting(False, hashed=False)
-    train_prompts: str = "general"  # prompt set or file the trainer draws from
-    test_prompts: str = setting("general", hashed=False)  # the set eval's "default" names
+    train_prompts: str = "general-train"  # prompt set or file (any size) the trainer draws from
+    test_prompts: str = setting("general-test", hashed=False)  # eval's "default"; disjoint
+    encode_batch: int = setting(16, hashed=False)  # texts per text-encoder call (padded to it)
+    embed_cache_size: int = setting(1024, hashed=False)  # embeddings kept on the CPU (LRU)
     teacher_steps: int = 28
     teacher_guidance: float = 7.0
     # the frozen teacher, text encoders and VAE stay in CPU memory and move to the GPU block
@@ -177,6 +189,14 @@ def _units(module: nn.Module) -> list[nn.Module]:
             out.append(child)
     return out
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("encode_batch", "embed_cache_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise UserError(
+                    f"backbone.{name} must be a whole number >= 1, got {getattr(self, name)!r}"
+                )
+
 
 class PromptCache:
     """Embeddings per prompt text on the CPU, least recently used evicted beyond ``size``."""
@@ -219,8 +239,6 @@ class DiffusersBackbone(Backbone):
     hub_id: ClassVar[str] = ""
     weights_env: ClassVar[str] = ""
     classes: ClassVar[dict[str, Any]] = {}
-    encode_batch: ClassVar[int] = 8  # prompts per text-encoder call
-    cache_size: ClassVar[int] = 4096  # prompt embeddings kept (LRU, on CPU)
 
     def __init__(self, device: str = "cpu", settings: Any = None, **kwargs: Any) -> None:
         super().__init__(device, settings, **kwargs)
@@ -242,9 +260,9 @@ class DiffusersBackbone(Backbone):
             raise self.missing(f"weights {path} {what}")
         self._root: Path | None = None
         self._parts: dict[str, Any] = {}
-        self._embeds = PromptCache(self.cache_size)
+        self._embeds = PromptCache(s.embed_cache_size)
         self._null: dict[str, Tensor] | None = None
-        self._prompt_sets: dict[str, list[Prompt]] = {}
+        self._prompt_sets: dict[str, Sequence[Prompt]] = {}
 
     # ------------------------------------------------------------------------- weights
     def default_weights(self) -> str | None:
@@ -464,14 +482,37 @@ class DiffusersBackbone(Backbone):
         return contextlib.nullcontext()
 
     # -------------------------------------------------------------------- conditioning
-    def prompts(self, split: str = "train") -> list[Prompt]:
-        """The training prompts (``train_prompts``) or the evaluation ones (``test_prompts``)."""
+    def prompts(self, split: str = "train") -> Sequence[Prompt]:
+        """The training prompts (``train_prompts``: a sequence that reads a prompt file on
+        demand) or the evaluation ones (``test_prompts``, a list)."""
         if split not in ("train", "test", "all"):
             raise ValueError(f"unknown split '{split}' (train, test, all)")
-        name = self.settings.train_prompts if split == "train" else self.settings.test_prompts
+        if split == "train":
+            name = self.settings.train_prompts
+            if name not in self._prompt_sets:
+                self._prompt_sets[name] = open_prompt_source(name)
+            source = self._prompt_sets[name]
+            return list(source) if isinstance(source, list) else source  # a list: a copy
+        name = self.settings.test_prompts
         if name not in self._prompt_sets:
             self._prompt_sets[name] = load_prompt_set(name)[1]
         return list(self._prompt_sets[name])
+
+    def warn_prompt_overlap(self, prompts: Sequence[Prompt] | None = None) -> int:
+        """Warn (one line on stderr, from the main process) when evaluation ``prompts``
+        (default: ``eval_prompts``) are among the training prompts: scores on prompts the
+        student was trained on overstate it. The count."""
+        if prompts is None:
+            prompts = load_prompt_set(self.settings.eval_prompts, backbone=self)[1]
+        n = prompt_overlap(self.prompts("train"), prompts)
+        if n and rank_world()[0] == 0:
+            print(
+                f"warning: {n} of the {len(prompts)} evaluation prompts are among the training "
+                f"prompts ({self.settings.train_prompts}); evaluate on a disjoint set",
+                file=sys.stderr,
+                flush=True,
+            )
+        return n
 
     def _encode_texts(self, texts: list[str]) -> dict[str, Tensor]:
         """The pipeline's ``encode_prompt`` on ``texts``: the Cond tensors, batch first."""
@@ -480,13 +521,16 @@ class DiffusersBackbone(Backbone):
     def embed(self, texts: Sequence[str]) -> dict[str, Tensor]:
         """Cond tensors of ``texts`` on the device, each text encoded once and cached.
 
-        Runs outside inference mode, so cached embeddings can feed training graphs later.
+        Every text-encoder call has ``encode_batch`` rows (padded with ""), so a text's
+        embedding is computed by the same kernels whichever texts share its call. Runs
+        outside inference mode, so cached embeddings can feed training graphs later.
         """
         todo = list(dict.fromkeys(t for t in texts if t not in self._embeds))
-        for i in range(0, len(todo), self.encode_batch):
-            chunk = todo[i : i + self.encode_batch]
+        size = self.settings.encode_batch
+        for i in range(0, len(todo), size):
+            chunk = todo[i : i + size]
             with torch.inference_mode(False), torch.no_grad():
-                out = self._encode_texts(chunk)
+                out = self._encode_texts(chunk + [""] * (size - len(chunk)))
             for j, t in enumerate(chunk):
                 self._embeds.put(t, {k: v[j] for k, v in out.items()})
         return {k: v.to(self.device, self.dtype) for k, v in self._embeds.stack(texts).items()}

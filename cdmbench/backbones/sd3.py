@@ -125,7 +125,6 @@ class SD3(DiffusersBackbone):
     classes = CLASSES
     shift = SHIFT
     fsdp_wrap_classes = (JointTransformerBlock,)
-    encode_batch = 1  # one text per call: an embedding does not depend on its batch mates
 
     def __init__(self, device: str = "cpu", settings: Any = None, **kwargs: Any) -> None:
         super().__init__(device, settings, **kwargs)

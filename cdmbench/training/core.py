@@ -47,9 +47,10 @@ from cdmbench.backbones.base import Backbone
 from cdmbench.distributed import init_distributed
 from cdmbench.errors import UserError
 from cdmbench.io import atomic_path, atomic_write_json, sha256_file
-from cdmbench.settings import setting
+from cdmbench.settings import as_dict, setting
 from cdmbench.training import sharding
-from cdmbench.training.method import Batch, Method, OptimSpec
+from cdmbench.training.logging import TRACKERS, RunLogger, check_tracker, periodic_samples
+from cdmbench.training.method import Batch, Method, OptimSpec, config_to_dict
 
 OPTIMIZERS = ("adamw", "adamw8bit")
 
@@ -67,6 +68,9 @@ class TrainConfig:
     seed: int = 0
     ema_cap: float = 0.999  # student EMA decay min((1+k)/(10+k), ema_cap)
     log_every: int = 10  # JSONL log cadence, iterations
+    # tracker beside log.jsonl: "tensorboard" (when installed), "wandb" or "none"
+    log_to: str = setting("tensorboard", hashed=False, choices=TRACKERS)
+    sample_every: int = setting(0, hashed=False)  # sample-grid cadence, iterations; 0: off
     ckpt_every: int = 250  # checkpoint cadence, iterations
     on_nan: str = "stop"  # "stop": raise and keep the last good checkpoint; "skip": skip the step
     device: str = "cpu"
@@ -80,18 +84,11 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         sharding.check_shard_mode(self.shard)
-        if not isinstance(self.grad_accum, int) or self.grad_accum < 1:
+        if not isinstance(self.sample_every, int) or self.sample_every < 0:
             raise UserError(
-                f"train.grad_accum must be a whole number >= 1, got {self.grad_accum!r}"
+                f"train.sample_every must be a whole number >= 0, got {self.sample_every!r}"
             )
-        if self.optimizer == "adamw8bit":
-            try:
-                import bitsandbytes  # noqa: F401
-            except ImportError:
-                raise UserError(
-                    "train.optimizer=adamw8bit needs bitsandbytes (the adam8bit extra): "
-                    "pip install bitsandbytes"
-                ) from None
+        check_tracker(self.log_to)
 
 
 def ema_decay(k: int, cap: float = 0.999) -> float:
@@ -338,33 +335,47 @@ class Trainer:
         )
 
     def train(self, progress: Callable[[int, dict[str, float]], None] | None = None) -> None:
-        log_path = self.run_dir / "log.jsonl"
+        """Run to ``config.iters``: loss terms to the run's log every ``log_every``
+        iterations, a sample grid every ``sample_every`` (see
+        :mod:`cdmbench.training.logging`), checkpoints every ``ckpt_every`` and at the end."""
+        logger = None
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-        writer = _tensorboard(self.run_dir) if self.rank == 0 else None
+            logger = RunLogger(self.run_dir, self.config.log_to, self._tracked_config())
         t0 = time.perf_counter()
-        latest: dict[
-            str, Tensor
-        ] = {}  # last value of every term, also of groups not updated this step
+        # the last value of every term, also of groups not updated this step
+        latest: dict[str, Tensor] = {}
         while self.it < self.config.iters:
             latest.update(self.step(self.next_batch()))
             if self.it % self.config.ckpt_every == 0 and self.it < self.config.iters:
                 self.save_checkpoint()
+            if self.config.sample_every and self.it % self.config.sample_every == 0:
+                grid = periodic_samples(self)  # a collective when the EMA is sharded
+                if logger is not None and grid is not None:
+                    logger.images("samples", grid[0], self.it, nrow=grid[1])
             if self.it % self.config.log_every != 0 and self.it != self.config.iters:
                 continue  # floats (a host sync on GPU) only at the logging cadence
             logs = {k: float(v) for k, v in latest.items()}
-            if self.rank == 0:
+            if logger is not None:
                 rec = {"it": self.it, "time": round(time.perf_counter() - t0, 3), **logs}
-                with open(log_path, "a") as f:
-                    f.write(json.dumps(rec) + "\n")
-                if writer is not None:
-                    for k, v in logs.items():
-                        writer.add_scalar(k, v, self.it)
+                logger.record(rec)
                 if self._log is not None:
                     self._log(rec)
             if progress is not None:
                 progress(self.it, logs)
         self.save_checkpoint()
+        if logger is not None:
+            logger.close()
+
+    def _tracked_config(self) -> dict[str, Any]:
+        """The run's settings as a tracker records them."""
+        return {
+            "method": self.method.name,
+            "backbone": self.backbone.name,
+            "train": as_dict(self.config),
+            "method_config": config_to_dict(self.method.config),
+            "backbone_settings": as_dict(self.backbone.settings),
+        }
 
     # ---------------------------------------------------------------------- checkpoints
     def state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -501,15 +512,6 @@ class Trainer:
         self.g_shared.set_state(other["rng"]["g_shared"])
         torch.set_rng_state(other["rng"]["torch"])
         self.method.load_state_dict(other["method_state"])
-
-
-def _tensorboard(run_dir: Path):
-    """A TensorBoard writer when tensorboard is installed; the JSONL log is always written."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        return None
-    return SummaryWriter(str(run_dir / "tb"))
 
 
 class CheckpointError(RuntimeError):

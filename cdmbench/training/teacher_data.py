@@ -20,6 +20,10 @@ holds identical data. Under several processes each rank generates its share of t
 and the chunks are all-gathered; chunks lie on a fixed grid of sample indices, so every
 sample is computed in the same batch whatever the world size.
 
+How many samples a run makes is the method's setting; left unset, :func:`run_sample_count`
+sizes it from the run: as many as the run can draw (iterations x draws per step x
+processes), at most :data:`MAX_SAMPLES`, so a short run does not first generate thousands.
+
 A finished (or partly finished) set is saved under the run directory's parent as
 ``teacher-samples-<key>.safetensors``, the key a hash of everything that determines the
 samples: backbone and its generation settings, a fingerprint of the teacher's weights, the
@@ -60,6 +64,7 @@ PREFIX = "teacher-samples-"
 META_KEY = "cdmbench.teacher_samples"
 CHUNK_ELEMENTS = 1 << 22  # latent elements per teacher call: 256 digits, 16 SD3-1024 latents
 SAVE_EVERY_S = 600.0  # progress of a long generation is saved at most this often
+MAX_SAMPLES = 10_000  # teacher samples a run makes when its method leaves the count unset
 
 Progress = Callable[[int, int], None]  # (samples done, samples to generate)
 
@@ -73,7 +78,7 @@ class TeacherSamples:
     """
 
     backbone: Backbone
-    prompts: list[Prompt]
+    prompts: Sequence[Prompt]  # the training prompts (a file may be read on demand)
     prompt_index: Tensor  # [n] int64, CPU
     seeds: Tensor  # [n] int64, CPU (63-bit per-sample seeds)
     x0: Tensor  # [n, *latent_shape], CPU, storage dtype
@@ -142,6 +147,14 @@ class TeacherSamples:
 
 
 # ---------------------------------------------------------------------- what a sample is
+def run_sample_count(core: Core, per_step: int, count: int | None = None) -> int:
+    """Teacher samples a run makes: ``count`` when set, else as many as the run draws,
+    iterations x ``per_step`` x processes, at most :data:`MAX_SAMPLES`."""
+    if count is not None:
+        return count
+    return max(1, min(MAX_SAMPLES, core.config.iters * per_step * core.world))
+
+
 def prompt_indices(seed: int, n_prompts: int, n: int) -> list[int]:
     """Prompt of sample i: uniform over the prompts (with replacement), from (seed, i) alone."""
     if n_prompts < 1:
@@ -182,8 +195,14 @@ def cache_meta(
     dtype: torch.dtype,
     prompts: Sequence[Prompt],
 ) -> dict[str, Any]:
-    """Everything that determines sample i (the count excepted): the cache key's contents."""
-    listing = json.dumps([[p.id, p.text, p.label] for p in prompts])
+    """Everything that determines sample i (the count excepted): the cache key's contents.
+    A prompt file read on demand is named by its format, name and content hash (which fix
+    its ids and texts) rather than read whole."""
+    file_sha = getattr(prompts, "sha256", None)
+    if file_sha is not None:
+        listing = json.dumps(["file", prompts.fmt, prompts.name, file_sha])
+    else:
+        listing = json.dumps([[p.id, p.text, p.label] for p in prompts])
     meta = {
         "format": FORMAT,
         "backbone": backbone.name,
@@ -354,7 +373,7 @@ def build_teacher_samples(
     dtype = storage_dtype(bb)
     shape = tuple(int(d) for d in bb.latent_shape)
     chunk = chunk or default_chunk(bb)
-    prompts = list(bb.prompts("train"))
+    prompts = bb.prompts("train")
     index = torch.tensor(prompt_indices(seed, len(prompts), n), dtype=torch.long)
     seeds = torch.tensor(noise_seeds(seed, prompts, index.tolist()), dtype=torch.long)
     collective = distributed.active(world)
