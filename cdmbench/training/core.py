@@ -84,6 +84,18 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         sharding.check_shard_mode(self.shard)
+        if not isinstance(self.grad_accum, int) or self.grad_accum < 1:
+            raise UserError(
+                f"train.grad_accum must be a whole number >= 1, got {self.grad_accum!r}"
+            )
+        if self.optimizer == "adamw8bit":
+            try:
+                import bitsandbytes  # noqa: F401
+            except ImportError:
+                raise UserError(
+                    "train.optimizer=adamw8bit needs bitsandbytes (the adam8bit extra): "
+                    "pip install bitsandbytes"
+                ) from None
         if not isinstance(self.sample_every, int) or self.sample_every < 0:
             raise UserError(
                 f"train.sample_every must be a whole number >= 0, got {self.sample_every!r}"
