@@ -145,6 +145,11 @@ class DiffusersSettings(BackboneSettings):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        for name in ("encode_batch", "embed_cache_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise UserError(
+                    f"backbone.{name} must be a whole number >= 1, got {getattr(self, name)!r}"
+                )
         if not isinstance(self.lora_rank, int) or self.lora_rank < 0:
             raise UserError(
                 f"backbone.lora_rank must be a whole number >= 0, got {self.lora_rank!r}"
@@ -188,14 +193,6 @@ def _units(module: nn.Module) -> list[nn.Module]:
         elif any(True for _ in child.parameters()):
             out.append(child)
     return out
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        for name in ("encode_batch", "embed_cache_size"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise UserError(
-                    f"backbone.{name} must be a whole number >= 1, got {getattr(self, name)!r}"
-                )
 
 
 class PromptCache:
