@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cdmbench.errors import UserError
-from cdmbench.settings import apply
+from cdmbench.settings import apply, unhashed
 
 try:
     import tomllib
@@ -182,7 +182,7 @@ def run_payload(
     """
     from cdmbench import __version__
 
-    t = config_to_dict(train)
+    t = {k: v for k, v in config_to_dict(train).items() if k not in unhashed(type(train))}
     for k in (
         "device",
         "threads",
