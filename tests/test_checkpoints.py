@@ -180,6 +180,9 @@ def test_sharded_checkpoint_resumes_on_one_process_and_a_single_file_one_on_two(
     manifest, tensors, other = checkpoint.read(ckpt)
     assert manifest["format"] == "dcp" and manifest["world"] == 2 and manifest["it"] == 2
     names = sorted(Path(n).name for n in manifest["sha256"])
+    # saved twice at iteration 2: the committed folder was not overwritten, only replaced
+    assert manifest["files"]["dir"] == "step-00000002-1" and not manifest["older"]
+    assert sorted(p.name for p in ckpt.iterdir()) == ["manifest.json", "step-00000002-1"]
     assert names == [".metadata", "__0_0.distcp", "__1_0.distcp", "state.pt"]
 
     # resharded onto one process: the full tensors, the optimizer, fresh generators
@@ -227,6 +230,7 @@ def _worker(out: Path) -> None:
     rank = int(os.environ["RANK"])
     two = Trainer(_digits(), _cdm(), _cfg(iters=2, batch=4, shard="fsdp2"), out / "two")
     two.train()
+    two.save_checkpoint()  # the same iteration again (a finished run not yet exported, rerun)
     legacy = Trainer(_digits(), _cdm(), _cfg(iters=4, batch=4, shard="fsdp2"), out / "legacy2")
     legacy.load_checkpoint(out / "one" / "checkpoint")
     saved = load_file(str(Trainer.checkpoint_files(out / "one" / "checkpoint")["models"]))

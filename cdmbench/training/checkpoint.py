@@ -104,13 +104,10 @@ def _save_single(tr: Trainer, ckpt: Path) -> dict[str, Any]:
 def _save_dcp(tr: Trainer, ckpt: Path) -> dict[str, Any]:
     import torch.distributed.checkpoint as dcp
 
-    name = f"step-{tr.it:08d}"
+    names = [_fresh_folder(ckpt, tr.it) if tr.rank == 0 else None]
+    dist.broadcast_object_list(names, src=0)
+    name = names[0]
     folder = ckpt / name
-    if tr.rank == 0:
-        if folder.exists():  # a save of this iteration killed before its manifest
-            shutil.rmtree(folder)
-        folder.mkdir(parents=True)
-    dist.barrier()
     other = _other_state(tr, dcp_tensors=True)  # a collective (every rank's generator state)
     dcp.save(_dcp_tensors(tr), checkpoint_id=folder)  # returns once every file is written
     if tr.rank == 0:
@@ -126,6 +123,26 @@ def _save_dcp(tr: Trainer, ckpt: Path) -> dict[str, Any]:
     dist.all_gather_object(digests, mine)
     merged = {k: v for d in digests for k, v in (d or {}).items()}
     return {"format": DCP, "world": tr.world, "files": {"dir": name}, "sha256": merged}
+
+
+def _fresh_folder(ckpt: Path, it: int) -> str:
+    """A new DCP folder for iteration ``it``, never one a committed manifest names (a run
+    finished but not exported saves its last iteration again); a leftover of a save killed
+    before its manifest is removed."""
+    try:
+        manifest = json.loads((ckpt / MANIFEST).read_text())
+        entries = [manifest, *manifest.get("older", [])]
+        committed = {Path(p).parts[0] for e in entries for p in e["sha256"]}
+    except (OSError, ValueError, KeyError):
+        committed = set()
+    name, n = f"step-{it:08d}", 0
+    while name in committed:
+        n += 1
+        name = f"step-{it:08d}-{n}"
+    if (ckpt / name).exists():
+        shutil.rmtree(ckpt / name)
+    (ckpt / name).mkdir(parents=True)
+    return name
 
 
 def _writer(filename: str, world: int) -> int:
