@@ -182,7 +182,7 @@ def run_payload(
     """
     from cdmbench import __version__
 
-    t = config_to_dict(train)
+    t = {k: v for k, v in config_to_dict(train).items() if k not in unhashed(type(train))}
     for k in (
         "device",
         "threads",

@@ -438,7 +438,7 @@ def test_non_finite_loss_is_skipped_and_counted(tmp_path):
 def test_checkpoint_killed_before_its_manifest_leaves_the_previous_one_intact(
     tmp_path, monkeypatch
 ):
-    import cdmbench.training.core as core_mod
+    import cdmbench.training.checkpoint as core_mod
 
     tr = Trainer(Toy(), _methods()["cd"](), _cfg(iters=4), _dir(tmp_path / "run"))
     for _ in range(2):

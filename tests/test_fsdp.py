@@ -84,13 +84,10 @@ def _models(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _checkpoint(run_dir: Path) -> tuple[dict, dict, dict]:
-    """(manifest, model tensors, other state) of a run directory's checkpoint."""
-    from cdmbench.training.core import Trainer
+    """(manifest, full model tensors, other state) of a run directory's (sharded) checkpoint."""
+    from cdmbench.training import checkpoint
 
-    ckpt = run_dir / "checkpoint"
-    files = Trainer.checkpoint_files(ckpt)
-    manifest = json.loads((ckpt / "manifest.json").read_text())
-    return manifest, _models(files["models"]), torch.load(files["state"], weights_only=True)
+    return checkpoint.read(run_dir / "checkpoint")
 
 
 def _grad_norms(run_dir: Path) -> dict[str, list[float]]:

@@ -14,7 +14,8 @@ across ranks after each backward. Methods run several forwards per backward, whi
 reducer does not support; an explicit all-reduce is exact and works with any of them.
 Models too large to replicate are sharded with FSDP2 instead (``TrainConfig.shard``, see
 :mod:`cdmbench.training.sharding`): FSDP2 accepts several forwards per backward and
-averages the gradients itself, and checkpoints hold full tensors either way.
+averages the gradients itself. Checkpoints are written by every rank, each its own shards
+(see :mod:`cdmbench.training.checkpoint`), and resume on any number of processes.
 
 Gradient accumulation (``TrainConfig.grad_accum = k``): an iteration works on k micro-batches
 of ``batch`` samples and is one update of batch k x batch per process. The method's
@@ -31,7 +32,6 @@ stay sharded while they accumulate.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -46,9 +46,10 @@ from torch import Tensor, nn
 from cdmbench.backbones.base import Backbone
 from cdmbench.distributed import init_distributed
 from cdmbench.errors import UserError
-from cdmbench.io import atomic_path, atomic_write_json, sha256_file
 from cdmbench.settings import as_dict, setting
-from cdmbench.training import sharding
+from cdmbench.training import checkpoint, sharding
+from cdmbench.training.checkpoint import CheckpointError as CheckpointError  # re-exported
+from cdmbench.training.checkpoint import Preempted
 from cdmbench.training.logging import TRACKERS, RunLogger, check_tracker, periodic_samples
 from cdmbench.training.method import Batch, Method, OptimSpec, config_to_dict
 
@@ -82,6 +83,12 @@ class TrainConfig:
     # seconds a collective may wait for the slowest process (NCCL/gloo) before the run fails
     dist_timeout_s: float = setting(1800.0, hashed=False)
 
+    keep_last: int = setting(1, hashed=False)  # checkpoints kept: the latest k (roll back, audit)
+    keep_every: int = setting(0, hashed=False)  # ... and every N iterations' (0: none)
+    export_dtype: str = setting(
+        "float32", hashed=False, choices=("float32", "bfloat16")
+    )  # of student.safetensors; bf16 halves it, eval loads it into the backbone's dtype
+
     def __post_init__(self) -> None:
         sharding.check_shard_mode(self.shard)
         if not isinstance(self.grad_accum, int) or self.grad_accum < 1:
@@ -101,6 +108,11 @@ class TrainConfig:
                 f"train.sample_every must be a whole number >= 0, got {self.sample_every!r}"
             )
         check_tracker(self.log_to)
+        if self.keep_last < 1 or self.keep_every < 0:
+            raise UserError(
+                f"train.keep_last must be >= 1 and train.keep_every >= 0, got "
+                f"{self.keep_last} and {self.keep_every}"
+            )
 
 
 def ema_decay(k: int, cap: float = 0.999) -> float:
@@ -359,8 +371,13 @@ class Trainer:
         latest: dict[str, Tensor] = {}
         while self.it < self.config.iters:
             latest.update(self.step(self.next_batch()))
-            if self.it % self.config.ckpt_every == 0 and self.it < self.config.iters:
+            stop = checkpoint.stop_requested(self.world, self.device)  # a signal on any rank
+            if (self.it % self.config.ckpt_every == 0 or stop) and self.it < self.config.iters:
                 self.save_checkpoint()
+            if stop and self.it < self.config.iters:
+                if logger is not None:
+                    logger.close()
+                raise Preempted(stop, self.it)
             if self.config.sample_every and self.it % self.config.sample_every == 0:
                 grid = periodic_samples(self)  # a collective when the EMA is sharded
                 if logger is not None and grid is not None:
@@ -391,11 +408,11 @@ class Trainer:
 
     # ---------------------------------------------------------------------- checkpoints
     def state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
-        """(tensors for safetensors, everything else as plain objects for torch.save).
+        """(tensors for safetensors, everything else as plain objects for torch.save): the
+        single-file checkpoint of one-process runs.
 
-        Whole tensors whether or not the models are sharded, so a checkpoint does not depend
-        on how the run that wrote it was laid out. A collective under several processes;
-        under sharding only rank 0's result holds the tensors.
+        Whole tensors whether or not the models are sharded. A collective under several
+        processes; under sharding only rank 0's result holds the tensors.
         """
         tensors = {
             f"{name}.{k}": v for name in self.models for k, v in self.full_state_dict(name).items()
@@ -425,109 +442,21 @@ class Trainer:
         return states
 
     def save_checkpoint(self) -> Path:
-        """Write models (safetensors) and optimizer/RNG state, then a manifest with hashes.
-
-        The data files carry the iteration in their names and are written under temporary
-        names and renamed; the manifest, renamed last, names the files of the checkpoint and is
-        the commit point: a process killed at any moment leaves the previous manifest pointing
-        at the previous, intact files. Files no manifest names are removed afterwards.
-        """
-        from safetensors.torch import save_file
-
-        ckpt = self.run_dir / "checkpoint"
-        tensors, other = self.state()  # collective under several processes
-        if self.rank != 0:
-            return ckpt
-        ckpt.mkdir(parents=True, exist_ok=True)
-        files = {"models": f"models-{self.it:08d}.safetensors", "state": f"state-{self.it:08d}.pt"}
-        with atomic_path(ckpt / files["models"]) as tmp:
-            save_file(tensors, str(tmp))
-        with atomic_path(ckpt / files["state"]) as tmp:
-            torch.save(other, tmp)
-        atomic_write_json(
-            ckpt / "manifest.json",
-            {
-                "it": self.it,
-                "method": self.method.name,
-                "backbone": self.backbone.name,
-                "files": files,
-                "sha256": {n: sha256_file(ckpt / n) for n in files.values()},
-            },
-        )
-        for old in ckpt.iterdir():
-            if (
-                old.name != "manifest.json"
-                and old.name not in files.values()
-                and not old.name.startswith(".")
-            ):
-                old.unlink(missing_ok=True)
-        return ckpt
+        """Checkpoint everything (a collective under several processes): one process writes
+        full tensors to one file, several write their own shards through
+        ``torch.distributed.checkpoint``; hashes and a manifest committed last either way.
+        See :mod:`cdmbench.training.checkpoint`."""
+        return checkpoint.save(self)
 
     @staticmethod
     def checkpoint_files(ckpt: str | Path) -> dict[str, Path]:
-        """{"models": path, "state": path} named by a checkpoint's manifest."""
-        ckpt = Path(ckpt)
-        manifest = json.loads((ckpt / "manifest.json").read_text())
-        files = manifest.get("files", {"models": "models.safetensors", "state": "state.pt"})
-        return {k: ckpt / v for k, v in files.items()}
+        """The files of a checkpoint's latest save by role ("models"/"state", or "dir"/"state")."""
+        return checkpoint.files(ckpt)
 
     def load_checkpoint(self, ckpt: str | Path) -> None:
-        """Restore everything :meth:`save_checkpoint` wrote, verifying hashes first."""
-        from safetensors.torch import load_file
-
-        ckpt = Path(ckpt)
-        try:
-            manifest = json.loads((ckpt / "manifest.json").read_text())
-            files = self.checkpoint_files(ckpt)
-            digests = manifest["sha256"]
-            for path in files.values():
-                if sha256_file(path) != digests[path.name]:
-                    raise CheckpointError(
-                        f"checkpoint file {path} is corrupt (hash mismatch); "
-                        "delete the checkpoint directory to start over"
-                    )
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise CheckpointError(
-                f"checkpoint {ckpt} is unreadable or incomplete ({type(e).__name__}); "
-                "delete the checkpoint directory to start over"
-            ) from None
-        if manifest["method"] != self.method.name or manifest["backbone"] != self.backbone.name:
-            raise CheckpointError(
-                f"checkpoint {ckpt} is for method '{manifest['method']}' on backbone "
-                f"'{manifest['backbone']}', not '{self.method.name}' on '{self.backbone.name}'"
-            )
-        tensors = load_file(str(files["models"]))
-        for name, m in self.models.items():
-            prefix = f"{name}."
-            # every rank read the file: a sharded model keeps its shards
-            sharding.load_full_model_state(
-                m, {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-            )
-        other = torch.load(files["state"], weights_only=True)
-        self.it, self.updates, self.nan_skipped = (
-            other["it"],
-            other["updates"],
-            other["nan_skipped"],
-        )
-        for g, o in self.optims.items():
-            sharding.load_full_optimizer_state(o, other["optims"][g])
-        states = other["rng"]["g"]
-        states = (
-            [states] if isinstance(states, Tensor) else states
-        )  # one-process checkpoints of 0.1.0
-        if len(states) != self.world:
-            raise CheckpointError(
-                f"checkpoint {ckpt} was written by {len(states)} process(es), this run has "
-                f"{self.world}; resume with the same number of processes"
-            )
-        self.g.set_state(states[self.rank])
-        self.g_shared.set_state(other["rng"]["g_shared"])
-        torch.set_rng_state(other["rng"]["torch"])
-        self.method.load_state_dict(other["method_state"])
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used: corrupt, or from another method/backbone."""
+        """Restore everything :meth:`save_checkpoint` wrote, by any number of processes,
+        verifying hashes first (see :mod:`cdmbench.training.checkpoint` for the generators)."""
+        checkpoint.load(self, ckpt)
 
 
 def cpu_state(state: dict[str, Tensor]) -> dict[str, Tensor]:

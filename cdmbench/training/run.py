@@ -3,8 +3,9 @@
 runs/<backbone>/<method>-<hash>/
     config.json          resolved configuration, backbone settings included (the hash is over it)
     log.jsonl            loss terms every ``log_every`` iterations
-    checkpoint/          everything needed to resume (hash-verified)
-    student.safetensors  the student's EMA weights (LoRA merged in), written last
+    checkpoint/          everything needed to resume, on any number of processes (hash-verified)
+    student.safetensors  the student's EMA weights (LoRA merged in; float32, or bf16:
+                         train.export_dtype), written last
     student_lora.safetensors  a LoRA run's EMA adapter weights (peft names)
     run.json             what eval needs: method, backbone, config, weights hash
     samples.png          a grid at the method's step counts
@@ -13,6 +14,8 @@ runs/<backbone>/<method>-<hash>/
 from __future__ import annotations
 
 import json
+import signal
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,6 +33,8 @@ from cdmbench.errors import UserError
 from cdmbench.io import atomic_path, atomic_write_json, remove_stale_temps, sha256_file
 from cdmbench.registry import METHODS
 from cdmbench.settings import as_dict
+from cdmbench.training import checkpoint
+from cdmbench.training.checkpoint import Preempted
 from cdmbench.training.core import CheckpointError, TrainConfig, Trainer, cpu_state
 from cdmbench.training.method import Method
 
@@ -61,8 +66,11 @@ def train_run(
 ) -> RunResult:
     """Train (or finish, or reuse) the run this configuration names.
 
-    ``resume=None`` continues from a checkpoint when one exists; ``True`` requires one;
-    ``False`` refuses to touch an existing checkpoint.
+    ``resume=None`` continues from a checkpoint when one exists (written by any number of
+    processes); ``True`` requires one; ``False`` refuses to touch an existing checkpoint.
+    SIGTERM, SIGUSR1 and SIGINT during training checkpoint at the next iteration and raise
+    :class:`~cdmbench.training.checkpoint.Preempted` (a ``SystemExit`` with status 143, 138
+    or 130): the job can be requeued and continues where it stopped.
     """
     payload = run_payload(method.name, backbone, train_cfg, method.config, teacher_weights)
     run_dir = run_dir_for(out_root, payload)
@@ -99,7 +107,18 @@ def train_run(
             raise UserError(str(e)) from None
         start = trainer.it
     t0 = time.perf_counter()
-    trainer.train(progress)
+    try:
+        with checkpoint.handle_signals():  # SIGTERM/SIGUSR1/SIGINT: checkpoint, then stop
+            trainer.train(progress)
+    except Preempted as e:
+        if trainer.rank == 0:
+            print(
+                f"stopped by {signal.Signals(e.signum).name} at iteration {e.it}: checkpoint "
+                f"saved in {ckpt}; rerun the same command to continue (exit {e.code})",
+                file=sys.stderr,
+                flush=True,
+            )
+        raise
     seconds = time.perf_counter() - t0
     ema = trainer.unsharded("ema")  # every rank: gathers the EMA's shards when sharded
     if trainer.rank == 0:
@@ -128,6 +147,8 @@ def export_student(
         with atomic_path(run_dir / ADAPTER_FILE) as tmp:
             save_file(cpu_state(adapter), str(tmp))
     state = cpu_state(bb.plain_state(ema))
+    if trainer.config.export_dtype == "bfloat16":  # eval loads it into the backbone's dtype
+        state = {k: v.bfloat16() if v.is_floating_point() else v for k, v in state.items()}
     with atomic_path(run_dir / STUDENT_FILE) as tmp:
         save_file(state, str(tmp))
     prompts = bb.prompts("train")[:10]

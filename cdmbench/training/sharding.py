@@ -33,7 +33,10 @@ simulation steps) from the generator shared by all ranks; work done in ``Method.
 (teacher samples) runs before sharding; a model run on one rank only (the export's sample
 grid) needs a whole copy (``Trainer.unsharded``).
 
-State: checkpoints hold full tensors whether or not a run was sharded. Models go through
+State: checkpoints of several processes are sharded (each rank writes its own shards
+through ``torch.distributed.checkpoint``, see :mod:`cdmbench.training.checkpoint`). The
+full-state helpers here serve the whole model a single process needs (export, sampling) and
+the single-file checkpoint format, which a sharded run also reads. Models go through
 ``torch.distributed.checkpoint.state_dict`` (full state, gathered to rank 0's CPU).
 Optimizer state is gathered tensor by tensor in the optimizer's own format (integer
 parameter ids) instead of ``get/set_optimizer_state_dict``: those initialise an optimizer
