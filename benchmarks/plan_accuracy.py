@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 OUT = ROOT / "results" / "benchmarks" / "plan_accuracy.csv"
 
 # (blocks, resolution, batch, gradient checkpointing)
-CONFIGS = [(1, 128, 2, False), (2, 128, 4, False), (2, 256, 2, False), (2, 256, 4, True)]
+CONFIGS = [(1, 128, 2, False), (2, 128, 4, False), (2, 256, 2, False), (2, 256, 2, True)]
 
 
 def wide_sd3(layers: int, res: int, checkpointing: bool):
@@ -108,19 +108,28 @@ def main() -> None:
         layers, res, batch, ck = (int(v) for v in sys.argv[2:6])
         child(layers, res, batch, bool(ck))
         return
+    done_rows = {}  # rows already measured (the CSV is written after each configuration)
+    if OUT.is_file():
+        with open(OUT) as f:
+            for r in csv.DictReader(f):
+                key = (int(r["blocks"]), int(r["resolution"]), int(r["batch"]))
+                done_rows[key + (r["checkpointing"] == "True",)] = r
     rows = []
     for layers, res, batch, ck in CONFIGS:
+        if (layers, res, batch, ck) in done_rows:
+            rows.append(done_rows[(layers, res, batch, ck)])
+            continue
         cmd = [sys.executable, __file__, "--child", str(layers), str(res), str(batch), str(int(ck))]
         done = subprocess.run(cmd, capture_output=True, text=True, check=True)
         row = json.loads(done.stdout.strip().splitlines()[-1])
         row["error_pct"] = round(100 * (row["plan_gb"] / row["measured_gb"] - 1), 1)
         print(row, flush=True)
         rows.append(row)
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    with open(OUT, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+        OUT.parent.mkdir(parents=True, exist_ok=True)
+        with open(OUT, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
     print(f"wrote {OUT}")
 
 

@@ -871,7 +871,8 @@ def plan(
     title = f"cdmbench plan — {method} on {backbone}" + (
         f" (recipe {recipe.name} v{recipe.version})" if recipe else ""
     )
-    table = Table(title=title)
+    out.print(title)
+    table = Table()
     table.add_column("per GPU")
     table.add_column("GB", justify="right")
     for what, b in p.rows.items():
