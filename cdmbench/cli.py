@@ -33,6 +33,17 @@ CompileOpt = Annotated[
 CompileModeOpt = Annotated[
     str, typer.Option(help=f"torch.compile mode with --compile: {', '.join(COMPILE_MODES)}.")
 ]
+DeviceOpt = Annotated[
+    str,
+    typer.Option(
+        help="auto (this process's GPU when CUDA is available, else cpu), cpu, cuda or cuda:N."
+    ),
+]
+ConfigOptHelp = typer.Option(
+    "--config",
+    help="A shipped recipe by name (see `cdmbench recipes`) or a TOML file with [train], "
+    "[method] and [backbone] tables.",
+)
 BackboneSetOpt = Annotated[
     list[str] | None,
     typer.Option(
@@ -178,6 +189,30 @@ def _pipeline_weights(
     return teacher_weights, sets
 
 
+def _method_backbone(
+    method: str | None, backbone: str | None, config: str | None
+) -> tuple[str, str, object]:
+    """(method, backbone, recipe) from the command line and a recipe's [recipe] table: a
+    value given on both must agree; the method is required from one of them."""
+    from cdmbench.recipes import load
+
+    recipe = load(config) if config else None
+    for what, given in (("METHOD", method), ("--backbone", backbone)):
+        named = getattr(recipe, "method" if what == "METHOD" else "backbone", None)
+        if given is not None and named is not None and given != named:
+            raise UserError(
+                f"{what} '{given}' disagrees with recipe '{recipe.name}' ({named}); "
+                f"leave {what} out or choose another recipe"
+            )
+    method = method or getattr(recipe, "method", None)
+    if method is None:
+        raise UserError(
+            "no method: give METHOD (see `cdmbench list methods`) or --config RECIPE "
+            "(see `cdmbench recipes`)"
+        )
+    return method, backbone or getattr(recipe, "backbone", None) or "digits", recipe
+
+
 # ---------------------------------------------------------------------------- sample
 @app.command()
 def sample(
@@ -198,11 +233,15 @@ def sample(
         str | None, typer.Option(help="Teacher weights (default: shipped/hub).")
     ] = None,
     set_: BackboneSetOpt = None,
+    device: DeviceOpt = "auto",
 ) -> None:
     """Write an image grid: one row block per step count, one column per prompt."""
     import torch
 
     from cdmbench.config import parse_steps
+    from cdmbench.distributed import resolve_device
+
+    device = resolve_device(device)
     from cdmbench.generate import SamplerSpec, generate, save_grid, seeds_for
 
     step_list = parse_steps(steps)
@@ -213,12 +252,12 @@ def sample(
             raise UserError(
                 "--set with --run: a run's backbone settings are those it was trained with"
             )
-        loaded = load_run(run, teacher_weights=teacher_weights)
+        loaded = load_run(run, device=device, teacher_weights=teacher_weights)
         bb, model = loaded.backbone, loaded.student
         spec_for = lambda n: loaded.method.sampler(n, bb.shift)  # noqa: E731
     else:
         teacher_weights, set_ = _pipeline_weights(teacher_weights, set_)
-        bb = _backbone(backbone, set_)
+        bb = _backbone(backbone, set_, device)
         model = bb.load_teacher(teacher_weights)
         w = bb.default_teacher_guidance if guidance is None else guidance
         spec_for = lambda n: SamplerSpec(bb.schedule(n), guidance=w)  # noqa: E731
@@ -243,19 +282,24 @@ def sample(
 @app.command()
 def train(
     method: Annotated[
-        str, typer.Argument(help="Distillation method (see `cdmbench list methods`).")
-    ],
+        str | None,
+        typer.Argument(
+            help="Distillation method (see `cdmbench list methods`); may be left out when "
+            "--config names a recipe, and must agree with it otherwise."
+        ),
+    ] = None,
     backbone: Annotated[
-        str, typer.Option(help="Backbone (see `cdmbench list backbones`).")
-    ] = "digits",
+        str | None,
+        typer.Option(
+            help="Backbone (see `cdmbench list backbones`; default: the recipe's, else digits)."
+        ),
+    ] = None,
     iters: Annotated[
         int | None, typer.Option(help="Training iterations (method's backbone default if unset).")
     ] = None,
     batch: Annotated[int | None, typer.Option(help="Batch size per process.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the run.")] = 0,
-    config: Annotated[
-        str | None, typer.Option(help="TOML file with [train], [method] and [backbone] tables.")
-    ] = None,
+    config: Annotated[str | None, ConfigOptHelp] = None,
     set_: Annotated[
         list[str] | None,
         typer.Option(
@@ -280,16 +324,21 @@ def train(
             "--set backbone.weights=FOLDER."
         ),
     ] = None,
-    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    device: DeviceOpt = "auto",
 ) -> None:
     """Distill the backbone's teacher into a few-step student with METHOD.
 
-    The run directory is named by a hash of the resolved configuration: the same command
-    again reuses a finished run and continues an interrupted one from its last checkpoint.
+    `--config cdm-sd3` trains a shipped recipe (`cdmbench recipes`), method and backbone
+    included. The run directory is named by a hash of the resolved configuration: the same
+    command again reuses a finished run and continues an interrupted one from its last
+    checkpoint.
     """
     from cdmbench.config import resolve
+    from cdmbench.distributed import resolve_device
     from cdmbench.training.run import train_run
 
+    method, backbone, recipe = _method_backbone(method, backbone, config)
+    device = resolve_device(device)
     method_cls = METHODS.get(method)
     teacher_weights, set_ = _pipeline_weights(teacher_weights, set_)
     bb_obj = _backbone(backbone, set_, device, config, only_backbone=False)
@@ -344,6 +393,7 @@ def train(
             teacher_weights,
             resume=True if resume else None,
             progress=progress,
+            recipe=recipe.record() if recipe else None,
         )
     if result.skipped:
         out.print(f"already trained: {result.run_dir}")
@@ -401,7 +451,7 @@ def eval_cmd(
     teacher_weights: Annotated[
         str | None, typer.Option(help="Teacher weights (default: shipped/hub).")
     ] = None,
-    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    device: DeviceOpt = "auto",
     compile_: CompileOpt = False,
     compile_mode: CompileModeOpt = "default",
     recompute: Annotated[
@@ -430,6 +480,9 @@ def eval_cmd(
     step_list = parse_steps(steps)
     mode = _compile_mode(compile_, compile_mode)
     teacher_weights, set_ = _pipeline_weights(teacher_weights, set_)
+    from cdmbench.distributed import resolve_device
+
+    device = resolve_device(device)
     bb = _backbone(backbone, set_, device)
     defaults = bb.settings
     wanted = [m.strip() for m in methods.split(",")] if methods else None
@@ -712,7 +765,7 @@ def bench(
         str | None,
         typer.Option(help="Comma-separated metrics (default: the backbone's eval_metrics)."),
     ] = None,
-    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    device: DeviceOpt = "auto",
     compile_: CompileOpt = False,
     compile_mode: CompileModeOpt = "default",
     set_: BackboneSetOpt = None,
@@ -728,10 +781,12 @@ def bench(
 
     from cdmbench.bench import BenchConfig, methods_arg, run_bench
     from cdmbench.config import backbone_settings, parse_steps
+    from cdmbench.distributed import resolve_device
     from cdmbench.report import build_report, render_rich
     from cdmbench.settings import as_dict
 
     mode = _compile_mode(compile_, compile_mode)
+    device = resolve_device(device)
     settings = backbone_settings(BACKBONES.get(backbone), None, set_, only_backbone=True)
     ms = methods_arg(methods, ("cdm", "dmd", "dmd2", "cd"))
     for m in ms:
@@ -777,6 +832,119 @@ def bench(
         render_rich(outs.table, title=f"cdmbench bench — {backbone}{' (quick)' if quick else ''}")
     )
     out.print(f"{len(new)} new records; report: {outs.html} ({time.perf_counter() - t0:.0f}s)")
+
+
+# --------------------------------------------------------------------------- recipes
+@app.command()
+def recipes() -> None:
+    """List the shipped training recipes: `cdmbench train --config NAME` runs one."""
+    from cdmbench.recipes import shipped
+
+    table = Table(title="cdmbench recipes")
+    for col in ("name", "method", "backbone", "version", "description"):
+        table.add_column(col, style="bold cyan" if col == "name" else None)
+    for r in shipped():
+        table.add_row(r.name, r.method or "", r.backbone or "", str(r.version), r.description)
+    out.print(table)
+
+
+# ------------------------------------------------------------------------------ plan
+@app.command()
+def plan(
+    method: Annotated[
+        str | None,
+        typer.Argument(help="Distillation method; may be left out when --config names a recipe."),
+    ] = None,
+    backbone: Annotated[
+        str | None, typer.Option(help="Backbone (default: the recipe's, else sd3).")
+    ] = None,
+    config: Annotated[str | None, ConfigOptHelp] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override, e.g. --set backbone.gradient_checkpointing=false."),
+    ] = None,
+    gpus: Annotated[int, typer.Option(help="Processes, one GPU each.")] = 8,
+    gpu_memory: Annotated[float, typer.Option(help="Memory of one GPU, in GB (1e9 bytes).")] = 80.0,
+) -> None:
+    """What each GPU holds when a configuration trains, whether it fits, and what would.
+
+    Builds every model on the meta device (nothing is loaded) and prints per-rank weights,
+    gradients, optimizer states, buffers and activations (from per-token figures measured
+    per backbone); then the largest per-GPU batch that fits and, on one GPU, the gradient
+    accumulation and offloading that make the configuration fit.
+    """
+    from cdmbench.config import backbone_settings, resolve
+    from cdmbench.plan import GB, build_architecture, estimate, fmt_gb, largest_batch, remedies
+
+    if gpus < 1 or gpu_memory <= 0:
+        raise UserError("--gpus must be >= 1 and --gpu-memory > 0")
+    method, backbone, recipe = _method_backbone(method, backbone or None, config)
+    if backbone == "digits" and (recipe is None or recipe.backbone is None):
+        backbone = "sd3"
+    method_cls, bb_cls = METHODS.get(method), BACKBONES.get(backbone)
+    settings = backbone_settings(bb_cls, config, set_, only_backbone=False)
+    train_cfg, _ = resolve(method_cls, backbone, config, set_)
+    arch = build_architecture(bb_cls, settings, device="cuda")
+    accum = getattr(train_cfg, "grad_accum", 1)
+    kw = dict(
+        gpus=gpus,
+        shard=train_cfg.shard,
+        checkpointing=bool(getattr(settings, "gradient_checkpointing", False)),
+        optimizer=getattr(train_cfg, "optimizer", "adamw"),
+    )
+    offload = bool(getattr(settings, "offload_frozen", False))
+    cap = gpu_memory * GB
+    p = estimate(arch, method_cls, train_cfg.batch, grad_accum=accum, offload_frozen=offload, **kw)
+    img, txt = p.tokens
+    title = f"cdmbench plan — {method} on {backbone}" + (
+        f" (recipe {recipe.name} v{recipe.version})" if recipe else ""
+    )
+    out.print(title)
+    table = Table()
+    table.add_column("per GPU")
+    table.add_column("GB", justify="right")
+    for what, b in p.rows.items():
+        table.add_row(what, fmt_gb(b))
+    table.add_row("[bold]total[/]", f"[bold]{fmt_gb(p.total)}[/]")
+    out.print(table)
+    out.print(
+        f"{gpus} GPU(s) x {gpu_memory:g} GB, {'FSDP2-sharded' if p.sharded else 'replicated'}, "
+        f"gradient checkpointing {'on' if p.checkpointing else 'off'}, "
+        f"batch {p.micro_batch} per GPU x {accum} accumulation step(s), "
+        f"{img} image + {txt} text tokens, {p.optimizer}"
+        + (", frozen models offloaded" if offload else "")
+    )
+    fits = p.total <= cap
+    best = largest_batch(
+        lambda b: estimate(arch, method_cls, b, offload_frozen=offload, **kw).total <= cap
+    )
+    out.print(
+        f"{'fits' if fits else 'does not fit'}: {fmt_gb(p.total)} of {gpu_memory:g} GB per GPU; "
+        f"largest batch per GPU that fits: {best}"
+    )
+    if fits or gpus != 1:
+        return
+    target = p.micro_batch * accum
+
+    def plan_fn(micro: int, k: int, off: bool, opt: str):
+        kw_opt = kw | {"optimizer": opt}
+        return estimate(arch, method_cls, micro, grad_accum=k, offload_frozen=off, **kw_opt)
+
+    found = remedies(plan_fn, target, cap, kw["optimizer"])
+    if not found:
+        least = plan_fn(1, target, True, "adamw8bit").total
+        out.print(
+            f"nothing makes it fit one {gpu_memory:g} GB GPU: batch 1 with {target} accumulation "
+            f"steps, the frozen models offloaded and 8-bit AdamW still needs {fmt_gb(least)} GB; "
+            "use more GPUs (FSDP2 shards the models)"
+        )
+        return
+    for r in found:
+        sets = " ".join(f"--set {x}" for x in r.sets(kw["optimizer"]))
+        out.print(
+            f"fits one GPU at {fmt_gb(r.plan.total)} GB with the same {target} samples per "
+            f"update: {sets}"
+        )
 
 
 # ------------------------------------------------------------------------------ main

@@ -67,15 +67,19 @@ def parse_sets(sets: list[str] | None) -> dict[str, str]:
 
 
 def read_toml(config_file: str | Path) -> dict[str, Any]:
-    """The tables of a TOML config file; a missing or malformed file is a UserError."""
-    path = Path(config_file)
+    """The tables of a TOML config file, or of the shipped recipe of that name
+    (:mod:`cdmbench.recipes`); a missing or malformed file is a UserError."""
+    from cdmbench.recipes import find, recipe_of
+
+    path = find(config_file)
     try:
         data = tomllib.loads(path.read_text())
     except FileNotFoundError:
         raise UserError(f"config file {path} not found") from None
     except tomllib.TOMLDecodeError as e:
         raise UserError(f"config file {path} is not valid TOML: {e}") from None
-    unknown = [k for k, v in data.items() if isinstance(v, dict) and k not in SECTIONS]
+    recipe_of(path, data)  # checks the [recipe] table
+    unknown = [k for k, v in data.items() if isinstance(v, dict) and k not in (*SECTIONS, "recipe")]
     if unknown:
         raise UserError(
             f"config file {path}: unknown table [{unknown[0]}]; use "

@@ -13,10 +13,48 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from cdmbench.errors import UserError
+
 
 def rank_world() -> tuple[int, int]:
     """(rank, world size) from the launcher's environment; (0, 1) for a plain run."""
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def resolve_device(spec: str | None = "auto") -> str:
+    """The device a command runs on: ``auto`` is this process's local GPU (``cuda:LOCAL_RANK``)
+    when CUDA is available, else ``cpu``; an explicit device must exist here. Anything else
+    is a one-line :class:`UserError`.
+
+    Every command that runs a network resolves ``--device`` here; the device never enters a
+    run's hash.
+    """
+    text = "auto" if spec is None else str(spec).strip().lower()
+    if text == "auto":
+        if torch.cuda.is_available():
+            local = int(os.environ.get("LOCAL_RANK", 0))
+            return f"cuda:{local % torch.cuda.device_count()}"
+        return "cpu"
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise UserError(f"unknown device '{spec}': use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cpu":
+        return text
+    if dev.type != "cuda":
+        raise UserError(f"device '{spec}' is not supported: use auto, cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise UserError(
+            f"device '{spec}' is not available: this machine has no usable CUDA GPU; "
+            "use --device cpu (or auto)"
+        )
+    n = torch.cuda.device_count()
+    if dev.index is not None and dev.index >= n:
+        raise UserError(
+            f"device '{spec}' does not exist: this machine has {n} CUDA device(s), "
+            f"cuda:0 to cuda:{n - 1}"
+        )
+    return text
 
 
 def init_distributed(device: str, timeout_s: float = 7200.0) -> tuple[int, int]:
@@ -27,11 +65,13 @@ def init_distributed(device: str, timeout_s: float = 7200.0) -> tuple[int, int]:
     run. The default is evaluation's, where one rank may score metrics while the others wait;
     training passes ``train.dist_timeout_s``."""
     rank, world = rank_world()
-    if world > 1 and device == "cuda" and torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count())))
+    dev = torch.device(device)
+    if world > 1 and dev.type == "cuda" and torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count()))
+        torch.cuda.set_device(local if dev.index is None else dev.index)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(
-            "gloo" if device == "cpu" else "nccl", timeout=timedelta(seconds=timeout_s)
+            "gloo" if dev.type == "cpu" else "nccl", timeout=timedelta(seconds=timeout_s)
         )
     return rank, world
 

@@ -67,6 +67,8 @@ class CD(Method[None]):
 
     name = "cd"
     Config = CDConfig
+    aux_models = {"target": False}  # the EMA target (target="ema")
+    grad_forwards = {"student": 1}
     backbone_defaults = {
         # digits: one phase (LCM), so one student serves 1, 2 and 4 steps; measured FD at 1 / 2 /
         # 4 steps: 4 phases 88.7 / 10.9 / 5.8, one phase 5.7 / 5.8 / 5.1.

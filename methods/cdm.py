@@ -94,6 +94,8 @@ class CDM(Method[Simulation]):
 
     name = "cdm"
     Config = CDMConfig
+    aux_models = {"fake": True}
+    grad_forwards = {"student": 2, "fake": 1}  # anchor and off-trajectory student forwards
     backbone_defaults = {
         # digits: schedules of 1-8 steps suffice; the teacher's few-step FD is best at CFG 1, so
         # the CFG-augmentation term (which pushes toward guidance 1 + scale) is off, and the fake

@@ -65,6 +65,8 @@ class DMD(Method[DMDState]):
 
     name = "dmd"
     Config = DMDConfig
+    aux_models = {"fake": True}
+    grad_forwards = {"student": 2, "fake": 1}  # the one-step output and the regression
     backbone_defaults = {
         # digits: real score at CFG 1, where the teacher's FD is best (as for dmd2)
         "digits": {

@@ -54,6 +54,8 @@ class DMD2(Method[Simulation]):
 
     name = "dmd2"
     Config = DMD2Config
+    aux_models = {"fake": True}
+    grad_forwards = {"student": 1, "fake": 1}
     backbone_defaults = {
         # digits: the teacher's few-step FD is best at CFG 1, so the real score runs at w = 1
         # (measured: w = 2 gave FD 56.9 / 18.1 at 1 / 2 steps, w = 1 gave 15.2 / 8.0).

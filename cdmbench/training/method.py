@@ -137,6 +137,11 @@ class Method(Generic[StateT]):
     name: ClassVar[str] = "method"
     Config: ClassVar[type] = object
     backbone_defaults: ClassVar[dict[str, dict[str, Any]]] = {}
+    # What `cdmbench plan` sizes a run by (:mod:`cdmbench.plan`): the models :meth:`build`
+    # adds, each trained or frozen, and how many forwards with gradients one update of each
+    # group holds until its backward (one per network call whose graph the loss keeps).
+    aux_models: ClassVar[dict[str, bool]] = {}  # name -> trained
+    grad_forwards: ClassVar[dict[str, int]] = {"student": 1}
 
     def __init__(self, config: Any = None) -> None:
         self.config = config if config is not None else self.Config()

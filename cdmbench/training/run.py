@@ -63,6 +63,7 @@ def train_run(
     resume: bool | None = None,
     progress: Callable[[int, dict[str, float]], None] | None = None,
     sample_steps: tuple[int, ...] = (1, 2, 4),
+    recipe: dict[str, Any] | None = None,
 ) -> RunResult:
     """Train (or finish, or reuse) the run this configuration names.
 
@@ -71,6 +72,8 @@ def train_run(
     SIGTERM, SIGUSR1 and SIGINT during training checkpoint at the next iteration and raise
     :class:`~cdmbench.training.checkpoint.Preempted` (a ``SystemExit`` with status 143, 138
     or 130): the job can be requeued and continues where it stopped.
+    ``recipe``: the recipe the configuration came from (name, version), recorded in
+    config.json beside the hashed values.
     """
     payload = run_payload(method.name, backbone, train_cfg, method.config, teacher_weights)
     run_dir = run_dir_for(out_root, payload)
@@ -93,7 +96,9 @@ def train_run(
         remove_stale_temps(run_dir)  # a killed predecessor's half-written files
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(run_dir / "config.json", payload)
+            atomic_write_json(
+                run_dir / "config.json", payload | ({"recipe": recipe} if recipe else {})
+            )
         except OSError as e:
             raise UserError(
                 f"cannot write run directory {run_dir}: {e.strerror}; choose another --out"
