@@ -1,3 +1,3 @@
 """cdmbench: a benchmark and evaluation harness for few-step diffusion distillation."""
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
