@@ -33,7 +33,7 @@ from torch.autograd.graph import saved_tensors_hooks
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cdmbench.plan import FIGURES_FILE, _plan_info  # noqa: E402
+from cdmbench.plan import FIGURES_FILE, shipped_configs  # noqa: E402
 
 KINDS = {  # backbone -> (tiny twin, block-count config keys in wrap-class order)
     "sd3": ("cdmbench.backbones.sd3:TinySD3", ("num_layers",)),
@@ -60,7 +60,7 @@ def saved_bytes(
     """(activation bytes, weight-copy bytes, text tokens) one sample's forward saves, with
     ``text_scale`` times the backbone's text tokens."""
     twin = _twin(backbone)
-    info = _plan_info(twin)
+    info = shipped_configs(twin)
     cfg = dict(info["components"]["transformer"])
     for key, n in zip(KINDS[backbone][1], counts, strict=True):
         cfg[key] = n

@@ -24,33 +24,12 @@ import numpy as np
 import torch
 
 from cdmbench import flow
+from cdmbench.backbones.sd3 import SD3
+from cdmbench.plan import shipped_configs
 
-SD3_MEDIUM = dict(
-    sample_size=128,
-    patch_size=2,
-    in_channels=16,
-    num_layers=24,
-    attention_head_dim=64,
-    num_attention_heads=24,
-    joint_attention_dim=4096,
-    caption_projection_dim=1536,
-    pooled_projection_dim=2048,
-    out_channels=16,
-    pos_embed_max_size=192,
-)
-SD3_VAE = dict(
-    in_channels=3,
-    out_channels=3,
-    latent_channels=16,
-    block_out_channels=(128, 256, 512, 512),
-    layers_per_block=2,
-    down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4,
-    use_quant_conv=False,
-    use_post_quant_conv=False,
-    scaling_factor=1.5305,
-    shift_factor=0.0609,
-)
+_REAL = shipped_configs(SD3)["components"]  # SD3-Medium's real configs, as cdmbench ships them
+SD3_MEDIUM = _REAL["transformer"]
+SD3_VAE = _REAL["vae"]
 TINY = dict(
     sample_size=8,
     patch_size=2,

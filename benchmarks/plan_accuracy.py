@@ -38,9 +38,9 @@ def wide_sd3(layers: int, res: int, checkpointing: bool):
     from diffusers import SD3Transformer2DModel
 
     from cdmbench.backbones.sd3 import TinySD3
-    from cdmbench.plan import _plan_info
+    from cdmbench.plan import shipped_configs
 
-    cfg = dict(_plan_info(TinySD3)["components"]["transformer"])
+    cfg = dict(shipped_configs(TinySD3)["components"]["transformer"])
     cfg |= {"num_layers": layers, "sample_size": res // 8, "joint_attention_dim": 64}
     cfg |= {"pooled_projection_dim": 64}  # the tiny text encoders' widths
 

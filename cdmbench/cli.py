@@ -950,6 +950,11 @@ def plan(
 # ------------------------------------------------------------------------------ main
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors become one line on stderr and exit status 2."""
+    import logging
+
+    # diffusers imports bitsandbytes when it is installed (the adam8bit extra), which warns on
+    # every start about an optional 4-bit CPU kernel that cdmbench never uses
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     from cdmbench.training.core import CheckpointError, NonFiniteLossError
 
     try:

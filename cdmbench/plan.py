@@ -108,8 +108,9 @@ def _figures_key(bb_cls: type) -> str:
     return bb_cls.name
 
 
-def _plan_info(bb_cls: type) -> dict[str, Any]:
-    """The first ``plan_<name>.json`` along the backbone's class hierarchy."""
+def shipped_configs(bb_cls: type) -> dict[str, Any]:
+    """The full-size component configs a backbone ships (the first ``plan_<name>.json``
+    along its class hierarchy): for planning, and for building its real architecture offline."""
     for c in bb_cls.__mro__:
         path = ASSETS / f"plan_{getattr(c, 'name', '')}.json"
         if path.is_file():
@@ -130,7 +131,7 @@ def _build(cls: type, cfg: dict[str, Any]) -> nn.Module:
 def build_architecture(bb_cls: type, settings: Any, device: str = "cuda") -> Architecture:
     """Every model of the backbone on the meta device, with the settings' resolution, text
     length and dtypes (``device``: where the plan is for; ``auto`` dtypes follow it)."""
-    info = _plan_info(bb_cls)
+    info = shipped_configs(bb_cls)
     parts = [n for n in bb_cls.classes if not n.startswith("tokenizer") and n != "scheduler"]
     if getattr(settings, "drop_t5", False):
         parts = [n for n in parts if n != "text_encoder_3"]
