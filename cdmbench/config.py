@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cdmbench.errors import UserError
-from cdmbench.settings import apply, unhashed
+from cdmbench.settings import apply, as_dict
 
 try:
     import tomllib
@@ -186,18 +186,7 @@ def run_payload(
     """
     from cdmbench import __version__
 
-    t = {k: v for k, v in config_to_dict(train).items() if k not in unhashed(type(train))}
-    for k in (
-        "device",
-        "threads",
-        "log_every",
-        "ckpt_every",
-        "on_nan",
-        "shard",
-    ):  # do not change results
-        t.pop(k, None)
-    for k in unhashed(type(train)):  # declared not to change results
-        t.pop(k, None)
+    t = as_dict(train, hashed_only=True)  # the settings declared to change results
     return {
         "method": method,
         "backbone": backbone.name,

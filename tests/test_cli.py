@@ -6,18 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
+from cli_run import run
 
 from cdmbench.cli import main
-
-
-def run(capsys, *argv: str) -> tuple[int, str, str]:
-    try:
-        main(list(argv))
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err
 
 
 def test_help_lists_commands(capsys):

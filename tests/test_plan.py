@@ -5,23 +5,13 @@ from __future__ import annotations
 import re
 
 import pytest
+from cli_run import run
 
 from cdmbench.backbones.sd3 import TinySD3
-from cdmbench.cli import main
 from cdmbench.methods.cd import CD
 from cdmbench.methods.cdm import CDM
 from cdmbench.plan import _all_figures, build_architecture, estimate, inventory, largest_batch
 from cdmbench.training.core import TrainConfig, Trainer
-
-
-def run(capsys, *argv: str) -> tuple[int, str, str]:
-    try:
-        main(list(argv))
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err
 
 
 def numel(m) -> int:

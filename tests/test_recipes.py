@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
+from cli_run import run
 
-from cdmbench.cli import main
 from cdmbench.config import backbone_settings, read_toml, resolve
 from cdmbench.distributed import resolve_device
 from cdmbench.errors import UserError
@@ -15,16 +15,6 @@ from cdmbench.recipes import RECIPE_DIR, load, names, shipped
 from cdmbench.registry import BACKBONES, METHODS
 
 PAPER = {"cdm-sd3", "cdm-longcat", "dmd2-sd3", "cd-sd3"}
-
-
-def run(capsys, *argv: str) -> tuple[int, str, str]:
-    try:
-        main(list(argv))
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err
 
 
 def test_shipped_recipes_resolve_to_typed_settings():

@@ -68,15 +68,17 @@ class TrainConfig:
     batch: int = 16  # per process
     seed: int = 0
     ema_cap: float = 0.999  # student EMA decay min((1+k)/(10+k), ema_cap)
-    log_every: int = 10  # JSONL log cadence, iterations
+    log_every: int = setting(10, hashed=False)  # JSONL log cadence, iterations
     # tracker beside log.jsonl: "tensorboard" (when installed), "wandb" or "none"
     log_to: str = setting("tensorboard", hashed=False, choices=TRACKERS)
     sample_every: int = setting(0, hashed=False)  # sample-grid cadence, iterations; 0: off
-    ckpt_every: int = 250  # checkpoint cadence, iterations
-    on_nan: str = "stop"  # "stop": raise and keep the last good checkpoint; "skip": skip the step
-    device: str = "cpu"
-    threads: int = 0  # torch CPU threads; 0 keeps torch's default
-    shard: str = "auto"  # "none", "fsdp2", or "auto": fsdp2 under `accelerate launch` with FSDP2
+    ckpt_every: int = setting(250, hashed=False)  # checkpoint cadence, iterations
+    # "stop": raise and keep the last good checkpoint; "skip": skip the step
+    on_nan: str = setting("stop", hashed=False)
+    device: str = setting("cpu", hashed=False)
+    threads: int = setting(0, hashed=False)  # torch CPU threads; 0 keeps torch's default
+    # "none", "fsdp2", or "auto": fsdp2 under `accelerate launch` with FSDP2; the same updates
+    shard: str = setting("auto", hashed=False)
     grad_accum: int = 1  # micro-batches per update: the effective batch is batch x this x world
     # AdamW in 32-bit, or bitsandbytes' 8-bit AdamW (a quarter of the optimizer-state memory)
     optimizer: str = setting("adamw", choices=OPTIMIZERS)
