@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+import torch
 from torch import Tensor
 
 from cdmbench.backbones.base import Backbone
@@ -95,3 +96,82 @@ def value_spec(name: str, higher_is_better: bool | None = None) -> Value | None:
     if spec is not None:
         return spec
     return None if higher_is_better is None else Value(higher_is_better)
+
+
+class PerSampleMetric(Metric):
+    """A metric that scores each (image, prompt) pair on its own and averages: reward models,
+    CLIP score. Subclasses implement :meth:`load` and :meth:`score_batch`; the scoring driver
+    streams images in chunks, shards them across ranks and combines the per-sample scores, so
+    a subclass never sees the whole sample set."""
+
+    needs = ("images", "prompts")
+    batch_size: int = 16
+    device: str | None = None
+
+    def load(self, device: str | torch.device = "cpu") -> Any:
+        """The scoring model(s), built once per process (weights resolved by :meth:`check`)."""
+        raise NotImplementedError
+
+    def score_batch(self, model: Any, images: Tensor, texts: list[str]) -> Tensor:
+        """One score per pair: images uint8 [n, C, H, W] (C = 1 or 3), texts[i] the prompt of
+        images[i] -> float64 [n] on the CPU."""
+        raise NotImplementedError
+
+    def reduce(self, scores: Tensor) -> dict[str, float]:
+        """Values from all per-sample scores (float64 [N], manifest order): the mean."""
+        (value,) = self.values
+        return {value: float(scores.sum() / max(len(scores), 1))}
+
+    def scores(
+        self, images: Tensor, texts: list[str], device: str | torch.device = "cpu"
+    ) -> Tensor:
+        """Per-sample scores of images[i] for texts[i] in batches of ``batch_size``."""
+        if images.shape[0] != len(texts):
+            raise ValueError(f"{images.shape[0]} images but {len(texts)} prompts")
+        model = self.load(device)
+        out = [
+            self.score_batch(
+                model, images[i : i + self.batch_size], texts[i : i + self.batch_size]
+            ).to(torch.float64)
+            for i in range(0, len(texts), self.batch_size)
+        ]
+        return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
+
+    def compute(self, data: EvalSet) -> dict[str, float]:
+        device = self.device or str(getattr(data.backbone, "device", "cpu"))
+        return self.reduce(self.scores(data.images, [p.text for p in data.prompts], device))
+
+
+class PerPromptMetric(Metric):
+    """A metric over the images of each prompt (intra-prompt diversity: LPIPS, Vendi): one
+    score per prompt from its ``per_prompt`` images, averaged over prompts. The driver shards
+    whole prompts across ranks."""
+
+    needs = ("images", "prompts")
+    device: str | None = None
+
+    def load(self, device: str | torch.device = "cpu") -> Any:
+        raise NotImplementedError
+
+    def score_group(self, model: Any, images: Tensor, text: str) -> float:
+        """The score of the k >= 2 images (uint8 [k, C, H, W]) generated for one prompt."""
+        raise NotImplementedError
+
+    def reduce(self, scores: Tensor) -> dict[str, float]:
+        """Values from the per-prompt scores (float64 [P], prompt order): the mean."""
+        (value,) = self.values
+        return {value: float(scores.sum() / max(len(scores), 1))}
+
+    def compute(self, data: EvalSet) -> dict[str, float]:
+        device = self.device or str(getattr(data.backbone, "device", "cpu"))
+        model = self.load(device)
+        groups: dict[str, list[int]] = {}
+        for i, p in enumerate(data.prompts):
+            groups.setdefault(p.id, []).append(i)
+        texts = {p.id: p.text for p in data.prompts}
+        scores = [
+            self.score_group(model, data.images[idx], texts[pid])
+            for pid, idx in groups.items()
+            if len(idx) >= 2
+        ]
+        return self.reduce(torch.tensor(scores, dtype=torch.float64))
