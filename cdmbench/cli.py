@@ -462,19 +462,46 @@ def eval_cmd(
         ),
     ] = None,
     set_: BackboneSetOpt = None,
+    protocol: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated evaluation protocols (see `cdmbench protocols`), each a "
+            "(prompt set -> metrics) pair that fixes prompts, subset, samples per prompt, "
+            "reference, resize/crop and metrics."
+        ),
+    ] = None,
+    data: Annotated[
+        list[str] | None,
+        typer.Option(help="A protocol's input file or folder, NAME=PATH (repeatable)."),
+    ] = None,
+    data_dir: Annotated[
+        Path, typer.Option(help="Where protocol inputs are found under their default paths.")
+    ] = Path("data"),
+    limit: Annotated[
+        int | None,
+        typer.Option(
+            help="Evaluate N prompts: the N of smallest sha256 rank of their ids (a protocol's "
+            "seed, else 0), the same every run; a smaller N gives a subset of a larger one."
+        ),
+    ] = None,
+    n_ref: Annotated[
+        int | None,
+        typer.Option(help="At most N reference images, a deterministic subset (as --limit)."),
+    ] = None,
 ) -> None:
     """Generate with every student and the teacher at each step count, score, and append records.
 
     Samples are kept as PNGs with a manifest under --samples, keyed by content: a rerun
     reuses them, an interrupted run regenerates only what is missing, and metrics already
-    recorded for a sample set are not recomputed (unless named in --recompute).
+    recorded for a sample set are not recomputed (unless named in --recompute). Every
+    prompt set, metric and reference is checked before anything is generated.
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from cdmbench.config import parse_steps
     from cdmbench.distributed import init_distributed
     from cdmbench.evaluate import EvalPlan, run_candidates, run_eval, teacher_candidate
-    from cdmbench.prompts_io import load_prompt_set
+    from cdmbench.protocols import eval_pairs
     from cdmbench.results import ResultStore
 
     step_list = parse_steps(steps)
@@ -489,11 +516,19 @@ def eval_cmd(
     for m in wanted or []:
         if m != "teacher":
             METHODS.entry(m)
-    metric_names = (
-        [m.strip() for m in metrics.split(",")] if metrics else list(defaults.eval_metrics)
-    )
-    for m in metric_names:
-        METRICS.entry(m)
+    pairs = eval_pairs(
+        bb,
+        protocol,
+        prompts=prompts,
+        metrics=metrics,
+        num_samples=num_samples,
+        reference=reference,
+        data=data,
+        data_dir=data_dir,
+        limit=limit,
+        n_ref=n_ref,
+    )  # every pair checked (metrics registered, inputs and reference there) before generating
+    metric_names = list(dict.fromkeys(m for p in pairs for m in p.metrics))
     again = tuple(m.strip() for m in recompute.split(",")) if recompute else ()
     for m in again:
         METRICS.entry(m)
@@ -502,9 +537,8 @@ def eval_cmd(
                 f"--recompute {m}: not among the metrics of this run ({', '.join(metric_names)}); "
                 f"add it to --metrics"
             )
-    prompt_set, prompt_list = load_prompt_set(prompts or defaults.eval_prompts, backbone=bb)
-    bb.warn_prompt_overlap(prompt_list)
-    per_prompt = num_samples or defaults.eval_samples
+    for pair in pairs:
+        bb.warn_prompt_overlap(pair.prompts)
     rank, world = init_distributed(device)
     cands = (
         []
@@ -515,23 +549,25 @@ def eval_cmd(
         runs, bb, [m for m in wanted if m != "teacher"] if wanted else None, device
     )
     batch_size = batch_size or defaults.eval_batch
-    reference = defaults.fid_reference if reference is None else reference
-    plan = EvalPlan(
-        bb,
-        cands + students,
-        step_list,
-        metric_names,
-        prompt_list,
-        prompt_set,
-        per_prompt,
-        seed,
-        samples,
-        ResultStore(results),
-        batch_size,
-        reference=reference,
-        compile=mode,
-        recompute=again,
-    )
+    plans = [
+        EvalPlan(
+            bb,
+            cands + students,
+            step_list,
+            pair.metrics,
+            pair.prompts,
+            pair.prompt_set,
+            pair.per_prompt,
+            seed,
+            samples,
+            ResultStore(results),
+            batch_size,
+            reference=pair.reference,
+            compile=mode,
+            recompute=tuple(m for m in again if m in pair.metrics),
+        )
+        for pair in pairs
+    ]
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -547,9 +583,10 @@ def eval_cmd(
                 tasks[label] = bar.add_task(label, total=total or None)
             bar.update(tasks[label], completed=done)
 
-        new = run_eval(plan, progress, rank, world)
+        done = [(plan, run_eval(plan, progress, rank, world)) for plan in plans]
     if rank == 0:
-        _print_records(new, plan)
+        for plan, new in done:
+            _print_records(new, plan)
 
 
 def _compile_mode(on: bool, mode: str) -> str | None:
@@ -845,6 +882,29 @@ def recipes() -> None:
         table.add_column(col, style="bold cyan" if col == "name" else None)
     for r in shipped():
         table.add_row(r.name, r.method or "", r.backbone or "", str(r.version), r.description)
+    out.print(table)
+
+
+# ------------------------------------------------------------------------- protocols
+@app.command()
+def protocols() -> None:
+    """List the shipped evaluation protocols: `cdmbench eval --protocol NAME` runs one."""
+    from cdmbench.protocols import shipped
+
+    table = Table(title="cdmbench protocols")
+    cols = ("name", "version", "metrics", "samples", "inputs (--data NAME=PATH)", "description")
+    for col in cols:
+        table.add_column(col, style="bold cyan" if col == "name" else None)
+    for p in shipped():
+        inputs = ", ".join(f"{i.name} ({i.path})" for i in p.inputs.values()) or "none"
+        table.add_row(
+            p.name,
+            str(p.version),
+            ", ".join(p.metrics),
+            str(p.samples_per_prompt),
+            inputs,
+            p.description,
+        )
     out.print(table)
 
 
