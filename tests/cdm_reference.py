@@ -199,7 +199,7 @@ class DiversityScorer:
 
         per_prompt_distances = []
 
-        for prompt_key, images in images_by_prompt.items():
+        for prompt_key, images in images_by_prompt.items():  # noqa: B007 (verbatim)
             num_variations = images.shape[0]
             if num_variations < 2:
                 continue
@@ -263,7 +263,7 @@ class DiversityScorer:
 
         per_prompt_vendi = []
 
-        for prompt_key, images in images_by_prompt.items():
+        for prompt_key, images in images_by_prompt.items():  # noqa: B007 (verbatim)
             num_variations = images.shape[0]
             if num_variations < 2:
                 continue

@@ -85,8 +85,10 @@ def resolve_dir(
     if local is not None:
         path = Path(local)
         weights = ("*.safetensors", "pytorch_model.bin") if model else ()
-        if not path.is_dir() or _missing(path, required) or (
-            weights and len(_missing(path, weights)) == len(weights)
+        if (
+            not path.is_dir()
+            or _missing(path, required)
+            or (weights and len(_missing(path, weights)) == len(weights))
         ):
             where = f" (from ${env})" if env and os.environ.get(env) == str(local) else ""
             raise MissingWeightsError(

@@ -103,9 +103,7 @@ class _LpipsBase(PerPromptMetric):
         return self._file
 
     def _download(self, path: Path) -> None:
-        hint = (
-            f"{self.name}: torchvision's AlexNet weights are not in the torch hub cache ({path})"
-        )
+        hint = f"{self.name}: torchvision's AlexNet weights are not in the torch hub cache ({path})"
         if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
             raise MissingWeightsError(
                 f"{hint} and the machine is offline (HF_HUB_OFFLINE); download {ALEXNET_URL} "
