@@ -133,7 +133,9 @@ class _LpipsBase(PerPromptMetric):
             path = self.trunk_file()
             if path is None:
                 warnings.warn(f"{self.name}: LPIPS with a random AlexNet trunk", stacklevel=2)
-            model = lpips.LPIPS(net="alex", pnet_rand=True, verbose=False)
+            with warnings.catch_warnings():  # torchvision's notes on its `pretrained` argument
+                warnings.filterwarnings("ignore", category=UserWarning, module="torchvision")
+                model = lpips.LPIPS(net="alex", pnet_rand=True, verbose=False)
             if path is not None:
                 features = torch.load(path, map_location="cpu", weights_only=True)
                 # lpips' alexnet slices hold torchvision's alexnet.features[0..11]
