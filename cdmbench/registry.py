@@ -214,3 +214,33 @@ BACKBONES.register(
     description="LongCat-Image's diffusers classes from tiny configs, random weights; "
     "offline, for tests",
 )
+METRICS.register(
+    "clip_score_cos",
+    "cdmbench.metrics.clip_cos:ClipScoreCos",
+    description="CLIP score as plain cosine, transformers CLIP ViT-L/14 (official CDM evaluation)",
+)
+METRICS.register(
+    "pickscore",
+    "cdmbench.metrics.pickscore:PickScore",
+    description="PickScore-v1 reward, exp(logit_scale) x cosine (Kirstain et al. 2023)",
+)
+METRICS.register(
+    "hpsv2",
+    "cdmbench.metrics.hps:HPSv2",
+    description="HPSv2.1 human-preference score, open_clip ViT-H-14 (Wu et al. 2023)",
+)
+METRICS.register(
+    "aesthetic",
+    "cdmbench.metrics.aesthetic:LaionAesthetic",
+    description="LAION aesthetic predictor (MLP on CLIP ViT-L/14 image embeddings)",
+)
+METRICS.register(
+    "intra_lpips",
+    "cdmbench.metrics.diversity:IntraLPIPS",
+    description="intra-prompt diversity: mean pairwise LPIPS-AlexNet (lpips package)",
+)
+METRICS.register(
+    "vendi",
+    "cdmbench.metrics.diversity:Vendi",
+    description="intra-prompt diversity: Vendi score of LPIPS-AlexNet features (Friedman & Dieng 2023)",
+)
