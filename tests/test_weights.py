@@ -247,3 +247,76 @@ def test_eval_without_weights_exits_2_in_one_line_fast(tmp_path, how):
     assert ("HF_HUB_OFFLINE" if how == "offline" else "unreachable") in lines[0]
     assert cpu < 5 and elapsed < 15, f"{cpu:.1f} s CPU, {elapsed:.1f} s wall"
     assert not (tmp_path / "samples").exists()  # nothing generated first
+
+
+# ------------------------------------------------------------------------------ hub: backbone
+SD3_RUN = """
+import json, torch
+from cdmbench.backbones.sd3 import SD3, TINY_RESOLUTION
+from cdmbench.prompts_io import Prompt
+bb = SD3(weights="tiny-org/tiny-sd3", resolution=TINY_RESOLUTION)
+teacher = bb.load_teacher()
+cond = bb.encode([Prompt("p0", "a red bicycle")])
+print(json.dumps({
+    "id": bb.teacher_id(),
+    "root": str(bb.weights_dir),
+    "teacher": sum(float(p.double().sum()) for p in teacher.parameters()),
+    "cond": sum(float(v.double().sum()) for v in cond.tensors.values()),
+}))
+"""
+
+
+@pytest.mark.slow
+def test_backbone_hub_id_downloads_once(tmp_path):
+    """`sd3` with a hub id that is not cached: ``snapshot_download`` fetches the components the
+    configuration uses (a tiny SD3 pipeline served as a repo) and loads them as from a local
+    folder; the second run reads the cache and downloads nothing."""
+    from cdmbench import flow
+    from cdmbench.backbones.sd3 import SD3, TINY_RESOLUTION, TinySD3, export_student
+    from cdmbench.prompts_io import Prompt
+
+    tiny = TinySD3()
+    folder = export_student(tiny, tiny.load_teacher(), tmp_path / "pipe", flow.uniform_schedule(2))
+    files = {
+        p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()
+    }
+    local = SD3(weights=folder, resolution=TINY_RESOLUTION)
+    cond = local.encode([Prompt("p0", "a red bicycle")])
+    want = {
+        "teacher": sum(float(p.double().sum()) for p in local.load_teacher().parameters()),
+        "cond": sum(float(v.double().sum()) for v in cond.tensors.values()),
+    }
+    with FakeHub() as hub:
+        commit = hub.add_repo("tiny-org/tiny-sd3", files)
+        env = _online_env(tmp_path, hub.url)
+        first = _python(SD3_RUN, env, tmp_path)
+        got = hub.downloads("")
+        assert hub.downloads("transformer/config.json") == 1
+        assert hub.downloads("transformer/diffusion_pytorch_model.safetensors") == 1
+        second = _python(SD3_RUN, env, tmp_path)
+        assert hub.downloads("") == got  # nothing new
+    assert first == second
+    assert first["id"] == f"hf:tiny-org/tiny-sd3@{commit}"
+    assert Path(first["root"]).is_relative_to(tmp_path / "hf" / "hub")
+    assert first["teacher"] == pytest.approx(want["teacher"], rel=1e-9)
+    assert first["cond"] == pytest.approx(want["cond"], rel=1e-9)
+
+
+@pytest.mark.filterwarnings("ignore:The `local_dir_use_symlinks` argument")  # diffusers'
+def test_backbone_hub_unreachable_fails_fast(tmp_path, monkeypatch, online):
+    """A hub id not cached, the hub's host refusing connections: one line in seconds, for the
+    weights and for a component's config alike."""
+    import huggingface_hub.constants as hf
+
+    from cdmbench.backbones.sd3 import SD3
+    from cdmbench.prompts_io import Prompt
+
+    monkeypatch.setattr(hf, "ENDPOINT", f"http://127.0.0.1:{_closed_port()}")
+    monkeypatch.setattr(hf, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    bb = SD3(weights="tiny-org/not-cached")
+    t0 = time.perf_counter()
+    for use in (bb.load_teacher, bb.transformer_config, lambda: bb.encode([Prompt("p", "x")])):
+        with pytest.raises(MissingWeightsError) as e:
+            use()
+        assert "tiny-org/not-cached" in str(e.value) and "\n" not in str(e.value)
+    assert time.perf_counter() - t0 < 5
