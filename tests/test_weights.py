@@ -230,8 +230,8 @@ def test_eval_without_weights_exits_2_in_one_line_fast(tmp_path, how):
     """`cdmbench eval --metrics clip_score` with no cached weights: offline, or with the hub's
     host refusing connections, one line and exit status 2 in under 5 s of the process's CPU
     time (about its wall time on an idle machine: 4.1 s measured, most of it importing torch
-    and open_clip). The wall-time bound is loose for a loaded machine but far below one
-    network timeout plus retries."""
+    and open_clip). The wall-time bound is loose, for a loaded machine, but below the hub
+    client's retries with backoff."""
     env = _online_env(tmp_path, f"http://127.0.0.1:{_closed_port()}")
     if how == "offline":
         env["HF_HUB_OFFLINE"] = "1"
@@ -242,10 +242,10 @@ def test_eval_without_weights_exits_2_in_one_line_fast(tmp_path, how):
     elapsed, r1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
     lines = (out.stdout + out.stderr).strip().splitlines()
-    assert out.returncode == 2, out.stdout + out.stderr
-    assert len(lines) == 1 and "clip_score" in lines[0], lines
+    assert out.returncode == 2, (out.stdout + out.stderr)[-3000:]
+    assert len(lines) == 1 and "clip_score" in lines[0], lines[-20:]
     assert ("HF_HUB_OFFLINE" if how == "offline" else "unreachable") in lines[0]
-    assert cpu < 5 and elapsed < 15, f"{cpu:.1f} s CPU, {elapsed:.1f} s wall"
+    assert cpu < 5 and elapsed < 30, f"{cpu:.1f} s CPU, {elapsed:.1f} s wall"
     assert not (tmp_path / "samples").exists()  # nothing generated first
 
 
