@@ -2,9 +2,11 @@
 
 - Weights: ``backbone.weights`` is a local diffusers pipeline directory or a hub id
   (``owner/name``, at ``backbone.revision``), else ``$<weights_env>``, else the family's hub
-  id. A hub id is read from the local Hugging Face cache first and downloaded only when
-  not cached and the hub is not offline (``HF_HUB_OFFLINE=1``). Every failure is one
-  :class:`MissingWeightsError` whose one-line message says what to fetch.
+  id. A hub id is read from the local Hugging Face cache first and downloaded
+  (``snapshot_download``, only the components the configuration uses) when not cached and the
+  hub is reachable. Offline (``HF_HUB_OFFLINE=1``) or with the hub unreachable it fails in
+  seconds (:mod:`cdmbench.weights`). Every failure is one :class:`MissingWeightsError` whose
+  one-line message says what to fetch.
 - Identity: a run's hash holds the hub id and the commit actually loaded, or the local
   folder's fingerprint (:func:`cdmbench.backbones.base.weights_fingerprint`).
 - Dtypes: ``dtype`` (teacher, text encoders, VAE; ``auto``: bfloat16 on GPU, float32
@@ -313,14 +315,19 @@ class DiffusersBackbone(Backbone):
             return Path(snapshot_download(spec, local_files_only=True, **kw))
         except Exception:  # not cached: try the hub below
             pass
-        try:
-            return Path(snapshot_download(spec, **kw))
-        except Exception as e:  # offline, gated, no network: all one user error
-            raise self.missing(
-                f"weights '{spec}' are not in the local Hugging Face cache and "
-                f"could not be downloaded ({type(e).__name__})",
-                spec,
-            ) from None
+        from cdmbench.weights import hub_endpoint, unavailable
+
+        why = unavailable(hub_endpoint())
+        if why is None:
+            try:
+                return Path(snapshot_download(spec, **kw))
+            except Exception as e:  # gated, missing, dropped connection: all one user error
+                why = type(e).__name__
+        raise self.missing(
+            f"weights '{spec}' are not in the local Hugging Face cache and "
+            f"could not be downloaded ({why})",
+            spec,
+        )
 
     def teacher_id(self, weights: str | None = None) -> str:
         """``hf:<hub id>@<commit>`` for hub weights, a folder or file fingerprint for local
@@ -338,8 +345,13 @@ class DiffusersBackbone(Backbone):
         """A component's config, read without loading weights (a hub id: that file only)."""
         cls = self.classes[name]
         src = self._root or (self.weights if is_hub_id(self.weights) else self.weights_dir)
+        kw: dict[str, Any] = {}
+        if self._root is None and is_hub_id(self.weights):
+            from cdmbench.weights import hub_endpoint, unavailable
+
+            kw["local_files_only"] = unavailable(hub_endpoint()) is not None  # the cache, fast
         try:
-            return dict(cls.load_config(src, subfolder=name, revision=self.settings.revision))
+            return dict(cls.load_config(src, subfolder=name, revision=self.settings.revision, **kw))
         except Exception as e:
             raise self.missing(
                 f"{name} config not readable from {src} ({type(e).__name__})"

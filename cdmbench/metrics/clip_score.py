@@ -14,9 +14,15 @@ which open_clip's plain ``ViT-L-14`` config does not use). ``pretrained`` may in
 local checkpoint file, loaded into ``model`` as is (name the ``-quickgelu`` variant for OpenAI
 weights then); ``pretrained=None`` builds random weights and is for tests only.
 
-Weights are read from the Hugging Face cache (or ``cache_dir``) where open_clip's usual download
-puts them; nothing is downloaded here. Missing weights raise :class:`MissingWeightsError` in
-:meth:`ClipScore.check`, before any model is built.
+``model`` may also be ``hf-hub:org/repo``, open_clip's schema for a model whose config
+(``open_clip_config.json``: architecture and preprocessing) and weights live in a Hugging Face
+repo; ``pretrained`` is ignored then, as open_clip ignores it.
+
+Weights are resolved as open_clip resolves them: the Hugging Face cache (or ``cache_dir``;
+``~/.cache/clip`` for a tag that only has a URL) first, else open_clip's own download
+(:func:`open_clip.pretrained.download_pretrained`) when the machine is online. Offline
+(``HF_HUB_OFFLINE=1``) or with the host unreachable, :meth:`ClipScore.check` raises
+:class:`MissingWeightsError` in seconds, before any model is built.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from torch import Tensor
 
 from cdmbench.errors import MissingWeightsError
 from cdmbench.metrics.base import EvalSet, Metric, Value
+from cdmbench.weights import cached_hub_file, download, hub_endpoint, hub_file
 
 CONVENTION = "max(mean_i 100*cos(E_image_i, E_text_i), 0) (torchmetrics CLIPScore)"
 
@@ -104,10 +111,32 @@ class ClipScore(Metric):
             os.path.isfile(p) or os.sep in p or p.endswith((".pt", ".pth", ".bin", ".safetensors"))
         )
 
+    def _hub_model(self) -> str | None:
+        """The repo of an ``hf-hub:org/repo`` model name, else None."""
+        prefix = "hf-hub:"
+        return self.model_name[len(prefix) :] if self.model_name.startswith(prefix) else None
+
+    def _hub_config(self) -> dict[str, Any]:
+        """An ``hf-hub:`` model's ``open_clip_config.json`` (cache, else downloaded)."""
+        import json
+
+        repo = self._hub_model()
+        path = hub_file(
+            repo,
+            "open_clip_config.json",
+            what="clip_score",
+            cache_dir=self.cache_dir,
+            hint=self._fetch_hint(),
+        )
+        return json.loads(path.read_text(encoding="utf-8"))
+
     def _pretrained_cfg(self) -> dict[str, Any]:
-        """open_clip's config for the pretrained tag ({} for a file or random weights)."""
+        """open_clip's config for the pretrained tag ({} for a file or random weights; an
+        ``hf-hub:`` model's preprocessing config)."""
         import open_clip
 
+        if self._hub_model():
+            return dict(self._hub_config().get("preprocess_cfg", {}))
         if open_clip.get_model_config(self.model_name) is None:
             raise ValueError(
                 f"unknown open_clip model '{self.model_name}' (see open_clip.list_models())"
@@ -124,15 +153,36 @@ class ClipScore(Metric):
         return cfg
 
     def _fetch_hint(self) -> str:
+        tag = "" if self._hub_model() else f", pretrained='{self.pretrained}'"
         return (
             f'fetch them on a machine with network with `python -c "import open_clip; '
-            f"open_clip.create_model('{self.model_name}', pretrained='{self.pretrained}')\"`"
+            f"open_clip.create_model('{self.model_name}'{tag})\"`"
             f" (they go to the Hugging Face cache, {_hub_cache_dir(self.cache_dir)}) "
             "or pass pretrained=/path/to/checkpoint"
         )
 
     def checkpoint(self) -> str | None:
-        """Local checkpoint file for the weights (None: random), found without any network call."""
+        """Local checkpoint file for the weights (None: random): from the cache where open_clip
+        keeps them, else downloaded by open_clip's own mechanism when the machine is online."""
+        from open_clip.pretrained import (
+            HF_WEIGHTS_NAME,
+            _get_safe_alternatives,
+            download_pretrained,
+            download_pretrained_from_hf,
+        )
+
+        if repo := self._hub_model():
+            self._hub_config()  # the architecture comes first
+            for name in [*_get_safe_alternatives(HF_WEIGHTS_NAME), HF_WEIGHTS_NAME]:
+                if (hit := cached_hub_file(repo, name, cache_dir=self.cache_dir)) is not None:
+                    return str(hit)
+            return download(
+                "clip_score",
+                f"open_clip weights {repo}",
+                hub_endpoint(),
+                self._fetch_hint(),
+                lambda: download_pretrained_from_hf(repo, cache_dir=self.cache_dir),
+            )
         if not self.pretrained:
             return None
         if self._is_file():
@@ -148,25 +198,28 @@ class ClipScore(Metric):
             if os.path.isfile(cfg["file"]):
                 return str(cfg["file"])
         elif cfg.get("hf_hub"):
-            from huggingface_hub import try_to_load_from_cache
-            from open_clip.pretrained import HF_WEIGHTS_NAME, _get_safe_alternatives
-
             model_id, filename = os.path.split(cfg["hf_hub"])
             filename = filename or HF_WEIGHTS_NAME
             for name in [*_get_safe_alternatives(filename), filename]:  # open_clip's order
-                hit = try_to_load_from_cache(model_id, name, cache_dir=self.cache_dir)
-                if isinstance(hit, str) and os.path.isfile(hit):
-                    return hit
+                if (hit := cached_hub_file(model_id, name, cache_dir=self.cache_dir)) is not None:
+                    return str(hit)
         elif cfg.get("url"):
             root = Path(self.cache_dir or Path("~/.cache/clip").expanduser())
             target = root / os.path.basename(cfg["url"])
             if target.is_file():
                 return str(target)
         where = cfg.get("hf_hub") or cfg.get("url") or cfg.get("file")
-        raise MissingWeightsError(
-            f"clip_score needs open_clip weights {self.model_name}/"
-            f"{self.pretrained} ({where}), not on this machine: "
-            f"{self._fetch_hint()}"
+        source = f"open_clip weights {self.model_name}/{self.pretrained} ({where})"
+        if cfg.get("file"):  # a file the pretrained table names: nothing to download
+            raise MissingWeightsError(f"clip_score: {source} not found; {self._fetch_hint()}")
+        url = hub_endpoint() if cfg.get("hf_hub") else cfg["url"]
+        cache = None if self.cache_dir is None else str(self.cache_dir)
+        return download(
+            "clip_score",
+            source,
+            url,
+            self._fetch_hint(),
+            lambda: download_pretrained(cfg, cache_dir=cache),
         )
 
     # ---- the plugin interface

@@ -4,9 +4,11 @@
     bicubic resize to 299 x 299, clip to [0, 255] -> (x - 128) / 128 -> Inception pool3 (2048-d)
 
 The network is clean-fid's TorchScript port of the TensorFlow FID Inception
-(``inception-2015-12-05.pt``). clean-fid downloads it on first use to ``/tmp`` (``./`` on
-Windows); this module never downloads anything: where the file is missing, :meth:`check`
-raises :class:`MissingWeightsError` naming the file, its URL and where to put it.
+(``inception-2015-12-05.pt``). As clean-fid does, it is downloaded on first use from clean-fid's
+URL (``$CDMBENCH_INCEPTION_URL`` overrides it, e.g. for a mirror) to ``/tmp`` (``./`` on Windows),
+or to ``$CDMBENCH_INCEPTION`` / the path given; offline (``HF_HUB_OFFLINE=1``) or with the host
+unreachable, :meth:`InceptionFeatures.check` raises :class:`MissingWeightsError` naming the file,
+its URL and where to put it.
 
 The resize is clean-fid's own kernel: Pillow's two-pass separable bicubic (a = -0.5) on 'F'
 images, horizontal pass first, each output a float64 sum over the filter taps in order,
@@ -41,7 +43,6 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from cdmbench.errors import MissingWeightsError
 from cdmbench.io import module_sha256
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
@@ -50,6 +51,7 @@ INCEPTION_URL = (
     "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/" + INCEPTION_FILE
 )
 INCEPTION_ENV = "CDMBENCH_INCEPTION"
+INCEPTION_URL_ENV = "CDMBENCH_INCEPTION_URL"  # a mirror of INCEPTION_URL (same file)
 CLEAN_SIZE = (299, 299)  # (width, height), as clean-fid passes it to PIL
 CLEAN_RESIZE = "PIL bicubic to 299x299 on float32 per channel, clip [0, 255] (clean-fid 'clean')"
 
@@ -73,12 +75,30 @@ def inception_path(path: str | os.PathLike | None = None) -> Path:
     return p / INCEPTION_FILE if p.is_dir() else p
 
 
+def inception_url() -> str:
+    """Where the Inception weights are downloaded from: $CDMBENCH_INCEPTION_URL, else
+    clean-fid's URL."""
+    return os.environ.get(INCEPTION_URL_ENV) or INCEPTION_URL
+
+
 def missing_inception_message(path: Path) -> str:
-    """The one-line message for a missing Inception file."""
+    """How to put a missing Inception file in place by hand (one line)."""
     return (
-        f"clean-fid Inception weights not found at {path}: fetch {INCEPTION_FILE} from "
-        f"{INCEPTION_URL} and save it as {path} (or set {INCEPTION_ENV}=/path/to/"
-        f"{INCEPTION_FILE})"
+        f"fetch {INCEPTION_FILE} from {inception_url()} and save it as {path} (or set "
+        f"{INCEPTION_ENV}=/path/to/{INCEPTION_FILE})"
+    )
+
+
+def fetch_inception(path: str | os.PathLike | None = None) -> Path:
+    """The Inception weights file (:func:`inception_path`), downloaded there on first use."""
+    from cdmbench.weights import url_file
+
+    dest = inception_path(path)
+    return url_file(
+        inception_url(),
+        dest,
+        what="clean-fid Inception weights",
+        hint=missing_inception_message(dest),
     )
 
 
@@ -364,8 +384,9 @@ class InceptionFeatures(ImageFeatures):
         return inception_path(self._path)
 
     def check(self) -> None:
-        if self.model is None and not self.path.is_file():
-            raise MissingWeightsError(missing_inception_message(self.path))
+        """Download the weights file on first use; MissingWeightsError where that fails."""
+        if self.model is None:
+            fetch_inception(self._path)
 
     def config(self) -> dict[str, Any]:
         # the file's location is deliberately left out: moving it changes no result
@@ -431,7 +452,9 @@ __all__ = [
     "as_features",
     "clean_resize",
     "cleanfid_inception_path",
+    "fetch_inception",
     "inception_path",
+    "inception_url",
     "module_digest",
     "pil_bicubic_taps",
 ]

@@ -14,16 +14,20 @@ transformers 5; :mod:`cdmbench.metrics._imagereward_compat` bridges that)::
 It needs nothing beyond cdmbench's own dependencies and timm (fairscale, OpenAI ``clip`` and
 ``datasets``, which the package's other modules import, are not needed for scoring).
 
-Weights, never downloaded here; the first of these that has them is used:
+Weights: the first of these that has them is used:
 
 - ``weights=DIR`` or ``$CDMBENCH_IMAGEREWARD``: a directory with ``ImageReward.pt`` and
   ``med_config.json`` (``hf download THUDM/ImageReward ImageReward.pt med_config.json
-  --local-dir DIR``);
+  --local-dir DIR``); never completed from the hub;
 - ``~/.cache/ImageReward``, where ``ImageReward.load`` downloads them;
-- the Hugging Face cache (``cache_dir``, default ``$HF_HUB_CACHE``) for ``THUDM/ImageReward``.
+- the Hugging Face cache (``cache_dir``, default ``$HF_HUB_CACHE``) for ``THUDM/ImageReward``,
+  downloaded there with ``hf_hub_download`` (the package's own mechanism) on first use when
+  the machine is online.
 
 BLIP's text tokenizer is ``bert-base-uncased``: ``tokenizer=DIR``, else ``DIR/bert-base-uncased``
-next to the weights, else the Hugging Face cache (where the package's own loader put it).
+next to the weights, else the Hugging Face cache (where the package's own loader puts it),
+downloaded there on first use. Offline (``HF_HUB_OFFLINE=1``) or with the hub unreachable,
+:meth:`ImageRewardScore.check` raises :class:`MissingWeightsError` in seconds.
 """
 
 from __future__ import annotations
@@ -38,20 +42,19 @@ from torch import Tensor
 
 from cdmbench.errors import MissingWeightsError
 from cdmbench.metrics.base import EvalSet, Metric, Value
+from cdmbench.weights import cached_hub_file, hub_file
 
 ENV = "CDMBENCH_IMAGEREWARD"
 REPO = "THUDM/ImageReward"
 FILES = ("ImageReward.pt", "med_config.json")
 TOKENIZER_REPOS = ("bert-base-uncased", "google-bert/bert-base-uncased")
+TOKENIZER_FILES = ("vocab.txt", "tokenizer_config.json")  # what BertTokenizer reads
 INSTALL = 'pip install -e ".[reward]" && pip install --no-deps image-reward==1.5'
 
 
 def _cached(repo: str, filename: str, cache_dir: str | os.PathLike | None) -> Path | None:
     """A file from the Hugging Face cache, looked up locally (no network)."""
-    from huggingface_hub import try_to_load_from_cache
-
-    hit = try_to_load_from_cache(repo, filename, cache_dir=cache_dir)
-    return Path(hit) if isinstance(hit, str) and os.path.isfile(hit) else None
+    return cached_hub_file(repo, filename, cache_dir=cache_dir)
 
 
 class ImageRewardScore(Metric):
@@ -96,10 +99,12 @@ class ImageRewardScore(Metric):
         hits = [_cached(REPO, f, self.cache_dir) for f in FILES]
         if hits[0] is not None and hits[1] is not None:
             return hits[0], hits[1]
-        raise MissingWeightsError(
-            f"image_reward needs ImageReward-v1.0 ({' and '.join(FILES)} "
-            f"from huggingface.co/{REPO}): run `{fetch}` and set {ENV}=DIR"
-        )
+        hint = f"run `{fetch}` and set {ENV}=DIR"
+        got = [
+            hub_file(REPO, f, what="image_reward", cache_dir=self.cache_dir, hint=hint)
+            for f in FILES
+        ]
+        return got[0], got[1]
 
     def tokenizer_dir(self) -> Path:
         """Local directory of the bert-base-uncased tokenizer, else MissingWeightsError."""
@@ -112,16 +117,30 @@ class ImageRewardScore(Metric):
                 d = Path("DIR") / "bert-base-uncased"
         if (d / "vocab.txt").is_file() or (d / "tokenizer.json").is_file():
             return d
-        if not self.tokenizer:
-            for repo in TOKENIZER_REPOS:
-                for f in ("tokenizer.json", "vocab.txt"):
-                    if (hit := _cached(repo, f, self.cache_dir)) is not None:
-                        return hit.parent
-        raise MissingWeightsError(
-            "image_reward needs BLIP's bert-base-uncased tokenizer: run `hf download "
-            f"bert-base-uncased vocab.txt tokenizer.json tokenizer_config.json --local-dir {d}`"
+        fetch = (
+            "run `hf download bert-base-uncased vocab.txt tokenizer.json tokenizer_config.json "
+            f"--local-dir {d}`"
             + (" (DIR: the ImageReward weights directory)" if d.parts[0] == "DIR" else "")
         )
+        if self.tokenizer:  # a directory given is never completed from the hub
+            raise MissingWeightsError(
+                f"image_reward needs BLIP's bert-base-uncased tokenizer: {fetch}"
+            )
+        for repo in TOKENIZER_REPOS:
+            for f in ("tokenizer.json", "vocab.txt"):
+                if (hit := _cached(repo, f, self.cache_dir)) is not None:
+                    return hit.parent
+        got = [
+            hub_file(
+                TOKENIZER_REPOS[0],
+                f,
+                what="image_reward (BLIP's bert-base-uncased tokenizer)",
+                cache_dir=self.cache_dir,
+                hint=fetch,
+            )
+            for f in TOKENIZER_FILES
+        ]
+        return got[0].parent
 
     # ---- the plugin interface
     def config(self) -> dict[str, Any]:
