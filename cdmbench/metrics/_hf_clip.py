@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from cdmbench.errors import MissingWeightsError
+from cdmbench.weights import download, hub_endpoint
 
 MODEL_FILES = ("*.json", "*.txt", "*.safetensors")  # config, tokenizer, weights
 PROCESSOR_FILES = ("*.json", "*.txt")  # tokenizer and image processor only
@@ -42,19 +43,18 @@ def hub_snapshot(
     from huggingface_hub import snapshot_download
 
     def get(allow: tuple[str, ...]) -> Path:
-        try:
-            return Path(
+        return download(
+            what,
+            repo_id,
+            hub_endpoint(),
+            f"run `hf download {repo_id} --include {' '.join(repr(p) for p in allow)}` on a "
+            "machine with internet (or copy the Hugging Face cache here)",
+            lambda: Path(
                 snapshot_download(
                     repo_id, allow_patterns=list(allow), cache_dir=cache_dir, revision=revision
                 )
-            )
-        except Exception as e:  # offline, unreachable, gated: one line either way
-            raise MissingWeightsError(
-                f"{what}: {repo_id} is not in the Hugging Face cache and could not be downloaded "
-                f"({type(e).__name__}); run `hf download {repo_id} --include "
-                f"{' '.join(repr(p) for p in allow)}` on a machine with internet (or copy the "
-                "cache here)"
-            ) from None
+            ),
+        )
 
     path = get(patterns)
     if "*.safetensors" in required and _missing(path, ("*.safetensors",)):

@@ -30,6 +30,7 @@ from torch import Tensor
 
 from cdmbench.errors import MissingWeightsError, UserError
 from cdmbench.metrics.base import PerPromptMetric, Value
+from cdmbench.weights import url_file
 
 ENV = "CDMBENCH_LPIPS_ALEXNET"
 INSTALL = 'pip install -e ".[diversity]"'
@@ -96,27 +97,13 @@ class _LpipsBase(PerPromptMetric):
                         f"{self.name}: AlexNet weights {path} do not exist; put {ALEXNET_URL} there"
                     )
             else:
-                path = Path(torch.hub.get_dir()) / "checkpoints" / Path(ALEXNET_URL).name
-                if not path.is_file():
-                    self._download(path)
+                path = url_file(
+                    ALEXNET_URL,
+                    Path(torch.hub.get_dir()) / "checkpoints" / Path(ALEXNET_URL).name,
+                    what=f"{self.name}: torchvision's AlexNet weights",
+                )
             self._file = path
         return self._file
-
-    def _download(self, path: Path) -> None:
-        hint = f"{self.name}: torchvision's AlexNet weights are not in the torch hub cache ({path})"
-        if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-            raise MissingWeightsError(
-                f"{hint} and the machine is offline (HF_HUB_OFFLINE); download {ALEXNET_URL} "
-                "there on a machine with internet"
-            )
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            torch.hub.download_url_to_file(ALEXNET_URL, str(path), progress=False)
-        except Exception as e:
-            raise MissingWeightsError(
-                f"{hint} and could not be downloaded ({type(e).__name__}); download "
-                f"{ALEXNET_URL} there on a machine with internet"
-            ) from None
 
     def check(self, backbone=None) -> None:
         try:
