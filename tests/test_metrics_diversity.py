@@ -1,5 +1,5 @@
-"""Intra-prompt LPIPS and the Vendi score against byliutao/cdm's DiversityScorer
-(tests/cdm_reference.py, which calls the ``lpips`` and ``vendi-score`` packages) on LPIPS with
+"""Intra-prompt LPIPS and the Vendi score against byliutao/cdm's DiversityScorer computations
+(tests/cdm_reference.py, on the ``lpips`` and ``vendi-score`` packages) on LPIPS with
 its shipped linear weights and a random AlexNet trunk; the Vendi formula against
 ``vendi_score.vendi.score_K``; AlexNet weights from a torchvision state dict."""
 
@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from cdm_reference import DiversityScorer
+from cdm_reference import intra_lpips_reference, vendi_reference
 from tiny_clip import images
 
 from cdmbench.backbones.base import Backbone
@@ -51,12 +51,13 @@ def _metrics():
     return lp, ve, model
 
 
-def _reference(model) -> DiversityScorer:
+def _reference(model):
+    """lpips' own LPIPS-AlexNet, holding the weights of ours."""
     import lpips
 
     ref = lpips.LPIPS(net="alex", pnet_rand=True, verbose=False)
     ref.load_state_dict(model.state_dict())
-    return DiversityScorer(ref.eval())
+    return ref.eval()
 
 
 def test_equal_the_cdm_diversity_scorer():
@@ -71,12 +72,12 @@ def test_equal_the_cdm_diversity_scorer():
     per_prompt = [lp.score_group(model, data.images[4 * p : 4 * p + 4], "") for p in range(3)]
     assert per_prompt[0] < per_prompt[1] < per_prompt[2]  # more noise, more diverse
     ours = lp.compute(data)["intra_lpips"]
-    assert ours == pytest.approx(ref.compute_intra_lpips(by_prompt, batch_size=64), rel=RTOL)
+    assert ours == pytest.approx(intra_lpips_reference(ref, by_prompt, 64), rel=RTOL)
 
     vendi = [ve.score_group(model, data.images[4 * p : 4 * p + 4], "") for p in range(3)]
     assert all(1 <= v <= 4 for v in vendi) and vendi[0] < vendi[2]
     ours = ve.compute(data)["vendi"]
-    assert ours == pytest.approx(ref.compute_vendi_score(by_prompt, batch_size=64), rel=RTOL)
+    assert ours == pytest.approx(vendi_reference(ref, by_prompt, 64), rel=RTOL)
 
 
 def test_identical_images_and_single_image_prompts():

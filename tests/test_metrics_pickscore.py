@@ -1,6 +1,6 @@
 """PickScore, the plain-cosine CLIP score and the LAION aesthetic score against the authors'
-reference code (tests/cdm_reference.py: byliutao/cdm's PickScoreScorer, ClipScorer,
-AestheticScorer; improved-aesthetic-predictor's MLP and ``normalized``) on tiny random
+computations (tests/cdm_reference.py: byliutao/cdm's PickScoreScorer, ClipScorer and
+AestheticScorer; improved-aesthetic-predictor's MLP head and simple_inference.py) on tiny random
 transformers CLIP models with the real 224-px preprocessing, and the preprocessing against the
 steps of transformers 4.x's PIL CLIPImageProcessor, which the authors ran."""
 
@@ -12,8 +12,13 @@ import time
 import numpy as np
 import pytest
 import torch
-from cdm_reference import MLP as ReferenceMLP
-from cdm_reference import AestheticScorer, ClipScorer, PickScoreScorer, normalized
+from cdm_reference import (
+    aesthetic_head,
+    aesthetic_predictor_reference,
+    aesthetic_reference,
+    clip_cos_reference,
+    pickscore_reference,
+)
 from tiny_clip import TEXTS, images, write_model, write_processor
 
 from cdmbench.backbones.base import Backbone
@@ -88,7 +93,11 @@ def test_pickscore_equals_the_authors_code(dirs):
     metric = PickScore(dirs / "model", dirs / "processor", batch_size=3)
     metric.check()
     model = metric.load("cpu")
-    ref = PickScoreScorer(_model(dirs / "model"), _reference_processor(dirs / "processor"))
+    ref_model, ref_proc = _model(dirs / "model"), _reference_processor(dirs / "processor")
+
+    def ref(prompts, pil):
+        return pickscore_reference(ref_model, ref_proc, prompts, pil)
+
     for size in [(48, 64), (300, 257)]:
         x = images(4, seed=1, size=size)
         ours = metric.scores(x, TEXTS)
@@ -112,36 +121,32 @@ def test_pickscore_equals_the_authors_code(dirs):
 def test_clip_score_cos_equals_the_cdm_code(dirs):
     metric = ClipScoreCos(dirs / "clip768", batch_size=4)
     metric.check()
-    ref = ClipScorer(_model(dirs / "clip768"), _reference_processor(dirs / "clip768"))
+    ref_model, ref_proc = _model(dirs / "clip768"), _reference_processor(dirs / "clip768")
     for size in [(48, 64), (300, 257)]:
         x = images(4, seed=4, size=size)
         ours = metric.scores(x, TEXTS)
         assert ours.abs().max() <= torch.exp(torch.tensor(3.0)) / 100 + 1e-6
-        _close(ours, ref(x.float() / 255.0, TEXTS))
+        _close(ours, clip_cos_reference(ref_model, ref_proc, x.float() / 255.0, TEXTS))
 
 
 def test_aesthetic_equals_the_authors_code(dirs, tmp_path):
     torch.manual_seed(5)
-    head = ReferenceMLP(768)
+    head = aesthetic_head(768).eval()
     torch.save(head.state_dict(), tmp_path / "aesthetic-model.pth")
     metric = LaionAesthetic(dirs / "clip768", tmp_path / "aesthetic-model.pth", batch_size=3)
     metric.check()
     clip = _model(dirs / "clip768")
-    ref = AestheticScorer(clip, _reference_processor(dirs / "clip768"), head.eval())
+    proc = _reference_processor(dirs / "clip768")
     for size in [(48, 64), (300, 257)]:
         x = images(4, seed=6, size=size)
         ours = metric.scores(x, TEXTS)
         assert ours.std() > 1e-4
-        _close(ours, ref(x))  # byliutao/cdm: the uint8 tensor straight into the processor
+        # byliutao/cdm: the uint8 tensor straight into the processor
+        _close(ours, aesthetic_reference(clip, proc, head, x))
         # improved-aesthetic-predictor simple_inference.py: one PIL image at a time
-        proc = _reference_processor(dirs / "clip768")
         for k, pil in enumerate(uint8_to_pil(x)):
-            with torch.no_grad():
-                px = proc(images=pil, return_tensors="pt")["pixel_values"]
-                image_features = clip.get_image_features(pixel_values=px).pooler_output
-                im_emb_arr = normalized(image_features.cpu().detach().numpy())
-                prediction = head(torch.from_numpy(im_emb_arr).type(torch.FloatTensor))
-            assert ours[k].item() == pytest.approx(prediction.item(), rel=RTOL)
+            prediction = aesthetic_predictor_reference(clip, proc, head, pil)
+            assert ours[k].item() == pytest.approx(prediction, rel=RTOL)
 
 
 def _one_line(fn) -> str:
