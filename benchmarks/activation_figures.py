@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import platform
 import sys
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -48,27 +50,37 @@ def _twin(backbone: str):
     return getattr(importlib.import_module(mod), cls)
 
 
+def build(backbone: str, counts: tuple[int, ...], device: str) -> torch.nn.Module:
+    """The backbone's transformer at its real widths with ``counts`` blocks of each kind
+    (random weights: the bytes saved do not depend on their values)."""
+    twin = _twin(backbone)
+    cfg = dict(shipped_configs(twin)["components"]["transformer"])
+    for key, n in zip(KINDS[backbone][1], counts, strict=True):
+        cfg[key] = n
+    torch.manual_seed(0)
+    return twin.classes["transformer"].from_config(cfg).to(device)
+
+
 def saved_bytes(
     backbone: str,
-    counts: tuple[int, ...],
+    model: torch.nn.Module,
     res: int,
     device: str,
     dtype: str,
     checkpointing: bool,
     text_scale: float = 1.0,
 ) -> tuple[int, int, int]:
-    """(activation bytes, weight-copy bytes, text tokens) one sample's forward saves, with
-    ``text_scale`` times the backbone's text tokens."""
+    """(activation bytes, weight-copy bytes, text tokens) one sample's forward through
+    ``model`` (from :func:`build`) saves, with ``text_scale`` times the backbone's text
+    tokens."""
     twin = _twin(backbone)
     info = shipped_configs(twin)
-    cfg = dict(info["components"]["transformer"])
-    for key, n in zip(KINDS[backbone][1], counts, strict=True):
-        cfg[key] = n
+    cfg = model.config
     bb = twin(device=device, resolution=res, dtype="float32", train_dtype="float32")
-    torch.manual_seed(0)
-    model = twin.classes["transformer"].from_config(cfg).to(device)
     if checkpointing:
         model.enable_gradient_checkpointing()
+    else:
+        model.disable_gradient_checkpointing()
     model.train()
     text = info["text_tokens"]
     n_text = text.get("fixed", 0) + getattr(bb.settings, text.get("setting", ""), 0)
@@ -100,38 +112,49 @@ def saved_bytes(
     return sum(act.values()), sum(casts.values()), n_text
 
 
+def _variant(backbone: str, counts: tuple[int, ...], device: str, cases, points) -> list:
+    """Per (dtype, checkpointing) case: the activation bytes and text tokens at each point
+    (resolution, text scale), of one model with ``counts`` blocks."""
+    model = build(backbone, counts, device)
+    out = []
+    for dtype, ck in cases:
+        got = [saved_bytes(backbone, model, res, device, dtype, ck, sc) for res, sc in points]
+        out.append(([a for a, _, _ in got], [t for _, _, t in got]))
+    return out
+
+
 def measure(backbone: str, device: str, resolutions: tuple[int, int]) -> dict:
     twin = _twin(backbone)
     kinds = [c.__name__ for c in twin.fsdp_wrap_classes]
     nk = len(kinds)
     variants = [tuple([1] * nk)] + [tuple(2 if j == i else 1 for j in range(nk)) for i in range(nk)]
     out: dict = {"blocks": dict.fromkeys(kinds, 1)}
-    for dtype in ("float32", "bfloat16"):
-        out[dtype] = {}
-        for ck in (False, True):
-            rows, ys = [], {v: [] for v in variants}
-            # two resolutions at the full text length, the first again at half of it: image
-            # and text tokens both vary, so each gets its own figure
-            for res, scale in ((resolutions[0], 1.0), (resolutions[1], 1.0), (resolutions[0], 0.5)):
-                img = (res // 16) ** 2
-                for v in variants:
-                    a, _, txt = saved_bytes(backbone, v, res, device, dtype, ck, scale)
-                    ys[v].append(a)
-                rows.append((img, txt))
-            m = np.array(rows, dtype=float)
+    # two resolutions at the full text length, the first again at half of it: image and text
+    # tokens both vary, so each gets its own figure
+    points = ((resolutions[0], 1.0), (resolutions[1], 1.0), (resolutions[0], 0.5))
+    cases = [(d, ck) for d in ("float32", "bfloat16") for ck in (False, True)]
+    counts: dict[tuple, list[int]] = {(c, v): [] for c in cases for v in variants}
+    # one full-width model at a time, each in a process of its own: host memory holds one
+    spawn = multiprocessing.get_context("spawn")
+    for v in variants:
+        with ProcessPoolExecutor(1, mp_context=spawn) as pool:
+            got = pool.submit(_variant, backbone, v, device, cases, points).result()
+        for case, (ys, txts) in zip(cases, got, strict=True):
+            counts[case, v] = ys
+            rows = [((res // 16) ** 2, t) for (res, _), t in zip(points, txts, strict=True)]
+    m = np.array(rows, dtype=float)
 
-            def fit(y, m=m):
-                return [round(float(v), 1) for v in np.linalg.lstsq(m, y, rcond=None)[0]]
+    def fit(y):
+        return [round(float(v), 1) for v in np.linalg.lstsq(m, y, rcond=None)[0]]
 
-            base = fit(np.array(ys[variants[0]], dtype=float))
-            per = {}
-            for i, kind in enumerate(kinds):
-                per[kind] = fit(np.array(ys[variants[i + 1]], dtype=float) - ys[variants[0]])
-            out[dtype]["checkpointing" if ck else "full"] = {
-                "base": base,
-                "per_block": per,
-            }
-            print(backbone, dtype, "checkpointing" if ck else "full", out[dtype], flush=True)
+    for dtype, ck in cases:
+        ys = {v: np.array(counts[(dtype, ck), v], dtype=float) for v in variants}
+        per = {kind: fit(ys[variants[i + 1]] - ys[variants[0]]) for i, kind in enumerate(kinds)}
+        out.setdefault(dtype, {})["checkpointing" if ck else "full"] = {
+            "base": fit(ys[variants[0]]),
+            "per_block": per,
+        }
+        print(backbone, dtype, "checkpointing" if ck else "full", out[dtype], flush=True)
     out["measured"] = {
         "device": torch.cuda.get_device_name() if device.startswith("cuda") else platform.machine(),
         "torch": torch.__version__,

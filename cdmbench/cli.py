@@ -925,6 +925,17 @@ def plan(
     ] = None,
     gpus: Annotated[int, typer.Option(help="Processes, one GPU each.")] = 8,
     gpu_memory: Annotated[float, typer.Option(help="Memory of one GPU, in GB (1e9 bytes).")] = 80.0,
+    cuda_context_gb: Annotated[
+        float | None,
+        typer.Option(help="Per-GPU CUDA context and cuBLAS/cuDNN workspaces, GB [0.8]."),
+    ] = None,
+    nccl_gb: Annotated[
+        float | None, typer.Option(help="Per-GPU NCCL buffers with several GPUs, GB [0.6].")
+    ] = None,
+    fragmentation: Annotated[
+        float | None,
+        typer.Option(help="Caching-allocator slack, a fraction of per-step memory [0.1]."),
+    ] = None,
 ) -> None:
     """What each GPU holds when a configuration trains, whether it fits, and what would.
 
@@ -934,10 +945,22 @@ def plan(
     accumulation and offloading that make the configuration fit.
     """
     from cdmbench.config import backbone_settings, resolve
-    from cdmbench.plan import GB, build_architecture, estimate, fmt_gb, largest_batch, remedies
+    from cdmbench.plan import (
+        GB,
+        Overheads,
+        build_architecture,
+        estimate,
+        fmt_gb,
+        largest_batch,
+        remedies,
+    )
 
     if gpus < 1 or gpu_memory <= 0:
         raise UserError("--gpus must be >= 1 and --gpu-memory > 0")
+    given = {"cuda_context_gb": cuda_context_gb, "nccl_gb": nccl_gb, "fragmentation": fragmentation}
+    given = {k: v for k, v in given.items() if v is not None}
+    if any(v < 0 for v in given.values()):
+        raise UserError("--cuda-context-gb, --nccl-gb and --fragmentation must be >= 0")
     method, backbone, recipe = _method_backbone(method, backbone or None, config)
     if backbone == "digits" and (recipe is None or recipe.backbone is None):
         backbone = "sd3"
@@ -951,6 +974,7 @@ def plan(
         shard=train_cfg.shard,
         checkpointing=bool(getattr(settings, "gradient_checkpointing", False)),
         optimizer=getattr(train_cfg, "optimizer", "adamw"),
+        overheads=Overheads(**given),
     )
     offload = bool(getattr(settings, "offload_frozen", False))
     cap = gpu_memory * GB

@@ -24,6 +24,31 @@ in bytes:
   checkpointing, one block's with it), plus the working set of the widest forward without
   gradients or of a block's backward (two blocks' activations at the micro-batch).
 
+- latents, conditions: what a step keeps besides the networks' activations, per sample:
+  :data:`LATENT_COPIES` float32 latents (the noise, a method's state between forwards: CDM's
+  anchor x_t, v and x0 from the backward simulation; each loss's re-noised input and target)
+  and the text conditioning twice (the batch's, and its CFG-batched copy). CDM's whole
+  backward-simulated trajectory (x_t, v, x0 at up to ``n_max`` steps) lives only during the
+  no-grad simulation, before the update's activations exist, and is smaller than them.
+- with ``backbone.embed_cache = "disk"`` the text encoders leave the GPU after the
+  embeddings are cached (``cdmbench.embed_cache``): they are not counted.
+
+On a GPU (``device="cuda"``, what ``cdmbench plan`` plans for) memory outside PyTorch's
+tensors adds, per rank (:class:`Overheads`, each overridable on the command line):
+
+- CUDA context: the driver context, loaded kernel images and the cuBLAS/cuDNN handles and
+  workspaces, ~0.5-1 GB per process with PyTorch on H100-class GPUs (PyTorch's "CUDA
+  semantics" notes: memory the caching allocator does not track); 0.8 GB by default.
+- NCCL buffers (several processes): ``NCCL_BUFFSIZE`` (4 MiB) for the Simple protocol plus
+  the LL128 and LL buffers, per channel and peer, for up to 32 channels on NVLink (NCCL's
+  environment-variable documentation): ~0.6 GB by default.
+- allocator slack: PyTorch's caching allocator keeps freed blocks reserved and rounds and
+  splits segments, so reserved memory exceeds the peak of allocated tensors; counted as a
+  fraction (default 10 %) of what is allocated and freed every step (activations, gathered
+  blocks, latents and conditions).
+
+``benchmarks/plan_accuracy.py`` plans for the CPU, where none of these exist.
+
 Tokens: image tokens (``resolution / 16`` per side: VAE 8 x patch 2, or 2 x 2 packing) plus the
 backbone's text tokens (SD3: 77 CLIP + ``max_sequence_length`` T5; LongCat: 512).
 
@@ -61,6 +86,16 @@ FIGURES_FILE = ASSETS / "activation_figures.json"
 GB = 1e9
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 OPTIMIZER_BYTES = {"adamw": 8, "adamw8bit": 2}  # per trained parameter, both moments
+LATENT_COPIES = 8  # float32 latents a step keeps per sample (module docstring)
+
+
+@dataclass(frozen=True)
+class Overheads:
+    """Per-rank GPU memory outside PyTorch's tensors (module docstring), planned on CUDA only."""
+
+    cuda_context_gb: float = 0.8  # driver context, kernel images, cuBLAS/cuDNN workspaces
+    nccl_gb: float = 0.6  # NCCL's channel buffers, with several processes
+    fragmentation: float = 0.10  # caching-allocator slack, a fraction of the per-step memory
 
 
 # ----------------------------------------------------------------------------- inventory
@@ -92,6 +127,8 @@ class Architecture:
     dtype: str  # teacher, text encoders, VAE
     train_dtype: str  # student and its copies
     wrap: tuple[type, ...]
+    device: str = "cuda"  # where the plan is for: "cuda" adds the GPU's overheads
+    encoders_cached: bool = False  # embed_cache "disk": the text encoders leave the GPU
 
 
 def _dtype_name(name: str, device: str) -> str:
@@ -162,6 +199,8 @@ def build_architecture(bb_cls: type, settings: Any, device: str = "cuda") -> Arc
             settings.dtype if settings.train_dtype == "auto" else settings.train_dtype, device
         ),
         wrap=tuple(bb_cls.fsdp_wrap_classes),
+        device=device,
+        encoders_cached=getattr(settings, "embed_cache", "online") == "disk",
     )
 
 
@@ -200,7 +239,8 @@ def inventory(arch: Architecture, method_cls: type, offload_frozen: bool = False
         )
     for name, m in arch.components.items():
         cp, cb, _, _ = _count(m, ())
-        out.append(Model(name, cp, cb, arch.dtype, sharded=False, offloaded=offload_frozen))
+        away = offload_frozen or (arch.encoders_cached and name.startswith("text_encoder"))
+        out.append(Model(name, cp, cb, arch.dtype, sharded=False, offloaded=away))
     return out
 
 
@@ -231,6 +271,21 @@ def forward_bytes(fig: dict[str, Any], blocks: dict[str, int], img: int, txt: in
         img_b += extra * per[0]
         txt_b += extra * per[1]
     return img * img_b + txt * txt_b
+
+
+def latent_bytes(arch: Architecture) -> float:
+    """Bytes of one sample's float32 latent: the transformer's input features per image token
+    (channels x patch area) times the image tokens."""
+    cfg = arch.transformer.config
+    return 4.0 * arch.image_tokens * cfg["in_channels"] * cfg.get("patch_size", 1) ** 2
+
+
+def cond_bytes(arch: Architecture) -> float:
+    """Bytes of one sample's text conditioning (token embeddings and a pooled vector) in the
+    text encoders' dtype."""
+    cfg = arch.transformer.config
+    width = cfg["joint_attention_dim"] * arch.text_tokens + cfg.get("pooled_projection_dim", 0)
+    return float(DTYPE_BYTES[arch.dtype] * width)
 
 
 def block_bytes(fig_full: dict[str, Any], img: int, txt: int) -> float:
@@ -272,9 +327,11 @@ def estimate(
     offload_frozen: bool = False,
     optimizer: str = "adamw",
     figures_dtype: str | None = None,
+    overheads: Overheads | None = None,
 ) -> Plan:
     """Per-rank bytes of training ``method_cls`` on ``arch`` with ``batch`` samples per
-    micro-batch on each of ``gpus`` processes."""
+    micro-batch on each of ``gpus`` processes; on CUDA with ``overheads`` (default
+    :class:`Overheads`)."""
     sharded = gpus > 1 and shard in ("fsdp2", "auto")
     n = gpus if sharded else 1
     models = inventory(arch, method_cls, offload_frozen)
@@ -308,6 +365,16 @@ def estimate(
     # no-grad forward at the CFG batch 2B holds at most one block's intermediates
     working = 2 * batch * block_bytes(fig_full, img, txt)
     rows["activations"] = forwards * (per_forward + casts) + working
+    rows["latents, conditions"] = batch * (
+        LATENT_COPIES * latent_bytes(arch) + 2 * cond_bytes(arch)
+    )
+    if arch.device == "cuda":
+        o = overheads or Overheads()
+        per_step = rows["activations"] + rows["gathered blocks"] + rows["latents, conditions"]
+        rows["allocator slack"] = o.fragmentation * per_step
+        rows["CUDA context"] = o.cuda_context_gb * GB
+        if gpus > 1:
+            rows["NCCL buffers"] = o.nccl_gb * GB
     return Plan(
         rows,
         models,

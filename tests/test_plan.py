@@ -99,3 +99,37 @@ def test_plan_without_recipe_and_on_longcat(capsys):
         assert "cdm on longcat" in out
     else:  # figures not measured yet: one line saying how to measure them
         assert code == 2 and "activation_figures.py --backbone longcat" in err
+
+
+def test_gpu_overheads_are_rows_of_their_own_and_cpu_plans_have_none():
+    from dataclasses import replace
+
+    from cdmbench.plan import Overheads
+
+    settings = TinySD3.Settings()
+    cpu = estimate(build_architecture(TinySD3, settings, device="cpu"), CDM, 8, gpus=2)
+    gpu_arch = build_architecture(TinySD3, settings, device="cuda")
+    gpu_arch = replace(gpu_arch, dtype="float32", train_dtype="float32")  # as on the CPU
+    gpu = estimate(gpu_arch, CDM, 8, gpus=2)
+    extra = ("allocator slack", "CUDA context", "NCCL buffers")
+    assert not set(extra) & set(cpu.rows) and set(extra) <= set(gpu.rows)
+    assert gpu.rows["CUDA context"] == Overheads().cuda_context_gb * 1e9
+    per_step = sum(cpu.rows[k] for k in ("activations", "gathered blocks", "latents, conditions"))
+    assert gpu.rows["allocator slack"] == pytest.approx(Overheads().fragmentation * per_step)
+    assert gpu.total - cpu.total == pytest.approx(sum(gpu.rows[k] for k in extra))
+    assert "NCCL buffers" not in estimate(gpu_arch, CDM, 8, gpus=1).rows
+    none = estimate(gpu_arch, CDM, 8, gpus=2, overheads=Overheads(0.0, 0.0, 0.0))
+    assert none.total == pytest.approx(cpu.total)
+    # latents and conditions grow with the batch
+    assert estimate(gpu_arch, CDM, 16).rows["latents, conditions"] == pytest.approx(
+        2 * gpu.rows["latents, conditions"]
+    )
+
+
+def test_disk_embedding_cache_takes_the_text_encoders_off_the_gpu():
+    settings = TinySD3.Settings(embed_cache="disk")
+    online = estimate(build_architecture(TinySD3, TinySD3.Settings()), CDM, 8)
+    cached = estimate(build_architecture(TinySD3, settings), CDM, 8)
+    encoders = {k for k in online.rows if k.startswith("weights: text_encoder")}
+    assert len(encoders) == 3 and not encoders & set(cached.rows)
+    assert cached.total == pytest.approx(online.total - sum(online.rows[k] for k in encoders))

@@ -212,6 +212,11 @@ class Backbone:
     def encode(self, prompts: Sequence[Prompt]) -> Cond:
         raise NotImplementedError
 
+    def prepare_embeddings(self, cache_dir: str | Path, extra: Sequence[Prompt] = ()) -> None:
+        """Before training (every process calls it): build or open whatever caches the
+        conditioning of the training prompts and of ``extra`` (prompts sampled on during
+        training), in ``cache_dir`` unless a setting names another folder. Nothing here."""
+
     def random_cond(self, n: int, generator: torch.Generator) -> Cond:
         """``n`` training prompts drawn uniformly with replacement, encoded (the trainer's
         conditioning for each batch). Only the drawn prompts are read: ``prompts("train")``

@@ -22,6 +22,9 @@
   texts per call (a partial call is padded with "" to that size, so an embedding does not
   depend on the other prompts of its call), and kept per prompt text on the CPU (LRU,
   ``embed_cache_size`` texts): host and GPU memory do not grow with the number of prompts.
+  With ``embed_cache = "disk"`` training first builds (once; sharded across ranks) a
+  memory-mapped store of every training prompt's embedding (:mod:`cdmbench.embed_cache`),
+  reads batches from it and moves the text encoders off the GPU.
 - Tiny twins: the same classes from small configs with seeded random weights, offline.
 
 A family subclasses :class:`DiffusersBackbone` and keeps only what is its own: component
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import os
 import re
 import sys
@@ -48,7 +52,14 @@ from torch import Tensor, nn
 from cdmbench.backbones.base import Backbone, BackboneSettings, Cond, weights_fingerprint
 from cdmbench.distributed import rank_world
 from cdmbench.errors import MissingWeightsError, UserError
-from cdmbench.prompts_io import Prompt, load_prompt_set, open_prompt_source, prompt_overlap
+from cdmbench.prompts_io import (
+    Prompt,
+    PromptFile,
+    load_prompt_set,
+    open_prompt_source,
+    prompt_overlap,
+    prompt_set_hash,
+)
 from cdmbench.settings import setting
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -136,6 +147,12 @@ class DiffusersSettings(BackboneSettings):
     test_prompts: str = setting("general-test", hashed=False)  # eval's "default"; disjoint
     encode_batch: int = setting(16, hashed=False)  # texts per text-encoder call (padded to it)
     embed_cache_size: int = setting(1024, hashed=False)  # embeddings kept on the CPU (LRU)
+    # training's text embeddings: "online", encoded per batch (the official code's way), or
+    # "disk", encoded once into a memory-mapped store the run reads (the encoders then leave
+    # the GPU); the same embeddings either way
+    embed_cache: str = setting("online", hashed=False, choices=("online", "disk"))
+    embed_cache_dir: str = setting("", hashed=False)  # the store's folder (every rank sees it);
+    # "": <the runs folder of the backbone>/embeddings
     teacher_steps: int = 28
     teacher_guidance: float = 7.0
     # the frozen teacher, text encoders and VAE stay in CPU memory and move to the GPU block
@@ -213,16 +230,15 @@ class PromptCache:
     def put(self, text: str, row: dict[str, Tensor]) -> None:
         self.rows[text] = {k: v.to("cpu") for k, v in row.items()}
 
-    def stack(self, texts: Sequence[str]) -> dict[str, Tensor]:
-        """The rows of ``texts`` stacked (every text must be cached); then evict."""
-        rows = []
-        for t in texts:
-            self.rows.move_to_end(t)
-            rows.append(self.rows[t])
-        out = {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
-        while len(self.rows) > max(self.size, len(texts)):
+    def get(self, text: str) -> dict[str, Tensor]:
+        """A cached text's row, now the most recently used."""
+        self.rows.move_to_end(text)
+        return self.rows[text]
+
+    def evict(self, keep: int = 0) -> None:
+        """Drop the least recently used rows beyond ``max(size, keep)``."""
+        while len(self.rows) > max(self.size, keep):
             self.rows.popitem(last=False)
-        return out
 
 
 # ----------------------------------------------------------------------------- backbone
@@ -260,6 +276,8 @@ class DiffusersBackbone(Backbone):
         self._root: Path | None = None
         self._parts: dict[str, Any] = {}
         self._embeds = PromptCache(s.embed_cache_size)
+        self._stores: list[Any] = []  # embedding stores on disk (embed_cache = "disk")
+        self._encoders_away = False  # the text encoders were moved off the device
         self._null: dict[str, Tensor] | None = None
         self._prompt_sets: dict[str, Sequence[Prompt]] = {}
 
@@ -530,19 +548,98 @@ class DiffusersBackbone(Backbone):
     def embed(self, texts: Sequence[str]) -> dict[str, Tensor]:
         """Cond tensors of ``texts`` on the device, each text encoded once and cached.
 
-        Every text-encoder call has ``encode_batch`` rows (padded with ""), so a text's
-        embedding is computed by the same kernels whichever texts share its call. Runs
-        outside inference mode, so cached embeddings can feed training graphs later.
+        Texts in an embedding store (:meth:`prepare_embeddings`) are read from it; the others
+        are encoded with every text-encoder call of ``encode_batch`` rows (padded with ""), so
+        a text's embedding is computed by the same kernels whichever texts share its call.
+        Runs outside inference mode, so cached embeddings can feed training graphs later.
         """
-        todo = list(dict.fromkeys(t for t in texts if t not in self._embeds))
+        stored: dict[str, dict[str, Tensor]] = {}
+        for t in dict.fromkeys(texts):
+            row = next((r for st in self._stores if (r := st.get(t)) is not None), None)
+            if row is not None:
+                stored[t] = row
+        todo = list(dict.fromkeys(t for t in texts if t not in stored and t not in self._embeds))
+        if todo and self._encoders_away:
+            self._move_text_encoders(self.device)
         size = self.settings.encode_batch
         for i in range(0, len(todo), size):
             chunk = todo[i : i + size]
-            with torch.inference_mode(False), torch.no_grad():
-                out = self._encode_texts(chunk + [""] * (size - len(chunk)))
+            out = self._encode_padded(chunk)
             for j, t in enumerate(chunk):
                 self._embeds.put(t, {k: v[j] for k, v in out.items()})
-        return {k: v.to(self.device, self.dtype) for k, v in self._embeds.stack(texts).items()}
+        rows = [stored[t] if t in stored else self._embeds.get(t) for t in texts]
+        self._embeds.evict(keep=len(texts))
+        out = {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+        return {k: v.to(self.device, self.dtype) for k, v in out.items()}
+
+    def _encode_padded(self, chunk: list[str]) -> dict[str, Tensor]:
+        """One text-encoder call on ``chunk`` padded with "" to ``encode_batch`` rows."""
+        with torch.inference_mode(False), torch.no_grad():
+            return self._encode_texts(chunk + [""] * (self.settings.encode_batch - len(chunk)))
+
+    def prepare_embeddings(self, cache_dir: str | Path, extra: Sequence[Prompt] = ()) -> None:
+        """With ``embed_cache = "disk"``: open, or first build, the embedding stores of the
+        training prompts and of "" and ``extra`` (prompts training samples on), in
+        ``embed_cache_dir`` (else ``cache_dir``); then move the text encoders off the GPU.
+        A collective under several processes. Nothing with ``embed_cache = "online"``."""
+        if self.settings.embed_cache != "disk":
+            return
+        from cdmbench.embed_cache import open_or_build, store_key
+
+        root = Path(self.settings.embed_cache_dir or cache_dir).expanduser()
+        ident = self.embed_identity()
+        train = self.prompts("train")
+        if isinstance(train, PromptFile):
+            source: dict[str, Any] = {"file_sha256": train.sha256, "format": train.fmt}
+        else:
+            source = {"prompts": prompt_set_hash(train)}
+        texts = _Texts(train)
+        others = list(dict.fromkeys(["", *(p.text for p in extra)]))
+        size = self.settings.encode_batch
+        self._stores = [
+            open_or_build(
+                root / store_key({"source": source, "n": len(texts), "encoders": ident}),
+                texts,
+                self._encode_padded,
+                size,
+            ),
+            open_or_build(
+                root / store_key({"texts": others, "encoders": ident}),
+                others,
+                self._encode_padded,
+                size,
+            ),
+        ]
+        self._move_text_encoders("cpu")
+
+    def embed_identity(self) -> dict[str, Any]:
+        """What a text's embedding depends on besides the text: the weights, the dtype, the
+        call size and the device type, and the family's own settings (e.g. SD3's
+        ``max_sequence_length`` and ``drop_t5``, a tiny twin's seed)."""
+        s = self.settings
+        shared = {f.name for f in dataclasses.fields(DiffusersSettings)}
+        own = {f.name: getattr(s, f.name) for f in dataclasses.fields(s) if f.name not in shared}
+        return {
+            "backbone": self.name,
+            "weights": self.teacher_id(),
+            "revision": s.revision,
+            "dtype": str(self.dtype),
+            "encode_batch": s.encode_batch,
+            "device": torch.device(self.device).type,
+            **own,
+        }
+
+    def _move_text_encoders(self, device: str | torch.device) -> None:
+        """The loaded text encoders to ``device`` (in place: the pipelines holding them follow);
+        with ``offload_frozen`` they already live on the CPU."""
+        self._encoders_away = torch.device(device) != torch.device(self.device)
+        if self.settings.offload_frozen:
+            return
+        for name, part in self._parts.items():
+            if name.startswith("text_encoder") and isinstance(part, nn.Module):
+                part.to(device)
+        if self._encoders_away and torch.device(self.device).type == "cuda":
+            torch.cuda.empty_cache()
 
     def null_cond(self) -> dict[str, Tensor]:
         """The unconditional input: the pipeline's negative prompt "", batch of 1."""
@@ -556,6 +653,19 @@ class DiffusersBackbone(Backbone):
     def generation_settings(self) -> dict:
         """The base settings plus where the text encoders come from and how they run."""
         return {**super().generation_settings(), "weights": self.weights}
+
+
+class _Texts(Sequence[str]):
+    """The texts of a prompt sequence, read on demand."""
+
+    def __init__(self, prompts: Sequence[Prompt]) -> None:
+        self.prompts = prompts
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        return self.prompts[i].text
 
 
 # ---------------------------------------------------------------------------- tiny twins

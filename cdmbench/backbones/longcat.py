@@ -76,6 +76,7 @@ from diffusers import (
     LongCatImagePipeline,
     LongCatImageTransformer2DModel,
 )
+from diffusers.image_processor import VaeImageProcessor
 from diffusers.models.transformers.transformer_longcat_image import (
     LongCatImageSingleTransformerBlock,
     LongCatImageTransformerBlock,
@@ -310,14 +311,14 @@ class LongCat(DiffusersBackbone):
     def decode(self, latents: Tensor) -> Tensor:
         """Latents -> images in [0, 1], [B, 3, H, W], by the pipeline's decode path:
         ``vae.decode(z / scaling_factor + shift_factor)`` then ``postprocess(.., "pt")``."""
-        pipe = self.pipe
-        vae = pipe.vae
+        vae = self.vae  # not through self.pipe: decoding needs no text encoder
+        processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor * 2)  # the pipeline's
         dtype = param_dtype(vae)  # diffusers' `.dtype` walks every module: once, not per chunk
         out = []
         for z in latents.split(self.decode_batch):
             z = z.to(self.device) / vae.config.scaling_factor + vae.config.shift_factor
             img = vae.decode(z.to(dtype), return_dict=False)[0]
-            out.append(pipe.image_processor.postprocess(img, output_type="pt").float())
+            out.append(processor.postprocess(img, output_type="pt").float())
         return torch.cat(out)
 
     @torch.no_grad()

@@ -50,7 +50,13 @@ from cdmbench.settings import as_dict, setting
 from cdmbench.training import checkpoint, sharding
 from cdmbench.training.checkpoint import CheckpointError as CheckpointError  # re-exported
 from cdmbench.training.checkpoint import Preempted
-from cdmbench.training.logging import TRACKERS, RunLogger, check_tracker, periodic_samples
+from cdmbench.training.logging import (
+    SAMPLE_PROMPTS,
+    TRACKERS,
+    RunLogger,
+    check_tracker,
+    periodic_samples,
+)
 from cdmbench.training.method import Batch, Method, OptimSpec, config_to_dict
 
 OPTIMIZERS = ("adamw", "adamw8bit")
@@ -167,6 +173,8 @@ class Trainer:
         if config.threads:
             torch.set_num_threads(config.threads)
         self.device = torch.device(config.device)
+        samples = list(backbone.prompts("test"))[:SAMPLE_PROMPTS] if config.sample_every else []
+        backbone.prepare_embeddings(self.run_dir.parent / "embeddings", samples)
         torch.manual_seed(config.seed)  # module initialisers a method may call in build()
         self.g = torch.Generator().manual_seed(config.seed * 1000 + self.rank)  # per process
         self.g_shared = torch.Generator().manual_seed(config.seed)  # identical on every rank
