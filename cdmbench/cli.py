@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -1010,13 +1011,16 @@ def plan(
         return
     target = p.micro_batch * accum
 
-    def plan_fn(micro: int, k: int, off: bool, opt: str):
+    def plan_fn(micro: int, k: int, off: bool, opt: str, cached: bool = False):
         kw_opt = kw | {"optimizer": opt}
-        return estimate(arch, method_cls, micro, grad_accum=k, offload_frozen=off, **kw_opt)
+        a = dataclasses.replace(arch, encoders_cached=True) if cached else arch
+        return estimate(a, method_cls, micro, grad_accum=k, offload_frozen=off, **kw_opt)
 
-    found = remedies(plan_fn, target, cap, kw["optimizer"])
+    # embeddings cached on disk: a lever where the backbone has the setting and it is off
+    disk = hasattr(settings, "embed_cache") and not arch.encoders_cached
+    found = remedies(plan_fn, target, cap, kw["optimizer"], disk_cache=disk)
     if not found:
-        least = plan_fn(1, target, True, "adamw8bit").total
+        least = plan_fn(1, target, True, "adamw8bit", disk).total
         out.print(
             f"nothing makes it fit one {gpu_memory:g} GB GPU: batch 1 with {target} accumulation "
             f"steps, the frozen models offloaded and 8-bit AdamW still needs {fmt_gb(least)} GB; "

@@ -412,12 +412,15 @@ class Remedy:
     offload_frozen: bool
     optimizer: str
     plan: Plan
+    embed_cache_disk: bool = False
 
     def sets(self, optimizer: str) -> list[str]:
         """The ``--set`` values (``optimizer``: the configured one)."""
         out = []
         if self.grad_accum > 1:
             out += [f"train.batch={self.plan.micro_batch}", f"train.grad_accum={self.grad_accum}"]
+        if self.embed_cache_disk:
+            out.append("backbone.embed_cache=disk")
         if self.offload_frozen:
             out.append("backbone.offload_frozen=true")
         if self.optimizer != optimizer:
@@ -425,21 +428,27 @@ class Remedy:
         return out
 
 
-def remedies(plan_fn, batch: int, capacity: float, optimizer: str = "adamw") -> list[Remedy]:
+def remedies(
+    plan_fn, batch: int, capacity: float, optimizer: str = "adamw", disk_cache: bool = False
+) -> list[Remedy]:
     """Ways to fit ``batch`` samples per update, fewest changes first: gradient accumulation
     (the same effective batch in k micro-batches of batch / k, the smallest k dividing batch
-    that fits), then with the frozen models offloaded, then with 8-bit AdamW states.
-    ``plan_fn(micro_batch, grad_accum, offload, optimizer)`` -> Plan."""
+    that fits), then (``disk_cache``: the text encoders could leave the GPU) with the
+    embeddings cached on disk, then with the frozen models offloaded, then with 8-bit AdamW
+    states. ``plan_fn(micro_batch, grad_accum, offload, optimizer, cached)`` -> Plan."""
     found: list[Remedy] = []
-    levers = [(False, optimizer), (True, optimizer)]
+    placements = [(False, False)] + (
+        [(True, False), (True, True)] if disk_cache else [(False, True)]
+    )
+    levers = [(c, off, optimizer) for c, off in placements]
     if optimizer != "adamw8bit":
-        levers += [(False, "adamw8bit"), (True, "adamw8bit")]
-    for offload, opt in levers:
+        levers += [(c, off, "adamw8bit") for c, off in placements]
+    for cached, offload, opt in levers:
         for k in [d for d in range(1, batch + 1) if batch % d == 0]:
-            p = plan_fn(batch // k, k, offload, opt)
+            p = plan_fn(batch // k, k, offload, opt, cached)
             if p.total <= capacity:
-                if k > 1 or offload or opt != optimizer:
-                    found.append(Remedy(k, offload, opt, p))
+                if k > 1 or offload or cached or opt != optimizer:
+                    found.append(Remedy(k, offload, opt, p, cached))
                 break
         if found:
             break  # the first lever set that fits; more levers would cost speed for nothing

@@ -11,8 +11,10 @@ process, 4 iterations and at most 2 simulation steps (n_max) so that it runs on 
 
 Two gloo processes train; one of them gets SIGUSR1 (as Slurm's ``--signal=USR1@...`` sends
 it), both agree to stop, checkpoint (one DCP shard file per rank) and exit 138. The run
-then resumes on two processes (bitwise the uninterrupted two-process run) and, from a copy,
-on one process (the checkpoint resharded: finite weights, the right iteration count).
+resumes on two processes, is killed outright (SIGKILL to the whole launch: a node lost) after
+it has logged a further iteration, and resumes again from the same checkpoint: bitwise the
+uninterrupted two-process run, its log without a duplicate. From a copy it also resumes on
+one process (the checkpoint resharded: finite weights, the right iteration count).
 """
 
 from __future__ import annotations
@@ -128,7 +130,12 @@ def _launch(weights: Path, out: Path, nproc: int) -> subprocess.Popen:
     out.mkdir(parents=True, exist_ok=True)
     log = open(out / f"launch-{nproc}.log", "w")  # noqa: SIM115 (closed with the process)
     return subprocess.Popen(
-        [*cmd, str(weights), str(out)], cwd=Path(__file__).parent, env=env, stdout=log, stderr=log
+        [*cmd, str(weights), str(out)],
+        cwd=Path(__file__).parent,
+        env=env,
+        stdout=log,
+        stderr=log,
+        start_new_session=True,  # its own process group: SIGKILL reaches every rank
     )
 
 
@@ -188,12 +195,22 @@ def test_full_width_sd3_cdm_fsdp2_preempted_and_resumed_on_2_and_1_processes(tmp
 
     shutil.copytree(cut, one, copy_function=link_shards, ignore=shutil.ignore_patterns("launch-*"))
     resumed2, resumed1 = _launch(weights, cut, 2), _launch(weights, one, 1)  # side by side
-    assert _finish(resumed2, cut, 2) == 0 and _finish(resumed1, one, 1) == 0
+    # killed outright once the resumed run has logged an iteration past the checkpoint
+    deadline = time.time() + 600
+    while not any(r["it"] > stop for r in _log(run)):
+        assert resumed2.poll() is None and time.time() < deadline, "resumed run did not log"
+        time.sleep(0.2)
+    os.killpg(resumed2.pid, signal.SIGKILL)
+    resumed2.wait(timeout=60)
+    assert not (run / "run.json").exists()
+    assert checkpoint.read(run / "checkpoint")[0]["it"] == stop  # the last checkpoint kept
+    again = _launch(weights, cut, 2)
+    assert _finish(again, cut, 2) == 0 and _finish(resumed1, one, 1) == 0
 
     for out in (cut, one):
         log = _log(_run_dir(out))
-        its = [r["it"] for r in log]  # the iteration that stopped is checkpointed, not logged
-        assert its == [*range(1, stop), *range(stop + 1, ITERS + 1)], its  # continued at stop
+        its = [r["it"] for r in log]  # every iteration once, also those run twice
+        assert its == list(range(1, ITERS + 1)), its
         info = json.loads((_run_dir(out) / "run.json").read_text())
         assert info["iters"] == ITERS
     a = load_file(str(_run_dir(tmp_path / "whole") / "student.safetensors"))

@@ -375,12 +375,25 @@ class Trainer:
         logger = None
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            logger = RunLogger(self.run_dir, self.config.log_to, self._tracked_config())
+            logger = RunLogger(
+                self.run_dir, self.config.log_to, self._tracked_config(), resume_it=self.it
+            )
         t0 = time.perf_counter()
         # the last value of every term, also of groups not updated this step
         latest: dict[str, Tensor] = {}
         while self.it < self.config.iters:
             latest.update(self.step(self.next_batch()))
+            if self.it % self.config.log_every == 0 or self.it == self.config.iters:
+                # floats (a host sync on GPU) only at the logging cadence; logged before a
+                # checkpoint so that a run stopped here and resumed has no gap in its log
+                logs = {k: float(v) for k, v in latest.items()}
+                if logger is not None:
+                    rec = {"it": self.it, "time": round(time.perf_counter() - t0, 3), **logs}
+                    logger.record(rec)
+                    if self._log is not None:
+                        self._log(rec)
+                if progress is not None:
+                    progress(self.it, logs)
             stop = checkpoint.stop_requested(self.world, self.device)  # a signal on any rank
             if (self.it % self.config.ckpt_every == 0 or stop) and self.it < self.config.iters:
                 self.save_checkpoint()
@@ -392,16 +405,6 @@ class Trainer:
                 grid = periodic_samples(self)  # a collective when the EMA is sharded
                 if logger is not None and grid is not None:
                     logger.images("samples", grid[0], self.it, nrow=grid[1])
-            if self.it % self.config.log_every != 0 and self.it != self.config.iters:
-                continue  # floats (a host sync on GPU) only at the logging cadence
-            logs = {k: float(v) for k, v in latest.items()}
-            if logger is not None:
-                rec = {"it": self.it, "time": round(time.perf_counter() - t0, 3), **logs}
-                logger.record(rec)
-                if self._log is not None:
-                    self._log(rec)
-            if progress is not None:
-                progress(self.it, logs)
         self.save_checkpoint()
         if logger is not None:
             logger.close()

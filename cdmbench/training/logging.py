@@ -40,12 +40,19 @@ class RunLogger:
     configuration (the run's identifying payload).
     """
 
-    def __init__(self, run_dir: str | Path, log_to: str = "tensorboard", config: Any = None):
+    def __init__(
+        self,
+        run_dir: str | Path,
+        log_to: str = "tensorboard",
+        config: Any = None,
+        resume_it: int = 0,
+    ):
         if log_to not in TRACKERS:
             raise ValueError(f"unknown tracker '{log_to}' ({', '.join(TRACKERS)})")
         self.run_dir = Path(run_dir)
         self.log_to = log_to
         self.path = self.run_dir / "log.jsonl"
+        self._rewind(resume_it)
         self.tb = None
         self.wandb = None
         if log_to == "tensorboard":
@@ -67,6 +74,27 @@ class RunLogger:
                 dir=str(self.run_dir),
                 config=config,
             )
+
+    def _rewind(self, it: int) -> None:
+        """Keep only the records up to iteration ``it`` (where training resumes): a process
+        killed after its last checkpoint logged iterations that will run again, and may have
+        left half a line."""
+        if not self.path.is_file():
+            return
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(rec, dict) and isinstance(rec.get("it"), int) and rec["it"] <= it:
+                kept.append(line + "\n")
+        text = "".join(kept)
+        if text != self.path.read_text():
+            from cdmbench.io import atomic_path
+
+            with atomic_path(self.path) as tmp:
+                tmp.write_text(text)
 
     def record(self, rec: dict[str, Any]) -> None:
         """Append ``rec`` (``it``, ``time`` and the loss terms) to log.jsonl and the tracker."""
