@@ -461,6 +461,13 @@ def eval_cmd(
             "recorded, e.g. latency on another machine."
         ),
     ] = None,
+    dist_timeout: Annotated[
+        float,
+        typer.Option(
+            help="Seconds a process waits for the others at a collective (several processes: "
+            "rank 0 combines the scores and computes reference statistics while the others wait)."
+        ),
+    ] = 7200.0,
     set_: BackboneSetOpt = None,
 ) -> None:
     """Generate with every student and the teacher at each step count, score, and append records.
@@ -478,6 +485,8 @@ def eval_cmd(
     from cdmbench.results import ResultStore
 
     step_list = parse_steps(steps)
+    if not dist_timeout > 0 or dist_timeout == float("inf"):
+        raise UserError(f"--dist-timeout must be a positive number of seconds, got {dist_timeout}")
     mode = _compile_mode(compile_, compile_mode)
     teacher_weights, set_ = _pipeline_weights(teacher_weights, set_)
     from cdmbench.distributed import resolve_device
@@ -505,7 +514,7 @@ def eval_cmd(
     prompt_set, prompt_list = load_prompt_set(prompts or defaults.eval_prompts, backbone=bb)
     bb.warn_prompt_overlap(prompt_list)
     per_prompt = num_samples or defaults.eval_samples
-    rank, world = init_distributed(device)
+    rank, world = init_distributed(device, dist_timeout)
     cands = (
         []
         if wanted is not None and "teacher" not in wanted
