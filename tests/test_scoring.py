@@ -288,3 +288,12 @@ def test_read_pngs_matches_pillow(tmp_path):
     Image.fromarray(grey[1, 0].numpy()).save(tmp_path / "g1.png")
     assert torch.equal(read_pngs(tmp_path, ["g0.png", "g1.png"]), grey)
     assert np.asarray(read_pngs(tmp_path, ["g0.png"])).shape == (1, 1, 32, 32)
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "nan", "inf"])
+def test_dist_timeout_is_validated(capsys, value):
+    from cli_run import run
+
+    code, out, err = run(capsys, "eval", "--dist-timeout", value, "--methods", "teacher")
+    assert code == 2 and "--dist-timeout must be a positive number of seconds" in out + err
+    assert len((out + err).strip().splitlines()) == 1
