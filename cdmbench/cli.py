@@ -462,6 +462,13 @@ def eval_cmd(
             "recorded, e.g. latency on another machine."
         ),
     ] = None,
+    dist_timeout: Annotated[
+        float,
+        typer.Option(
+            help="Seconds a process waits for the others at a collective (several processes: "
+            "rank 0 combines the scores and computes reference statistics while the others wait)."
+        ),
+    ] = 7200.0,
     set_: BackboneSetOpt = None,
     protocol: Annotated[
         str | None,
@@ -506,6 +513,8 @@ def eval_cmd(
     from cdmbench.results import ResultStore
 
     step_list = parse_steps(steps)
+    if not dist_timeout > 0 or dist_timeout == float("inf"):
+        raise UserError(f"--dist-timeout must be a positive number of seconds, got {dist_timeout}")
     mode = _compile_mode(compile_, compile_mode)
     teacher_weights, set_ = _pipeline_weights(teacher_weights, set_)
     from cdmbench.distributed import resolve_device
@@ -540,7 +549,7 @@ def eval_cmd(
             )
     for pair in pairs:
         bb.warn_prompt_overlap(pair.prompts)
-    rank, world = init_distributed(device)
+    rank, world = init_distributed(device, dist_timeout)
     cands = (
         []
         if wanted is not None and "teacher" not in wanted

@@ -9,7 +9,11 @@ The sample folder is keyed by content (checkpoint hash, post-shift schedule, upd
 guidance, prompt set, seed, samples per prompt): rerunning reuses what exists, an interrupted
 run regenerates only the missing PNGs, and a record whose (sample key, metric, metric config)
 is already stored is not recomputed. Under several processes each rank generates its share
-of the missing samples (sample i goes to rank i % world); rank 0 scores and writes records.
+of the missing samples (sample i goes to rank i % world), PNGs encoded in a thread pool; every
+rank scores its share of the set's chunks (:mod:`cdmbench.scoring`: streamed, cached per chunk,
+combined exactly on rank 0), and rank 0 writes the records. Metrics that are neither feature,
+per-sample nor per-prompt metrics (the domain measures, latency, plugins with only ``compute``)
+run on rank 0.
 """
 
 from __future__ import annotations
@@ -33,10 +37,12 @@ from cdmbench.errors import UserError
 from cdmbench.generate import SamplerSpec, generate
 from cdmbench.io import atomic_path, atomic_write_json, remove_stale_temps, to_uint8
 from cdmbench.metrics.base import EvalSet, Metric
+from cdmbench.metrics.features import default_threads, thread_pool
 from cdmbench.metrics.latency import make_timer
 from cdmbench.prompts_io import Prompt
 from cdmbench.registry import METRICS
 from cdmbench.results import Record, ResultStore, make_record
+from cdmbench.scoring import read_pngs, score_sample_set, sharded
 from cdmbench.settings import as_dict
 
 
@@ -258,6 +264,8 @@ def ensure_samples(
     done_before = len(entries) - len(todo)
     if on_progress is not None and done_before:
         on_progress(done_before)
+    pool = thread_pool("png", default_threads())
+    writing: list = []
     for i in range(0, len(todo), batch_size):
         chunk = todo[i : i + batch_size]
         lat = generate(
@@ -269,24 +277,26 @@ def ensure_samples(
             batch_size=batch_size,
         )
         images = to_uint8(backbone.decode(lat)).permute(0, 2, 3, 1).cpu().numpy()  # [B, H, W, C]
-        for k, img in zip(chunk, images, strict=True):
-            _write_png(folder / files[k], img)
+        # encoded by a thread pool (zlib and Pillow release the GIL) while the next batch
+        # generates; at most one batch waits to be written
+        for w in writing:
+            w.result()
+        writing = [
+            pool.submit(_write_png, folder / files[k], img)
+            for k, img in zip(chunk, images, strict=True)
+        ]
         if on_progress is not None:
             on_progress(len(chunk))
+    for w in writing:
+        w.result()
     barrier(world)
     return SampleSet(folder, key, [e[0] for e in entries], files, len(todo))
 
 
 def load_images(sset: SampleSet) -> torch.Tensor:
-    """uint8 [N, C, H, W] from the set's PNGs, in manifest order."""
-    from PIL import Image
-
-    arrs = []
-    for f in sset.files:
-        with Image.open(sset.folder / f) as im:
-            a = np.asarray(im)
-        arrs.append(a[..., None] if a.ndim == 2 else a)
-    return torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).contiguous()
+    """uint8 [N, C, H, W] from the set's PNGs, in manifest order (for metrics that need the
+    whole set at once; the sharded driver streams chunks instead)."""
+    return read_pngs(sset.folder, sset.files)
 
 
 # ------------------------------------------------------------------------------ driver
@@ -310,6 +320,7 @@ class EvalPlan:
     recompute: tuple[
         str, ...
     ] = ()  # metrics computed again even where a record exists (e.g. latency)
+    score_chunk: int = 256  # images per scoring chunk: the unit of sharding, caching, memory
 
 
 def build_metrics(names: Sequence[str], backbone: Backbone) -> dict[str, Metric]:
@@ -333,7 +344,9 @@ def run_eval(
     metrics = build_metrics(plan.metrics, bb)
     if rank == 0:
         plan.results.check_writable()
-    done = plan.results.done_keys() if rank == 0 else set()
+    # read by every rank before any record is written (rank 0 appends only after the
+    # barriers of the first sample set), so that all ranks agree on what to score
+    done = plan.results.done_keys()
     jobs: list[tuple[Candidate, int]] = [(c, n) for c in plan.candidates for n in plan.steps]
     if plan.teacher_default:
         jobs += [
@@ -375,40 +388,73 @@ def run_eval(
             world,
             on_progress,
         )
-        if rank != 0:
-            continue
         spec = cand.sampler(steps)
-        images = None
+        todo: dict[str, tuple[Metric, str, dict[str, Any]]] = {}  # name -> metric, hash, timing
         for name, metric in metrics.items():
-            mcfg = metric.config()
             # compiled and eager timings are different numbers: the mode keys and labels them
             timing = (
                 {"compile": plan.compile}
                 if cand.compile_s is not None and "timer" in metric.needs
                 else {}
             )
-            mhash = config_hash({"metric": name, **mcfg, "device": str(bb.device), **timing})
-            if (sset.key, name, mhash) in done and name not in plan.recompute:
-                continue
-            if images is None and "images" in metric.needs:
-                images = load_images(sset)
-            data = EvalSet(
-                images=images if images is not None else torch.empty(0),
-                prompts=sset.prompts,
-                backbone=bb,
-                reference=plan.reference,
-                cache_dir=plan.cache_dir,
-                timer=make_timer(bb, cand.model, spec, plan.prompts)
-                if "timer" in metric.needs
-                else None,
-                eval_batch=plan.batch_size,
-                extra={} if cand.compile_s is None else {"compile_s": cand.compile_s},
+            # the same sample set scored against another reference set is another number
+            ref = (
+                {"reference_set": plan.reference}
+                if plan.reference and "reference" in metric.needs
+                else {}
             )
-            if progress is not None:
-                progress(f"{label}: {name}", 0, 1)
-            values = metric.compute(data)
-            if progress is not None:
-                progress(f"{label}: {name}", 1, 1)
+            mhash = config_hash(
+                {"metric": name, **metric.config(), "device": str(bb.device), **timing, **ref}
+            )
+            if (sset.key, name, mhash) not in done or name in plan.recompute:
+                todo[name] = (metric, mhash, timing)
+        data = EvalSet(
+            images=torch.empty(0, dtype=torch.uint8),
+            prompts=sset.prompts,
+            backbone=bb,
+            reference=plan.reference,
+            cache_dir=plan.cache_dir,
+            eval_batch=plan.batch_size,
+            extra={} if cand.compile_s is None else {"compile_s": cand.compile_s},
+        )
+        computed: dict[str, dict[str, float]] = {}
+        spread = {n: m for n, (m, _, _) in todo.items() if sharded(m)}
+        if spread:  # every rank scores its chunks; rank 0 combines
+            what = f"{label}: {', '.join(spread)} (this rank's share)"
+
+            def on_scored(k: int, n: int, what=what) -> None:
+                if progress is not None:
+                    progress(what, k, n)
+
+            computed = score_sample_set(
+                sset.folder,
+                sset.key,
+                sset.files,
+                sset.prompts,
+                spread,
+                data,
+                plan.score_chunk,
+                rank,
+                world,
+                on_scored if rank == 0 else None,
+            )
+        if rank != 0:
+            continue
+        for name, (metric, mhash, timing) in todo.items():
+            if name not in computed:  # the whole set at once, on rank 0
+                if "images" in metric.needs and data.images.numel() == 0:
+                    data.images = load_images(sset)
+                data.timer = (
+                    make_timer(bb, cand.model, spec, plan.prompts)
+                    if "timer" in metric.needs
+                    else None
+                )
+                if progress is not None:
+                    progress(f"{label}: {name}", 0, 1)
+                computed[name] = metric.compute(data)
+                if progress is not None:
+                    progress(f"{label}: {name}", 1, 1)
+            values = computed[name]
             recs = [
                 make_record(
                     run_id=cand.run_id,

@@ -9,16 +9,20 @@ value declarations through :func:`value_spec`, nothing else lists them.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from cdmbench.backbones.base import Backbone
+from cdmbench.metrics.frechet import Moments, chunk_moments
 from cdmbench.prompts_io import Prompt
+
+if TYPE_CHECKING:
+    from cdmbench.metrics.features import ImageFeatures
 
 FALLBACK_TOLERANCE = "10%"  # for values no registered metric declares
 
@@ -175,3 +179,57 @@ class PerPromptMetric(Metric):
             if len(idx) >= 2
         ]
         return self.reduce(torch.tensor(scores, dtype=torch.float64))
+
+
+class FeatureSet:
+    """The features of one sample set, [n_i, D] chunks in manifest order, read on demand.
+
+    The scoring driver hands a metric the chunks it (and other ranks) extracted; in memory
+    (:meth:`of`) it is one chunk. Metrics that need only statistics stream :meth:`moments`;
+    k-NN metrics take :meth:`all`.
+    """
+
+    def __init__(self, chunks: Callable[[], Iterator[Tensor]], n: int) -> None:
+        self._chunks, self.n = chunks, n
+
+    @classmethod
+    def of(cls, features: Tensor) -> FeatureSet:
+        return cls(lambda: iter([features]), int(features.shape[0]))
+
+    def __iter__(self) -> Iterator[Tensor]:
+        return self._chunks()
+
+    def all(self) -> Tensor:
+        """Every feature row, [N, D] float32."""
+        return torch.cat([torch.as_tensor(c) for c in self])
+
+    def moments(self) -> Moments:
+        """Float64 moments over the chunks in order (:func:`~cdmbench.metrics.frechet.chunk_moments`)."""
+        return chunk_moments(self)
+
+
+class FeatureMetric(Metric):
+    """A metric of the sample set's features in one feature space (FID, precision/recall).
+
+    The scoring driver extracts each (sample set, feature network) once, shared by every
+    metric whose :meth:`extractor` has the same id and config, sharded across ranks and cached
+    per chunk; then rank 0 calls :meth:`from_features`. :meth:`compute` does the same in memory.
+    """
+
+    needs = ("images", "reference")
+    all_features: ClassVar[bool] = False  # needs every feature row at once (k-NN), not moments
+    device: str | torch.device | None = None
+
+    def extractor(self, backbone: Backbone) -> ImageFeatures:
+        """The feature network this metric scores in on ``backbone``."""
+        raise NotImplementedError
+
+    def from_features(self, features: FeatureSet, data: EvalSet) -> dict[str, float]:
+        """Values from the generated set's features (``data.images`` is empty here)."""
+        raise NotImplementedError
+
+    def compute(self, data: EvalSet) -> dict[str, float]:
+        ext = self.extractor(data.backbone)
+        ext.check()
+        ext.to(self.device if self.device is not None else data.backbone.device)
+        return self.from_features(FeatureSet.of(ext(data.images)), data)

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from cdmbench.errors import MissingWeightsError
-from cdmbench.metrics.base import EvalSet, Metric, Value
+from cdmbench.metrics.base import PerSampleMetric, Value
 from cdmbench.weights import cached_hub_file, download, hub_endpoint, hub_file
 
 CONVENTION = "max(mean_i 100*cos(E_image_i, E_text_i), 0) (torchmetrics CLIPScore)"
@@ -81,7 +81,7 @@ def _hub_cache_dir(cache_dir: str | os.PathLike | None) -> str:
     return str(constants.HF_HUB_CACHE)
 
 
-class ClipScore(Metric):
+class ClipScore(PerSampleMetric):
     """CLIP score, 100 x image-prompt cosine in open_clip (Hessel et al. 2021; torchmetrics)."""
 
     name = "clip_score"
@@ -292,28 +292,25 @@ class ClipScore(Metric):
         return self._loaded
 
     @torch.inference_mode()
+    def score_batch(self, model: tuple[Any, Any, Any], images: Tensor, texts: list[str]) -> Tensor:
+        """Per-sample ``100 * cos`` of images[i] (uint8 [n, C, H, W]) and texts[i], float32 CPU."""
+        net, preprocess, tokenizer = model
+        dev = next(net.parameters()).device
+        x = torch.stack([preprocess(p) for p in uint8_to_pil(images)]).to(dev)
+        tokens = tokenizer(texts).to(dev)
+        img = net.encode_image(x).float()
+        txt = net.encode_text(tokens).float()
+        return clip_score_from_embeddings(img, txt).cpu()
+
     def scores(
         self, images: Tensor, texts: list[str], device: str | torch.device = "cpu"
     ) -> Tensor:
         """Per-sample ``100 * cos`` of images[i] (uint8 [N, C, H, W]) and texts[i], float32 CPU."""
-        if images.shape[0] != len(texts):
-            raise ValueError(f"{images.shape[0]} images but {len(texts)} prompts")
-        model, preprocess, tokenizer = self.load(device)
-        dev = next(model.parameters()).device
-        out: list[Tensor] = []
-        for i in range(0, len(texts), self.batch_size):
-            pils = uint8_to_pil(images[i : i + self.batch_size])
-            x = torch.stack([preprocess(p) for p in pils]).to(dev)
-            tokens = tokenizer(texts[i : i + self.batch_size]).to(dev)
-            img = model.encode_image(x).float()
-            txt = model.encode_text(tokens).float()
-            out.append(clip_score_from_embeddings(img, txt).cpu())
-        return torch.cat(out) if out else torch.zeros(0)
+        return super().scores(images, texts, device).float()
 
-    def compute(self, data: EvalSet) -> dict[str, float]:
-        device = self.device or str(getattr(data.backbone, "device", "cpu"))
-        s = self.scores(data.images, [p.text for p in data.prompts], device)
-        return {"clip_score": aggregate_clip_score(s)}
+    def reduce(self, scores: Tensor) -> dict[str, float]:
+        """torchmetrics' aggregate of the (float32) per-sample scores."""
+        return {"clip_score": aggregate_clip_score(scores.float())}
 
 
 __all__ = [

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from cdmbench.backbones.base import Backbone
 from cdmbench.errors import UserError
 from cdmbench.metrics.base import EvalSet, Metric, Value
+from cdmbench.metrics.features import ImageFeatures
 from cdmbench.metrics.frechet import feature_stats, frechet_distance, prompt_accuracy
 
 
@@ -94,6 +95,25 @@ class DigitsJudge:
         }
 
 
+class DomainFeatures(ImageFeatures):
+    """The judge's penultimate features of uint8 images, as an extractor the scoring driver
+    shards and caches like any other; it stays on the judge's device."""
+
+    mode = "8-bit PNG levels"
+
+    def __init__(self, judge: DigitsJudge, batch_size: int = 1024) -> None:
+        super().__init__(batch_size, judge.device)
+        self.judge = judge
+        d = judge.describe()
+        self.id = f"{d['features']}, {judge.backbone.name} domain classifier"
+
+    def to(self, device: str | torch.device) -> DomainFeatures:
+        return self
+
+    def embed(self, images: Tensor) -> Tensor:
+        return self.judge.features_and_logits(images.float() / 255.0)[0].cpu()
+
+
 def domain_judge(
     backbone: Backbone, reference: str = "test", device: str | torch.device | None = None
 ) -> DigitsJudge | None:
@@ -159,4 +179,11 @@ class PromptAccuracy(DigitsFD):
         return {"prompt_acc": scores["prompt_acc"]}
 
 
-__all__ = ["DigitsFD", "DigitsJudge", "PromptAccuracy", "domain_judge", "quantize"]
+__all__ = [
+    "DigitsFD",
+    "DigitsJudge",
+    "DomainFeatures",
+    "PromptAccuracy",
+    "domain_judge",
+    "quantize",
+]

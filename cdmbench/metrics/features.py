@@ -212,7 +212,7 @@ def _resize_pil(x: np.ndarray, size: tuple[int, int], threads: int) -> np.ndarra
             out[i, j] = np.asarray(img.resize(size, resample=Image.Resampling.BICUBIC))
 
     if threads > 1 and n > 1:
-        list(_executor("resize", threads).map(one, range(n)))
+        list(thread_pool("resize", threads).map(one, range(n)))
     else:
         for i in range(n):
             one(i)
@@ -220,7 +220,7 @@ def _resize_pil(x: np.ndarray, size: tuple[int, int], threads: int) -> np.ndarra
 
 
 @cache
-def _executor(role: str, threads: int) -> ThreadPoolExecutor:
+def thread_pool(role: str, threads: int) -> ThreadPoolExecutor:
     """A process-wide thread pool per role and size, started once (idle between batches).
 
     Roles keep separate pools: the prefetch thread waits on the resize pool, which must not
@@ -307,7 +307,7 @@ class ImageFeatures:
             feats = [self.embed(images[s : s + self.batch_size]) for s in starts]
         else:
             feats = []
-            ahead = _executor("prefetch", 1)  # prepares the next batch while the network runs
+            ahead = thread_pool("prefetch", 1)  # prepares the next batch while the network runs
             nxt = ahead.submit(self.prepare, images[: self.batch_size])
             for s in starts:
                 cur = nxt.result()

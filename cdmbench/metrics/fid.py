@@ -24,15 +24,15 @@ import torch
 from torch import Tensor
 
 from cdmbench.errors import UserError
-from cdmbench.metrics.base import EvalSet, Metric, Value
+from cdmbench.metrics.base import EvalSet, FeatureMetric, FeatureSet, Value
 from cdmbench.metrics.features import ImageFeatures, as_features
-from cdmbench.metrics.frechet import feature_stats, frechet_distance
+from cdmbench.metrics.frechet import frechet_distance
 from cdmbench.metrics.reference import resolve_reference
 
 REFERENCE_DEFAULT = "EvalSet.reference: a folder of real images, or '' for the real test split"
 
 
-class FID(Metric):
+class FID(FeatureMetric):
     """Fréchet Inception Distance (Heusel et al. 2017), clean-fid's convention (Parmar 2022)."""
 
     name = "fid"
@@ -81,10 +81,14 @@ class FID(Metric):
         """``config()`` plus what the last :meth:`compute` used: reference, N_ref, N_gen."""
         return {**self.config(), **self.last}
 
-    def compute(self, data: EvalSet) -> dict[str, float]:
+    def extractor(self, backbone=None) -> ImageFeatures:
+        return self.features
+
+    def from_features(self, features: FeatureSet, data: EvalSet) -> dict[str, float]:
+        """FID of the generated features (float64 moments, streamed) against the reference."""
         self.check()  # before any work: a missing file fails in one line, nothing downloads
-        if data.images.shape[0] < 2:
-            raise UserError(f"FID needs at least 2 generated images, got {data.images.shape[0]}")
+        if features.n < 2:
+            raise UserError(f"FID needs at least 2 generated images, got {features.n}")
         self.features.to(self.device if self.device is not None else data.backbone.device)
         ref = resolve_reference(
             self.reference if self.reference is not None else data.reference,
@@ -92,13 +96,18 @@ class FID(Metric):
             self.n_ref,
         )
         mu_ref, sigma_ref = ref.stats(self.features, data.cache_dir)
-        mu, sigma = feature_stats(self.features(data.images))
+        mu, sigma = features.moments().stats()
         self.last = {
             **ref.describe(),
-            "n_gen": int(data.images.shape[0]),
+            "n_gen": features.n,
             "ref_cache": str(Path(ref.cache_path(data.cache_dir, "fid-stats", self.features))),
         }
         return {"fid": frechet_distance(mu, sigma, mu_ref, sigma_ref)}
+
+    def compute(self, data: EvalSet) -> dict[str, float]:
+        if data.images.shape[0] < 2:  # before any work
+            raise UserError(f"FID needs at least 2 generated images, got {data.images.shape[0]}")
+        return super().compute(data)
 
 
 __all__ = ["FID"]

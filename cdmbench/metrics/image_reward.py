@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from cdmbench.errors import MissingWeightsError
-from cdmbench.metrics.base import EvalSet, Metric, Value
+from cdmbench.metrics.base import PerSampleMetric, Value
 from cdmbench.weights import cached_hub_file, hub_file
 
 ENV = "CDMBENCH_IMAGEREWARD"
@@ -57,7 +57,7 @@ def _cached(repo: str, filename: str, cache_dir: str | os.PathLike | None) -> Pa
     return cached_hub_file(repo, filename, cache_dir=cache_dir)
 
 
-class ImageRewardScore(Metric):
+class ImageRewardScore(PerSampleMetric):
     """ImageReward-v1.0 reward of each image for its prompt, averaged (Xu et al. 2023)."""
 
     name = "image_reward"
@@ -185,18 +185,15 @@ class ImageRewardScore(Metric):
             self._model = compat.load_imagereward(ckpt, med_config, tokenizer, device)
         return self._model
 
-    def scores(
-        self, images: Tensor, texts: list[str], device: str | torch.device = "cpu"
-    ) -> Tensor:
-        """Per-sample reward of images[i] (uint8 [N, C, H, W]) for texts[i], float32 CPU."""
+    def score_batch(self, model: Any, images: Tensor, texts: list[str]) -> Tensor:
+        """Per-sample reward of images[i] (uint8 [n, C, H, W]) for texts[i], float32 CPU."""
         from cdmbench.metrics import _imagereward_compat as compat
 
-        return compat.score_images(self.load(device), images, texts, self.batch_size)
+        return compat.score_images(model, images, texts, max(len(texts), 1))
 
-    def compute(self, data: EvalSet) -> dict[str, float]:
-        device = self.device or str(getattr(data.backbone, "device", "cpu"))
-        s = self.scores(data.images, [p.text for p in data.prompts], device)
-        return {"image_reward": float(s.mean())}
+    def reduce(self, scores: Tensor) -> dict[str, float]:
+        """The mean reward, over the float32 per-sample rewards."""
+        return {"image_reward": float(scores.float().mean())}
 
 
 __all__ = ["ENV", "ImageRewardScore"]

@@ -23,8 +23,8 @@ from torch import Tensor
 
 from cdmbench.backbones.base import Backbone
 from cdmbench.errors import UserError
-from cdmbench.metrics.base import EvalSet, Metric, Value
-from cdmbench.metrics.digits import DigitsJudge, domain_judge, no_domain
+from cdmbench.metrics.base import EvalSet, FeatureMetric, FeatureSet, Value
+from cdmbench.metrics.digits import DigitsJudge, DomainFeatures, domain_judge, no_domain
 from cdmbench.metrics.features import ImageFeatures, as_features
 from cdmbench.metrics.fid import REFERENCE_DEFAULT
 from cdmbench.metrics.reference import resolve_reference
@@ -73,7 +73,7 @@ def precision_recall(real: Tensor, fake: Tensor, k: int = 3, chunk: int = 1024) 
     return {"precision": float(precision.double().mean()), "recall": float(recall.double().mean())}
 
 
-class PrecisionRecall(Metric):
+class PrecisionRecall(FeatureMetric):
     """Improved precision and recall, k-NN manifolds (Kynkäänniemi et al. 2019)."""
 
     name = "precision_recall"
@@ -82,6 +82,7 @@ class PrecisionRecall(Metric):
         "recall": Value(higher_is_better=True, tolerance="0.05"),
     }
     needs = ("images", "reference")
+    all_features = True  # k-NN balls need every feature
 
     def __init__(
         self,
@@ -164,16 +165,19 @@ class PrecisionRecall(Metric):
         """``config()`` plus what the last :meth:`compute` used: space, reference, N_ref, N_gen."""
         return {**self.config(), **self.last}
 
-    def compute(self, data: EvalSet) -> dict[str, float]:
-        if data.images.shape[0] <= self.k:
+    def extractor(self, backbone: Backbone) -> ImageFeatures:
+        judge = self._judge(backbone)
+        return self.features if judge is None else DomainFeatures(judge)
+
+    def from_features(self, features: FeatureSet, data: EvalSet) -> dict[str, float]:
+        if features.n <= self.k:
             raise UserError(
                 f"precision/recall with k = {self.k} needs more than {self.k} "
-                f"generated images, got {data.images.shape[0]}"
+                f"generated images, got {features.n}"
             )
         judge = self._judge(data.backbone)
         if judge is not None:
             real = judge.reference_features
-            fake = judge.features_and_logits(data.images.float() / 255.0)[0]
             d = judge.describe()
             info = {
                 "space": d["classifier"],
@@ -189,11 +193,18 @@ class PrecisionRecall(Metric):
                 self.n_ref,
             )
             real = ref.features(self.features, data.cache_dir)
-            fake = self.features(data.images)
             info = {"space": self.features.id, **ref.describe()}
-        self.last = {**info, "n_gen": int(data.images.shape[0])}
+        self.last = {**info, "n_gen": features.n}
         dev = self.device if self.device is not None else "cpu"
-        return precision_recall(real.to(dev), fake.to(dev), self.k, self.chunk)
+        return precision_recall(real.to(dev), features.all().to(dev), self.k, self.chunk)
+
+    def compute(self, data: EvalSet) -> dict[str, float]:
+        if data.images.shape[0] <= self.k:  # before any work
+            raise UserError(
+                f"precision/recall with k = {self.k} needs more than {self.k} "
+                f"generated images, got {data.images.shape[0]}"
+            )
+        return super().compute(data)
 
 
 __all__ = ["PrecisionRecall", "in_manifold", "knn_radii", "precision_recall"]
