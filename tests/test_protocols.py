@@ -253,8 +253,13 @@ def test_shipped_protocols_parse_and_ship_as_package_data():
     assert {"coco10k-fid", "pickscore-2k", "drawbench", "parti", "geneval", "digits"} <= set(
         protocols.names()
     )
+    from cdmbench.registry import METRICS
+
     for p in protocols.shipped():
-        assert p.metrics and p.version >= 1 and p.description
+        assert p.version >= 1 and p.description
+        assert p.metrics or "samples only" in p.description, p.name
+        for m in p.metrics:  # every metric a preset names is registered
+            METRICS.entry(m)
         assert all(i.about for i in p.inputs.values()), p.name
     pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
     setup = pyproject["tool"]["setuptools"]
