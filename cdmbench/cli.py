@@ -537,7 +537,7 @@ def eval_cmd(
     check_option("--seed", seed, TrainConfig, "seed")
     check_option("--dist-timeout", dist_timeout, TrainConfig, "dist_timeout_s")
     check_option("--limit", limit, ge=1, le=MAX_COUNT)
-    check_option("--n-ref", n_ref, ge=1, le=MAX_COUNT)
+    check_option("--n-ref", n_ref, ge=2, le=MAX_COUNT)
     mode = _compile_mode(compile_, compile_mode)
     teacher_weights, set_ = _pipeline_weights(teacher_weights, set_)
     from cdmbench.distributed import resolve_device
