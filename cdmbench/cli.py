@@ -1101,7 +1101,9 @@ def main(argv: list[str] | None = None) -> None:
         if DEBUG["on"]:
             raise
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        console.print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)
+        from rich.markup import escape
+
+        console.print(f"[bold red]error:[/] {escape(msg)}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         console.print("interrupted; finished work is kept, rerun the same command to continue")
