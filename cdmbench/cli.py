@@ -42,8 +42,8 @@ DeviceOpt = Annotated[
 ]
 ConfigOptHelp = typer.Option(
     "--config",
-    help="A shipped recipe by name (see `cdmbench recipes`) or a TOML file with [train], "
-    "[method] and [backbone] tables.",
+    help="A shipped recipe by name (see `cdmbench recipes`) or a TOML file with \\[train], "
+    "\\[method] and \\[backbone] tables.",
 )
 BackboneSetOpt = Annotated[
     list[str] | None,
@@ -119,7 +119,12 @@ def teacher(
     result with `cdmbench train ... --teacher-weights OUT/digits_teacher.safetensors`.
     """
     from cdmbench.backbones import get_backbone
+    from cdmbench.settings import MAX_COUNT, check_option
+    from cdmbench.training.core import TrainConfig
 
+    check_option("--seed", seed, TrainConfig, "seed")
+    check_option("--iters", iters, TrainConfig, "iters")
+    check_option("--epochs", epochs, ge=1, le=MAX_COUNT)
     cls = BACKBONES.get(backbone)
     if not cls.trains_teacher:
         raise UserError(
@@ -239,9 +244,15 @@ def sample(
     """Write an image grid: one row block per step count, one column per prompt."""
     import torch
 
+    from cdmbench.backbones.base import BackboneSettings
     from cdmbench.config import parse_steps
     from cdmbench.distributed import resolve_device
+    from cdmbench.settings import check_option
+    from cdmbench.training.core import TrainConfig
 
+    check_option("--seed", seed, TrainConfig, "seed")
+    check_option("--per-prompt", per_prompt, BackboneSettings, "eval_samples")
+    check_option("--guidance", guidance, BackboneSettings, "teacher_guidance")
     device = resolve_device(device)
     from cdmbench.generate import SamplerSpec, generate, save_grid, seeds_for
 
@@ -336,8 +347,13 @@ def train(
     """
     from cdmbench.config import resolve
     from cdmbench.distributed import resolve_device
+    from cdmbench.settings import check_option
+    from cdmbench.training.core import TrainConfig
     from cdmbench.training.run import train_run
 
+    for flag, value, name in (("--iters", iters, "iters"), ("--batch", batch, "batch")):
+        check_option(flag, value, TrainConfig, name)
+    check_option("--seed", seed, TrainConfig, "seed")
     method, backbone, recipe = _method_backbone(method, backbone, config)
     device = resolve_device(device)
     method_cls = METHODS.get(method)
@@ -506,15 +522,22 @@ def eval_cmd(
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from cdmbench.backbones.base import BackboneSettings
     from cdmbench.config import parse_steps
     from cdmbench.distributed import init_distributed
     from cdmbench.evaluate import EvalPlan, run_candidates, run_eval, teacher_candidate
     from cdmbench.protocols import eval_pairs
     from cdmbench.results import ResultStore
+    from cdmbench.settings import MAX_COUNT, check_option
+    from cdmbench.training.core import TrainConfig
 
     step_list = parse_steps(steps)
-    if not dist_timeout > 0 or dist_timeout == float("inf"):
-        raise UserError(f"--dist-timeout must be a positive number of seconds, got {dist_timeout}")
+    check_option("--num-samples", num_samples, BackboneSettings, "eval_samples")
+    check_option("--batch-size", batch_size, BackboneSettings, "eval_batch")
+    check_option("--seed", seed, TrainConfig, "seed")
+    check_option("--dist-timeout", dist_timeout, TrainConfig, "dist_timeout_s")
+    check_option("--limit", limit, ge=1, le=MAX_COUNT)
+    check_option("--n-ref", n_ref, ge=2, le=MAX_COUNT)
     mode = _compile_mode(compile_, compile_mode)
     teacher_weights, set_ = _pipeline_weights(teacher_weights, set_)
     from cdmbench.distributed import resolve_device
@@ -651,8 +674,10 @@ def export(
     The exact post-shift schedule goes to cdmbench_schedule.json; pass its pipeline_sigmas as
     `sigmas=` and guidance_scale=1 when sampling with diffusers.
     """
+    from cdmbench.settings import MAX_STEPS, check_option
     from cdmbench.training.run import ADAPTER_FILE, load_run
 
+    check_option("--steps", steps, ge=1, le=MAX_STEPS)
     r = load_run(run, teacher_weights=teacher_weights)
     spec = r.method.sampler(steps, r.backbone.shift)
     path = r.backbone.export(r.student, out_dir, spec.sigmas, stochastic=spec.stochastic)
@@ -695,7 +720,9 @@ def report(
     The HTML page is self-contained (plots and sample grids embedded) and opens in any browser.
     """
     from cdmbench.report import build_report, render_rich
+    from cdmbench.settings import check_option
 
+    check_option("--samples-per-cell", samples_per_cell, ge=0, le=1000)
     outs = build_report(
         results,
         out_dir or results,
@@ -826,12 +853,18 @@ def bench(
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from cdmbench.backbones.base import BackboneSettings
     from cdmbench.bench import BenchConfig, methods_arg, run_bench
     from cdmbench.config import backbone_settings, parse_steps
     from cdmbench.distributed import resolve_device
     from cdmbench.report import build_report, render_rich
-    from cdmbench.settings import as_dict
+    from cdmbench.settings import as_dict, check_option
+    from cdmbench.training.core import TrainConfig
 
+    check_option("--seed", seed, TrainConfig, "seed")
+    check_option("--iters", iters, TrainConfig, "iters")
+    check_option("--num-samples", num_samples, BackboneSettings, "eval_samples")
+    check_option("--workers", workers, ge=1, le=1024)
     mode = _compile_mode(compile_, compile_mode)
     device = resolve_device(device)
     settings = backbone_settings(BACKBONES.get(backbone), None, set_, only_backbone=True)
@@ -1068,7 +1101,9 @@ def main(argv: list[str] | None = None) -> None:
         if DEBUG["on"]:
             raise
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        console.print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)
+        from rich.markup import escape
+
+        console.print(f"[bold red]error:[/] {escape(msg)}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         console.print("interrupted; finished work is kept, rerun the same command to continue")

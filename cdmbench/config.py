@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cdmbench.errors import UserError
-from cdmbench.settings import apply, as_dict
+from cdmbench.settings import MAX_STEPS, apply, as_dict
 
 try:
     import tomllib
@@ -44,8 +44,8 @@ def parse_steps(text: str) -> list[int]:
             raise UserError(
                 f"bad step list '{text}': '{t}' is not an integer; use e.g. 1,2,4"
             ) from None
-    if any(s < 1 for s in steps):
-        raise UserError(f"bad step list '{text}': step counts must be >= 1")
+    if any(s < 1 or s > MAX_STEPS for s in steps):
+        raise UserError(f"bad step list '{text}': step counts must be >= 1 and <= {MAX_STEPS}")
     if len(set(steps)) != len(steps):
         raise UserError(f"bad step list '{text}': duplicate step counts")
     return steps
@@ -73,18 +73,37 @@ def read_toml(config_file: str | Path) -> dict[str, Any]:
 
     path = find(config_file)
     try:
-        data = tomllib.loads(path.read_text())
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise UserError(f"config file {path} not found") from None
+    except IsADirectoryError:
+        raise UserError(f"config file {path} is a directory; pass a TOML file") from None
+    except UnicodeDecodeError as e:
+        raise UserError(
+            f"config file {path} is not UTF-8 text (byte {e.start}); save it as UTF-8"
+        ) from None
+    except OSError as e:
+        raise UserError(f"config file {path}: cannot read it ({e.strerror})") from None
     except tomllib.TOMLDecodeError as e:
         raise UserError(f"config file {path} is not valid TOML: {e}") from None
     recipe_of(path, data)  # checks the [recipe] table
-    unknown = [k for k, v in data.items() if isinstance(v, dict) and k not in (*SECTIONS, "recipe")]
-    if unknown:
-        raise UserError(
-            f"config file {path}: unknown table [{unknown[0]}]; use "
-            f"{', '.join(f'[{s}]' for s in SECTIONS)}"
-        )
+    tables = (*SECTIONS, "recipe")
+    for key, value in data.items():
+        if not isinstance(value, dict):
+            where = "[train]" if key in {f.name for f in fields(TrainConfig)} else "a table"
+            raise UserError(
+                f"config file {path}: '{key}' is outside any table; put it under {where} "
+                f"({', '.join(f'[{s}]' for s in SECTIONS)})"
+            )
+        if key not in tables:
+            from cdmbench.registry import suggest
+
+            close = suggest(key, list(tables))
+            hint = f" — did you mean [{close}]?" if close else ""
+            raise UserError(
+                f"config file {path}: unknown table [{key}]{hint}; use "
+                f"{', '.join(f'[{s}]' for s in SECTIONS)}"
+            )
     return data
 
 
@@ -97,8 +116,13 @@ def _section_of(key: str, train_fields: set[str], method_name: str | None) -> tu
     if method_name is not None and section == method_name:
         section = "method"
     if section not in SECTIONS:
+        from cdmbench.registry import suggest
+
+        close = suggest(section, list(SECTIONS))
+        hint = f" — did you mean '{close}.{name}'?" if close else ""
         raise UserError(
-            f"unknown section '{section}' in '{key}': use train.KEY, method.KEY or backbone.KEY"
+            f"unknown section '{section}' in '{key}'{hint}; use train.KEY, method.KEY or "
+            "backbone.KEY"
         )
     return section, name
 

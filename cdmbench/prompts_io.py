@@ -76,7 +76,11 @@ class Prompt:
 
 
 class PromptSource(Protocol):
-    """What ``default`` reads prompts from: a backbone (its test prompts, named after it)."""
+    """What ``default`` reads prompts from: a backbone (its test prompts, named after it).
+
+    A class-conditional backbone also has ``prompt_label(prompt) -> int | None``, the class
+    a prompt's text names (None: none); :func:`load_prompt_set` labels a file's prompts with
+    it, so class-based metrics score a user's prompt file as they score the packaged set."""
 
     name: str
 
@@ -115,6 +119,8 @@ def load_prompt_set(
         name, prompts = _packaged(key, backbone)
     else:
         name, prompts = _from_file(Path(key).expanduser(), fmt, captions_per_image)
+    if backbone is not None:
+        prompts = _labelled(prompts, backbone, key)
     if limit is not None:
         prompts = prompts[:limit]
     return f"{name}-{prompt_set_hash(prompts)}", prompts
@@ -429,6 +435,26 @@ def _parse_table(text: str, source: str, stem: str, kind: str, tabs: bool = Fals
 
 
 # ------------------------------------------------------------------------------- helpers
+def _labelled(prompts: list[Prompt], backbone: PromptSource, source: str) -> list[Prompt]:
+    """``prompts`` with the class each names on a class-conditional ``backbone`` (one with
+    ``prompt_label``); a prompt that names none is a :class:`UserError` before any work."""
+    label_of = getattr(backbone, "prompt_label", None)
+    if label_of is None:
+        return prompts
+    out = []
+    for p in prompts:
+        label = p.label if p.label is not None else label_of(p)
+        if label is None:
+            example = backbone.prompts("train")[-1].text
+            text = p.text if len(p.text) <= 40 else p.text[:37] + "..."
+            raise UserError(
+                f"prompt set {source}: prompt {p.id} ('{text}') names no class of backbone "
+                f"'{backbone.name}'; write prompts like '{example}'"
+            )
+        out.append(p if label == p.label else Prompt(p.id, p.text, label))
+    return out
+
+
 def _finish(items: list[_Item], source: str) -> list[Prompt]:
     """The prompts, once the set is known to be non-empty with unique ids."""
     if not items:

@@ -35,25 +35,37 @@ from torch import Tensor, nn
 from cdmbench import flow
 from cdmbench.backbones.base import Cond
 from cdmbench.losses import pseudo_huber
+from cdmbench.settings import MAX_COUNT, setting
 from cdmbench.training.core import ema_update_
 from cdmbench.training.method import Batch, Core, Method, OptimSpec, SamplerSpec
 from cdmbench.training.teacher_data import TeacherSamples, run_sample_count
 
 
+def _edges_problem(edges: tuple[int, ...]) -> str | None:
+    """Phase starts: 0 first, strictly increasing."""
+    if edges[0] != 0 or any(b <= a for a, b in zip(edges, edges[1:], strict=False)):
+        return "phase starts must begin at 0 and increase, e.g. 0,12,25,37"
+    return None
+
+
 @dataclass
 class CDConfig:
-    student_lr: float = 1e-6
-    weight_decay: float = 1e-4
-    warmup: int = 100
-    grid: int = 50  # Euler grid of the teacher solver
-    edges: tuple[int, ...] = (0, 12, 25, 37)  # phase starts on the grid (4-step student)
-    teacher_guidance: float | None = None  # None: the backbone's default CFG (4.5 if unset)
-    target: str = "ema"  # "ema" (decay target_ema) or "online" (student, no grad)
-    target_ema: float = 0.95
-    huber_c: float = 1e-3
-    data: str = "auto"  # "real", "teacher" (cached teacher samples) or "auto"
+    student_lr: float = setting(1e-6, gt=0)
+    weight_decay: float = setting(1e-4, ge=0)
+    warmup: int = setting(100, ge=0, le=MAX_COUNT)
+    grid: int = setting(50, ge=2, le=10_000)  # Euler grid of the teacher solver
+    # phase starts on the grid (4-step student)
+    edges: tuple[int, ...] = setting((0, 12, 25, 37), ge=0, check=_edges_problem)
+    # None: the backbone's default CFG (4.5 if unset)
+    teacher_guidance: float | None = setting(None, ge=0)
+    # "ema" (decay target_ema) or "online" (student, no grad)
+    target: str = setting("ema", choices=("ema", "online"))
+    target_ema: float = setting(0.95, ge=0, le=1)
+    huber_c: float = setting(1e-3, gt=0)
+    # "real", "teacher" (cached teacher samples) or "auto"
+    data: str = setting("auto", choices=("real", "teacher", "auto"))
     # teacher samples cached when data is "teacher"; None: min(10,000, iters x batch x processes)
-    cache_size: int | None = None
+    cache_size: int | None = setting(None, ge=1, le=MAX_COUNT)
 
 
 def phase_end(n: Tensor, edges: tuple[int, ...], grid: int) -> Tensor:

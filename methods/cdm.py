@@ -52,29 +52,34 @@ from torch import Tensor, nn
 
 from cdmbench import flow
 from cdmbench.losses import dm_normalizer, dm_target, fm_loss
+from cdmbench.settings import MAX_COUNT, setting
 from cdmbench.training.core import merge_
 from cdmbench.training.method import Batch, Core, Method, OptimSpec, SamplerSpec
 
 
 @dataclass
 class CDMConfig:
-    student_lr: float = 1e-5
-    fake_lr: float = 5e-6
-    weight_decay: float = 1e-4
-    warmup: int = 100
-    update_ratio: int = 2  # fake steps per student step
-    n_max: int = 28  # random schedule length N ~ U{1..n_max}
-    inner_lo: float = 0.25  # inner sigmas ~ U(inner_lo, inner_hi), pre-shift
-    inner_hi: float = 0.95
-    schedule: str = "random"  # "random" (the paper) or "fixed" (ablation: eval list)
-    cfg_aug_scale: float = 7.0  # guidance of the CFG-augmentation term; 0 disables it
+    student_lr: float = setting(1e-5, gt=0)
+    fake_lr: float = setting(5e-6, ge=0)
+    weight_decay: float = setting(1e-4, ge=0)
+    warmup: int = setting(100, ge=0, le=MAX_COUNT)
+    update_ratio: int = setting(2, ge=1, le=1000)  # fake steps per student step
+    n_max: int = setting(28, ge=1, le=1000)  # random schedule length N ~ U{1..n_max}
+    # inner sigmas ~ U(inner_lo, inner_hi), pre-shift
+    inner_lo: float = setting(0.25, ge=0, le=1, at_most="inner_hi")
+    inner_hi: float = setting(0.95, ge=0, le=1)
+    # "random" (the paper) or "fixed" (ablation: eval list)
+    schedule: str = setting("random", choices=("random", "fixed"))
+    cfg_aug_scale: float = setting(7.0, ge=0)  # guidance of the CFG-augmentation term; 0: off
     ontraj: bool = True  # on-trajectory distribution matching
     offtraj: bool = True  # off-trajectory continuous-time alignment (the paper's new term)
-    norm_floor: float = 0.1  # n = max(mean |x0_ref - x0|, norm_floor)
-    merge: float = 0.001  # theta_F <- (1 - merge) theta_F + merge theta_S after each fake step
+    norm_floor: float = setting(0.1, gt=0)  # n = max(mean |x0_ref - x0|, norm_floor)
+    # theta_F <- (1 - merge) theta_F + merge theta_S after each fake step
+    merge: float = setting(0.001, ge=0, le=1)
     cap_dm_tau: bool = False  # reference quirk: DM tau is full range (see module docstring)
     cap_offtraj_sigma: bool = False  # same quirk for sigma'
-    eval_sigmas: tuple[float, ...] = (1.0, 0.75, 0.5, 0.25)  # pre-shift 4-step list
+    # pre-shift 4-step list
+    eval_sigmas: tuple[float, ...] = setting((1.0, 0.75, 0.5, 0.25), gt=0, le=1)
 
 
 @dataclass

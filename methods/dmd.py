@@ -34,23 +34,26 @@ from torch import Tensor, nn
 from cdmbench import flow
 from cdmbench.backbones.base import Cond
 from cdmbench.losses import dm_loss, fm_loss, regression_loss
+from cdmbench.settings import MAX_COUNT, setting
+from cdmbench.training.core import MAX_BATCH
 from cdmbench.training.method import Batch, Core, Method, OptimSpec, SamplerSpec
 from cdmbench.training.teacher_data import TeacherSamples, run_sample_count
 
 
 @dataclass
 class DMDConfig:
-    student_lr: float = 1e-5
-    fake_lr: float = 1e-5
-    weight_decay: float = 1e-4
-    warmup: int = 100
-    real_guidance: float = 3.0  # CFG of the real score
-    reg_weight: float = 0.25  # regression loss weight
+    student_lr: float = setting(1e-5, gt=0)
+    fake_lr: float = setting(1e-5, ge=0)
+    weight_decay: float = setting(1e-4, ge=0)
+    warmup: int = setting(100, ge=0, le=MAX_COUNT)
+    real_guidance: float = setting(3.0, ge=0)  # CFG of the real score
+    reg_weight: float = setting(0.25, ge=0)  # regression loss weight
     # cached (noise, teacher sample) pairs; None: min(10,000, iters x reg batch x processes);
     # none are made at reg_weight 0
-    reg_pairs: int | None = None
-    reg_batch: int = 0  # regression pairs per step; 0 = the training batch size
-    norm_floor: float = 1e-6
+    reg_pairs: int | None = setting(None, ge=1, le=MAX_COUNT)
+    # regression pairs per step; 0 = the training batch size
+    reg_batch: int = setting(0, ge=0, le=MAX_BATCH)
+    norm_floor: float = setting(1e-6, gt=0)
 
 
 @dataclass

@@ -24,19 +24,21 @@ from torch import Tensor, nn
 
 from cdmbench import flow
 from cdmbench.losses import dm_loss, fm_loss
+from cdmbench.settings import MAX_COUNT, setting
 from cdmbench.training.method import Batch, Core, Method, OptimSpec, SamplerSpec
 
 
 @dataclass
 class DMD2Config:
-    student_lr: float = 5e-7
-    fake_lr: float = 5e-7
-    weight_decay: float = 1e-2
-    warmup: int = 0
-    real_guidance: float = 8.0
-    update_ratio: int = 5  # fake updates per generator update (TTUR)
-    train_sigmas: tuple[float, ...] = (1.0, 0.75, 0.5, 0.25)  # backward-simulation list, pre-shift
-    norm_floor: float = 1e-6
+    student_lr: float = setting(5e-7, gt=0)
+    fake_lr: float = setting(5e-7, ge=0)
+    weight_decay: float = setting(1e-2, ge=0)
+    warmup: int = setting(0, ge=0, le=MAX_COUNT)
+    real_guidance: float = setting(8.0, ge=0)
+    update_ratio: int = setting(5, ge=1, le=1000)  # fake updates per generator update (TTUR)
+    # backward-simulation list, pre-shift
+    train_sigmas: tuple[float, ...] = setting((1.0, 0.75, 0.5, 0.25), gt=0, le=1)
+    norm_floor: float = setting(1e-6, gt=0)
 
 
 @dataclass

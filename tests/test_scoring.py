@@ -295,5 +295,5 @@ def test_dist_timeout_is_validated(capsys, value):
     from cli_run import run
 
     code, out, err = run(capsys, "eval", "--dist-timeout", value, "--methods", "teacher")
-    assert code == 2 and "--dist-timeout must be a positive number of seconds" in out + err
+    assert code == 2 and "for '--dist-timeout': expected a finite number > 0" in out + err
     assert len((out + err).strip().splitlines()) == 1

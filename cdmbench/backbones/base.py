@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from cdmbench import flow
 from cdmbench.errors import UserError
 from cdmbench.prompts_io import Prompt
-from cdmbench.settings import apply, as_dict, setting
+from cdmbench.settings import MAX_COUNT, MAX_STEPS, apply, as_dict, setting
 
 
 @dataclass
@@ -59,17 +59,24 @@ class Cond:
         )
 
 
+MAX_EVAL_BATCH = 1 << 16  # images per generation call; more is a typo, not a batch
+
+
 @dataclass(frozen=True)
 class BackboneSettings:
     """What every backbone declares: its teacher's reference sampler and how `cdmbench eval`
     and `bench` run on it. A backbone's ``Settings`` subclasses this, changing defaults and
     adding its own fields; ``hashed=False`` marks those that do not change a run's result."""
 
-    teacher_steps: int = 50  # steps of the teacher's reference Euler sampler
-    teacher_guidance: float = 1.0  # its CFG scale
-    eval_batch: int = setting(8, hashed=False)  # images per generation call in eval
-    eval_samples: int = setting(1, hashed=False)  # samples per prompt, full evaluation
-    eval_samples_quick: int = setting(1, hashed=False)  # samples per prompt, `bench --quick`
+    # steps of the teacher's reference Euler sampler
+    teacher_steps: int = setting(50, ge=1, le=MAX_STEPS)
+    teacher_guidance: float = setting(1.0, ge=0)  # its CFG scale
+    # images per generation call in eval
+    eval_batch: int = setting(8, hashed=False, ge=1, le=MAX_EVAL_BATCH)
+    # samples per prompt, full evaluation
+    eval_samples: int = setting(1, hashed=False, ge=1, le=MAX_COUNT)
+    # samples per prompt, `bench --quick`
+    eval_samples_quick: int = setting(1, hashed=False, ge=1, le=MAX_COUNT)
     eval_metrics: tuple[str, ...] = setting(  # what eval scores without --metrics
         ("fid", "clip_score", "precision_recall", "latency"), hashed=False
     )

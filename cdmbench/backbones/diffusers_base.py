@@ -49,7 +49,13 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from cdmbench.backbones.base import Backbone, BackboneSettings, Cond, weights_fingerprint
+from cdmbench.backbones.base import (
+    MAX_EVAL_BATCH,
+    Backbone,
+    BackboneSettings,
+    Cond,
+    weights_fingerprint,
+)
 from cdmbench.distributed import rank_world
 from cdmbench.errors import MissingWeightsError, UserError
 from cdmbench.prompts_io import (
@@ -60,7 +66,7 @@ from cdmbench.prompts_io import (
     prompt_overlap,
     prompt_set_hash,
 )
-from cdmbench.settings import setting
+from cdmbench.settings import MAX_COUNT, setting
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name on the Hugging Face hub
@@ -139,14 +145,16 @@ class DiffusersSettings(BackboneSettings):
     revision: str | None = None  # hub branch, tag or commit; None: main
     dtype: str = setting("auto", choices=DTYPES)  # teacher, text encoders, VAE
     train_dtype: str = setting("float32", choices=DTYPES)  # student and copies; auto: = dtype
-    resolution: int = 1024  # image side in pixels
+    resolution: int = setting(1024, ge=16, le=16384)  # image side in pixels
     # recompute activations in the backward of trained copies: less memory, the same
     # gradients; not hashed, so a run can be resumed with it switched on to fit fewer GPUs
     gradient_checkpointing: bool = setting(False, hashed=False)
     train_prompts: str = "general-train"  # prompt set or file (any size) the trainer draws from
     test_prompts: str = setting("general-test", hashed=False)  # eval's "default"; disjoint
-    encode_batch: int = setting(16, hashed=False)  # texts per text-encoder call (padded to it)
-    embed_cache_size: int = setting(1024, hashed=False)  # embeddings kept on the CPU (LRU)
+    # texts per text-encoder call (padded to it)
+    encode_batch: int = setting(16, hashed=False, ge=1, le=MAX_EVAL_BATCH)
+    # embeddings kept on the CPU (LRU)
+    embed_cache_size: int = setting(1024, hashed=False, ge=1, le=MAX_COUNT)
     # training's text embeddings: "online", encoded per batch (the official code's way), or
     # "disk", encoded once into a memory-mapped store the run reads (the encoders then leave
     # the GPU); the same embeddings either way
@@ -158,8 +166,9 @@ class DiffusersSettings(BackboneSettings):
     # the frozen teacher, text encoders and VAE stay in CPU memory and move to the GPU block
     # by block for their own calls: slower, the same results, and a one-GPU run fits
     offload_frozen: bool = setting(False, hashed=False)
-    lora_rank: int = 0  # LoRA (peft) adapters on the student and fake score; 0: full fine-tune
-    lora_alpha: float = 0.0  # adapter scale alpha / rank; 0: alpha = rank
+    # LoRA (peft) adapters on the student and fake score; 0: full fine-tune
+    lora_rank: int = setting(0, ge=0, le=65536)
+    lora_alpha: float = setting(0.0, ge=0)  # adapter scale alpha / rank; 0: alpha = rank
     lora_targets: tuple[str, ...] = LORA_TARGETS  # module names (or name suffixes) adapted
 
     def __post_init__(self) -> None:

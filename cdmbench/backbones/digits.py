@@ -242,6 +242,13 @@ class Digits(Backbone):
             for c in range(NUM_CLASSES)
         ]
 
+    def prompt_label(self, prompt: Prompt) -> int | None:
+        """The class a prompt names ('... seven' or '... 7'; '' is the null class), or None."""
+        try:
+            return _label_of(prompt)
+        except ValueError:
+            return None
+
     def encode(self, prompts: Sequence[Prompt]) -> Cond:
         labels = torch.tensor([_label_of(p) for p in prompts], dtype=torch.long, device=self.device)
         return Cond({"label": labels}, {"label": torch.tensor([NULL_CLASS], device=self.device)})

@@ -94,6 +94,7 @@ from cdmbench.backbones.diffusers_base import (
     transformers_major,
 )
 from cdmbench.errors import UserError
+from cdmbench.settings import setting
 
 HUB_ID = "meituan-longcat/LongCat-Image"
 ENV_VAR = "CDMBENCH_LONGCAT"
@@ -153,7 +154,8 @@ class LongCatSettings(DiffusersSettings):
 
     resolution: int | tuple[int, int] = 1024  # pixels: a side, or (height, width)
     cfg_renorm: bool = False  # the pipeline's CFG renorm in velocity (off: plain CFG)
-    cfg_renorm_min: float = 0.0  # lower clamp of the renorm scale (the pipeline's)
+    # lower clamp of the renorm scale (the pipeline's)
+    cfg_renorm_min: float = setting(0.0, ge=0, le=1)
     teacher_steps: int = 50  # LongCatImagePipeline.__call__(num_inference_steps=50)
     teacher_guidance: float = 4.5  # LongCatImagePipeline.__call__(guidance_scale=4.5)
 

@@ -60,6 +60,7 @@ from cdmbench.backbones.diffusers_base import (
     unwrap,
 )
 from cdmbench.errors import UserError
+from cdmbench.settings import setting
 
 HUB_ID = "stabilityai/stable-diffusion-3-medium-diffusers"
 WEIGHTS_ENV = "CDMBENCH_SD3"  # a local diffusers directory or a hub id
@@ -95,7 +96,7 @@ class SD3Settings(DiffusersSettings):
     its text encoders'."""
 
     drop_t5: bool = False  # no T5-XXL: zeros in its place, as the pipeline without text_encoder_3
-    max_sequence_length: int = 256  # T5 tokens, the pipeline's default
+    max_sequence_length: int = setting(256, ge=1, le=512)  # T5 tokens, the pipeline's default
     teacher_steps: int = 28  # SD3-Medium's usual step count
     teacher_guidance: float = 7.0  # the pipeline's default guidance_scale
 

@@ -17,11 +17,6 @@ from typing import Any
 
 from cdmbench.errors import UserError
 
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib
-
 RECIPE_DIR = Path(__file__).parent
 RECIPE_KEYS = ("name", "version", "method", "backbone", "description")
 
@@ -53,6 +48,8 @@ def find(spec: str | Path) -> Path:
     path = Path(spec).expanduser()
     if path.is_file():
         return path
+    if path.is_dir():
+        raise UserError(f"config file {path} is a directory; pass a TOML file")
     text = str(spec)
     if text in names():
         return RECIPE_DIR / f"{text}.toml"
@@ -94,12 +91,10 @@ def recipe_of(path: Path, data: dict[str, Any]) -> Recipe | None:
 def load(spec: str | Path) -> Recipe | None:
     """The recipe of the config file ``spec`` names (see :func:`find`); None for a plain
     config file without a ``[recipe]`` table."""
+    from cdmbench.config import read_toml
+
     path = find(spec)
-    try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise UserError(f"config file {path} is not valid TOML: {e}") from None
-    return recipe_of(path, data)
+    return recipe_of(path, read_toml(path))
 
 
 def shipped() -> list[Recipe]:

@@ -44,9 +44,9 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from cdmbench.backbones.base import Backbone
-from cdmbench.distributed import init_distributed
+from cdmbench.distributed import init_distributed, resolve_device
 from cdmbench.errors import UserError
-from cdmbench.settings import as_dict, setting
+from cdmbench.settings import MAX_COUNT, as_dict, setting
 from cdmbench.training import checkpoint, sharding
 from cdmbench.training.checkpoint import CheckpointError as CheckpointError  # re-exported
 from cdmbench.training.checkpoint import Preempted
@@ -60,6 +60,19 @@ from cdmbench.training.logging import (
 from cdmbench.training.method import Batch, Method, OptimSpec, config_to_dict
 
 OPTIMIZERS = ("adamw", "adamw8bit")
+MAX_BATCH = 1 << 20  # samples per process and micro-batch; more is a typo, not a run
+MAX_SEED = 2**31 - 1  # seeds derive per-rank and per-sample seeds from it
+
+
+def device_problem(device: str) -> str | None:
+    """What is wrong with ``device`` as a training device (cpu, cuda, cuda:N present here)."""
+    if str(device).strip().lower() == "auto":
+        return "use cpu, cuda or cuda:N (the command line's --device resolves auto)"
+    try:
+        resolve_device(device)
+    except UserError as e:
+        return str(e)
+    return None
 
 
 class NonFiniteLossError(RuntimeError):
@@ -70,29 +83,31 @@ class NonFiniteLossError(RuntimeError):
 class TrainConfig:
     """Settings the core owns; methods have their own dataclass for theirs."""
 
-    iters: int = 1000  # training iterations (each may update several groups)
-    batch: int = 16  # per process
-    seed: int = 0
-    ema_cap: float = 0.999  # student EMA decay min((1+k)/(10+k), ema_cap)
-    log_every: int = setting(10, hashed=False)  # JSONL log cadence, iterations
+    # training iterations (each may update several groups)
+    iters: int = setting(1000, ge=1, le=MAX_COUNT)
+    batch: int = setting(16, ge=1, le=MAX_BATCH)  # per process
+    seed: int = setting(0, ge=0, le=MAX_SEED)
+    ema_cap: float = setting(0.999, ge=0, le=1)  # student EMA decay min((1+k)/(10+k), ema_cap)
+    log_every: int = setting(10, hashed=False, ge=1)  # JSONL log cadence, iterations
     # tracker beside log.jsonl: "tensorboard" (when installed), "wandb" or "none"
     log_to: str = setting("tensorboard", hashed=False, choices=TRACKERS)
-    sample_every: int = setting(0, hashed=False)  # sample-grid cadence, iterations; 0: off
-    ckpt_every: int = setting(250, hashed=False)  # checkpoint cadence, iterations
+    sample_every: int = setting(0, hashed=False, ge=0)  # sample-grid cadence, iterations; 0: off
+    ckpt_every: int = setting(250, hashed=False, ge=1)  # checkpoint cadence, iterations
     # "stop": raise and keep the last good checkpoint; "skip": skip the step
-    on_nan: str = setting("stop", hashed=False)
-    device: str = setting("cpu", hashed=False)
-    threads: int = setting(0, hashed=False)  # torch CPU threads; 0 keeps torch's default
+    on_nan: str = setting("stop", hashed=False, choices=("stop", "skip"))
+    device: str = setting("cpu", hashed=False, check=device_problem)  # cpu, cuda or cuda:N
+    threads: int = setting(0, hashed=False, ge=0, le=4096)  # torch CPU threads; 0: torch's default
     # "none", "fsdp2", or "auto": fsdp2 under `accelerate launch` with FSDP2; the same updates
-    shard: str = setting("auto", hashed=False)
-    grad_accum: int = 1  # micro-batches per update: the effective batch is batch x this x world
+    shard: str = setting("auto", hashed=False, choices=sharding.SHARD_MODES)
+    # micro-batches per update: the effective batch is batch x this x world
+    grad_accum: int = setting(1, ge=1, le=MAX_COUNT)
     # AdamW in 32-bit, or bitsandbytes' 8-bit AdamW (a quarter of the optimizer-state memory)
     optimizer: str = setting("adamw", choices=OPTIMIZERS)
     # seconds a collective may wait for the slowest process (NCCL/gloo) before the run fails
-    dist_timeout_s: float = setting(1800.0, hashed=False)
+    dist_timeout_s: float = setting(1800.0, hashed=False, gt=0)
 
-    keep_last: int = setting(1, hashed=False)  # checkpoints kept: the latest k (roll back, audit)
-    keep_every: int = setting(0, hashed=False)  # ... and every N iterations' (0: none)
+    keep_last: int = setting(1, hashed=False, ge=1)  # checkpoints kept: the latest k (roll back)
+    keep_every: int = setting(0, hashed=False, ge=0)  # ... and every N iterations' (0: none)
     export_dtype: str = setting(
         "float32", hashed=False, choices=("float32", "bfloat16")
     )  # of student.safetensors; bf16 halves it, eval loads it into the backbone's dtype
