@@ -342,6 +342,13 @@ def run_eval(
     """Generate missing samples, compute missing metrics, append records; returns new records."""
     bb = plan.backbone
     metrics = build_metrics(plan.metrics, bb)
+    for name, m in metrics.items():  # before any generation
+        why = m.too_few(len(plan.prompts), plan.per_prompt)
+        if why is not None:
+            raise UserError(
+                f"{name} cannot score {len(plan.prompts)} prompt(s) x {plan.per_prompt} "
+                f"sample(s): it needs {why}"
+            )
     if rank == 0:
         plan.results.check_writable()
     # read by every rank before any record is written (rank 0 appends only after the

@@ -248,3 +248,36 @@ def test_recompute_measures_a_recorded_metric_again(tmp_path, runs_root):
     again = run_eval(plan)
     assert {r["metric_name"] for r in again} == {"latency"}
     assert len(again) == len([r for r in first if r["metric_name"] == "latency"])
+
+
+@pytest.mark.parametrize(
+    "metric, prompts, per_prompt, ok",
+    [
+        ("fd_digits", 1, 1, False),  # a covariance of one sample
+        ("fd_digits", 1, 2, True),
+        ("prompt_acc", 1, 1, True),
+        ("precision_recall", 1, 3, False),  # k = 3 neighbours need 4 samples
+        ("precision_recall", 2, 2, True),
+    ],
+)
+def test_too_few_samples_stop_before_generating(
+    tmp_path, capsys, metric, prompts, per_prompt, ok
+):
+    from tests.cli_run import run
+
+    words = ["zero", "one", "two"]
+    pfile = tmp_path / "p.txt"
+    pfile.write_text("".join(f"a handwritten digit {w}\n" for w in words[:prompts]))
+    samples = tmp_path / "samples"
+    argv = ["eval", "--methods", "teacher", "--steps", "1", "--metrics", metric]
+    argv += ["--prompts", str(pfile), "--num-samples", str(per_prompt)]
+    argv += ["--samples", str(samples), "--results", str(tmp_path / "r"), "--runs", str(tmp_path)]
+    if not ok:  # checked from the metric's declaration before any sample is generated
+        code, _, err = run(capsys, *argv)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and metric in err, err
+        assert not any(samples.rglob("*.png"))
+        return
+    from cdmbench.evaluate import build_metrics
+
+    (m,) = build_metrics([metric], get_backbone("digits")).values()
+    assert m.too_few(prompts, per_prompt) is None

@@ -70,6 +70,15 @@ class Metric:
         """Raise before any work: MissingWeightsError (one line: what to fetch, where to put
         it), or UserError where ``backbone`` lacks what the metric needs."""
 
+    min_samples: ClassVar[int] = 1  # the fewest samples a set must have to be scored
+
+    def too_few(self, prompts: int, per_prompt: int) -> str | None:
+        """Why a set of ``prompts`` x ``per_prompt`` samples cannot be scored (None if it can);
+        checked before anything is generated."""
+        if prompts * per_prompt < self.min_samples:
+            return f"at least {self.min_samples} samples; raise --num-samples or add prompts"
+        return None
+
     def run_config(self) -> dict[str, Any]:
         """``config()`` plus what the last ``compute`` used (e.g. N_ref); stored, not hashed."""
         return self.config()
@@ -156,6 +165,10 @@ class PerPromptMetric(Metric):
 
     def load(self, device: str | torch.device = "cpu") -> Any:
         raise NotImplementedError
+
+    def too_few(self, prompts: int, per_prompt: int) -> str | None:
+        # a prompt's images are compared with each other: one image per prompt has no score
+        return None if per_prompt >= 2 else "at least 2 samples per prompt; raise --num-samples"
 
     def score_group(self, model: Any, images: Tensor, text: str) -> float:
         """The score of the k >= 2 images (uint8 [k, C, H, W]) generated for one prompt."""

@@ -132,6 +132,7 @@ class DigitsFD(Metric):
     needs = ("images",)
     # the classifier is small: on the CPU its numbers do not depend on the accelerator
     device = "cpu"
+    min_samples = 2  # a covariance needs two samples
 
     def __init__(self) -> None:
         self.judge: DigitsJudge | None = None
@@ -172,6 +173,7 @@ class PromptAccuracy(DigitsFD):
 
     name = "prompt_acc"
     values = {"prompt_acc": Value(higher_is_better=True, tolerance="0.02")}
+    min_samples = 1
 
     def compute(self, data: EvalSet) -> dict[str, float]:
         labels = torch.tensor([p.label for p in data.prompts])

@@ -39,6 +39,8 @@ class FID(FeatureMetric):
     values = {"fid": Value(higher_is_better=False, tolerance="10%")}
     needs = ("images", "reference")
 
+    min_samples = 2  # a covariance needs two samples
+
     def __init__(
         self,
         features: ImageFeatures | Callable[[Tensor], Any] | None = None,

@@ -82,6 +82,11 @@ class PrecisionRecall(FeatureMetric):
         "recall": Value(higher_is_better=True, tolerance="0.05"),
     }
     needs = ("images", "reference")
+
+    @property
+    def min_samples(self) -> int:  # k nearest neighbours among the generated samples
+        return self.k + 1
+
     all_features = True  # k-NN balls need every feature
 
     def __init__(
