@@ -8,6 +8,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -38,6 +39,9 @@ _HINTS = {
 class UnwritableError(UserError, OSError):
     """An output that cannot be written (full disk, read-only, wrong type of path): a user
     error naming the path, and still an ``OSError`` for callers that only warn."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
 
 
 def os_error_message(e: OSError, path: str | Path | None = None, verb: str = "write") -> str:
@@ -81,6 +85,13 @@ def atomic_path(path: str | Path, fsync: bool = True) -> Iterator[Path]:
         raise
     except OSError as e:
         raise unwritable(e, path) from e
+    except Exception as e:
+        # safetensors reports a failed write (a full disk, ulimit -f) as its own error type
+        code = re.search(r"I/O error: .*\(os error (\d+)\)", str(e))
+        if code is None:
+            raise
+        n = int(code.group(1))
+        raise unwritable(OSError(n, os.strerror(n)), path) from e
     finally:
         with contextlib.suppress(OSError):
             tmp.unlink()
