@@ -290,7 +290,7 @@ def load(tr: Trainer, ckpt: str | Path) -> None:
         )
     try:
         paths = files(ckpt)
-        other = torch.load(paths["state"], weights_only=True)
+        other = _load_state(paths["state"])
         if manifest.get("format") == DCP:
             _load_dcp(tr, paths["dir"], other)
         else:
@@ -316,8 +316,16 @@ def settings_hash(run_dir: Path) -> str | None:
         return None
 
 
+def _load_state(path: Path) -> dict[str, Any]:
+    with warnings.catch_warnings():  # a foreign pickle's protocol warning: the error says more
+        warnings.filterwarnings("ignore", message="Detected pickle protocol")
+        return torch.load(path, weights_only=True)
+
+
 def _unusable(ckpt: Path, e: BaseException) -> str:
     detail = " ".join(str(e).split())[:200]
+    if isinstance(e, pickle.UnpicklingError):  # torch's advice (weights_only=False) is unsafe
+        detail = "a pickle holding more than tensors and plain values; it may be tampered with"
     return (
         f"checkpoint {ckpt} cannot be loaded ({type(e).__name__}: {detail}); "
         "delete the checkpoint directory to start over"
@@ -432,7 +440,7 @@ def read(ckpt: str | Path) -> tuple[dict[str, Any], dict[str, Tensor], dict[str,
     try:
         manifest = json.loads((ckpt / MANIFEST).read_text())
         paths = files(ckpt)
-        other = torch.load(paths["state"], weights_only=True)
+        other = _load_state(paths["state"])
         if manifest.get("format") != DCP:
             return manifest, load_file(str(paths["models"])), other
         from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
