@@ -220,6 +220,19 @@ def load_run(
         )
     retrain = "retrain the run (delete the run directory, then `cdmbench train`)"
     info = read_json(info_path, "run file", retrain)
+    if not isinstance(info, dict):
+        raise UserError(f"{info_path} is malformed (not a JSON object); {retrain}")
+    updates = info.get("updates")
+    if info.get("iters") == 0 or (isinstance(updates, dict) and not any(updates.values())):
+        raise UserError(
+            f"{run_dir} made no update of the student ({info.get('iters')} iterations, "
+            f"{info.get('updates')} updates): there is nothing to evaluate; {retrain}"
+        )
+    weights = run_dir / STUDENT_FILE
+    if not weights.is_file() or sha256_file(weights) != info.get("student_sha256"):
+        raise UserError(
+            f"student weights in {run_dir} are missing or corrupt (hash mismatch); {retrain}"
+        )
     try:
         name, bb_name, method_config = info["method"], info["backbone"], info["method_config"]
         if not (isinstance(name, str) and isinstance(bb_name, str)):
@@ -236,17 +249,6 @@ def load_run(
             raise TypeError("backbone_settings must be a table")
     except (KeyError, TypeError, AttributeError, ValueError) as e:
         raise UserError(f"{info_path} is malformed ({type(e).__name__}: {e}); {retrain}") from None
-    updates = info.get("updates")
-    if info.get("iters") == 0 or (isinstance(updates, dict) and not any(updates.values())):
-        raise UserError(
-            f"{run_dir} made no update of the student ({info.get('iters')} iterations, "
-            f"{info.get('updates')} updates): there is nothing to evaluate; {retrain}"
-        )
-    weights = run_dir / STUDENT_FILE
-    if not weights.is_file() or sha256_file(weights) != info.get("student_sha256"):
-        raise UserError(
-            f"student weights in {run_dir} are missing or corrupt (hash mismatch); {retrain}"
-        )
     # the settings the run was trained with (declared defaults for runs that stored none)
     backbone = get_backbone(bb_name, device=device, settings=settings)
     student = backbone.load_teacher(teacher_weights)
