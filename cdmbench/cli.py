@@ -65,6 +65,7 @@ console = Console(stderr=True)
 out = Console()
 
 DEBUG = {"on": False}
+TABLE_WIDTH = 4096  # columns of output that is not a terminal: no table is cut
 
 
 @app.callback()
@@ -72,6 +73,8 @@ def _root(
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False,
 ) -> None:
     DEBUG["on"] = debug or bool(os.environ.get("CDMBENCH_DEBUG"))
+    # a log or CI (stdout not a terminal, COLUMNS unset) gets whole tables, not 80 columns
+    out.width = TABLE_WIDTH if not out.is_terminal and "COLUMNS" not in os.environ else None
 
 
 # ----------------------------------------------------------------------------- list
@@ -668,24 +671,30 @@ def export(
     teacher_weights: Annotated[
         str | None, typer.Option(help="Teacher weights (default: shipped/hub).")
     ] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace a non-empty --out folder as a whole.")
+    ] = False,
 ) -> None:
     """Export a student so plain diffusers loads it (StableDiffusion3Pipeline.from_pretrained(OUT)).
 
     The exact post-shift schedule goes to cdmbench_schedule.json; pass its pipeline_sigmas as
-    `sigmas=` and guidance_scale=1 when sampling with diffusers.
+    `sigmas=` and guidance_scale=1 when sampling with diffusers. The folder is written beside
+    --out and renamed when complete; a non-empty --out is replaced only with --overwrite.
     """
+    from cdmbench.io import atomic_dir
     from cdmbench.settings import MAX_STEPS, check_option
     from cdmbench.training.run import ADAPTER_FILE, load_run
 
     check_option("--steps", steps, ge=1, le=MAX_STEPS)
     r = load_run(run, teacher_weights=teacher_weights)
     spec = r.method.sampler(steps, r.backbone.shift)
-    path = r.backbone.export(r.student, out_dir, spec.sigmas, stochastic=spec.stochastic)
-    if (r.run_dir / ADAPTER_FILE).is_file():  # a LoRA run: its adapter too, for load_lora_weights
-        from safetensors.torch import load_file
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        r.backbone.export(r.student, tmp, spec.sigmas, stochastic=spec.stochastic)
+        if (r.run_dir / ADAPTER_FILE).is_file():  # a LoRA run: its adapter, for load_lora_weights
+            from safetensors.torch import load_file
 
-        r.backbone.export_adapter(load_file(str(r.run_dir / ADAPTER_FILE)), path)
-    out.print(f"wrote {path} ({r.info['method']} student, {steps}-step schedule {spec.sigmas})")
+            r.backbone.export_adapter(load_file(str(r.run_dir / ADAPTER_FILE)), tmp)
+    out.print(f"wrote {out_dir} ({r.info['method']} student, {steps}-step schedule {spec.sigmas})")
 
 
 # ---------------------------------------------------------------------------- report
@@ -911,7 +920,14 @@ def bench(
     out.print(
         render_rich(outs.table, title=f"cdmbench bench — {backbone}{' (quick)' if quick else ''}")
     )
-    out.print(f"{len(new)} new records; report: {outs.html} ({time.perf_counter() - t0:.0f}s)")
+    took = f"{time.perf_counter() - t0:.0f}s"
+    if new:
+        out.print(f"{len(new)} new records; report: {outs.html} ({took})")
+    else:
+        out.print(
+            f"nothing new: every result of this bench was already recorded in {results} "
+            f"({outs.n_records} records in the report); report rewritten: {outs.html} ({took})"
+        )
 
 
 # --------------------------------------------------------------------------- recipes
@@ -1079,7 +1095,10 @@ def plan(
 
 # ------------------------------------------------------------------------------ main
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: user errors become one line on stderr and exit status 2."""
+    """Entry point. Exit status: 0 done; 1 ``check`` found a regression; 2 a user error (bad
+    input, an unusable file, a full or read-only disk), one line on stderr naming what to fix;
+    3 an internal error (a bug: ``--debug`` shows its traceback); 130/143 interrupted by
+    Ctrl-C/SIGTERM."""
     import logging
 
     # diffusers imports bitsandbytes when it is installed (the adam8bit extra), which warns on
@@ -1098,31 +1117,117 @@ def main(argv: list[str] | None = None) -> None:
         NonFiniteLossError,
         FileNotFoundError,
     ) as e:
-        if DEBUG["on"]:
-            raise
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        from rich.markup import escape
-
-        console.print(f"[bold red]error:[/] {escape(msg)}", highlight=False, soft_wrap=True)
-        sys.exit(2)
+        _fail(e, str(e))
     except KeyboardInterrupt:
-        console.print("interrupted; finished work is kept, rerun the same command to continue")
-        sys.exit(130)
+        _interrupted()
     except SystemExit:
         raise
     except Exception as e:  # click usage errors arrive here in non-standalone mode
-        import click
-
-        if isinstance(e, click.exceptions.Exit):
+        if isinstance(e, _click_errors("Exit")):
             sys.exit(e.exit_code)
-        if isinstance(e, click.ClickException):
-            if isinstance(e, click.UsageError) and e.ctx is not None:
-                console.print(e.ctx.get_usage(), highlight=False)
-            console.print(f"[bold red]error:[/] {e.format_message()}", highlight=False)
+        if isinstance(e, _click_errors("ClickException")):  # one line, as every user error
+            from rich.markup import escape
+
+            hint = ""
+            if isinstance(e, _click_errors("UsageError")) and e.ctx is not None:
+                hint = f" (see `{e.ctx.command_path} --help`)"
+            msg = " ".join(e.format_message().split())
+            console.print(
+                f"[bold red]error:[/] {escape(msg)}{hint}", highlight=False, soft_wrap=True
+            )
             sys.exit(2)
-        if isinstance(e, click.exceptions.Abort):
-            sys.exit(130)
-        raise
+        if isinstance(e, _click_errors("Abort")):  # click's name for a KeyboardInterrupt
+            _interrupted()
+        user = _environment_error(e)
+        if user is not None:
+            _fail(e, user)
+        if DEBUG["on"]:
+            raise
+        import traceback
+
+        where = traceback.extract_tb(e.__traceback__)[-1] if e.__traceback__ else None
+        at = f" at {Path(where.filename).name}:{where.lineno}" if where else ""
+        line = " ".join(str(e).split())[:300]
+        console.print(
+            f"[bold red]internal error:[/] {type(e).__name__}: {line}{at} — a bug in cdmbench; "
+            "rerun with --debug for the traceback and report it",
+            highlight=False,
+            soft_wrap=True,
+        )
+        sys.exit(3)
+
+
+def _click_errors(name: str) -> tuple[type, ...]:
+    """click's exception class ``name``, from click and from the copy newer typer releases
+    carry as ``typer._click`` (the commands raise that one there)."""
+    import importlib
+
+    found = []
+    for module in ("click.exceptions", "typer._click.exceptions"):
+        try:
+            found.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            continue
+    return tuple(found)
+
+
+def _fail(e: BaseException, msg: str) -> None:
+    """A user error: one line on stderr, exit status 2 (``--debug``: the traceback)."""
+    if DEBUG["on"]:
+        raise e
+    msg = msg.strip().splitlines()[0] if msg.strip() else type(e).__name__
+    from rich.markup import escape  # a message may hold "[train]": not markup
+
+    console.print(f"[bold red]error:[/] {escape(msg)}", highlight=False, soft_wrap=True)
+    sys.exit(2)
+
+
+def _interrupted() -> None:
+    console.print(
+        "interrupted (Ctrl-C): finished work is kept; rerun the same command to continue",
+        highlight=False,
+    )
+    sys.exit(130)
+
+
+def _environment_error(e: Exception) -> str | None:
+    """The one-line message for a failure the user's files or machine cause (a file that
+    cannot be read or written, an undecodable file, no CUDA, out of memory); None for a bug."""
+    import json
+
+    from cdmbench.config import tomllib
+    from cdmbench.io import os_error_message
+
+    if isinstance(e, OSError):
+        return os_error_message(e, verb="read or write") if e.filename else f"{e}"
+    if isinstance(e, UnicodeDecodeError):
+        return f"a file is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8"
+    if isinstance(e, json.JSONDecodeError | tomllib.TOMLDecodeError):
+        return f"a JSON or TOML file is malformed ({e}); fix or delete it"
+    try:
+        from PIL import Image
+    except ImportError:  # pragma: no cover - Pillow is a dependency
+        Image = None
+    if Image is not None and isinstance(e, Image.DecompressionBombError):
+        return f"an image is too large to decode safely ({e}); remove it"
+    try:
+        from safetensors import SafetensorError
+    except ImportError:  # pragma: no cover - safetensors is a dependency
+        SafetensorError = ()
+    if isinstance(e, SafetensorError):
+        return f"a safetensors file is unreadable ({e}); delete or replace it"
+    import torch
+
+    if isinstance(e, torch.OutOfMemoryError):
+        return "out of memory on the GPU; use a smaller --batch/--batch-size or another device"
+    text = str(e)
+    if isinstance(e, AssertionError | RuntimeError) and (
+        "Torch not compiled with CUDA" in text
+        or "no CUDA GPUs are available" in text
+        or "Found no NVIDIA driver" in text
+    ):
+        return f"CUDA is not available on this machine ({text.splitlines()[0]}); use --device cpu"
+    return None
 
 
 if __name__ == "__main__":

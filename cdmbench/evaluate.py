@@ -246,17 +246,8 @@ def ensure_samples(
                 "compiled": cand.compile_s is not None,
             },
         )
-        manifest = "".join(
-            json.dumps({"prompt_id": p.id, "prompt": p.text, "index": i, "seed": s, "file": f})
-            + "\n"
-            for (p, i, s), f in zip(entries, files, strict=True)
-        )
-        if (
-            not (folder / "manifest.jsonl").is_file()
-            or (folder / "manifest.jsonl").read_text() != manifest
-        ):
-            with atomic_path(folder / "manifest.jsonl") as tmp:
-                tmp.write_text(manifest)
+        verified = verify_samples(folder, files)  # damaged or unverifiable PNGs are deleted
+        _write_manifest(folder, entries, files, verified)
     barrier(world)
     todo = [
         k for k in range(len(entries)) if k % world == rank and not (folder / files[k]).is_file()
@@ -290,7 +281,116 @@ def ensure_samples(
     for w in writing:
         w.result()
     barrier(world)
+    if rank == 0 and (todo or world > 1):  # record the new PNGs' sizes and hashes
+        fresh = {files[k] for k in todo}  # written whole by this process: not decoded again
+        _write_manifest(folder, entries, files, verify_samples(folder, files, fresh))
+    barrier(world)
     return SampleSet(folder, key, [e[0] for e in entries], files, len(todo))
+
+
+MANIFEST = "manifest.jsonl"
+MAX_SAMPLE_PIXELS = 64 * 1024 * 1024  # a sample PNG larger than this is not decoded
+
+
+def _write_manifest(
+    folder: Path,
+    entries: Sequence[tuple[Prompt, int, int]],
+    files: Sequence[str],
+    verified: dict[str, tuple[int, str]],
+) -> None:
+    """manifest.jsonl: one line per sample (prompt id, prompt, index, seed, file) and, for the
+    PNGs written and checked, their size in bytes and sha256 (what reuse verifies)."""
+    lines = []
+    for (p, i, s), f in zip(entries, files, strict=True):
+        e = {"prompt_id": p.id, "prompt": p.text, "index": i, "seed": s, "file": f}
+        if f in verified:
+            e["bytes"], e["sha256"] = verified[f]
+        lines.append(json.dumps(e) + "\n")
+    text = "".join(lines)
+    path = folder / MANIFEST
+    if not path.is_file() or path.read_text(encoding="utf-8", errors="replace") != text:
+        with atomic_path(path) as tmp:
+            tmp.write_text(text, encoding="utf-8")
+
+
+def recorded_hashes(folder: Path) -> dict[str, tuple[int, str]]:
+    """file -> (bytes, sha256) from the folder's manifest; lines that are not such a record
+    (an older manifest, a damaged or hostile one) record nothing."""
+    out: dict[str, tuple[int, str]] = {}
+    try:
+        text = (folder / MANIFEST).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return out
+    for line in text.splitlines():
+        try:
+            e = json.loads(line)
+        except ValueError:
+            continue
+        if not isinstance(e, dict):
+            continue
+        f, n, h = e.get("file"), e.get("bytes"), e.get("sha256")
+        if (
+            isinstance(f, str)
+            and type(n) is int
+            and isinstance(h, str)
+            and len(h) == 64
+            and all(c in "0123456789abcdef" for c in h)
+        ):
+            out[f] = (n, h)
+    return out
+
+
+def _png_ok(path: Path) -> bool:
+    """Whether ``path`` decodes whole as an image of at most :data:`MAX_SAMPLE_PIXELS`."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            if im.width * im.height > MAX_SAMPLE_PIXELS:
+                return False
+            im.load()
+        return True
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return False
+
+
+def verify_samples(
+    folder: Path, files: Sequence[str], fresh: set[str] = frozenset()
+) -> dict[str, tuple[int, str]]:
+    """Check the folder's PNGs before reuse: a PNG whose size or sha256 differs from its
+    manifest record, or that has no record and does not decode, is deleted (and so
+    regenerated); ``fresh``: PNGs this process has just written, hashed but not decoded.
+    Returns file -> (bytes, sha256) of the PNGs kept."""
+    import hashlib
+    import warnings
+
+    recorded = recorded_hashes(folder)
+
+    def check(f: str) -> tuple[int, str] | None:
+        path = folder / f
+        try:
+            size = path.stat().st_size
+            if f in recorded and recorded[f][0] != size:
+                return None
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        except OSError:
+            return None
+        if f in recorded:
+            return (size, digest) if recorded[f][1] == digest else None
+        return (size, digest) if f in fresh or _png_ok(path) else None
+
+    present = [f for f in files if (folder / f).is_file()]
+    found = list(thread_pool("png", default_threads()).map(check, present))
+    bad = [f for f, r in zip(present, found, strict=True) if r is None]
+    for f in bad:
+        (folder / f).unlink(missing_ok=True)
+    if bad:
+        warnings.warn(
+            f"{folder}: {len(bad)} damaged sample PNG(s) (e.g. {bad[0]}) deleted; regenerating",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return {f: r for f, r in zip(present, found, strict=True) if r is not None}
 
 
 def load_images(sset: SampleSet) -> torch.Tensor:

@@ -1,19 +1,61 @@
-"""Atomic file writes and content hashes (nothing half-written is ever trusted), and the 8-bit
-levels images are saved at."""
+"""Atomic file writes and folders, content hashes (nothing half-written is ever trusted), guarded
+reads of user files (weights, images), and the 8-bit levels images are saved at."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
+import re
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cdmbench.errors import UserError
+
 if TYPE_CHECKING:
-    from torch import Tensor
+    from torch import Tensor, nn
+
+# what to do about an OSError, by errno (the rest: the system's own words)
+_HINTS = {
+    errno.ENOSPC: "free some space or choose another path",
+    errno.EDQUOT: "free some space or choose another path",
+    errno.EFBIG: "the file size limit (ulimit -f) is too small; raise it or choose another path",
+    errno.EROFS: "the file system is read-only; choose another path",
+    errno.EACCES: "check the permissions or choose another path",
+    errno.EPERM: "check the permissions or choose another path",
+    errno.EISDIR: "it is a directory; give a file path",
+    errno.ENOTDIR: "a part of the path is a file, not a directory; choose another path",
+    errno.EEXIST: "a part of the path is a file, not a directory; choose another path",
+    errno.ENOENT: "check the path",
+    errno.ENAMETOOLONG: "choose a shorter path",
+}
+
+
+class UnwritableError(UserError, OSError):
+    """An output that cannot be written (full disk, read-only, wrong type of path): a user
+    error naming the path, and still an ``OSError`` for callers that only warn."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+def os_error_message(e: OSError, path: str | Path | None = None, verb: str = "write") -> str:
+    """One line: what could not be done to which file, why, and what to do."""
+    where = path if path is not None else (e.filename or "a file")
+    why = e.strerror or str(e) or type(e).__name__
+    hint = _HINTS.get(e.errno or -1)
+    return f"cannot {verb} {where}: {why}" + (f"; {hint}" if hint else "")
+
+
+def unwritable(e: OSError, path: str | Path) -> UnwritableError:
+    err = UnwritableError(os_error_message(e, path))
+    err.errno, err.filename = e.errno, str(path)
+    return err
 
 
 @contextlib.contextmanager
@@ -21,12 +63,16 @@ def atomic_path(path: str | Path, fsync: bool = True) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it over ``path`` if the block succeeds.
 
     The rename makes the write atomic for readers and against a killed process; ``fsync``
-    additionally makes it durable across a power loss.
+    additionally makes it durable across a power loss. An ``OSError`` on the way (a full disk, a read-only folder, a directory at ``path``)
+    becomes :class:`UnwritableError` naming ``path``; the temporary file is removed.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+    except OSError as e:
+        raise unwritable(e, path) from e
     tmp = Path(tmp)
     try:
         yield tmp
@@ -35,8 +81,19 @@ def atomic_path(path: str | Path, fsync: bool = True) -> Iterator[Path]:
                 os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the usual file mode
         os.replace(tmp, path)
+    except UnwritableError:
+        raise
+    except OSError as e:
+        raise unwritable(e, path) from e
+    except Exception as e:
+        # safetensors reports a failed write (a full disk, ulimit -f) as its own error type
+        code = re.search(r"I/O error: .*\(os error (\d+)\)", str(e))
+        if code is None:
+            raise
+        n = int(code.group(1))
+        raise unwritable(OSError(n, os.strerror(n)), path) from e
     finally:
-        if tmp.exists():
+        with contextlib.suppress(OSError):
             tmp.unlink()
 
 
@@ -67,21 +124,94 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def remove_stale_temps(folder: str | Path, recursive: bool = True) -> int:
+def remove_stale_temps(folder: str | Path, recursive: bool = True, prefix: str = "") -> int:
     """Delete temporary files :func:`atomic_path` left behind when a process was killed.
 
     Call it only where this process is the folder's single writer (a run directory, a sample
-    folder before its workers start).
+    folder before its workers start). ``prefix`` limits it to the temporaries of files whose
+    names start with it (in a folder other writers share).
     """
     folder = Path(folder)
     if not folder.is_dir():
         return 0
+    pattern = f".{prefix}*.tmp"
     stale = [
-        p for p in (folder.rglob(".*.tmp") if recursive else folder.glob(".*.tmp")) if p.is_file()
+        p for p in (folder.rglob(pattern) if recursive else folder.glob(pattern)) if p.is_file()
     ]
     for p in stale:
         p.unlink(missing_ok=True)
     return len(stale)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield an empty temporary folder beside ``path``; rename it to ``path`` if the block
+    succeeds, so a folder at ``path`` is always complete.
+
+    An existing non-empty ``path`` is an error unless ``overwrite`` (then it is replaced as a
+    whole, never merged into). Temporary folders of writers killed before they finished
+    (``.<name>.*.tmp`` beside ``path``) are removed first.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{path} exists and is not a folder; choose another --out")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise UserError(f"{path} exists and is not empty; add --overwrite to replace it")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for stale in path.parent.glob(f".{path.name}.*.tmp"):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    except OSError as e:
+        raise unwritable(e, path) from e
+    try:
+        yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700; give the usual folder mode
+        if path.is_dir():  # --overwrite: set the old folder aside, rename, then delete it
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+            os.replace(path, old / path.name)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except UnwritableError:
+        raise
+    except OSError as e:
+        raise unwritable(e, path) from e
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def read_json(path: str | Path, what: str = "file", fix: str = "delete it") -> Any:
+    """JSON from a user's file; unreadable or malformed is a :class:`UserError` naming it."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as e:
+        raise UserError(os_error_message(e, path, "read") + f"; {fix}") from None
+    except (UnicodeDecodeError, ValueError) as e:
+        raise UserError(f"{what} {path} is not valid JSON ({e}); {fix}") from None
+
+
+def load_state(module: nn.Module, path: str | Path, what: str, fix: str) -> nn.Module:
+    """``module`` with the safetensors state dict at ``path``; a file that is not safetensors
+    (truncated, pickled) or whose tensors do not fit the module (names, shapes) is a
+    :class:`UserError` naming the file and ``fix``."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(str(path))
+    except OSError as e:
+        raise UserError(os_error_message(e, path, "read") + f"; {fix}") from None
+    except (SafetensorError, ValueError) as e:
+        raise UserError(f"{what} {path} is not a readable safetensors file ({e}); {fix}") from None
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as e:
+        detail = " ".join(str(e).split())
+        detail = detail if len(detail) <= 200 else detail[:200] + "…"
+        raise UserError(f"{what} {path} does not fit the model ({detail}); {fix}") from None
+    return module
 
 
 def module_sha256(module: Any, salt: str = "") -> str:

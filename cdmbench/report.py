@@ -20,6 +20,7 @@ the report.
 from __future__ import annotations
 
 import base64
+import contextlib
 import html
 import io
 import json
@@ -34,7 +35,7 @@ from typing import Any
 import pandas as pd
 
 from cdmbench.errors import UserError
-from cdmbench.io import atomic_write_text
+from cdmbench.io import atomic_path, remove_stale_temps
 from cdmbench.metrics.base import value_spec
 from cdmbench.results import (
     ResultStore,
@@ -50,6 +51,7 @@ from cdmbench.results import (
 UP, DOWN = "↑", "↓"
 SUMMARY_SEED = "mean ± std"
 MIN_PX, MAX_PX = 48, 128  # sample thumbnails: tiny images upscaled (nearest), large ones shrunk
+MAX_SAMPLE_PIXELS = 64 * 1024 * 1024  # a sample larger than this is skipped, not decoded
 
 CAPTION = (
     "↑ higher is better, ↓ lower is better. Bold: the best value at that step count among "
@@ -532,8 +534,8 @@ def _first_samples(folder: Path, k: int, warnings: list[str]) -> list[dict[str, 
         for n, line in enumerate(f, 1):
             try:
                 e = json.loads(line)
-                if not isinstance(e, dict) or "file" not in e:
-                    raise ValueError("no file")
+                if not _sample_entry(e):
+                    raise ValueError("not a sample entry")
             except ValueError:
                 warnings.append(f"{manifest}:{n}: unreadable manifest line skipped")
                 continue
@@ -541,6 +543,18 @@ def _first_samples(folder: Path, k: int, warnings: list[str]) -> list[dict[str, 
     order = {pid: i for i, pid in enumerate(dict.fromkeys(e.get("prompt_id") for e in out))}
     out.sort(key=lambda e: (e.get("index", 0), order[e.get("prompt_id")]))
     return out[:k]
+
+
+def _sample_entry(e: Any) -> bool:
+    """A manifest line as ensure_samples writes it: a PNG name inside the folder, an integer
+    index, a string prompt id."""
+    return (
+        isinstance(e, dict)
+        and isinstance(e.get("file"), str)
+        and Path(e["file"]).name == e["file"] not in ("", ".", "..")
+        and isinstance(e.get("index", 0), int)
+        and isinstance(e.get("prompt_id", ""), str)
+    )
 
 
 def _thumb_size(w: int, h: int) -> tuple[int, int]:
@@ -561,8 +575,10 @@ def sample_cell(folder: Path, entries: list[dict[str, Any]], warnings: list[str]
     for e in entries:
         try:
             with Image.open(folder / str(e["file"])) as im:
+                if im.width * im.height > MAX_SAMPLE_PIXELS:  # read nothing of a huge image
+                    raise ValueError(f"{im.width}x{im.height} pixels, over {MAX_SAMPLE_PIXELS}")
                 imgs.append(im.convert("RGB"))
-        except (OSError, ValueError) as err:
+        except (OSError, ValueError, Image.DecompressionBombError) as err:
             warnings.append(f"{folder / str(e['file'])}: cannot read sample ({err})")
     if not imgs:
         return None
@@ -779,8 +795,17 @@ def build_report(
         warnings,
         len(sel),
     )
-    atomic_write_text(out.markdown, "\n".join(md))
-    atomic_write_text(out.csv, csv)
-    atomic_write_text(out.latex, "\n".join(tex))
-    atomic_write_text(out.html, page)
+    write_all(
+        out_dir,
+        {out.markdown: "\n".join(md), out.csv: csv, out.latex: "\n".join(tex), out.html: page},
+    )
     return out
+
+
+def write_all(out_dir: Path, texts: dict[Path, str]) -> None:
+    """Write every file to a temporary sibling first, then rename them all: a process killed
+    while writing leaves the previous report whole (its temporaries go on the next run)."""
+    remove_stale_temps(out_dir, recursive=False, prefix="report.")
+    with contextlib.ExitStack() as stack:
+        for path, text in texts.items():
+            stack.enter_context(atomic_path(path)).write_text(text, encoding="utf-8")

@@ -260,9 +260,7 @@ def test_recompute_measures_a_recorded_metric_again(tmp_path, runs_root):
         ("precision_recall", 2, 2, True),
     ],
 )
-def test_too_few_samples_stop_before_generating(
-    tmp_path, capsys, metric, prompts, per_prompt, ok
-):
+def test_too_few_samples_stop_before_generating(tmp_path, capsys, metric, prompts, per_prompt, ok):
     from tests.cli_run import run
 
     words = ["zero", "one", "two"]

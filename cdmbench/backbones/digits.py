@@ -170,15 +170,15 @@ def _asset_path(name: str) -> Path:
 
 
 def _load_safetensors(module: nn.Module, path: str | Path, what: str) -> nn.Module:
-    from safetensors.torch import load_file
+    from cdmbench.io import load_state
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
             f"{what} weights not found at {path}; run `cdmbench teacher --backbone digits` to rebuild them"
         )
-    module.load_state_dict(load_file(str(path)))
-    return module.eval().requires_grad_(False)
+    fix = "give the safetensors file `cdmbench teacher --backbone digits` writes"
+    return load_state(module, path, f"{what} weights", fix).eval().requires_grad_(False)
 
 
 @dataclass(frozen=True)

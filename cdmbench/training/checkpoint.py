@@ -48,6 +48,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import pickle
 import re
 import shutil
 import signal
@@ -59,6 +60,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 from torch import Tensor
 
 from cdmbench.io import atomic_path, atomic_write_json, sha256_file
@@ -70,6 +72,20 @@ MANIFEST = "manifest.json"
 DCP = "dcp"  # manifest "format" of a sharded checkpoint; the single-file one has none
 IN_DCP = "dcp"  # placeholder in state.pt for an optimizer tensor stored in the DCP folder
 _ITER = re.compile(r"^(?:models|state|step)-(\d{8})")
+# what a checkpoint whose files match their hashes but not this run raises on load: a pickle
+# that weights_only refuses, a truncated safetensors file, missing keys, other shapes
+_UNUSABLE = (
+    OSError,
+    EOFError,
+    RuntimeError,
+    ValueError,
+    KeyError,
+    IndexError,
+    TypeError,
+    AttributeError,
+    pickle.UnpicklingError,
+    SafetensorError,
+)
 
 
 class CheckpointError(RuntimeError):
@@ -210,14 +226,11 @@ def _commit(tr: Trainer, ckpt: Path, entry: dict[str, Any]) -> None:
     older = [e for e in older if e["it"] != tr.it]
     kept = keep([tr.it, *(e["it"] for e in older)], tr.config.keep_last, tr.config.keep_every)
     older = [e for e in older if e["it"] in kept]
+    writer = {"method": tr.method.name, "backbone": tr.backbone.name}
+    key = settings_hash(tr.run_dir)
     atomic_write_json(
         ckpt / MANIFEST,
-        {
-            **entry,
-            "method": tr.method.name,
-            "backbone": tr.backbone.name,
-            "older": older,
-        },
+        {**entry, **writer, **({"settings_hash": key} if key else {}), "older": older},
     )
     names = {
         Path(p).parts[0] for e in (entry, *older) for p in [*e["sha256"], *e["files"].values()]
@@ -260,20 +273,63 @@ def load(tr: Trainer, ckpt: str | Path) -> None:
     that wrote it (a collective under several processes), verifying hashes first."""
     ckpt = Path(ckpt)
     manifest = _verified_manifest(tr, ckpt)
-    if manifest["method"] != tr.method.name or manifest["backbone"] != tr.backbone.name:
+    foreign = (
+        f"checkpoint {ckpt} was written by another run (method '{manifest.get('method')}' on "
+        f"backbone '{manifest.get('backbone')}'"
+    )
+    if manifest.get("method") != tr.method.name or manifest.get("backbone") != tr.backbone.name:
         raise CheckpointError(
-            f"checkpoint {ckpt} is for method '{manifest['method']}' on backbone "
-            f"'{manifest['backbone']}', not '{tr.method.name}' on '{tr.backbone.name}'"
+            f"{foreign}), not '{tr.method.name}' on '{tr.backbone.name}'; "
+            "delete the checkpoint directory to start over"
         )
-    paths = files(ckpt)
-    other = torch.load(paths["state"], weights_only=True)
-    if manifest.get("format") == DCP:
-        _load_dcp(tr, paths["dir"], other)
-    else:
-        _load_single(tr, paths["models"], other)
-    tr.it, tr.updates, tr.nan_skipped = other["it"], other["updates"], other["nan_skipped"]
-    _restore_rng(tr, other)
-    tr.method.load_state_dict(other["method_state"])
+    key = settings_hash(tr.run_dir)
+    if manifest.get("settings_hash") and key and manifest["settings_hash"] != key:
+        raise CheckpointError(
+            f"{foreign}, settings {manifest['settings_hash']}, not this run's {key}); "
+            "delete the checkpoint directory to start over"
+        )
+    try:
+        paths = files(ckpt)
+        other = _load_state(paths["state"])
+        if manifest.get("format") == DCP:
+            _load_dcp(tr, paths["dir"], other)
+        else:
+            _load_single(tr, paths["models"], other)
+        tr.it, tr.updates, tr.nan_skipped = other["it"], other["updates"], other["nan_skipped"]
+        _restore_rng(tr, other)
+        tr.method.load_state_dict(other["method_state"])
+    except _UNUSABLE as e:
+        raise CheckpointError(_unusable(ckpt, e)) from None
+
+
+def settings_hash(run_dir: Path) -> str | None:
+    """The hash of the run's resolved configuration (its config.json, which names the run
+    directory), recorded in the manifest so a checkpoint of another configuration is refused;
+    None where the run has no readable config.json."""
+    from cdmbench.config import config_hash
+
+    try:
+        payload = json.loads((Path(run_dir) / "config.json").read_text())
+        payload.pop("recipe", None)  # provenance beside the hashed values
+        return config_hash(payload)
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _load_state(path: Path) -> dict[str, Any]:
+    with warnings.catch_warnings():  # a foreign pickle's protocol warning: the error says more
+        warnings.filterwarnings("ignore", message="Detected pickle protocol")
+        return torch.load(path, weights_only=True)
+
+
+def _unusable(ckpt: Path, e: BaseException) -> str:
+    detail = " ".join(str(e).split())[:200]
+    if isinstance(e, pickle.UnpicklingError):  # torch's advice (weights_only=False) is unsafe
+        detail = "a pickle holding more than tensors and plain values; it may be tampered with"
+    return (
+        f"checkpoint {ckpt} cannot be loaded ({type(e).__name__}: {detail}); "
+        "delete the checkpoint directory to start over"
+    )
 
 
 def _verified_manifest(tr: Trainer, ckpt: Path) -> dict[str, Any]:
@@ -381,15 +437,18 @@ def read(ckpt: str | Path) -> tuple[dict[str, Any], dict[str, Tensor], dict[str,
     from safetensors.torch import load_file
 
     ckpt = Path(ckpt)
-    manifest = json.loads((ckpt / MANIFEST).read_text())
-    paths = files(ckpt)
-    other = torch.load(paths["state"], weights_only=True)
-    if manifest.get("format") != DCP:
-        return manifest, load_file(str(paths["models"])), other
-    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+    try:
+        manifest = json.loads((ckpt / MANIFEST).read_text())
+        paths = files(ckpt)
+        other = _load_state(paths["state"])
+        if manifest.get("format") != DCP:
+            return manifest, load_file(str(paths["models"])), other
+        from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
 
-    with _one_process_ok():
-        flat = _load_state_dict_from_keys(checkpoint_id=str(paths["dir"]))
+        with _one_process_ok():
+            flat = _load_state_dict_from_keys(checkpoint_id=str(paths["dir"]))
+    except _UNUSABLE as e:
+        raise CheckpointError(_unusable(ckpt, e)) from None
     tensors = {}
     for key, v in flat.items():
         kind, rest = key.split("/", 1)

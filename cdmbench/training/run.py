@@ -13,7 +13,6 @@ runs/<backbone>/<method>-<hash>/
 
 from __future__ import annotations
 
-import json
 import signal
 import sys
 import time
@@ -30,7 +29,15 @@ from cdmbench.backbones.base import Backbone
 from cdmbench.config import config_hash, run_payload
 from cdmbench.distributed import barrier
 from cdmbench.errors import UserError
-from cdmbench.io import atomic_path, atomic_write_json, remove_stale_temps, sha256_file
+from cdmbench.io import (
+    UnwritableError,
+    atomic_path,
+    atomic_write_json,
+    load_state,
+    read_json,
+    remove_stale_temps,
+    sha256_file,
+)
 from cdmbench.registry import METHODS
 from cdmbench.settings import as_dict
 from cdmbench.training import checkpoint
@@ -99,6 +106,8 @@ def train_run(
             atomic_write_json(
                 run_dir / "config.json", payload | ({"recipe": recipe} if recipe else {})
             )
+        except UnwritableError:
+            raise
         except OSError as e:
             raise UserError(
                 f"cannot write run directory {run_dir}: {e.strerror}; choose another --out"
@@ -125,6 +134,15 @@ def train_run(
             )
         raise
     seconds = time.perf_counter() - t0
+    student_updates = sum(
+        n for g, n in trainer.updates.items() if trainer.specs[g].model == "student"
+    )
+    if student_updates == 0:
+        raise UserError(
+            f"{run_dir}: no update of the student in {trainer.it} iterations "
+            f"({trainer.nan_skipped} steps skipped for a non-finite loss): nothing to export; "
+            "lower the learning rate or check the settings, then delete the run directory"
+        )
     ema = trainer.unsharded("ema")  # every rank: gathers the EMA's shards when sharded
     if trainer.rank == 0:
         export_student(trainer, run_dir, payload, seconds, sample_steps, ema)
@@ -194,34 +212,45 @@ def load_run(
     weights, hash-verified) of a finished run."""
     from dataclasses import replace
 
-    from safetensors.torch import load_file
-
     run_dir = Path(run_dir)
     info_path = run_dir / "run.json"
     if not info_path.is_file():
         raise UserError(
             f"{run_dir} is not a finished training run (no run.json); finish it with `cdmbench train`"
         )
-    try:
-        info = json.loads(info_path.read_text())
-    except json.JSONDecodeError:
-        raise UserError(f"{info_path} is corrupt; retrain the run") from None
+    retrain = "retrain the run (delete the run directory, then `cdmbench train`)"
+    info = read_json(info_path, "run file", retrain)
+    if not isinstance(info, dict):
+        raise UserError(f"{info_path} is malformed (not a JSON object); {retrain}")
+    updates = info.get("updates")
+    if info.get("iters") == 0 or (isinstance(updates, dict) and not any(updates.values())):
+        raise UserError(
+            f"{run_dir} made no update of the student ({info.get('iters')} iterations, "
+            f"{info.get('updates')} updates): there is nothing to evaluate; {retrain}"
+        )
     weights = run_dir / STUDENT_FILE
     if not weights.is_file() or sha256_file(weights) != info.get("student_sha256"):
         raise UserError(
-            f"student weights in {run_dir} are missing or corrupt (hash mismatch); retrain the run"
+            f"student weights in {run_dir} are missing or corrupt (hash mismatch); {retrain}"
         )
+    try:
+        name, bb_name, method_config = info["method"], info["backbone"], info["method_config"]
+        if not (isinstance(name, str) and isinstance(bb_name, str)):
+            raise TypeError("method and backbone must be names")
+        method_cls = METHODS.get(name)
+        cfg = method_cls.Config()
+        mc = {
+            k: tuple(v) if isinstance(getattr(cfg, k, None), tuple) else v
+            for k, v in method_config.items()
+        }
+        method = method_cls(replace(cfg, **mc))
+        settings = info.get("backbone_settings") or {}
+        if not isinstance(settings, dict):
+            raise TypeError("backbone_settings must be a table")
+    except (KeyError, TypeError, AttributeError, ValueError) as e:
+        raise UserError(f"{info_path} is malformed ({type(e).__name__}: {e}); {retrain}") from None
     # the settings the run was trained with (declared defaults for runs that stored none)
-    backbone = get_backbone(
-        info["backbone"], device=device, settings=info.get("backbone_settings") or {}
-    )
-    method_cls = METHODS.get(info["method"])
-    cfg = method_cls.Config()
-    mc = {
-        k: tuple(v) if isinstance(getattr(cfg, k, None), tuple) else v
-        for k, v in info["method_config"].items()
-    }
-    method = method_cls(replace(cfg, **mc))
+    backbone = get_backbone(bb_name, device=device, settings=settings)
     student = backbone.load_teacher(teacher_weights)
-    student.load_state_dict(load_file(str(weights)))
+    load_state(student, weights, "student weights", retrain)
     return LoadedRun(run_dir, info, backbone, method, student.eval())
