@@ -270,3 +270,20 @@ def _two_prompts(tmp: Path) -> Path:
 def test_debug_shows_traceback(capsys):
     with pytest.raises(Exception, match="unknown method"):
         main(["--debug", "train", "cmd"])
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ("train", "cdm", "--iters", "2.5"),
+        ("train", "cdm", "--batch", "many"),
+        ("evl",),
+        ("eval", "--no-such-option"),
+        ("report", "--format"),
+    ],
+)
+def test_command_line_parse_errors_are_one_line(capsys, argv):
+    from tests.cli_run import run
+
+    code, _, err = run(capsys, *argv)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "--help" in err, err
