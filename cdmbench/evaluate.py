@@ -18,9 +18,11 @@ run on rank 0.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +38,7 @@ from cdmbench.distributed import barrier
 from cdmbench.errors import UserError
 from cdmbench.generate import SamplerSpec, generate
 from cdmbench.io import atomic_path, atomic_write_json, remove_stale_temps, to_uint8
+from cdmbench.locks import file_lock
 from cdmbench.metrics.base import EvalSet, Metric
 from cdmbench.metrics.features import default_threads, thread_pool
 from cdmbench.metrics.latency import make_timer
@@ -205,6 +208,42 @@ def _write_png(path: Path, img: np.ndarray) -> None:
         Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(tmp, format="PNG")
 
 
+def sample_folder(
+    backbone: Backbone,
+    cand: Candidate,
+    steps: int,
+    prompt_set: str,
+    seed: int,
+    per_prompt: int,
+    root: Path,
+) -> tuple[SamplerSpec, str, Path]:
+    """The sampler, content key and folder of a sample set."""
+    spec = cand.sampler(steps)
+    key = sample_key(backbone, cand, spec, prompt_set, seed, per_prompt)
+    return spec, key, root / backbone.name / f"{cand.name}-{steps}-{key}"
+
+
+@contextlib.contextmanager
+def sample_lock(folder: Path, told: set[str] | None = None) -> Iterator[None]:
+    """Hold a sample folder's lock: one process generates and scores a sample set at a time;
+    another waits, then reuses its samples and records. ``told``: holders already named in
+    a waiting message (each is named once)."""
+
+    def waiting(holder: str) -> None:
+        if told is None or holder not in told:
+            print(f"waiting for {holder}, which is evaluating {folder}", file=sys.stderr)
+        if told is not None:
+            told.add(holder)
+
+    try:
+        with file_lock(folder.parent / f".{folder.name}.lock", "cdmbench eval", None, waiting):
+            yield
+    except OSError as e:
+        raise UserError(
+            f"cannot lock sample folder {folder}: {e.strerror}; choose another --samples"
+        ) from None
+
+
 def ensure_samples(
     backbone: Backbone,
     cand: Candidate,
@@ -220,9 +259,7 @@ def ensure_samples(
     on_progress: Callable[[int], None] | None = None,
 ) -> SampleSet:
     """Generate whatever PNGs of this sample set are missing; return the set."""
-    spec = cand.sampler(steps)
-    key = sample_key(backbone, cand, spec, prompt_set, seed, per_prompt)
-    folder = root / backbone.name / f"{cand.name}-{steps}-{key}"
+    spec, key, folder = sample_folder(backbone, cand, steps, prompt_set, seed, per_prompt, root)
     entries = [(p, i, flow.sample_seed(seed, p.id, i)) for p in prompts for i in range(per_prompt)]
     files = [f"{p.id}-{i:05d}.png" for p, i, _ in entries]
     if rank == 0:
@@ -439,7 +476,23 @@ def run_eval(
     rank: int = 0,
     world: int = 1,
 ) -> list[Record]:
-    """Generate missing samples, compute missing metrics, append records; returns new records."""
+    """Generate missing samples, compute missing metrics, append records; returns new records.
+
+    Each sample set is generated, scored and recorded under its folder's lock (rank 0 holds
+    it): an eval started beside another waits for a set the other is working on, then finds
+    its samples and records, as if it had run after it.
+    """
+    with contextlib.ExitStack() as held:
+        return _run_eval(plan, progress, rank, world, held)
+
+
+def _run_eval(
+    plan: EvalPlan,
+    progress: Callable[[str, int, int], None] | None,
+    rank: int,
+    world: int,
+    held: contextlib.ExitStack,
+) -> list[Record]:
     bb = plan.backbone
     metrics = build_metrics(plan.metrics, bb)
     for name, m in metrics.items():  # before any generation
@@ -451,9 +504,7 @@ def run_eval(
             )
     if rank == 0:
         plan.results.check_writable()
-    # read by every rank before any record is written (rank 0 appends only after the
-    # barriers of the first sample set), so that all ranks agree on what to score
-    done = plan.results.done_keys()
+    told: set[str] = set()  # processes this one has said it waits for
     jobs: list[tuple[Candidate, int]] = [(c, n) for c in plan.candidates for n in plan.steps]
     if plan.teacher_default:
         jobs += [
@@ -481,6 +532,12 @@ def run_eval(
             if progress is not None:
                 progress(label, counter["n"], total)
 
+        held.close()  # the previous sample set's lock
+        if rank == 0:
+            _, _, folder = sample_folder(
+                bb, cand, steps, plan.prompt_set, plan.seed, plan.per_prompt, plan.samples_root
+            )
+            held.enter_context(sample_lock(folder, told))
         sset = ensure_samples(
             bb,
             cand,
@@ -496,6 +553,10 @@ def run_eval(
             on_progress,
         )
         spec = cand.sampler(steps)
+        # read under the lock by every rank after the barriers above (rank 0 appended the
+        # previous set's records before them), so that all ranks agree on what to score; a
+        # process that held the lock before this one may have recorded this set meanwhile
+        done = plan.results.done_keys()
         todo: dict[str, tuple[Metric, str, dict[str, Any]]] = {}  # name -> metric, hash, timing
         for name, metric in metrics.items():
             # compiled and eager timings are different numbers: the mode keys and labels them

@@ -10,12 +10,15 @@ import json
 import os
 import re
 import shutil
+import socket
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cdmbench.errors import UserError
+from cdmbench.locks import pid_alive
 
 if TYPE_CHECKING:
     from torch import Tensor, nn
@@ -69,7 +72,10 @@ def atomic_path(path: str | Path, fsync: bool = True) -> Iterator[Path]:
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        # the owner in the name: cleanup removes only temporaries whose writer has died
+        fd, tmp = tempfile.mkstemp(
+            prefix=f".{path.name}.{_owner()}.", suffix=".tmp", dir=path.parent
+        )
         os.close(fd)
     except OSError as e:
         raise unwritable(e, path) from e
@@ -124,20 +130,45 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname())[:32] or "host"
+
+
+def _owner() -> str:
+    """This process as it appears in temporary file names: ``p<pid>@<host>``."""
+    return f"p{os.getpid()}@{_host()}"
+
+
+_OWNED_TEMP = re.compile(r"\.p(\d+)@([^@/]+)\.\w+\.tmp$")
+FOREIGN_TEMP_AGE_S = 3600.0  # another host's temporary file untouched this long is stale
+
+
+def _temp_is_stale(p: Path) -> bool:
+    m = _OWNED_TEMP.search(p.name)
+    if m is None:  # no owner in the name: written by a version that did not record one
+        return True
+    pid, host = int(m.group(1)), m.group(2)
+    if host == _host():
+        return pid != os.getpid() and not pid_alive(pid)
+    try:  # another machine's process: its liveness cannot be asked, only its file's age
+        return time.time() - p.stat().st_mtime > FOREIGN_TEMP_AGE_S
+    except FileNotFoundError:
+        return False
+
+
 def remove_stale_temps(folder: str | Path, recursive: bool = True, prefix: str = "") -> int:
     """Delete temporary files :func:`atomic_path` left behind when a process was killed.
 
-    Call it only where this process is the folder's single writer (a run directory, a sample
-    folder before its workers start). ``prefix`` limits it to the temporaries of files whose
-    names start with it (in a folder other writers share).
+    A temporary file names its writer (pid and host): one whose writer still runs is left
+    alone, so any process may clean a folder that others are writing into. ``prefix``
+    limits it to the temporaries of files whose names start with it.
     """
     folder = Path(folder)
     if not folder.is_dir():
         return 0
     pattern = f".{prefix}*.tmp"
-    stale = [
-        p for p in (folder.rglob(pattern) if recursive else folder.glob(pattern)) if p.is_file()
-    ]
+    found = folder.rglob(pattern) if recursive else folder.glob(pattern)
+    stale = [p for p in found if p.is_file() and _temp_is_stale(p)]
     for p in stale:
         p.unlink(missing_ok=True)
     return len(stale)

@@ -105,6 +105,9 @@ class TrainConfig:
     optimizer: str = setting("adamw", choices=OPTIMIZERS)
     # seconds a collective may wait for the slowest process (NCCL/gloo) before the run fails
     dist_timeout_s: float = setting(1800.0, hashed=False, gt=0)
+    # seconds to wait while another process trains the same configuration, then stop with a
+    # message; negative: wait until it has finished, then reuse its run
+    lock_wait_s: float = setting(-1.0, hashed=False)
 
     keep_last: int = setting(1, hashed=False, ge=1)  # checkpoints kept: the latest k (roll back)
     keep_every: int = setting(0, hashed=False, ge=0)  # ... and every N iterations' (0: none)

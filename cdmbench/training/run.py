@@ -13,10 +13,11 @@ runs/<backbone>/<method>-<hash>/
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ from torch import nn
 from cdmbench.backbones import get_backbone
 from cdmbench.backbones.base import Backbone
 from cdmbench.config import config_hash, run_payload
-from cdmbench.distributed import barrier
+from cdmbench.distributed import barrier, init_distributed
 from cdmbench.errors import UserError
 from cdmbench.io import (
     UnwritableError,
@@ -38,6 +39,7 @@ from cdmbench.io import (
     remove_stale_temps,
     sha256_file,
 )
+from cdmbench.locks import LockBusy, file_lock
 from cdmbench.registry import METHODS
 from cdmbench.settings import as_dict
 from cdmbench.training import checkpoint
@@ -81,11 +83,72 @@ def train_run(
     or 130): the job can be requeued and continues where it stopped.
     ``recipe``: the recipe the configuration came from (name, version), recorded in
     config.json beside the hashed values.
+    One process trains a run directory at a time: another that starts the same configuration
+    waits for it (``train.lock_wait_s``) and then reuses (or continues) its run.
     """
     payload = run_payload(method.name, backbone, train_cfg, method.config, teacher_weights)
     run_dir = run_dir_for(out_root, payload)
     if (run_dir / "run.json").is_file() and (run_dir / STUDENT_FILE).is_file():
         return RunResult(run_dir, True, train_cfg.iters, 0.0)
+    rank, world = init_distributed(train_cfg.device, train_cfg.dist_timeout_s)
+    with run_lock(run_dir, train_cfg.lock_wait_s) if rank == 0 else contextlib.nullcontext():
+        barrier(world)  # the other processes of this launch wait while rank 0 waits its turn
+        return _train_locked(
+            method,
+            backbone,
+            train_cfg,
+            run_dir,
+            payload,
+            teacher_weights,
+            resume,
+            progress,
+            sample_steps,
+            recipe,
+        )
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path, wait_s: float = -1.0) -> Iterator[None]:
+    """Hold ``run_dir``'s lock: one process trains a configuration at a time; another waits
+    (``wait_s`` seconds at most; negative: as long as it takes) and then reuses the run."""
+
+    def waiting(holder: str) -> None:
+        print(f"waiting for {holder}, which is training {run_dir}", file=sys.stderr)
+
+    try:
+        with file_lock(
+            run_dir.parent / f".{run_dir.name}.lock",
+            "cdmbench train",
+            None if wait_s < 0 else wait_s,
+            waiting,
+        ):
+            yield
+    except LockBusy as e:
+        raise UserError(
+            f"{e.holder} is training {run_dir}; rerun when it has finished to reuse its run "
+            f"(waited train.lock_wait_s={wait_s:g} s)"
+        ) from None
+    except OSError as e:
+        raise UserError(
+            f"cannot lock run directory {run_dir}: {e.strerror}; choose another --out"
+        ) from None
+
+
+def _train_locked(
+    method: Method,
+    backbone: Backbone,
+    train_cfg: TrainConfig,
+    run_dir: Path,
+    payload: dict[str, Any],
+    teacher_weights: str | None,
+    resume: bool | None,
+    progress: Callable[[int, dict[str, float]], None] | None,
+    sample_steps: tuple[int, ...],
+    recipe: dict[str, Any] | None,
+) -> RunResult:
+    """:func:`train_run` with the run's lock held (by rank 0)."""
+    if (run_dir / "run.json").is_file() and (run_dir / STUDENT_FILE).is_file():
+        return RunResult(run_dir, True, train_cfg.iters, 0.0)  # finished while we waited
     ckpt = run_dir / "checkpoint"
     has_ckpt = (ckpt / "manifest.json").is_file()
     if resume is True and not has_ckpt:
