@@ -44,7 +44,7 @@ def test_bench_report_check(tmp_path, monkeypatch, capsys):
 
     capsys.readouterr()
     assert _main(*args) == 0  # second run reuses every stage
-    assert "0 new records" in capsys.readouterr().out
+    assert "nothing new: every result of this bench was already recorded" in capsys.readouterr().out
 
     base = tmp_path / "baseline.csv"
     assert _main("check", "--write-baseline", "--baseline", str(base)) == 0
