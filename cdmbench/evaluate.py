@@ -235,13 +235,17 @@ def sample_lock(folder: Path, told: set[str] | None = None) -> Iterator[None]:
         if told is not None:
             told.add(holder)
 
-    try:
-        with file_lock(folder.parent / f".{folder.name}.lock", "cdmbench eval", None, waiting):
-            yield
+    held = contextlib.ExitStack()
+    try:  # only taking the lock is guarded: errors of the locked work pass through as they are
+        held.enter_context(
+            file_lock(folder.parent / f".{folder.name}.lock", "cdmbench eval", None, waiting)
+        )
     except OSError as e:
         raise UserError(
             f"cannot lock sample folder {folder}: {e.strerror}; choose another --samples"
         ) from None
+    with held:
+        yield
 
 
 def ensure_samples(

@@ -168,7 +168,7 @@ def test_full_width_sd3_cdm_fsdp2_preempted_and_resumed_on_2_and_1_processes(tmp
     cut = tmp_path / "cut"
     proc = _launch(weights, cut, 2)
     deadline = time.time() + 600
-    while not (cut / "sd3").is_dir() or not _log(_run_dir(cut)):
+    while not any((cut / "sd3").glob("cdm-*")) or not _log(_run_dir(cut)):
         assert proc.poll() is None and time.time() < deadline, "no iteration logged"
         time.sleep(0.5)
     os.kill(int((cut / "pid-1").read_text()), signal.SIGUSR1)

@@ -144,7 +144,8 @@ def near_default(draw, key: str):
     if isinstance(d, int):
         return draw(st.integers(max(-2, d // 2 - 2), d * 2 + 2))
     if isinstance(d, float):
-        return draw(st.floats(min_value=d / 2 - 0.1, max_value=d * 2 + 0.1))
+        a, b = d / 2 - 0.1, d * 2 + 0.1  # a negative default: d * 2 < d / 2
+        return draw(st.floats(min_value=min(a, b), max_value=max(a, b)))
     if isinstance(d, tuple) and d:
         return list(d[: draw(st.integers(0, len(d)))])
     return d

@@ -115,14 +115,16 @@ def run_lock(run_dir: Path, wait_s: float = -1.0) -> Iterator[None]:
     def waiting(holder: str) -> None:
         print(f"waiting for {holder}, which is training {run_dir}", file=sys.stderr)
 
-    try:
-        with file_lock(
-            run_dir.parent / f".{run_dir.name}.lock",
-            "cdmbench train",
-            None if wait_s < 0 else wait_s,
-            waiting,
-        ):
-            yield
+    held = contextlib.ExitStack()
+    try:  # only taking the lock is guarded: errors of the locked work pass through as they are
+        held.enter_context(
+            file_lock(
+                run_dir.parent / f".{run_dir.name}.lock",
+                "cdmbench train",
+                None if wait_s < 0 else wait_s,
+                waiting,
+            )
+        )
     except LockBusy as e:
         raise UserError(
             f"{e.holder} is training {run_dir}; rerun when it has finished to reuse its run "
@@ -132,6 +134,8 @@ def run_lock(run_dir: Path, wait_s: float = -1.0) -> Iterator[None]:
         raise UserError(
             f"cannot lock run directory {run_dir}: {e.strerror}; choose another --out"
         ) from None
+    with held:
+        yield
 
 
 def _train_locked(
