@@ -142,7 +142,8 @@ def near_default(draw, key: str):
     if isinstance(d, bool) or d is None or isinstance(d, str):
         return d
     if isinstance(d, int):
-        return draw(st.integers(max(-2, d // 2 - 2), d * 2 + 2))
+        a, b = max(-2, d // 2 - 2), d * 2 + 2
+        return draw(st.integers(min(a, b), max(a, b)))
     if isinstance(d, float):
         a, b = d / 2 - 0.1, d * 2 + 0.1  # a negative default: d * 2 < d / 2
         return draw(st.floats(min_value=min(a, b), max_value=max(a, b)))
