@@ -743,7 +743,7 @@ def report(
     )
     out.print(render_rich(outs.table, title=f"cdmbench report — {outs.n_records} records"))
     for w in outs.warnings:
-        console.print(f"[yellow]warning:[/] {w}", highlight=False)
+        console.print(f"[yellow]warning:[/] {_escape(w)}", highlight=False)
     out.print("wrote " + ", ".join(str(p) for p in outs.files))
 
 
@@ -801,7 +801,7 @@ def check(
     res = run_check(results, baseline, tols or None, backbone)
     out.print(res.render_rich(only_changes=only_changes))
     for w in res.warnings:
-        console.print(f"[yellow]warning:[/] {w}", highlight=False)
+        console.print(f"[yellow]warning:[/] {_escape(w)}", highlight=False)
     out.print(res.summary())
     raise typer.Exit(res.exit_code)
 
@@ -1152,7 +1152,9 @@ def main(argv: list[str] | None = None) -> None:
 
         where = traceback.extract_tb(e.__traceback__)[-1] if e.__traceback__ else None
         at = f" at {Path(where.filename).name}:{where.lineno}" if where else ""
-        line = " ".join(str(e).split())[:300]
+        from rich.markup import escape
+
+        line = escape(" ".join(str(e).split())[:300])
         console.print(
             f"[bold red]internal error:[/] {type(e).__name__}: {line}{at} — a bug in cdmbench; "
             "rerun with --debug for the traceback and report it",
@@ -1160,6 +1162,13 @@ def main(argv: list[str] | None = None) -> None:
             soft_wrap=True,
         )
         sys.exit(3)
+
+
+def _escape(text: str) -> str:
+    """``text`` shown as is by rich (a path or message may hold "[...]")."""
+    from rich.markup import escape
+
+    return escape(text)
 
 
 def _click_errors(name: str) -> tuple[type, ...]:

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import os
 from datetime import timedelta
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 
 from cdmbench.errors import UserError
+
+T = TypeVar("T")
 
 
 def rank_world() -> tuple[int, int]:
@@ -85,3 +88,12 @@ def barrier(world: int) -> None:
     """Wait for every process (nothing to wait for in a one-process run)."""
     if world > 1:
         dist.barrier()
+
+
+def broadcast_from_0(obj: T, world: int) -> T:
+    """Rank 0's ``obj`` on every rank (a picklable value; as is in a one-process run)."""
+    if world <= 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

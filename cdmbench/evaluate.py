@@ -20,9 +20,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,7 +37,7 @@ from cdmbench.distributed import barrier
 from cdmbench.errors import UserError
 from cdmbench.generate import SamplerSpec, generate
 from cdmbench.io import atomic_path, atomic_write_json, remove_stale_temps, to_uint8
-from cdmbench.locks import file_lock
+from cdmbench.locks import hold
 from cdmbench.metrics.base import EvalSet, Metric
 from cdmbench.metrics.features import default_threads, thread_pool
 from cdmbench.metrics.latency import make_timer
@@ -221,31 +220,6 @@ def sample_folder(
     spec = cand.sampler(steps)
     key = sample_key(backbone, cand, spec, prompt_set, seed, per_prompt)
     return spec, key, root / backbone.name / f"{cand.name}-{steps}-{key}"
-
-
-@contextlib.contextmanager
-def sample_lock(folder: Path, told: set[str] | None = None) -> Iterator[None]:
-    """Hold a sample folder's lock: one process generates and scores a sample set at a time;
-    another waits, then reuses its samples and records. ``told``: holders already named in
-    a waiting message (each is named once)."""
-
-    def waiting(holder: str) -> None:
-        if told is None or holder not in told:
-            print(f"waiting for {holder}, which is evaluating {folder}", file=sys.stderr)
-        if told is not None:
-            told.add(holder)
-
-    held = contextlib.ExitStack()
-    try:  # only taking the lock is guarded: errors of the locked work pass through as they are
-        held.enter_context(
-            file_lock(folder.parent / f".{folder.name}.lock", "cdmbench eval", None, waiting)
-        )
-    except OSError as e:
-        raise UserError(
-            f"cannot lock sample folder {folder}: {e.strerror}; choose another --samples"
-        ) from None
-    with held:
-        yield
 
 
 def ensure_samples(
@@ -537,11 +511,21 @@ def _run_eval(
                 progress(label, counter["n"], total)
 
         held.close()  # the previous sample set's lock
-        if rank == 0:
-            _, _, folder = sample_folder(
-                bb, cand, steps, plan.prompt_set, plan.seed, plan.per_prompt, plan.samples_root
+        _, _, folder = sample_folder(
+            bb, cand, steps, plan.prompt_set, plan.seed, plan.per_prompt, plan.samples_root
+        )
+        held.enter_context(
+            hold(
+                folder.parent / f".{folder.name}.lock",
+                "cdmbench eval",
+                f"evaluating {folder}",
+                busy="{holder} is evaluating " + str(folder),
+                unlockable=f"cannot lock sample folder {folder}: {{why}}; choose another --samples",
+                rank=rank,
+                world=world,
+                told=told,
             )
-            held.enter_context(sample_lock(folder, told))
+        )
         sset = ensure_samples(
             bb,
             cand,

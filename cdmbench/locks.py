@@ -134,3 +134,64 @@ def _missing_parents(path: Path) -> list[Path]:
             break
         out.append(d)
     return out
+
+
+POLL_S = 5.0  # a launch waiting for a lock meets in one broadcast this often
+
+
+@contextlib.contextmanager
+def hold(
+    path: str | Path,
+    what: str,
+    doing: str,
+    *,
+    busy: str,
+    unlockable: str,
+    wait_s: float = -1.0,
+    rank: int = 0,
+    world: int = 1,
+    told: set[str] | None = None,
+) -> Iterator[None]:
+    """Hold the lock ``path`` for this launch: rank 0 takes it, every rank enters and leaves
+    together.
+
+    A holder elsewhere is waited for (``wait_s`` seconds; negative: as long as it takes),
+    announced once as ``waiting for <holder>, which is <doing>``. Under several processes
+    rank 0 tries in rounds of :data:`POLL_S` seconds, each closed by one broadcast of how it
+    went, so no rank sits in a collective longer than a round, however long the wait.
+    Raises :class:`~cdmbench.errors.UserError` on every rank: ``busy`` (with ``{holder}``)
+    when the wait runs out, ``unlockable`` (with ``{why}``) when the lock cannot be taken.
+    """
+    from cdmbench.distributed import broadcast_from_0
+    from cdmbench.errors import UserError
+
+    told = set() if told is None else told
+
+    def waiting(holder: str) -> None:
+        if holder not in told:
+            told.add(holder)
+            print(f"waiting for {holder}, which is {doing}", file=sys.stderr)
+
+    deadline = None if wait_s < 0 else time.monotonic() + wait_s
+    held = contextlib.ExitStack()
+    while True:
+        status: tuple[str, str] = ("held", "")
+        if rank == 0:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            step = left if world == 1 or left is not None and left < POLL_S else POLL_S
+            try:  # only the taking is guarded: errors of the locked work pass through
+                held.enter_context(file_lock(path, what, step, waiting))
+            except LockBusy as e:
+                out = deadline is not None and time.monotonic() >= deadline
+                status = ("gave up" if out else "busy", e.holder)
+            except OSError as e:
+                status = ("error", e.strerror or type(e).__name__)
+        status = broadcast_from_0(status, world)
+        if status[0] == "held":
+            break
+        if status[0] == "gave up":
+            raise UserError(busy.format(holder=status[1]))
+        if status[0] == "error":
+            raise UserError(unlockable.format(why=status[1]))
+    with held:
+        yield

@@ -11,7 +11,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -189,3 +191,32 @@ def test_cleanup_spares_temporary_files_of_live_writers(tmp_path):
         assert remove_stale_temps(tmp_path) == 2
         assert mine.exists() and not orphan.exists() and not legacy.exists()
     assert (tmp_path / "mine.png").read_bytes() == b"in flight"
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not installed")
+def test_a_launch_of_two_processes_waits_longer_than_its_collective_timeout(sequential, tmp_path):
+    """Two processes of one launch wait for a lock held elsewhere longer than their collective
+    timeout (8 s here): rank 0 polls and the ranks meet in short broadcasts, so neither times
+    out, and the launch trains once the holder is gone."""
+    (run_dir,) = (sequential / "runs" / "digits").iterdir()
+    lock = tmp_path / "runs" / "digits" / f".{run_dir.name}.lock"
+    p = _holder(lock)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launch = ["torchrun", "--nproc_per_node", "2", "--master_addr", "127.0.0.1"]
+    launch += ["--master_port", str(port), "-m", "cdmbench.cli", *TRAIN]
+    launch += ["--set", "train.dist_timeout_s=8"]
+    q = subprocess.Popen(
+        launch, cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        time.sleep(20)  # more than twice the collective timeout
+        assert q.poll() is None, q.communicate()[1][-3000:]
+    finally:
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait()
+    _, err = q.communicate(timeout=600)
+    assert q.returncode == 0, err[-3000:]
+    assert f"waiting for pid {p.pid} " in err
+    assert (tmp_path / "runs" / "digits" / run_dir.name / "student.safetensors").is_file()

@@ -13,11 +13,10 @@ runs/<backbone>/<method>-<hash>/
 
 from __future__ import annotations
 
-import contextlib
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,7 +38,7 @@ from cdmbench.io import (
     remove_stale_temps,
     sha256_file,
 )
-from cdmbench.locks import LockBusy, file_lock
+from cdmbench.locks import hold
 from cdmbench.registry import METHODS
 from cdmbench.settings import as_dict
 from cdmbench.training import checkpoint
@@ -91,8 +90,17 @@ def train_run(
     if (run_dir / "run.json").is_file() and (run_dir / STUDENT_FILE).is_file():
         return RunResult(run_dir, True, train_cfg.iters, 0.0)
     rank, world = init_distributed(train_cfg.device, train_cfg.dist_timeout_s)
-    with run_lock(run_dir, train_cfg.lock_wait_s) if rank == 0 else contextlib.nullcontext():
-        barrier(world)  # the other processes of this launch wait while rank 0 waits its turn
+    with hold(
+        run_dir.parent / f".{run_dir.name}.lock",
+        "cdmbench train",
+        f"training {run_dir}",
+        busy=f"{{holder}} is training {run_dir}; rerun when it has finished to reuse its run "
+        f"(waited train.lock_wait_s={train_cfg.lock_wait_s:g} s)",
+        unlockable=f"cannot lock run directory {run_dir}: {{why}}; choose another --out",
+        wait_s=train_cfg.lock_wait_s,
+        rank=rank,
+        world=world,
+    ):
         return _train_locked(
             method,
             backbone,
@@ -105,37 +113,6 @@ def train_run(
             sample_steps,
             recipe,
         )
-
-
-@contextlib.contextmanager
-def run_lock(run_dir: Path, wait_s: float = -1.0) -> Iterator[None]:
-    """Hold ``run_dir``'s lock: one process trains a configuration at a time; another waits
-    (``wait_s`` seconds at most; negative: as long as it takes) and then reuses the run."""
-
-    def waiting(holder: str) -> None:
-        print(f"waiting for {holder}, which is training {run_dir}", file=sys.stderr)
-
-    held = contextlib.ExitStack()
-    try:  # only taking the lock is guarded: errors of the locked work pass through as they are
-        held.enter_context(
-            file_lock(
-                run_dir.parent / f".{run_dir.name}.lock",
-                "cdmbench train",
-                None if wait_s < 0 else wait_s,
-                waiting,
-            )
-        )
-    except LockBusy as e:
-        raise UserError(
-            f"{e.holder} is training {run_dir}; rerun when it has finished to reuse its run "
-            f"(waited train.lock_wait_s={wait_s:g} s)"
-        ) from None
-    except OSError as e:
-        raise UserError(
-            f"cannot lock run directory {run_dir}: {e.strerror}; choose another --out"
-        ) from None
-    with held:
-        yield
 
 
 def _train_locked(
