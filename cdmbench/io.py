@@ -236,9 +236,34 @@ def load_state(module: nn.Module, path: str | Path, what: str, fix: str) -> nn.M
         raise UserError(os_error_message(e, path, "read") + f"; {fix}") from None
     except (SafetensorError, ValueError) as e:
         raise UserError(f"{what} {path} is not a readable safetensors file ({e}); {fix}") from None
+    return fit_state(module, state, path, what, fix)
+
+
+def load_torch_file(path: str | Path, what: str, fix: str) -> Any:
+    """The tensors of a ``torch.save`` file (``weights_only``: no code runs); a file that is
+    missing, truncated or not such a file is a :class:`UserError` naming it and ``fix``."""
+    import pickle
+    import zipfile
+
+    import torch
+
     try:
-        module.load_state_dict(state)
-    except RuntimeError as e:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except OSError as e:
+        raise UserError(os_error_message(e, path, "read") + f"; {fix}") from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, zipfile.BadZipFile) as e:
+        first = (" ".join(str(e).split()) or type(e).__name__)[:200]
+        raise UserError(f"{what} {path} is not a readable weights file ({first}); {fix}") from None
+
+
+def fit_state(
+    module: nn.Module, state: dict, path: str | Path, what: str, fix: str, strict: bool = True
+) -> nn.Module:
+    """``module.load_state_dict(state)``; tensors that do not fit (names, shapes) are a
+    :class:`UserError` naming ``path`` and ``fix``."""
+    try:
+        module.load_state_dict(state, strict=strict)
+    except (RuntimeError, TypeError, AttributeError) as e:
         detail = " ".join(str(e).split())
         detail = detail if len(detail) <= 200 else detail[:200] + "…"
         raise UserError(f"{what} {path} does not fit the model ({detail}); {fix}") from None

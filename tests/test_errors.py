@@ -276,3 +276,20 @@ def test_tables_are_whole_without_a_terminal(capsys):
     assert code == 0
     assert "…" not in out
     assert max(len(x) for x in out.splitlines()) > 80
+
+
+@pytest.mark.parametrize("content", [b"", b"not a torch file", b"PK\x03\x04broken zip"])
+def test_corrupt_metric_weights_are_one_line(tmp_path, content):
+    """A metric's torch weights file that is empty, garbage or a broken archive is a
+    UserError naming the file (exit 2), not an internal error."""
+    from cdmbench.errors import UserError
+    from cdmbench.io import load_torch_file
+    from cdmbench.metrics.diversity import IntraLPIPS
+
+    bad = tmp_path / "weights.pth"
+    bad.write_bytes(content)
+    with pytest.raises(UserError, match="weights.pth"):
+        load_torch_file(bad, "test weights", "fetch them again")
+    with pytest.raises(UserError, match="weights.pth") as e:
+        IntraLPIPS(backbone=str(bad)).load("cpu")
+    assert "\n" not in str(e.value)

@@ -51,6 +51,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from cdmbench.errors import UserError
+from cdmbench.io import load_torch_file
 from cdmbench.metrics.clip_score import uint8_to_pil
 
 ALIAS = "_cdmbench_imagereward"  # private package name the ImageReward files are imported under
@@ -257,8 +259,13 @@ def load_imagereward(
     ``build``: :func:`build_imagereward`'s size arguments (the defaults are ImageReward-v1.0's).
     """
     model = build_imagereward(med_config, tokenizer, device="cpu", **build)
-    state = torch.load(str(checkpoint), map_location="cpu", weights_only=True)
-    missing, _ = model.load_state_dict(state, strict=False)  # the package loads non-strictly
+    fix = "fetch ImageReward.pt again (hf download THUDM/ImageReward ImageReward.pt)"
+    state = load_torch_file(checkpoint, "image_reward weights", fix)
+    try:  # the package loads non-strictly
+        missing, _ = model.load_state_dict(state, strict=False)
+    except (RuntimeError, TypeError, AttributeError) as e:
+        detail = " ".join(str(e).split())[:200]
+        raise UserError(f"image_reward weights {checkpoint} do not fit ({detail}); {fix}") from None
     params = {n for n, _ in model.named_parameters()}
     if missing_params := sorted(set(missing) & params):
         raise RuntimeError(

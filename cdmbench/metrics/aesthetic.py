@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from cdmbench.errors import MissingWeightsError
+from cdmbench.io import fit_state, load_torch_file
 from cdmbench.metrics import _hf_clip as hf
 from cdmbench.metrics.base import PerSampleMetric, Value
 from cdmbench.weights import hub_file
@@ -133,7 +134,14 @@ class LaionAesthetic(PerSampleMetric):
             clip = hf.load_clip(clip_dir, device)
             image_processor = hf.load_image_processor(clip_dir)
             mlp = MLP(clip.config.projection_dim)
-            mlp.load_state_dict(torch.load(head_file, map_location="cpu", weights_only=True))
+            fix = "fetch the LAION aesthetic head again (or set $CDMBENCH_AESTHETIC)"
+            fit_state(
+                mlp,
+                load_torch_file(head_file, "aesthetic head", fix),
+                head_file,
+                "aesthetic head",
+                fix,
+            )
             self._loaded = (clip, image_processor, mlp.eval().to(device))
         return self._loaded
 

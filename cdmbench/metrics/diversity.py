@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from cdmbench.errors import MissingWeightsError, UserError
+from cdmbench.io import load_torch_file
 from cdmbench.metrics.base import PerPromptMetric, Value
 from cdmbench.weights import url_file
 
@@ -124,7 +125,11 @@ class _LpipsBase(PerPromptMetric):
                 warnings.filterwarnings("ignore", category=UserWarning, module="torchvision")
                 model = lpips.LPIPS(net="alex", pnet_rand=True, verbose=False)
             if path is not None:
-                features = torch.load(path, map_location="cpu", weights_only=True)
+                features = load_torch_file(
+                    path, f"{self.name}: AlexNet weights", f"fetch {ALEXNET_URL} again"
+                )
+                if not isinstance(features, dict):
+                    raise UserError(f"{self.name}: AlexNet weights {path} hold no state dict")
                 # lpips' alexnet slices hold torchvision's alexnet.features[0..11]
                 sliced = {}
                 for name, slice_ in model.net.named_children():

@@ -27,7 +27,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from cdmbench.errors import MissingWeightsError
+from cdmbench.errors import MissingWeightsError, UserError
+from cdmbench.io import fit_state, load_torch_file
 from cdmbench.metrics.base import PerSampleMetric, Value
 from cdmbench.weights import hub_file
 
@@ -155,8 +156,11 @@ class HPSv2(PerSampleMetric):
             if path is None:
                 warnings.warn(f"hpsv2: {self.model_name} with random weights", stacklevel=2)
             else:
-                state = torch.load(path, map_location="cpu", weights_only=True)
-                model.load_state_dict(state.get("state_dict", state))
+                fix = "fetch the HPS checkpoint again (or set $CDMBENCH_HPSV2)"
+                state = load_torch_file(path, "hpsv2 checkpoint", fix)
+                if not isinstance(state, dict):
+                    raise UserError(f"hpsv2 checkpoint {path} holds no state dict; {fix}")
+                fit_state(model, state.get("state_dict", state), path, "hpsv2 checkpoint", fix)
             size = model.visual.image_size
             size = size[0] if isinstance(size, tuple | list) else size
             tokenizer = open_clip.get_tokenizer(self.model_name)
