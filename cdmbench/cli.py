@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 from typer.core import TyperCommand
 
-from cdmbench.errors import UserError
+from cdmbench.errors import CheckpointError, NonFiniteLossError, UserError
 from cdmbench.registry import BACKBONES, METHODS, METRICS, UnknownNameError
 
 COMPILE_MODES = (
@@ -1104,11 +1104,6 @@ def main(argv: list[str] | None = None) -> None:
     # diffusers imports bitsandbytes when it is installed (the adam8bit extra), which warns on
     # every start about an optional 4-bit CPU kernel that cdmbench never uses
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-    try:  # imports torch: a second or more, in which Ctrl-C is as welcome as later
-        from cdmbench.training.core import CheckpointError, NonFiniteLossError
-    except KeyboardInterrupt:
-        _interrupted()
-
     try:
         rc = app(args=argv, standalone_mode=False)
         if rc == 130:  # a KeyboardInterrupt that typer caught (and returns as its exit status)

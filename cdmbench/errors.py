@@ -8,3 +8,11 @@ class UserError(Exception):
 class MissingWeightsError(UserError, FileNotFoundError):
     """Pretrained weights (a backbone's or a metric's) that are not on this machine; the
     one-line message names what to fetch and where to put it."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used: corrupt, or from another method/backbone."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN/inf loss or gradient."""

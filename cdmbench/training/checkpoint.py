@@ -63,6 +63,7 @@ import torch.distributed as dist
 from safetensors import SafetensorError
 from torch import Tensor
 
+from cdmbench.errors import CheckpointError
 from cdmbench.io import atomic_path, atomic_write_json, sha256_file
 
 if TYPE_CHECKING:
@@ -86,10 +87,6 @@ _UNUSABLE = (
     pickle.UnpicklingError,
     SafetensorError,
 )
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used: corrupt, or from another method/backbone."""
 
 
 # --------------------------------------------------------------------------------- save

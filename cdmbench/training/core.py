@@ -45,10 +45,11 @@ from torch import Tensor, nn
 
 from cdmbench.backbones.base import Backbone
 from cdmbench.distributed import init_distributed, resolve_device
+from cdmbench.errors import CheckpointError as CheckpointError  # re-exported
+from cdmbench.errors import NonFiniteLossError as NonFiniteLossError  # re-exported
 from cdmbench.errors import UserError
 from cdmbench.settings import MAX_COUNT, as_dict, setting
 from cdmbench.training import checkpoint, sharding
-from cdmbench.training.checkpoint import CheckpointError as CheckpointError  # re-exported
 from cdmbench.training.checkpoint import Preempted
 from cdmbench.training.logging import (
     SAMPLE_PROMPTS,
@@ -73,10 +74,6 @@ def device_problem(device: str) -> str | None:
     except UserError as e:
         return str(e)
     return None
-
-
-class NonFiniteLossError(RuntimeError):
-    """Training produced a NaN/inf loss or gradient."""
 
 
 @dataclass
