@@ -36,7 +36,7 @@ from torch import Tensor
 
 from cdmbench import distributed
 from cdmbench.errors import UserError
-from cdmbench.io import atomic_path, atomic_write_json
+from cdmbench.io import atomic_path, atomic_write_json, temp_dir
 
 VERSION = 1  # of the on-disk layout
 _RAW = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}  # storage type per item size
@@ -155,9 +155,7 @@ def _build_shard(
     if (final / "hashes.npy").is_file():
         return
     root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".shard-{rank}-of-{world}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp = temp_dir(final)  # a killed build's leftovers are removed, a live one's kept
     ids = range(rank, len(texts), world)
     keys = np.empty(len(ids), dtype=np.uint64)
     maps: dict[str, np.memmap] = {}

@@ -174,6 +174,17 @@ def remove_stale_temps(folder: str | Path, recursive: bool = True, prefix: str =
     return len(stale)
 
 
+def temp_dir(path: Path) -> Path:
+    """A new empty folder ``.<name>.<writer>.XXXX.tmp`` beside ``path``, after removing those
+    of writers that died (a live writer's are left alone)."""
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        if stale.is_dir() and _temp_is_stale(stale):
+            shutil.rmtree(stale, ignore_errors=True)
+    return Path(
+        tempfile.mkdtemp(prefix=f".{path.name}.{_owner()}.", suffix=".tmp", dir=path.parent)
+    )
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield an empty temporary folder beside ``path``; rename it to ``path`` if the block
@@ -181,7 +192,8 @@ def atomic_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
 
     An existing non-empty ``path`` is an error unless ``overwrite`` (then it is replaced as a
     whole, never merged into). Temporary folders of writers killed before they finished
-    (``.<name>.*.tmp`` beside ``path``) are removed first.
+    (``.<name>.<writer>.*.tmp`` beside ``path``, the writer dead) are removed first; a live
+    writer's are left alone.
     """
     path = Path(path)
     if path.exists() and not path.is_dir():
@@ -190,16 +202,16 @@ def atomic_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
         raise UserError(f"{path} exists and is not empty; add --overwrite to replace it")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        for stale in path.parent.glob(f".{path.name}.*.tmp"):
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        tmp = temp_dir(path)
     except OSError as e:
         raise unwritable(e, path) from e
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700; give the usual folder mode
         if path.is_dir():  # --overwrite: set the old folder aside, rename, then delete it
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+            old = Path(
+                tempfile.mkdtemp(prefix=f".{path.name}.{_owner()}.", suffix=".tmp", dir=path.parent)
+            )
             os.replace(path, old / path.name)
             os.replace(tmp, path)
             shutil.rmtree(old, ignore_errors=True)

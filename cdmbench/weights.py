@@ -182,16 +182,20 @@ def url_file(
 
 
 def _fetch_url(url: str, dest: Path, sha256: str | None) -> Path:
-    from filelock import FileLock
     from huggingface_hub import constants
 
+    from cdmbench.io import atomic_path, remove_stale_temps
+    from cdmbench.locks import file_lock
+
     dest.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(dest) + ".lock"):
+    with file_lock(str(dest) + ".lock", "download"):
         if dest.is_file():  # another process finished it while we waited
             return dest
-        tmp = dest.with_name(f"{dest.name}.{os.getpid()}.incomplete")
+        remove_stale_temps(dest.parent, recursive=False, prefix=dest.name)
         digest = hashlib.sha256()
-        try:
+        # written beside dest under the writer's name and renamed when whole: a killed
+        # download's partial file is removed by the next one, a live one's is left alone
+        with atomic_path(dest) as tmp:
             req = urllib.request.Request(url, headers={"User-Agent": "cdmbench"})
             with (
                 urllib.request.urlopen(req, timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT) as src,
@@ -206,9 +210,6 @@ def _fetch_url(url: str, dest: Path, sha256: str | None) -> Path:
                 raise ValueError(
                     f"checksum mismatch for {url}: sha256 {digest.hexdigest()}, expected {sha256}"
                 )
-            os.replace(tmp, dest)
-        finally:
-            tmp.unlink(missing_ok=True)
     return dest
 
 
