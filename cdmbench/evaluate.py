@@ -36,7 +36,13 @@ from cdmbench.config import config_hash
 from cdmbench.distributed import barrier
 from cdmbench.errors import UserError
 from cdmbench.generate import SamplerSpec, generate
-from cdmbench.io import atomic_path, atomic_write_json, remove_stale_temps, to_uint8
+from cdmbench.io import (
+    atomic_path,
+    atomic_write_json,
+    remove_stale_temps,
+    sha256_file,
+    to_uint8,
+)
 from cdmbench.locks import hold
 from cdmbench.metrics.base import EvalSet, Metric
 from cdmbench.metrics.features import default_threads, thread_pool
@@ -297,8 +303,11 @@ def ensure_samples(
         w.result()
     barrier(world)
     if rank == 0 and (todo or world > 1):  # record the new PNGs' sizes and hashes
-        fresh = {files[k] for k in todo}  # written whole by this process: not decoded again
-        _write_manifest(folder, entries, files, verify_samples(folder, files, fresh))
+        # only those generated now (by any rank, each written whole and renamed into place
+        # before the barrier): the others were verified above
+        new = [f for f in files if f not in verified]
+        verified.update(verify_samples(folder, new, fresh=set(new)))
+        _write_manifest(folder, entries, files, verified)
     barrier(world)
     return SampleSet(folder, key, [e[0] for e in entries], files, len(todo))
 
@@ -376,7 +385,6 @@ def verify_samples(
     manifest record, or that has no record and does not decode, is deleted (and so
     regenerated); ``fresh``: PNGs this process has just written, hashed but not decoded.
     Returns file -> (bytes, sha256) of the PNGs kept."""
-    import hashlib
     import warnings
 
     recorded = recorded_hashes(folder)
@@ -387,7 +395,7 @@ def verify_samples(
             size = path.stat().st_size
             if f in recorded and recorded[f][0] != size:
                 return None
-            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+            digest = sha256_file(path)
         except OSError:
             return None
         if f in recorded:

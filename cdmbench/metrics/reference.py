@@ -457,12 +457,14 @@ def _spec_reference(spec: ReferenceSpec, backbone: Backbone) -> Reference:
 
     def batches(batch_size: int) -> Iterator[Tensor]:
         run: list[Tensor] = []
+        window = max(batch_size, 4 * threads)  # images decoded ahead: bounded, whatever N
         with ThreadPoolExecutor(threads) as pool:  # decoding and resampling release the GIL
-            for img in pool.map(lambda f: load_image(f, spec), files):
-                if run and (img.shape != run[0].shape or len(run) == batch_size):
-                    yield torch.stack(run)
-                    run = []
-                run.append(img)
+            for lo in range(0, len(files), window):
+                for img in pool.map(lambda f: load_image(f, spec), files[lo : lo + window]):
+                    if run and (img.shape != run[0].shape or len(run) == batch_size):
+                        yield torch.stack(run)
+                        run = []
+                    run.append(img)
         if run:
             yield torch.stack(run)
 
