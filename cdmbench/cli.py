@@ -681,11 +681,12 @@ def export(
     `sigmas=` and guidance_scale=1 when sampling with diffusers. The folder is written beside
     --out and renamed when complete; a non-empty --out is replaced only with --overwrite.
     """
-    from cdmbench.io import atomic_dir
+    from cdmbench.io import atomic_dir, check_out_dir
     from cdmbench.settings import MAX_STEPS, check_option
     from cdmbench.training.run import ADAPTER_FILE, load_run
 
     check_option("--steps", steps, ge=1, le=MAX_STEPS)
+    check_out_dir(out_dir, overwrite)  # before loading the run: that takes a while
     r = load_run(run, teacher_weights=teacher_weights)
     spec = r.method.sampler(steps, r.backbone.shift)
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
@@ -1013,13 +1014,15 @@ def plan(
         largest_batch,
         remedies,
     )
+    from cdmbench.settings import check_option
 
-    if gpus < 1 or gpu_memory <= 0:
-        raise UserError("--gpus must be >= 1 and --gpu-memory > 0")
+    check_option("--gpus", gpus, ge=1, le=1_000_000)
+    check_option("--gpu-memory", gpu_memory, gt=0, le=1e6)  # NaN and inf refused too
+    check_option("--cuda-context-gb", cuda_context_gb, ge=0, le=1e6)
+    check_option("--nccl-gb", nccl_gb, ge=0, le=1e6)
+    check_option("--fragmentation", fragmentation, ge=0, le=100)
     given = {"cuda_context_gb": cuda_context_gb, "nccl_gb": nccl_gb, "fragmentation": fragmentation}
     given = {k: v for k, v in given.items() if v is not None}
-    if any(v < 0 for v in given.values()):
-        raise UserError("--cuda-context-gb, --nccl-gb and --fragmentation must be >= 0")
     method, backbone, recipe = _method_backbone(method, backbone or None, config)
     if backbone == "digits" and (recipe is None or recipe.backbone is None):
         backbone = "sd3"

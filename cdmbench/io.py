@@ -174,6 +174,15 @@ def remove_stale_temps(folder: str | Path, recursive: bool = True, prefix: str =
     return len(stale)
 
 
+def check_out_dir(path: str | Path, overwrite: bool = False) -> None:
+    """Refuse an output folder :func:`atomic_dir` would refuse, before any work."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{path} exists and is not a folder; choose another --out")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise UserError(f"{path} exists and is not empty; add --overwrite to replace it")
+
+
 def temp_dir(path: Path) -> Path:
     """A new empty folder ``.<name>.<writer>.XXXX.tmp`` beside ``path``, after removing those
     of writers that died (a live writer's are left alone)."""
@@ -196,10 +205,7 @@ def atomic_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
     writer's are left alone.
     """
     path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise UserError(f"{path} exists and is not a folder; choose another --out")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise UserError(f"{path} exists and is not empty; add --overwrite to replace it")
+    check_out_dir(path, overwrite)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = temp_dir(path)
