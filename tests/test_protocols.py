@@ -278,3 +278,27 @@ def test_digits_protocol_records_name_the_protocol(tmp_path, capsys):
     recs = [json.loads(x) for x in (tmp_path / "r" / "records.jsonl").read_text().splitlines()]
     assert recs and all(r["prompt_set"].startswith("digits@1-") for r in recs)
     assert {r["n_samples"] for r in recs} == {400}  # 2 class prompts x 200
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "protocol = 3\n",
+        '[protocol]\nmetrics = "fid"\n[prompts]\nset = "general"\n',
+        '[protocol]\nmetrics = ["fid", 2]\n[prompts]\nset = "general"\n',
+        '[protocol]\nmetrics = ["fid"]\n[prompts]\nset = 5\n',
+        '[protocol]\nmetrics = ["fid"]\n[prompts]\nset = "general"\nsubset = 2.5\n',
+        '[protocol]\nmetrics = ["fid"]\n[prompts]\nset = "general"\nseed = true\n',
+        '[protocol]\nmetrics = ["fid"]\n[prompts]\ninput = "p"\n[inputs]\np = "x"\n',
+        "[protocol\n",
+        "\xff\xfe not text",
+    ],
+)
+def test_malformed_protocol_files_are_one_line(tmp_path, capsys, text):
+    from tests.cli_run import run
+
+    path = tmp_path / "mine.toml"
+    path.write_bytes(text.encode("latin-1") if text.startswith("\xff") else text.encode())
+    code, _, err = run(capsys, "eval", "--backbone", "tiny-sd3", "--protocol", str(path))
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "mine.toml" in err

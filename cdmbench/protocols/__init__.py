@@ -49,6 +49,13 @@ TABLES = {
     "reference": ("backbone", "input", "pairs", "size", "resize", "filter"),
     "inputs": (),
 }
+# the type of every key that is not an integer checked on its own (version, sizes, seeds)
+_STR, _STRS = "a string", "a list of strings"
+KEY_TYPES = {
+    "name": _STR, "description": _STR, "metrics": _STRS, "backbones": _STRS, "set": _STR,
+    "input": _STR, "format": _STR, "rule": _STR, "backbone": _STR,
+    "resize": _STR, "filter": _STR, "path": _STR, "about": _STR,
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -114,9 +121,11 @@ def load(name: str) -> Protocol:
             )
         path = PROTOCOL_DIR / f"{name}.toml"
     try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"protocol file {path} is not valid TOML: {e}") from None
+    except OSError as e:
+        raise UserError(f"protocol file {path} cannot be read: {e.strerror}") from None
     return parse(path, data)
 
 
@@ -126,6 +135,29 @@ def parse(path: Path, data: dict[str, Any]) -> Protocol:
     def bad(what: str) -> UserError:
         return UserError(f"protocol file {path}: {what}")
 
+    for table, value in data.items():
+        if not isinstance(value, dict):
+            raise bad(f"'{table}' must be a table ([{table}]), got {type(value).__name__}")
+    tables = [data.get("protocol", {}), data.get("prompts", {}), data.get("reference") or {}]
+    tables += list(data.get("inputs", {}).values())
+    for t in tables:
+        if not isinstance(t, dict):
+            raise bad("each [inputs.NAME] must be a table")
+        for key, value in t.items():
+            kind = KEY_TYPES.get(key)
+            ok = (
+                kind is None
+                or kind == _STR
+                and isinstance(value, str)
+                or kind == _STRS
+                and isinstance(value, list)
+                and all(isinstance(v, str) for v in value)
+            )
+            if key in ("subset", "seed"):  # counts: a whole number, not a bool
+                ok = not isinstance(value, bool) and isinstance(value, int) and value >= 0
+                kind = "a whole number >= 0"
+            if not ok:
+                raise bad(f"'{key}' must be {kind}, got {value!r}")
     for table, keys in TABLES.items():
         if table not in data:
             continue
