@@ -164,7 +164,9 @@ def test_ctrl_c_before_training_starts_is_one_line_and_130(tmp_path):
         time.sleep(delay)
         p.send_signal(signal.SIGINT)
         _, err = p.communicate(timeout=120)
-        assert p.returncode == 130, err
+        # 130, or ended by the SIGINT itself after the message (a Ctrl-C that lands while the
+        # interpreter winds down): a shell reports both as $? = 130
+        assert p.returncode in (130, -signal.SIGINT), err
         line = _one_line(err)
         assert line.startswith(("interrupted (Ctrl-C)", "stopped by SIGINT")), line
         before += line.startswith("interrupted")
