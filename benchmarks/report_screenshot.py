@@ -185,25 +185,9 @@ def register_tiny_metrics(paths: dict[str, Path]) -> None:
 
                 tok = compat.blip_tokenizer(paths["bert"])
                 torch.manual_seed(13)
-                med = dict(
-                    architectures=["BertModel"],
-                    hidden_size=32,
-                    num_hidden_layers=2,
-                    num_attention_heads=2,
-                    intermediate_size=64,
-                    hidden_act="gelu",
-                    hidden_dropout_prob=0.1,
-                    attention_probs_dropout_prob=0.1,
-                    initializer_range=0.02,
-                    layer_norm_eps=1e-12,
-                    max_position_embeddings=64,
-                    model_type="bert",
-                    pad_token_id=0,
-                    type_vocab_size=2,
-                    vocab_size=len(tok),
-                    encoder_width=32,
-                    add_cross_attention=True,
-                )
+                from test_metrics_reward import _med_config  # tests/ is on sys.path
+
+                med = _med_config(len(tok))  # the reward tests' tiny BLIP text config
                 vit = dict(patch_size=16, embed_dim=32, depth=1, num_heads=2)
                 model = compat.build_imagereward(med, tok, vit=vit, image_size=32)
                 with torch.no_grad():  # the package's head init gives every image one reward

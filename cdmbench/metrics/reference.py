@@ -32,7 +32,7 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -213,6 +213,18 @@ def _resolution(files: Sequence[Path]) -> str:
     return "x".join(map(str, sizes.pop())) if len(sizes) == 1 else "mixed"
 
 
+def _same_size_batches(images: Iterable[Tensor], batch_size: int) -> Iterator[Tensor]:
+    """Stacks of at most ``batch_size`` consecutive images of one size, in order."""
+    run: list[Tensor] = []
+    for img in images:
+        if run and (img.shape != run[0].shape or len(run) == batch_size):
+            yield torch.stack(run)
+            run = []
+        run.append(img)
+    if run:
+        yield torch.stack(run)
+
+
 def _folder_reference(folder: Path, n_ref: int | None) -> Reference:
     files = image_files(folder)
     if not files:
@@ -227,15 +239,7 @@ def _folder_reference(folder: Path, n_ref: int | None) -> Reference:
     resolution = _resolution(files)
 
     def batches(batch_size: int) -> Iterator[Tensor]:
-        run: list[Tensor] = []
-        for p in files:  # a batch holds consecutive images of one size
-            img = read_image(p)
-            if run and (img.shape != run[0].shape or len(run) == batch_size):
-                yield torch.stack(run)
-                run = []
-            run.append(img)
-        if run:
-            yield torch.stack(run)
+        return _same_size_batches(map(read_image, files), batch_size)
 
     return Reference(f"folder:{folder}", len(files), resolution, h.hexdigest()[:16], batches)
 
@@ -455,18 +459,14 @@ def _spec_reference(spec: ReferenceSpec, backbone: Backbone) -> Reference:
     resolution = f"{spec.size}x{spec.size}" if spec.resize != "none" else _resolution(files)
     threads = min(8, os.cpu_count() or 1)
 
-    def batches(batch_size: int) -> Iterator[Tensor]:
-        run: list[Tensor] = []
-        window = max(batch_size, 4 * threads)  # images decoded ahead: bounded, whatever N
+    def decoded(window: int) -> Iterator[Tensor]:
         with ThreadPoolExecutor(threads) as pool:  # decoding and resampling release the GIL
             for lo in range(0, len(files), window):
-                for img in pool.map(lambda f: load_image(f, spec), files[lo : lo + window]):
-                    if run and (img.shape != run[0].shape or len(run) == batch_size):
-                        yield torch.stack(run)
-                        run = []
-                    run.append(img)
-        if run:
-            yield torch.stack(run)
+                yield from pool.map(lambda f: load_image(f, spec), files[lo : lo + window])
+
+    def batches(batch_size: int) -> Iterator[Tensor]:
+        # images decoded ahead in bounded windows, whatever N
+        return _same_size_batches(decoded(max(batch_size, 4 * threads)), batch_size)
 
     name = f"{spec.label + ':' if spec.label else 'folder:'}{folder}"
     if spec.captions:
