@@ -314,6 +314,13 @@ def train(
     ] = None,
     batch: Annotated[int | None, typer.Option(help="Batch size per process.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the run.")] = 0,
+    variant: Annotated[
+        str,
+        typer.Option(
+            help="Defaults to start from: tuned (the backbone's tuned settings, where it has "
+            "them) or paper (the authors' hyperparameters, transferred to the backbone)."
+        ),
+    ] = "tuned",
     config: Annotated[str | None, ConfigOptHelp] = None,
     set_: Annotated[
         list[str] | None,
@@ -370,6 +377,7 @@ def train(
         backbone,
         config,
         set_,
+        variant=variant,
         iters=iters,
         batch=batch,
         seed=seed,

@@ -132,12 +132,14 @@ def resolve(
     backbone: str,
     config_file: str | None = None,
     sets: list[str] | None = None,
+    variant: str = "tuned",
     **train_overrides: Any,
 ) -> tuple[TrainConfig, Any]:
-    """TrainConfig and the method's config for ``backbone``, with every override applied
+    """TrainConfig and the method's config for ``backbone``: the ``variant``'s defaults
+    ("tuned" or "paper", :meth:`Method.variant_overrides`) with every override applied
     (``backbone.`` keys are :func:`backbone_settings`' to check)."""
-    train = replace(TrainConfig(), **method_cls.default_train(backbone))
-    method = method_cls.default_config(backbone)
+    train = replace(TrainConfig(), **method_cls.default_train(backbone, variant))
+    method = method_cls.default_config(backbone, variant)
     layers: list[dict[str, Any]] = []
     if config_file:
         data = read_toml(config_file)
@@ -191,6 +193,13 @@ def config_hash(payload: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[
         :12
     ]
+
+
+def config_key(payload: dict[str, Any]) -> str:
+    """Hash of a run's payload without its seed: runs that differ only in seed share it, and
+    a report aggregates them as seeds of one configuration."""
+    train = {k: v for k, v in payload.get("train", {}).items() if k != "seed"}
+    return config_hash({**payload, "train": train})
 
 
 def run_payload(

@@ -66,7 +66,12 @@ from cdmbench.generate import SamplerSpec
 if TYPE_CHECKING:
     from cdmbench.training.core import TrainConfig
 
-__all__ = ["Batch", "Core", "Method", "OptimSpec", "SamplerSpec", "config_to_dict"]
+__all__ = ["VARIANTS", "Batch", "Core", "Method", "OptimSpec", "SamplerSpec", "config_to_dict"]
+
+# Each method runs as its authors run it ("paper": their hyperparameters, transferred to the
+# backbone) and, where a backbone has one, as tuned for it ("tuned": e.g. the digits defaults,
+# from the committed sweep); reports label every row with its variant.
+VARIANTS = ("paper", "tuned")
 
 
 @dataclass
@@ -141,21 +146,56 @@ class Method(Generic[StateT]):
     # adds, each trained or frozen, and how many forwards with gradients one update of each
     # group holds until its backward (one per network call whose graph the loss keeps).
     aux_models: ClassVar[dict[str, bool]] = {}  # name -> trained
+    # The authors' hyperparameters transferred to a backbone (see :meth:`variant_overrides`).
+    paper_defaults: ClassVar[dict[str, dict[str, Any]]] = {}
     grad_forwards: ClassVar[dict[str, int]] = {"student": 1}
 
     def __init__(self, config: Any = None) -> None:
         self.config = config if config is not None else self.Config()
 
     @classmethod
-    def default_config(cls, backbone: str) -> Any:
-        """The method's config with the backbone's scaled defaults applied."""
-        over = {k: v for k, v in cls.backbone_defaults.get(backbone, {}).items() if k != "train"}
+    def variant_overrides(cls, backbone: str, variant: str = "tuned") -> dict[str, Any]:
+        """The overrides of ``Config`` (and of the core's settings under ``"train"``) that make
+        ``variant`` on ``backbone`` (see :data:`VARIANTS`).
+
+        ``paper``: the authors' hyperparameters; ``paper_defaults[backbone]`` transfers them
+        to the backbone (what must change with the network: e.g. a learning rate that the
+        paper's scale would leave untrained), and the training budget (``"train"``) is the
+        tuned variant's unless it names its own, so both variants get the same compute.
+        ``tuned``: ``backbone_defaults[backbone]``; a backbone without an entry there has no
+        tuned variant and gets the paper's.
+        """
+        if variant not in VARIANTS:
+            from cdmbench.errors import UserError
+
+            raise UserError(f"unknown variant '{variant}': use {' or '.join(VARIANTS)}")
+        if variant == "tuned" and backbone in cls.backbone_defaults:
+            return dict(cls.backbone_defaults[backbone])
+        paper = dict(cls.paper_defaults.get(backbone, {}))
+        if "train" not in paper and backbone in cls.backbone_defaults:
+            paper["train"] = cls.backbone_defaults[backbone].get("train", {})
+        return paper
+
+    @classmethod
+    def default_config(cls, backbone: str, variant: str = "tuned") -> Any:
+        """The method's config of ``variant`` on ``backbone``."""
+        over = {k: v for k, v in cls.variant_overrides(backbone, variant).items() if k != "train"}
         return replace(cls.Config(), **over)
 
     @classmethod
-    def default_train(cls, backbone: str) -> dict[str, Any]:
-        """The backbone's overrides of the core's ``TrainConfig``."""
-        return dict(cls.backbone_defaults.get(backbone, {}).get("train", {}))
+    def default_train(cls, backbone: str, variant: str = "tuned") -> dict[str, Any]:
+        """The variant's overrides of the core's ``TrainConfig`` on ``backbone``."""
+        return dict(cls.variant_overrides(backbone, variant).get("train", {}))
+
+    @classmethod
+    def variant_of(cls, backbone: str, config: Any) -> str:
+        """The label of a resolved method config: "tuned" or "paper" when it is that
+        variant's (a backbone without a tuned variant: "paper"), otherwise "custom". The
+        training budget does not enter the label (it is reported as compute)."""
+        for v in ("tuned", "paper") if backbone in cls.backbone_defaults else ("paper",):
+            if config_to_dict(cls.default_config(backbone, v)) == config_to_dict(config):
+                return v
+        return "custom"
 
     # -- what the core calls
     def build(self, core: Core) -> dict[str, nn.Module]:

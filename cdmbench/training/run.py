@@ -26,7 +26,7 @@ from torch import nn
 
 from cdmbench.backbones import get_backbone
 from cdmbench.backbones.base import Backbone
-from cdmbench.config import config_hash, run_payload
+from cdmbench.config import config_hash, config_key, run_payload
 from cdmbench.distributed import barrier, init_distributed
 from cdmbench.errors import UserError
 from cdmbench.io import (
@@ -229,6 +229,10 @@ def export_student(
         {
             **payload,
             "student_sha256": sha256_file(run_dir / STUDENT_FILE),
+            # how reports group runs: seeds of one configuration share the config key
+            "variant": type(method).variant_of(bb.name, method.config),
+            "train_seed": trainer.config.seed,
+            "config_key": config_key(payload),
             "iters": trainer.it,
             "updates": trainer.updates,
             "nan_skipped": trainer.nan_skipped,
