@@ -190,12 +190,21 @@ class Method(Generic[StateT]):
     @classmethod
     def variant_of(cls, backbone: str, config: Any) -> str:
         """The label of a resolved method config: "tuned" or "paper" when it is that
-        variant's (a backbone without a tuned variant: "paper"), otherwise "custom". The
-        training budget does not enter the label (it is reported as compute)."""
+        variant's (a backbone without a tuned variant has only "paper"); otherwise the
+        nearer of the two with the settings that differ, e.g. "tuned (gan_weight=0.005)",
+        or "tuned + 5 changes" past three. The training budget does not enter the label (a
+        report shows it as compute)."""
+        have = config_to_dict(config)
+        best: tuple[int, str, list[str]] | None = None
         for v in ("tuned", "paper") if backbone in cls.backbone_defaults else ("paper",):
-            if config_to_dict(cls.default_config(backbone, v)) == config_to_dict(config):
-                return v
-        return "custom"
+            base = config_to_dict(cls.default_config(backbone, v))
+            diff = [f"{k}={_short(have[k])}" for k in base if have.get(k) != base[k]]
+            if best is None or len(diff) < best[0]:
+                best = (len(diff), v, diff)
+        n, v, diff = best
+        if n == 0:
+            return v
+        return f"{v} ({', '.join(diff)})" if n <= 3 else f"{v} + {n} changes"
 
     # -- what the core calls
     def build(self, core: Core) -> dict[str, nn.Module]:
@@ -233,6 +242,17 @@ class Method(Generic[StateT]):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`."""
+
+
+def _short(v: Any) -> str:
+    """A setting's value as a label shows it: numbers in %g, sequences comma-joined."""
+    if isinstance(v, bool) or v is None:
+        return str(v)
+    if isinstance(v, float):
+        return f"{v:g}"
+    if isinstance(v, (tuple, list)):
+        return ",".join(_short(x) for x in v)
+    return str(v)
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
