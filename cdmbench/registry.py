@@ -191,6 +191,12 @@ METRICS.register(
     "cdmbench.metrics.prdc:PrecisionRecall",
     description="improved precision/recall, k-NN manifolds, k = 3 (Kynkäänniemi et al. 2019)",
 )
+METRICS.register(
+    "class_recall",
+    "cdmbench.metrics.coverage:ClassRecall",
+    description="per-class improved recall (mode coverage): mean and worst class, in "
+    "domain-classifier features (backbones with a domain classifier: digits)",
+)
 BACKBONES.register(
     "sd3",
     "cdmbench.backbones.sd3:SD3",

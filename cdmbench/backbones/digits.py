@@ -191,7 +191,7 @@ class DigitsSettings(BackboneSettings):
     eval_samples: int = setting(200, hashed=False)  # 2,000 samples: FD's noise floor is low
     eval_samples_quick: int = setting(50, hashed=False)  # CI budget
     eval_metrics: tuple[str, ...] = setting(
-        ("fd_digits", "prompt_acc", "precision_recall", "latency"), hashed=False
+        ("fd_digits", "prompt_acc", "precision_recall", "class_recall", "latency"), hashed=False
     )
     eval_prompts: str = setting("digits", hashed=False)  # the ten class prompts
 
