@@ -112,7 +112,13 @@ def test_digits_settings_are_its_evaluation_defaults():
         50,
         "digits",
     )
-    assert s.eval_metrics == ("fd_digits", "prompt_acc", "precision_recall", "latency")
+    assert s.eval_metrics == (
+        "fd_digits",
+        "prompt_acc",
+        "precision_recall",
+        "class_recall",
+        "latency",
+    )
     assert (s.teacher_steps, s.teacher_guidance) == (50, 2.0)
     assert get_backbone("digits").trains_teacher and not get_backbone("tiny-sd3").trains_teacher
 
