@@ -91,6 +91,13 @@ class CD(Method[None]):
             "train": {"iters": 1500, "batch": 128},
         },
     }
+    # `cdmbench sweep`: paper values 1e-6 / 0.95 / 1e-3 / 4 phases, tuned digits 1e-4 / one phase
+    search_space = {
+        "student_lr": ("log", 1e-6, 1e-3),
+        "target_ema": ("uniform", 0.9, 0.999),
+        "huber_c": ("log", 1e-4, 1e-1),
+        "edges": ("choice", [(0,), (0, 12, 25, 37)]),
+    }
 
     def build(self, core: Core) -> dict[str, nn.Module]:
         c, bb = self.config, core.backbone

@@ -115,6 +115,14 @@ class CDM(Method[Simulation]):
             "train": {"iters": 1500, "batch": 128},
         },
     }
+    # `cdmbench sweep`: paper values 1e-5 / 5e-6 / 2 / 28 / 7.0, tuned digits 2e-5 / 1e-4 / 5 / 8 / 0
+    search_space = {
+        "student_lr": ("log", 5e-6, 3e-4),
+        "fake_lr": ("log", 2e-6, 1e-3),
+        "update_ratio": ("int", 1, 8),
+        "n_max": ("int", 2, 28),
+        "cfg_aug_scale": ("uniform", 0.0, 7.0),
+    }
 
     def build(self, core: Core) -> dict[str, nn.Module]:
         fake = core.backbone.clone(core.student).requires_grad_(True).train()

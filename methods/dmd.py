@@ -81,6 +81,13 @@ class DMD(Method[DMDState]):
             "train": {"iters": 1500, "batch": 128},
         },
     }
+    # `cdmbench sweep`: paper values 1e-5 / 1e-5 / 3.0 / 0.25, tuned digits 1e-4 / 1e-4 / 1.0 / 0.25
+    search_space = {
+        "student_lr": ("log", 5e-6, 3e-4),
+        "fake_lr": ("log", 5e-6, 3e-4),
+        "real_guidance": ("uniform", 1.0, 3.0),
+        "reg_weight": ("uniform", 0.0, 0.5),
+    }
 
     def build(self, core: Core) -> dict[str, nn.Module]:
         # regression targets: the teacher's ODE at the real score's guidance, so both losses

@@ -70,6 +70,13 @@ class DMD2(Method[Simulation]):
             "train": {"iters": 1500, "batch": 128},
         },
     }
+    # `cdmbench sweep`: paper (SDXL) values 5e-7 / 5e-7 / 8.0 / 5, tuned digits 1e-4 / 1e-4 / 1.0 / 5
+    search_space = {
+        "student_lr": ("log", 3e-7, 3e-4),
+        "fake_lr": ("log", 3e-7, 3e-4),
+        "real_guidance": ("uniform", 1.0, 8.0),
+        "update_ratio": ("int", 1, 10),
+    }
 
     def build(self, core: Core) -> dict[str, nn.Module]:
         return {"fake": core.backbone.clone(core.student).requires_grad_(True).train()}

@@ -4,6 +4,11 @@ Data: ``sklearn.datasets.load_digits`` (1,797 grey 8x8 images, 10 classes, value
 scaled to [-1, 1]; the latent is the image itself, shape [1, 8, 8]. Split: within each
 class, in file order, every fourth image (position % 4 == 3) is held out as the test split
 (445 images); the other 1,352 form the train split. The rule depends on nothing random.
+The validation split ("val", 451 images: per class, position % 4 == 1) is a fixed third of
+the train split, disjoint from test: `cdmbench sweep` scores its trials on it so tuning never
+sees the test images. The teacher and the classifier were trained on the whole train split,
+val included (and CD draws its real data from it), so val is held out from tuning's test,
+not from training.
 
 Prompts are "a handwritten digit seven"; the empty prompt is the null class (label 10).
 Teacher: a class-conditional flow-matching MLP (:class:`VelocityMLP`); classifier: a small
@@ -49,10 +54,14 @@ def _load() -> tuple[np.ndarray, np.ndarray]:
     return x, d.target.astype(np.int64)
 
 
+SPLITS = ("train", "val", "test", "all")
+
+
 def split_indices(split: str) -> np.ndarray:
-    """Indices of the fixed split: per class, in file order, position % 4 == 3 is test."""
-    if split not in ("train", "test", "all"):
-        raise ValueError(f"unknown split '{split}' (train, test, all)")
+    """Indices of the fixed split: per class, in file order, position % 4 == 3 is test, the
+    rest is train; val is the part of train at position % 4 == 1."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split '{split}' ({', '.join(SPLITS)})")
     _, y = _load()
     if split == "all":
         return np.arange(len(y))
@@ -60,12 +69,14 @@ def split_indices(split: str) -> np.ndarray:
     for c in range(NUM_CLASSES):
         idx = np.flatnonzero(y == c)
         pos[idx] = np.arange(len(idx))
+    if split == "val":
+        return np.flatnonzero(pos % 4 == 1)
     test = pos % 4 == 3
     return np.flatnonzero(test if split == "test" else ~test)
 
 
 def load_split(split: str) -> tuple[Tensor, Tensor]:
-    """(images in [-1, 1] as [N, 1, 8, 8], labels [N]) for 'train', 'test' or 'all'."""
+    """(images in [-1, 1] as [N, 1, 8, 8], labels [N]) for 'train', 'val', 'test' or 'all'."""
     x, y = _load()
     idx = split_indices(split)
     return torch.from_numpy(x[idx]), torch.from_numpy(y[idx])

@@ -148,6 +148,10 @@ class Method(Generic[StateT]):
     aux_models: ClassVar[dict[str, bool]] = {}  # name -> trained
     # The authors' hyperparameters transferred to a backbone (see :meth:`variant_overrides`).
     paper_defaults: ClassVar[dict[str, dict[str, Any]]] = {}
+    # What `cdmbench sweep` searches (:mod:`cdmbench.sweep`): a few ``Config`` settings that
+    # matter, each a range that holds the paper's value and the tuned one: ("log", lo, hi)
+    # (log-uniform), ("uniform", lo, hi), ("int", lo, hi) (inclusive) or ("choice", [values]).
+    search_space: ClassVar[dict[str, tuple]] = {}
     grad_forwards: ClassVar[dict[str, int]] = {"student": 1}
 
     def __init__(self, config: Any = None) -> None:
