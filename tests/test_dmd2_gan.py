@@ -149,6 +149,21 @@ def test_tiny_sd3_trains_with_an_image_folder(tmp_path):
     assert x.grad is not None and x.grad.abs().sum() > 0
 
 
+def test_tiny_longcat_reads_its_middle_block_across_both_stacks(tmp_path):
+    """LongCat stacks double- then single-stream blocks; the head reads the middle one of all."""
+    from cdmbench.backbones.longcat import TinyLongCat
+
+    folder = _image_folder(tmp_path / "real", n=2)
+    bb = TinyLongCat()
+    m = DMD2(replace(DMD2.default_config("tiny-longcat"), gan_data=str(folder), update_ratio=1))
+    tr = Trainer(bb, m, _cfg(iters=1, batch=2), tmp_path / "run")
+    net = tr.models["fake"]
+    stack = [*net.transformer_blocks, *net.single_transformer_blocks]
+    assert bb._feature_block(net) is stack[len(stack) // 2 - 1]
+    logs = tr.step(tr.next_batch())
+    assert all(torch.isfinite(logs[k]) for k in ("student/gan", "fake/gan"))
+
+
 @pytest.mark.parametrize(
     "extra, fragment",
     [
