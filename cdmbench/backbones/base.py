@@ -272,9 +272,7 @@ class Backbone:
         (DMD2 Sec. 4.3 uses the UNet's bottleneck). Differentiable in ``x`` and the model."""
         raise UserError(f"backbone '{self.name}' has no feature hook for the GAN head")
 
-    def _hooked(
-        self, block: nn.Module, model: nn.Module, x: Tensor, s: Tensor, cond: Cond
-    ) -> Any:
+    def _hooked(self, block: nn.Module, model: nn.Module, x: Tensor, s: Tensor, cond: Cond) -> Any:
         """The output of ``block`` during one :meth:`forward` of ``model`` (a forward hook;
         the call runs to its end, so wrappers that gather or shard around it stay balanced)."""
         seen: list[Any] = []
