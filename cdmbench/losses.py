@@ -10,6 +10,8 @@ a test can replay it.
     dm_loss          0.5 MSE(x0, dm_target)                                DMD Eq. 7-8
     regression_loss  MSE(x0_S(noise), x0_teacher(noise))                  DMD Sec. 3.3
     pseudo_huber     mean(sqrt((pred - target)^2 + c^2) - c)               Song & Dhariwal 2023
+    gan_d_loss       softplus(l_fake) + softplus(-l_real), means           DMD2 Sec. 4.3
+    gan_g_loss       softplus(-l_fake), mean                               DMD2 Sec. 4.3
 """
 
 from __future__ import annotations
@@ -93,3 +95,16 @@ def regression_loss(
 def pseudo_huber(pred: Tensor, target: Tensor, c: float) -> Tensor:
     """mean(sqrt((pred - target)^2 + c^2) - c) (Song & Dhariwal 2023; as in LCM/PCM code)."""
     return (torch.sqrt((pred.float() - target.float()) ** 2 + c * c) - c).mean()
+
+
+def gan_d_loss(real_logits: Tensor, fake_logits: Tensor) -> Tensor:
+    """The classifier's non-saturating loss: mean softplus(-l) on real samples plus mean
+    softplus(l) on generated ones (-log sigmoid on real, -log(1 - sigmoid) on fake; DMD2
+    Eq. 6, tianweiy/DMD2 ``compute_guidance_clean_cls_loss``)."""
+    return F.softplus(fake_logits.float()).mean() + F.softplus(-real_logits.float()).mean()
+
+
+def gan_g_loss(fake_logits: Tensor) -> Tensor:
+    """The generator's non-saturating loss: mean softplus(-l) on its samples' logits (DMD2
+    Eq. 6, tianweiy/DMD2 ``compute_generator_clean_cls_loss``)."""
+    return F.softplus(-fake_logits.float()).mean()

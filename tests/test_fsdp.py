@@ -227,7 +227,9 @@ def _method(name: str):
             )
         )
     return DMD2(
-        DMD2Config(student_lr=1e-3, fake_lr=1e-3, warmup=0, update_ratio=2, real_guidance=1.0)
+        DMD2Config(
+            student_lr=1e-3, fake_lr=1e-3, warmup=0, update_ratio=2, real_guidance=1.0, gan=False
+        )
     )
 
 

@@ -368,7 +368,7 @@ def test_dmd_fake_group_does_not_depend_on_the_student_group_running_first(tmp_p
 def test_dmd2_backward_simulation_lands_on_train_sigmas(tmp_path):
     bb = Toy()
     bb.shift = 3.0  # the list the student sees is the post-shift one
-    m = DMD2(DMD2Config())
+    m = DMD2(DMD2Config(gan=False))
     tr = _trainer(m, tmp_path, batch=8, backbone=bb)
     sig = flow.explicit_schedule((1.0, 0.75, 0.5, 0.25), 3.0)
     assert sig == pytest.approx([1.0, 0.9, 0.75, 0.5, 0.0])
@@ -391,7 +391,7 @@ def test_dmd2_backward_simulation_lands_on_train_sigmas(tmp_path):
 
 
 def test_dmd2_cadence_and_losses(tmp_path):
-    m = DMD2(DMD2Config(real_guidance=1.0))
+    m = DMD2(DMD2Config(real_guidance=1.0, gan=False))
     assert [it for it in range(16) if "student" in m.groups_to_update(it)] == [0, 5, 10, 15]
     assert all("fake" in m.groups_to_update(it) for it in range(16))
     tr = _trainer(m, tmp_path, batch=8)
@@ -543,7 +543,12 @@ GMM_RUNS = {
     "dmd2": (
         lambda: DMD2(
             DMD2Config(
-                student_lr=1e-3, fake_lr=3e-3, warmup=10, real_guidance=1.0, weight_decay=1e-4
+                student_lr=1e-3,
+                fake_lr=3e-3,
+                warmup=10,
+                real_guidance=1.0,
+                weight_decay=1e-4,
+                gan=False,
             )
         ),
         400,

@@ -261,6 +261,28 @@ class Backbone:
         """The model's clean-sample prediction x0 = x - s v (float32)."""
         return flow.x0_from_v(x, s, self.velocity(model, x, s, cond, guidance))
 
+    # ---- intermediate features (DMD2's GAN head reads the fake score's)
+    def feature_width(self, model: nn.Module) -> int:
+        """The width C of :meth:`features` for ``model``."""
+        raise UserError(f"backbone '{self.name}' has no feature hook for the GAN head")
+
+    def features(self, model: nn.Module, x: Tensor, s: Tensor, cond: Cond) -> Tensor:
+        """The network's middle features at (x, s | cond) as float32 [B, C] (C =
+        :meth:`feature_width`): what a classifier on the model's own representation reads
+        (DMD2 Sec. 4.3 uses the UNet's bottleneck). Differentiable in ``x`` and the model."""
+        raise UserError(f"backbone '{self.name}' has no feature hook for the GAN head")
+
+    def _hooked(self, block: nn.Module, model: nn.Module, x: Tensor, s: Tensor, cond: Cond) -> Any:
+        """The output of ``block`` during one :meth:`forward` of ``model`` (a forward hook;
+        the call runs to its end, so wrappers that gather or shard around it stay balanced)."""
+        seen: list[Any] = []
+        handle = block.register_forward_hook(lambda _m, _a, out: seen.append(out))
+        try:
+            self.forward(model, x, _sigma_rows(s, x), cond.tensors)
+        finally:
+            handle.remove()
+        return seen[0]
+
     # ---- pixels
     def decode(self, latents: Tensor) -> Tensor:
         """Latents -> images as float in [0, 1], shape [B, C, H, W]."""

@@ -479,6 +479,28 @@ class DiffusersBackbone(Backbone):
             target_modules=list(s.lora_targets),
         )
 
+    def _feature_block(self, model: nn.Module) -> nn.Module:
+        """The block ending the first half of the transformer's stack (double-stream blocks,
+        then single-stream ones where the family has them)."""
+        net = unwrap(model)
+        blocks = [*net.transformer_blocks, *getattr(net, "single_transformer_blocks", ())]
+        return blocks[max(len(blocks) // 2 - 1, 0)]
+
+    def feature_width(self, model: nn.Module) -> int:
+        cfg = unwrap(model).config
+        return cfg.num_attention_heads * cfg.attention_head_dim
+
+    def features(self, model: nn.Module, x: Tensor, s: Tensor, cond: Cond) -> Tensor:
+        """The image tokens' hidden states after the middle block (every block of both
+        families returns (text, image) states), averaged over tokens: [B, inner width]."""
+        out = self._hooked(self._feature_block(model), model, x, s, cond)
+        return out[1].float().mean(dim=1)
+
+    def image_size(self) -> tuple[int, int]:
+        """(height, width) in pixels of the images the backbone generates."""
+        res = self.settings.resolution
+        return (res, res) if isinstance(res, int) else (int(res[0]), int(res[1]))
+
     def mark_trainable(self, model: nn.Module) -> None:
         """With LoRA, only the adapters train; otherwise every parameter."""
         if self.settings.lora_rank:

@@ -273,6 +273,14 @@ class Digits(Backbone):
     def forward(self, model: nn.Module, x: Tensor, s: Tensor, cond: dict[str, Tensor]) -> Tensor:
         return model(x, flow.timestep(s), cond["label"])
 
+    def feature_width(self, model: nn.Module) -> int:
+        return model.cfg.width
+
+    def features(self, model: nn.Module, x: Tensor, s: Tensor, cond: Cond) -> Tensor:
+        """The residual stream after the first half of the blocks (the MLP's middle, where a
+        UNet has its bottleneck), [B, width]."""
+        return self._hooked(model.blocks[len(model.blocks) // 2 - 1], model, x, s, cond).float()
+
     def decode(self, latents: Tensor) -> Tensor:
         return ((latents.float() + 1) / 2).clamp_(0, 1)
 

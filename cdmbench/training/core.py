@@ -209,7 +209,12 @@ class Trainer:
         # each group's trainable parameters, listed once (after sharding: the optimizer holds
         # the shards; with LoRA only the adapters)
         self._params = {
-            g: [p for p in self.models[s.model].parameters() if p.requires_grad]
+            g: [
+                p
+                for m in (s.model, *s.also)
+                for p in self.models[m].parameters()
+                if p.requires_grad
+            ]
             for g, s in self.specs.items()
         }
         self.optims = {g: self._optimizer(self._params[g], s) for g, s in self.specs.items()}

@@ -95,6 +95,9 @@ class OptimSpec:
     weight_decay: float = 1e-4
     clip: float | None = 1.0  # max grad norm; None disables
     warmup: int = 100  # linear warm-up, in updates of this group
+    # further models in core.models whose parameters this optimizer also trains, clipped
+    # together with ``model``'s (a head on the model's features, e.g. DMD2's classifier)
+    also: tuple[str, ...] = ()
 
 
 @runtime_checkable
