@@ -13,7 +13,8 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from cdmbench import compute
-from cdmbench.backbones.digits import Digits, VelocityMLP
+from cdmbench.backbones.base import Backbone
+from cdmbench.backbones.digits import Digits
 from cdmbench.io import sha256_file
 from cdmbench.methods.cd import CD, CDConfig
 from cdmbench.methods.cdm import CDM, CDMConfig
@@ -38,23 +39,31 @@ class _Tap(torch.autograd.Function):
         return grad, None
 
 
-class CountingDigits(Digits):
-    """Digits whose every network call (``Backbone.forward``, the one place methods reach a
-    network through) is recorded: the model called, its rows, how often its output was
-    backpropagated. Independent of the core's hooks."""
+def counting(cls: type[Backbone]) -> type[Backbone]:
+    """``cls`` whose every network call (``Backbone.forward``, the one place methods reach a
+    network through) is recorded while ``on``: the model called, its rows, its FLOPs (measured
+    here on the call) and how often its output was backpropagated. Independent of the core's
+    hooks."""
 
-    def __init__(self, *a, **kw) -> None:
-        super().__init__(*a, **kw)
-        self.calls: dict[int, list[dict]] = defaultdict(list)
-        self.on = False
+    class Counting(cls):
+        def __init__(self, *a, **kw) -> None:
+            super().__init__(*a, **kw)
+            self.calls: dict[int, list[dict]] = defaultdict(list)
+            self.on = False
 
-    def forward(self, model: nn.Module, x: Tensor, s: Tensor, cond: dict[str, Tensor]) -> Tensor:
-        out = super().forward(model, x, s, cond)
-        if not self.on:
-            return out
-        rec = {"rows": x.shape[0], "backward": 0}
-        self.calls[id(model)].append(rec)
-        return _Tap.apply(out, rec) if out.requires_grad else out
+        def forward(self, model: nn.Module, x: Tensor, s: Tensor, cond: dict) -> Tensor:
+            if not self.on:
+                return super().forward(model, x, s, cond)
+            with FlopCounterMode(display=False) as fc:
+                out = super().forward(model, x, s, cond)
+            rec = {"rows": x.shape[0], "backward": 0, "flops": fc.get_total_flops()}
+            self.calls[id(model)].append(rec)
+            return _Tap.apply(out, rec) if out.requires_grad else out
+
+    return Counting
+
+
+CountingDigits = counting(Digits)
 
 
 def _cfg(**kw) -> TrainConfig:
@@ -75,20 +84,7 @@ def _cd() -> CD:  # one phase, EMA target, real data: a separate "target" model
     return CD(CDConfig(student_lr=1e-3, warmup=0, edges=(0,), teacher_guidance=2.0, data="real"))
 
 
-_FLOPS: dict[int, int] = {}
-
-
-def _forward_flops(rows: int) -> int:
-    """FLOPs of one digits network call at ``rows`` rows, measured here on a fresh network."""
-    if rows not in _FLOPS:
-        net = VelocityMLP()
-        with torch.no_grad(), FlopCounterMode(display=False) as fc:
-            net(torch.zeros(rows, 1, 8, 8), torch.zeros(rows), torch.zeros(rows, dtype=torch.long))
-        _FLOPS[rows] = fc.get_total_flops()
-    return _FLOPS[rows]
-
-
-def _expected(bb: CountingDigits, tr: Trainer) -> dict:
+def _expected(bb, tr: Trainer) -> dict:
     """The cost the test's own counts imply, by model name."""
     names = {id(tr.teacher): "teacher"}
     for n, m in tr.models.items():
@@ -96,9 +92,7 @@ def _expected(bb: CountingDigits, tr: Trainer) -> dict:
     assert set(bb.calls) <= set(names), "a network call on a model the core does not hold"
     fwd = {n: len(bb.calls[i]) for i, n in names.items()}
     bwd = {n: sum(r["backward"] for r in bb.calls[i]) for i, n in names.items()}
-    flops = sum(
-        _forward_flops(r["rows"]) * (1 + 2 * r["backward"]) for c in bb.calls.values() for r in c
-    )
+    flops = sum(r["flops"] * (1 + 2 * r["backward"]) for c in bb.calls.values() for r in c)
     nfe = sum(r["rows"] for r in bb.calls[id(tr.teacher)])
     return {"forward": fwd, "backward": bwd, "flops": float(flops), "teacher_nfe": nfe}
 
@@ -126,6 +120,8 @@ def test_run_json_cost_equals_the_calls_counted_by_wrapping_the_networks(tmp_pat
     assert cost["forward"] == want["forward"] and cost["backward"] == want["backward"]
     assert cost["teacher_nfe"] == want["teacher_nfe"] > 0
     assert cost["flops"] == pytest.approx(want["flops"], rel=1e-12) and cost["flops"] > 0
+    flops = [r["flops"] for c in bb.calls.values() for r in c]
+    assert len(set(flops)) > 1 and min(flops) > 0  # B- and 2B-row calls differ
     assert cost["images"] == 4 * 4 * 2  # iters x batch x grad_accum, one process
     assert cost["iters"] == 4 and cost["world"] == 1 and cost["wall_s"] > 0
     assert cost["forward"]["student"] > 0 and cost["backward"]["student"] > 0
@@ -219,3 +215,43 @@ def test_format_cost_and_human_units():
     assert line.startswith("2 TFLOP, 4,000 teacher NFE, 1,000 images, 1.5 min")
     assert "student 20/10" in line and "ema" not in line
     assert compute.format_cost({}) == "-"
+
+
+def test_tiny_sd3_cost_equals_the_wrapped_counts(tmp_path):
+    from dataclasses import replace
+
+    from cdmbench.backbones.sd3 import TinySD3
+
+    bb = counting(TinySD3)()
+    method = CDM(replace(CDM.default_config("tiny-sd3"), n_max=2))
+    tr = Trainer(bb, method, _cfg(iters=2, batch=2), tmp_path / "run")
+    bb.on = True
+    tr.train()
+    cost, want = tr.train_cost(), _expected(bb, tr)
+    assert cost["forward"] == want["forward"] and cost["backward"] == want["backward"]
+    assert cost["teacher_nfe"] == want["teacher_nfe"] > 0
+    assert cost["flops"] == pytest.approx(want["flops"], rel=1e-12) and cost["flops"] > 0
+
+
+def test_two_processes_sum_their_counts(tmp_path):
+    import shutil
+
+    if shutil.which("torchrun") is None:
+        pytest.skip("torchrun not installed")
+    from test_distributed import cdmbench
+
+    # checkpoints every iteration: the sharded (DCP) save sums the counts of both ranks too
+    train = ["train", "cd", "--iters", "2", "--batch", "2", "--set", "train.ckpt_every=1"]
+    cdmbench([*train, "--out", "runs"], 2, tmp_path)
+    run = next((tmp_path / "runs" / "digits").glob("cd-*"))
+    two = json.loads((run / "run.json").read_text())["cost"]
+    tr = Trainer(Digits(), CD(CD.default_config("digits")), _cfg(iters=2, batch=2), tmp_path / "1")
+    tr.train()
+    one = tr.train_cost()
+    assert one["world"] == 1 and two["world"] == 2 and two["iters"] == one["iters"] == 2
+    assert one["forward"]["teacher"] > 0
+    for k in ("images", "teacher_nfe"):
+        assert two[k] == 2 * one[k], k
+    for k in ("forward", "backward"):
+        assert two[k] == {m: 2 * n for m, n in one[k].items()}, k
+    assert two["flops"] == pytest.approx(2 * one["flops"], rel=1e-12)
