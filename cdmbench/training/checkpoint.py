@@ -208,6 +208,7 @@ def _other_state(tr: Trainer, dcp_tensors: bool) -> dict[str, Any]:
         "method_state": tr.method.state_dict(),
         "method": tr.method.name,
         "backbone": tr.backbone.name,
+        "cost": tr.compute.totals(tr.world, tr.device),  # a collective: counts of every rank
     }
 
 
@@ -295,6 +296,7 @@ def load(tr: Trainer, ckpt: str | Path) -> None:
         tr.it, tr.updates, tr.nan_skipped = other["it"], other["updates"], other["nan_skipped"]
         _restore_rng(tr, other)
         tr.method.load_state_dict(other["method_state"])
+        tr.compute.load_totals(other.get("cost"))  # absent in older checkpoints: from 0
     except _UNUSABLE as e:
         raise CheckpointError(_unusable(ckpt, e)) from None
 

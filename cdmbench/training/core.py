@@ -44,6 +44,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from cdmbench.backbones.base import Backbone
+from cdmbench.compute import ComputeMeter
 from cdmbench.distributed import init_distributed, resolve_device
 from cdmbench.errors import CheckpointError as CheckpointError  # re-exported
 from cdmbench.errors import NonFiniteLossError as NonFiniteLossError  # re-exported
@@ -219,6 +220,10 @@ class Trainer:
         }
         self.optims = {g: self._optimizer(self._params[g], s) for g, s in self.specs.items()}
         self.updates = dict.fromkeys(self.specs, 0)  # per-group update counters
+        # network calls, teacher NFEs, samples, FLOPs, wall time (run.json "cost"; see
+        # cdmbench.compute), hooked after build: a clone of a hooked model would be counted too
+        self.compute = ComputeMeter()
+        self.compute.install({"teacher": self.teacher, **self.models})
         self.it = 0
         self.nan_skipped = 0
         self._log = log
@@ -328,6 +333,11 @@ class Trainer:
             batches = [batch, *(self.next_batch() for _ in range(self.config.grad_accum - 1))]
         else:
             batches = list(batch)
+        self.compute.add_images(sum(len(b) for b in batches))
+        with self.compute.counting():
+            return self._step(batches)
+
+    def _step(self, batches: list[Batch]) -> dict[str, Tensor]:
         n_micro = len(batches)
         logs: dict[str, Tensor] = {}
         states = [
@@ -399,6 +409,7 @@ class Trainer:
                 self.run_dir, self.config.log_to, self._tracked_config(), resume_it=self.it
             )
         t0 = time.perf_counter()
+        self.compute.start_clock()  # wall time in the loop; a checkpoint keeps it
         # the last value of every term, also of groups not updated this step
         latest: dict[str, Tensor] = {}
         while self.it < self.config.iters:
@@ -426,8 +437,14 @@ class Trainer:
                 if logger is not None and grid is not None:
                     logger.images("samples", grid[0], self.it, nrow=grid[1])
         self.save_checkpoint()
+        self.compute.stop_clock()
         if logger is not None:
             logger.close()
+
+    def train_cost(self) -> dict[str, Any]:
+        """run.json's ``"cost"``: the run's compute over every session and process (a
+        collective under several processes; see :mod:`cdmbench.compute`)."""
+        return self.compute.cost(self.it, self.world, self.device)
 
     def _tracked_config(self) -> dict[str, Any]:
         """The run's settings as a tracker records them."""
@@ -463,6 +480,7 @@ class Trainer:
             "method_state": self.method.state_dict(),
             "method": self.method.name,
             "backbone": self.backbone.name,
+            "cost": self.compute.totals(self.world, self.device),
         }
         return tensors, other
 

@@ -7,7 +7,8 @@ runs/<backbone>/<method>-<hash>/
     student.safetensors  the student's EMA weights (LoRA merged in; float32, or bf16:
                          train.export_dtype), written last
     student_lora.safetensors  a LoRA run's EMA adapter weights (peft names)
-    run.json             what eval needs: method, backbone, config, weights hash
+    run.json             what eval needs: method, backbone, config, weights hash; the
+                         run's compute ("cost": calls per model, teacher NFEs, FLOPs, wall time)
     samples.png          a grid at the method's step counts
 """
 
@@ -188,8 +189,9 @@ def _train_locked(
             "lower the learning rate or check the settings, then delete the run directory"
         )
     ema = trainer.unsharded("ema")  # every rank: gathers the EMA's shards when sharded
+    cost = trainer.train_cost()  # every rank: sums the counts over processes
     if trainer.rank == 0:
-        export_student(trainer, run_dir, payload, seconds, sample_steps, ema)
+        export_student(trainer, run_dir, payload, seconds, sample_steps, ema, cost)
     return RunResult(run_dir, False, start, seconds)
 
 
@@ -200,14 +202,17 @@ def export_student(
     seconds: float,
     sample_steps: tuple[int, ...],
     ema: nn.Module | None = None,
+    cost: dict[str, Any] | None = None,
 ) -> None:
     """Write the EMA student, its sample grid and run.json. ``ema``: a whole (unsharded)
-    EMA model, from :meth:`Trainer.unsharded`; the trainer's own by default."""
+    EMA model, from :meth:`Trainer.unsharded`; the trainer's own by default. ``cost``: the
+    run's compute (:meth:`Trainer.train_cost`, a collective); computed here by default."""
     from safetensors.torch import save_file
 
     from cdmbench.generate import generate, save_grid
 
     ema = trainer.ema if ema is None else ema
+    cost = trainer.train_cost() if cost is None else cost
     bb, method = trainer.backbone, trainer.method
     adapter = bb.adapter_state(ema)
     if adapter is not None:
@@ -237,6 +242,8 @@ def export_student(
             "updates": trainer.updates,
             "nan_skipped": trainer.nan_skipped,
             "train_seconds_last_session": round(seconds, 2),
+            # compute over every session and process (cdmbench.compute)
+            "cost": cost,
             "torch": torch.__version__,
             # every setting of the session that finished the run, hashed or not (provenance)
             "backbone_settings_used": as_dict(bb.settings),
