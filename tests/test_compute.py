@@ -76,8 +76,10 @@ def _cdm() -> CDM:  # CFG augmentation on: the teacher's calls are CFG calls of 
     )
 
 
-def _dmd2() -> DMD2:
-    return DMD2(DMD2Config(student_lr=1e-3, fake_lr=1e-3, update_ratio=2, real_guidance=3.0))
+def _dmd2() -> DMD2:  # the distillation objective alone (the GAN head's calls are no network's)
+    return DMD2(
+        DMD2Config(student_lr=1e-3, fake_lr=1e-3, update_ratio=2, real_guidance=3.0, gan=False)
+    )
 
 
 def _cd() -> CD:  # one phase, EMA target, real data: a separate "target" model
