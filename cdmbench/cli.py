@@ -523,6 +523,13 @@ def eval_cmd(
         int | None,
         typer.Option(help="At most N reference images, a deterministic subset (as --limit)."),
     ] = None,
+    weights: Annotated[
+        str,
+        typer.Option(
+            help="Students' weights: 'ema' (the exported EMA) or 'raw' (the generator itself; "
+            "recorded under the run id + '-raw')."
+        ),
+    ] = "ema",
 ) -> None:
     """Generate with every student and the teacher at each step count, score, and append records.
 
@@ -549,6 +556,8 @@ def eval_cmd(
     check_option("--dist-timeout", dist_timeout, TrainConfig, "dist_timeout_s")
     check_option("--limit", limit, ge=1, le=MAX_COUNT)
     check_option("--n-ref", n_ref, ge=2, le=MAX_COUNT)
+    if weights not in ("ema", "raw"):
+        raise UserError(f"unknown --weights '{weights}': use ema or raw")
     mode = _compile_mode(compile_, compile_mode)
     teacher_weights, set_ = _pipeline_weights(teacher_weights, set_)
     from cdmbench.distributed import resolve_device
@@ -590,7 +599,7 @@ def eval_cmd(
         else [teacher_candidate(bb, teacher_weights)]
     )
     students = run_candidates(
-        runs, bb, [m for m in wanted if m != "teacher"] if wanted else None, device
+        runs, bb, [m for m in wanted if m != "teacher"] if wanted else None, device, weights
     )
     batch_size = batch_size or defaults.eval_batch
     plans = [

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -64,6 +65,7 @@ class Candidate:
     model: nn.Module
     sampler: Callable[[int], SamplerSpec]
     compile_s: float | None = None  # torch.compile time of its denoiser, when compiled
+    weights: str = "ema"  # a student's weights: "ema" or "raw" (the generator itself)
 
 
 def compile_candidate(
@@ -120,9 +122,11 @@ def run_candidates(
     backbone: Backbone,
     methods: Sequence[str] | None = None,
     device: str = "cpu",
+    weights: str = "ema",
 ) -> list[Candidate]:
     """The newest finished run of each method under ``runs_root/<backbone>`` trained with
-    this backbone's settings (those that change results)."""
+    this backbone's settings (those that change results); ``weights``: as in
+    :func:`candidates_from_dirs`."""
     root = Path(runs_root) / backbone.name
     newest: dict[str, Path] = {}
     mine = backbone.run_settings()
@@ -140,7 +144,7 @@ def run_candidates(
                 f"these backbone settings under {runs_root}; train it first: "
                 f"cdmbench train {missing[0]} --backbone {backbone.name}"
             )
-    return candidates_from_dirs([newest[m] for m in sorted(newest)], device)
+    return candidates_from_dirs([newest[m] for m in sorted(newest)], device, weights)
 
 
 def _run_settings(backbone: Backbone, run_json: Path) -> dict[str, Any] | None:
@@ -152,23 +156,42 @@ def _run_settings(backbone: Backbone, run_json: Path) -> dict[str, Any] | None:
         return None
 
 
-def candidates_from_dirs(run_dirs: Sequence[Path], device: str = "cpu") -> list[Candidate]:
-    """Candidates for the given finished run directories (weights hash-verified)."""
+def candidates_from_dirs(
+    run_dirs: Sequence[Path], device: str = "cpu", weights: str = "ema"
+) -> list[Candidate]:
+    """Candidates for the given finished run directories (weights hash-verified).
+
+    ``weights``: the students' EMA weights ("ema") or their raw generators ("raw"); a raw
+    candidate's run id ends in "-raw" and its checkpoint is the raw file's hash, so its
+    samples and records are apart from the EMA's."""
     from cdmbench.training.run import load_run
 
     out = []
     for run_dir in run_dirs:
-        r = load_run(run_dir, device=device)
+        r = load_run(run_dir, device=device, weights=weights)
+        raw = weights == "raw"
         out.append(
             Candidate(
                 r.info["method"],
-                Path(run_dir).name,
-                "sha256:" + r.info["student_sha256"][:16],
+                Path(run_dir).name + ("-raw" if raw else ""),
+                "sha256:" + r.info["student_raw_sha256" if raw else "student_sha256"][:16],
                 r.student,
                 lambda n, r=r: r.method.sampler(n, r.backbone.shift),
+                weights=weights,
             )
         )
     return out
+
+
+def _samples_at(cand: Candidate, steps: int, rank: int) -> bool:
+    """Whether ``cand`` samples at ``steps``; if not (a one-step-only method), says so."""
+    try:
+        cand.sampler(steps)
+    except UserError as e:
+        if rank == 0:
+            print(f"note: {cand.run_id} skipped at {steps} steps: {e}", file=sys.stderr)
+        return False
+    return True
 
 
 # --------------------------------------------------------------------------- generation
@@ -491,7 +514,9 @@ def _run_eval(
     if rank == 0:
         plan.results.check_writable()
     told: set[str] = set()  # processes this one has said it waits for
-    jobs: list[tuple[Candidate, int]] = [(c, n) for c in plan.candidates for n in plan.steps]
+    jobs: list[tuple[Candidate, int]] = [
+        (c, n) for c in plan.candidates for n in plan.steps if _samples_at(c, n, rank)
+    ]
     if plan.teacher_default:
         jobs += [
             (c, bb.default_teacher_steps)

@@ -135,15 +135,18 @@ def random_schedule(
     lo: float = 0.25,
     hi: float = 0.95,
     shift: float = 1.0,
+    inner_generator: torch.Generator | None = None,
 ) -> list[float]:
     """CDM's random-length continuous schedule (arXiv 2605.06376, Sec. 3.2).
 
     N ~ U{n_min..n_max}; N - 1 inner sigmas ~ U(lo, hi), sorted descending; 1.0 prepended;
-    shifted; 0 appended. The generator must be seeded identically on every process so all
-    ranks share N.
+    shifted; 0 appended. ``generator`` draws N and must be seeded identically on every
+    process so all ranks share N; ``inner_generator`` (default: ``generator``) draws the inner
+    sigmas: a per-process one gives each rank its own sigmas, as the reference code does.
     """
     n = int(torch.randint(n_min, n_max + 1, (1,), generator=generator).item())
-    inner = lo + (hi - lo) * torch.rand(n - 1, generator=generator, dtype=torch.float64)
+    g_in = generator if inner_generator is None else inner_generator
+    inner = lo + (hi - lo) * torch.rand(n - 1, generator=g_in, dtype=torch.float64)
     inner = torch.sort(inner, descending=True).values
     return _finish(torch.cat([torch.ones(1, dtype=torch.float64), inner]), shift)
 

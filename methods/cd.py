@@ -21,6 +21,16 @@ jumps between the phase edges. With one phase (``edges=(0,)``) this is LCM: the 
 any point to x0 and samples at any step count by LCM's multistep loop (predict x0, re-noise
 to the next sigma).
 
+Where a phase ends in training (``edge_source``): ``"inference"`` (the default) ends each phase
+at the next of the sampler's points, grid indices 12, 25, 37, 50 (sigmas .76, .50, .26, 0
+pre-shift), so the student learns exactly the jumps it makes when sampling, as the PCM paper
+describes phases. ``"training"`` is what PCM's training code does
+(G-U-N/Phased-Consistency-Model, ``EulerSolver.euler_style_multiphase_pred``): it counts the
+same phase indices from the clean end of its grid, so phases end at sigmas .74, .50, .24 and
+0 (its 0.001, the scheduler's smallest sigma) while its inference scheduler still samples at
+1, .76, .50, .26; on the 50-point grid with 4 phases 26 of the 50 grid points (52 %) get a
+different phase end. With one phase both are the same.
+
 Defaults: lr 1e-6 (LCM), AdamW betas (0.9, 0.999), weight decay 1e-4, teacher CFG = the
 backbone's default (4.5 where none is set), target EMA 0.95, Huber c 1e-3.
 """
@@ -66,11 +76,28 @@ class CDConfig:
     data: str = setting("auto", choices=("real", "teacher", "auto"))
     # teacher samples cached when data is "teacher"; None: min(10,000, iters x batch x processes)
     cache_size: int | None = setting(None, ge=1, le=MAX_COUNT)
+    # where training ends a phase: "inference" (at the sampler's points) or "training" (PCM's
+    # training code: the edges counted from the clean end, e.g. .74, .50, .24, 0)
+    edge_source: str = setting("inference", choices=("inference", "training"))
 
 
-def phase_end(n: Tensor, edges: tuple[int, ...], grid: int) -> Tensor:
-    """Index of the end of the phase that grid index ``n`` lies in."""
-    ends = torch.tensor([*edges[1:], grid], device=n.device)
+def phase_ends(edges: tuple[int, ...], grid: int, source: str = "inference") -> list[int]:
+    """The grid indices where phases end in training, ascending (the last is ``grid``).
+
+    ``"inference"``: the next phase start (``edges[1:]``, then ``grid``). ``"training"``:
+    PCM's training rule: its Euler grid runs from the clean end (index j goes from sigma
+    (j + 1) / grid to j / grid) and index j ends at the largest phase index i <= j, at sigma
+    i / grid; on this grid (s_n = 1 - n / grid, counted from the noise end) that is the smallest of
+    ``grid - i`` above n.
+    """
+    if source == "training":
+        return sorted({grid - e for e in edges if e < grid})
+    return [*edges[1:], grid]
+
+
+def phase_end(n: Tensor, edges: tuple[int, ...], grid: int, source: str = "inference") -> Tensor:
+    """Index of the end of the phase that grid index ``n`` lies in (see :func:`phase_ends`)."""
+    ends = torch.tensor(phase_ends(edges, grid, source), device=n.device)
     return ends[torch.searchsorted(ends, n, right=True)]
 
 
@@ -97,6 +124,19 @@ class CD(Method[None]):
         "target_ema": ("uniform", 0.9, 0.999),
         "huber_c": ("log", 1e-4, 1e-1),
         "edges": ("choice", [(0,), (0, 12, 25, 37)]),
+    }
+    paper_defaults = {
+        # digits: PCM's 4 phases as its training scripts run them (the phase edges of its
+        # training code, the online student as target, weight decay 1e-3 of its launch
+        # scripts); the teacher's CFG is the backbone's (where its samples are best, as PCM
+        # picks its w for SD); lr: the digits base 1e-4 (PCM's 5e-6 trains a LoRA of an SD
+        # network and would barely move the digits UNet in 1500 iterations).
+        "digits": {
+            "student_lr": 1e-4,
+            "edge_source": "training",
+            "target": "online",
+            "weight_decay": 1e-3,
+        },
     }
 
     def build(self, core: Core) -> dict[str, nn.Module]:
@@ -158,7 +198,7 @@ class CD(Method[None]):
         b = len(batch)
         x0, cond = self._clean(b, core)
         n = core.randint(c.grid, b)
-        e = phase_end(n, c.edges, c.grid)
+        e = phase_end(n, c.edges, c.grid, c.edge_source)
         s_n, s_n1, s_e = self.grid[n], self.grid[n + 1], self.grid[e]
         x_n = flow.add_noise(x0, batch.noise, s_n)
         with torch.no_grad():

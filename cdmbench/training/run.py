@@ -6,6 +6,7 @@ runs/<backbone>/<method>-<hash>/
     checkpoint/          everything needed to resume, on any number of processes (hash-verified)
     student.safetensors  the student's EMA weights (LoRA merged in; float32, or bf16:
                          train.export_dtype), written last
+    student_raw.safetensors  the raw (non-EMA) student, the generator itself, same format
     student_lora.safetensors  a LoRA run's EMA adapter weights (peft names)
     run.json             what eval needs: method, backbone, config, weights hash; the
                          run's compute ("cost": calls per model, teacher NFEs, FLOPs, wall time)
@@ -49,6 +50,8 @@ from cdmbench.training.method import Method
 
 STUDENT_FILE = "student.safetensors"
 ADAPTER_FILE = "student_lora.safetensors"
+RAW_FILE = "student_raw.safetensors"
+WEIGHTS = {"ema": STUDENT_FILE, "raw": RAW_FILE}  # eval's --weights choice -> file
 
 
 def run_dir_for(out_root: str | Path, payload: dict[str, Any]) -> Path:
@@ -190,8 +193,9 @@ def _train_locked(
         )
     ema = trainer.unsharded("ema")  # every rank: gathers the EMA's shards when sharded
     cost = trainer.train_cost()  # every rank: sums the counts over processes
+    raw = trainer.unsharded("student")
     if trainer.rank == 0:
-        export_student(trainer, run_dir, payload, seconds, sample_steps, ema, cost)
+        export_student(trainer, run_dir, payload, seconds, sample_steps, ema, raw, cost)
     return RunResult(run_dir, False, start, seconds)
 
 
@@ -202,31 +206,38 @@ def export_student(
     seconds: float,
     sample_steps: tuple[int, ...],
     ema: nn.Module | None = None,
+    raw: nn.Module | None = None,
     cost: dict[str, Any] | None = None,
 ) -> None:
-    """Write the EMA student, its sample grid and run.json. ``ema``: a whole (unsharded)
-    EMA model, from :meth:`Trainer.unsharded`; the trainer's own by default. ``cost``: the
-    run's compute (:meth:`Trainer.train_cost`, a collective); computed here by default."""
+    """Write the raw and the EMA student, the EMA's sample grid and run.json. ``ema``,
+    ``raw``: whole (unsharded) models, from :meth:`Trainer.unsharded`; the trainer's own by
+    default. ``cost``: the run's compute (:meth:`Trainer.train_cost`, a collective); computed
+    here by default."""
     from safetensors.torch import save_file
 
     from cdmbench.generate import generate, save_grid
 
     ema = trainer.ema if ema is None else ema
+    raw = trainer.student if raw is None else raw
     cost = trainer.train_cost() if cost is None else cost
     bb, method = trainer.backbone, trainer.method
     adapter = bb.adapter_state(ema)
     if adapter is not None:
         with atomic_path(run_dir / ADAPTER_FILE) as tmp:
             save_file(cpu_state(adapter), str(tmp))
-    state = cpu_state(bb.plain_state(ema))
-    if trainer.config.export_dtype == "bfloat16":  # eval loads it into the backbone's dtype
-        state = {k: v.bfloat16() if v.is_floating_point() else v for k, v in state.items()}
-    with atomic_path(run_dir / STUDENT_FILE) as tmp:
-        save_file(state, str(tmp))
+    for model, file in ((raw, RAW_FILE), (ema, STUDENT_FILE)):  # the EMA file last
+        state = cpu_state(bb.plain_state(model))
+        if trainer.config.export_dtype == "bfloat16":  # eval loads it into the backbone's dtype
+            state = {k: v.bfloat16() if v.is_floating_point() else v for k, v in state.items()}
+        with atomic_path(run_dir / file) as tmp:
+            save_file(state, str(tmp))
     prompts = bb.prompts("train")[:10]
     rows = []
     for steps in sample_steps:
-        spec = method.sampler(steps, bb.shift)
+        try:
+            spec = method.sampler(steps, bb.shift)
+        except UserError:  # a step count the method does not sample at
+            continue
         rows.append(generate(bb, ema, prompts, [1000 + i for i in range(len(prompts))], spec))
     save_grid(bb.decode(torch.cat(rows)), run_dir / "samples.png", nrow=len(prompts), scale=4)
     atomic_write_json(
@@ -234,6 +245,7 @@ def export_student(
         {
             **payload,
             "student_sha256": sha256_file(run_dir / STUDENT_FILE),
+            "student_raw_sha256": sha256_file(run_dir / RAW_FILE),
             # how reports group runs: seeds of one configuration share the config key
             "variant": type(method).variant_of(bb.name, method.config),
             "train_seed": trainer.config.seed,
@@ -261,10 +273,14 @@ class LoadedRun:
 
 
 def load_run(
-    run_dir: str | Path, device: str = "cpu", teacher_weights: str | None = None
+    run_dir: str | Path,
+    device: str = "cpu",
+    teacher_weights: str | None = None,
+    weights: str = "ema",
 ) -> LoadedRun:
-    """Backbone (rebuilt with the run's settings), configured method and student (EMA
-    weights, hash-verified) of a finished run."""
+    """Backbone (rebuilt with the run's settings), configured method and student of a
+    finished run: its EMA weights, or with ``weights="raw"`` the raw generator's
+    (hash-verified either way)."""
     from dataclasses import replace
 
     run_dir = Path(run_dir)
@@ -283,8 +299,16 @@ def load_run(
             f"{run_dir} made no update of the student ({info.get('iters')} iterations, "
             f"{info.get('updates')} updates): there is nothing to evaluate; {retrain}"
         )
-    weights = run_dir / STUDENT_FILE
-    if not weights.is_file() or sha256_file(weights) != info.get("student_sha256"):
+    if weights not in WEIGHTS:
+        raise UserError(f"unknown student weights '{weights}': use {' or '.join(WEIGHTS)}")
+    key = "student_sha256" if weights == "ema" else "student_raw_sha256"
+    if weights == "raw" and key not in info:
+        raise UserError(
+            f"{run_dir} has no raw student weights (trained before they were exported); "
+            f"evaluate its EMA weights or {retrain}"
+        )
+    weights_file = run_dir / WEIGHTS[weights]
+    if not weights_file.is_file() or sha256_file(weights_file) != info.get(key):
         raise UserError(
             f"student weights in {run_dir} are missing or corrupt (hash mismatch); {retrain}"
         )
@@ -307,5 +331,5 @@ def load_run(
     # the settings the run was trained with (declared defaults for runs that stored none)
     backbone = get_backbone(bb_name, device=device, settings=settings)
     student = backbone.load_teacher(teacher_weights)
-    load_state(student, weights, "student weights", retrain)
+    load_state(student, weights_file, "student weights", retrain)
     return LoadedRun(run_dir, info, backbone, method, student.eval())
