@@ -22,7 +22,7 @@ import contextlib
 import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +64,18 @@ class Candidate:
     model: nn.Module
     sampler: Callable[[int], SamplerSpec]
     compile_s: float | None = None  # torch.compile time of its denoiser, when compiled
+    # what its records carry about the training run: variant, train_seed, config_key,
+    # train_cost (from run.json; the teacher's defaults otherwise)
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    def record_fields(self) -> dict[str, Any]:
+        p = self.provenance
+        return {
+            "variant": str(p.get("variant") or ""),
+            "train_seed": p.get("train_seed"),
+            "config_key": str(p.get("config_key") or self.run_id),
+            "train_cost": dict(p.get("cost") or {}),
+        }
 
 
 def compile_candidate(
@@ -166,6 +178,11 @@ def candidates_from_dirs(run_dirs: Sequence[Path], device: str = "cpu") -> list[
                 "sha256:" + r.info["student_sha256"][:16],
                 r.student,
                 lambda n, r=r: r.method.sampler(n, r.backbone.shift),
+                provenance={
+                    k: r.info[k]
+                    for k in ("variant", "train_seed", "config_key", "cost")
+                    if k in r.info
+                },
             )
         )
     return out
@@ -644,6 +661,7 @@ def _run_eval(
                     dtype=str(bb.dtype).replace("torch.", ""),
                     eval_key=sset.key,
                     samples=str(sset.folder),
+                    **cand.record_fields(),
                 )
                 for vname, v in values.items()
             ]
