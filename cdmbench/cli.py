@@ -789,6 +789,15 @@ def check(
         ),
     ] = False,
     only_changes: Annotated[bool, typer.Option(help="Show only rows that are not 'ok'.")] = False,
+    spread_k: Annotated[
+        float,
+        typer.Option(
+            help=(
+                "Where cells have several seeds, allow a change of up to this many standard "
+                "errors of the difference of the means when that exceeds the tolerance (0: off)."
+            )
+        ),
+    ] = 2.0,
 ) -> None:
     """Compare the latest results with a baseline; exit 1 on a regression beyond tolerance.
 
@@ -807,7 +816,7 @@ def check(
     from cdmbench.config import parse_pairs
 
     tols = parse_pairs(tolerance, "--tolerance", "use METRIC=VALUE, e.g. fd_digits=10%")
-    res = run_check(results, baseline, tols or None, backbone)
+    res = run_check(results, baseline, tols or None, backbone, spread_k)
     out.print(res.render_rich(only_changes=only_changes))
     for w in res.warnings:
         console.print(f"[yellow]warning:[/] {_escape(w)}", highlight=False)
