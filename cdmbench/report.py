@@ -584,6 +584,11 @@ def _new_axes(size: tuple[float, float] = (4.8, 3.2)):
     return fig, fig.add_subplot()
 
 
+def _hib(v: Any) -> bool | None:
+    """A stored direction as a bool (numpy's too); None where there is none."""
+    return bool(v) if type(v).__name__ in ("bool", "bool_") else None
+
+
 def _direction(hib: bool | None) -> str:
     return "" if hib is None else (" (higher is better)" if hib else " (lower is better)")
 
@@ -893,7 +898,7 @@ def plot_quality_vs_flops(st: pd.DataFrame, metric: str, steps: int) -> str | No
     ax.set_xscale("log")
     ax.set_xlabel("training FLOPs (estimated)")
     hib = pts["higher_is_better"].iloc[-1]
-    ax.set_ylabel(metric + _direction(hib if isinstance(hib, bool) else None), fontsize=9)
+    ax.set_ylabel(metric + _direction(_hib(hib)), fontsize=9)
     ax.set_title(
         f"{metric} at {steps} step{'s' if steps > 1 else ''} vs training compute", fontsize=9
     )
@@ -912,7 +917,10 @@ def compute_matched(
     allc = cell_stats(records, newest_prompt_set=True, all_configs=True)
     allc = allc[(allc["metric"] == metric) & (allc["method"] != "teacher")]
     allc = allc[allc["train_cost"].map(lambda c: math.isfinite(_flops(c)) and _flops(c) > 0)]
-    hint = "compute-matched table needs runs at matched budgets: cdmbench bench --match-compute"
+    hint = (
+        "compute-matched table needs runs at matched budgets: train each method at the "
+        "cheapest one's FLOPs (cdmbench train METHOD --iters N) and evaluate them"
+    )
     if allc.empty:
         return "no training costs recorded; " + hint
     newest = cell_stats(records, newest_prompt_set=True)
@@ -940,7 +948,7 @@ def compute_matched(
     d = _decimals([float(x) for x in allc["mean"]])
     hib = allc["higher_is_better"].iloc[-1]
     headers = ["model", "FLOPs", "of target"] + [
-        f"{header(metric, hib if isinstance(hib, bool) else None)} @ {n}" for n in steps
+        f"{header(metric, _hib(hib))} @ {n}" for n in steps
     ]
     rows = []
     for model in sorted(picks, key=lambda k: (method_key(k[0]), k[1])):
@@ -981,7 +989,7 @@ def frontier(
         "steps",
         "NFE / sample",
         "latency_ms ↓",
-        header(metric, hib if isinstance(hib, bool) else None),
+        header(metric, _hib(hib)),
     ]
     rows, pts = [], []
     for r in q.itertuples():
