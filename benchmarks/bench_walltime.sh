@@ -4,19 +4,21 @@
 #   benchmarks/bench_walltime.sh            # --quick only (CI budget; a few minutes on 2 cores)
 #   benchmarks/bench_walltime.sh full       # the full budget: about 10 minutes on a 2-core CPU
 #   benchmarks/bench_walltime.sh both       # quick, then full
+#   benchmarks/bench_walltime.sh full --seeds 0,1,2   # more arguments go to cdmbench bench
 #
 # Each run starts from an empty temporary directory (nothing is reused: bench is
 # content-keyed, so a second run into the same folders would finish at once) and runs there,
 # so its evaluation cache (.cdmbench/cache, relative to the working directory) is fresh too:
 #
-#   /usr/bin/time -v cdmbench bench --backbone digits [--quick] \
+#   /usr/bin/time -v cdmbench bench --backbone digits [--quick] [ARGS...] \
 #       --results <tmp> --runs <tmp>/runs --samples <tmp>/samples
 #
 # Reported: wall time; peak memory as /usr/bin/time sees it ("Maximum resident set size":
 # the largest single process of the tree - bench trains the methods in 2 worker processes);
 # and the peak of the whole process tree's summed RSS, sampled once a second (approximate).
 # Prints a markdown table and writes results/benchmarks/bench_walltime.csv (temp file + mv).
-# DESIGN section 9: the full run should take about ten minutes on a 2-core CPU.
+# DESIGN section 9: the full run should take about ten minutes on a 2-core CPU; with
+# --seeds 0,1,2 (three training seeds of every method) it should finish within 30 minutes.
 set -euo pipefail
 
 mode="${1:-quick}"
@@ -24,8 +26,10 @@ case "$mode" in
   quick) modes=(quick) ;;
   full) modes=(full) ;;
   both) modes=(quick full) ;;
-  *) echo "usage: $0 [quick|full|both]" >&2; exit 2 ;;
+  *) echo "usage: $0 [quick|full|both] [cdmbench bench arguments, e.g. --seeds 0,1,2]" >&2; exit 2 ;;
 esac
+shift $(( $# > 0 ? 1 : 0 ))
+extra=("$@")
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 csv="${CSV:-$repo/results/benchmarks/bench_walltime.csv}"
@@ -55,11 +59,11 @@ for m in "${modes[@]}"; do
   tmp="$(mktemp -d "${TMPDIR:-/tmp}/cdmbench-walltime-$m.XXXXXX")"
   flag=()
   [ "$m" = quick ] && flag=(--quick)
-  echo "== cdmbench bench --backbone digits ${flag[*]:-} (in $tmp; log: $tmp/bench.log)" >&2
+  echo "== cdmbench bench --backbone digits ${flag[*]:-} ${extra[*]:-} (in $tmp; log: $tmp/bench.log)" >&2
   (
     cd "$tmp"
     exec "$TIME_BIN" -v -o "$tmp/time.txt" cdmbench bench --backbone digits "${flag[@]}" \
-      --results "$tmp" --runs "$tmp/runs" --samples "$tmp/samples"
+      "${extra[@]}" --results "$tmp" --runs "$tmp/runs" --samples "$tmp/samples"
   ) >"$tmp/bench.log" 2>&1 &
   pid=$!
   peak=0
@@ -82,7 +86,7 @@ done
 
 load1="$(cut -d' ' -f1-3 /proc/loadavg)"
 echo
-echo "## cdmbench bench --backbone digits: wall time and peak memory"
+echo "## cdmbench bench --backbone digits ${extra[*]:-}: wall time and peak memory"
 echo
 echo "machine: $cpu, $cores cores ($usable usable), torch $torchv; bench trains in 2 worker processes, 1 torch thread each; load average $load0 at start, $load1 at end"
 echo
@@ -96,9 +100,9 @@ done
 mkdir -p "$(dirname "$csv")"
 tmpcsv="$(mktemp "$(dirname "$csv")/.bench_walltime.csv.XXXXXX")"
 {
-  echo "budget,exit,wall_s,wall_hms,max_rss_one_process_mib,peak_rss_tree_mib,folder,cpu,cores,cores_usable,torch,threads,loadavg_start,loadavg_end"
+  echo "budget,exit,wall_s,wall_hms,max_rss_one_process_mib,peak_rss_tree_mib,folder,cpu,cores,cores_usable,torch,threads,loadavg_start,loadavg_end,args"
   for r in "${rows[@]}"; do
-    echo "$r,\"$cpu\",$cores,$usable,$torchv,\"2 workers x 1\",\"$load0\",\"$load1\""
+    echo "$r,\"$cpu\",$cores,$usable,$torchv,\"2 workers x 1\",\"$load0\",\"$load1\",\"${extra[*]:-}\""
   done
 } >"$tmpcsv"
 mv -f "$tmpcsv" "$csv"

@@ -1,5 +1,9 @@
 """The main job in one call: train every method, evaluate at 1, 2, 4 steps, write the report.
 
+A unit of work is (method, variant, seed): ``seeds`` trains every method in every variant once
+per training seed, and each run is evaluated with the evaluation seed equal to its training
+seed (the teacher at every one of those seeds), so the report's intervals cover both.
+
 Every stage is content-keyed and resumable: a second run reuses finished training runs,
 sample folders and records, and an interrupted one continues where it stopped. On CPU the
 methods train in parallel worker processes (one thread each), which on small networks beats
@@ -27,7 +31,8 @@ class BenchConfig:
     methods: tuple[str, ...] = ("cdm", "dmd", "dmd2", "cd")
     steps: tuple[int, ...] = (1, 2, 4)
     quick: bool = False  # CI budget: 1/5 of the iterations, the backbone's eval_samples_quick
-    seed: int = 0
+    seeds: tuple[int, ...] = (0,)  # training seeds; each run is evaluated at its own seed
+    variants: tuple[str, ...] = ("tuned",)  # each method in each variant (VARIANTS)
     runs: Path = Path("runs")
     samples: Path = Path("runs/samples")
     results: Path = Path("results")
@@ -38,6 +43,25 @@ class BenchConfig:
     iters: int | None = None  # override every method's iterations (None: its default budget)
     compile: str | None = None  # torch.compile mode for evaluation; None: eager
     backbone_settings: dict[str, Any] = field(default_factory=dict)  # backbone.KEY settings
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One training run of the bench: a method in a variant at a training seed."""
+
+    method: str
+    variant: str
+    seed: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.method} ({self.variant}, seed {self.seed})"
+
+
+def units(cfg: BenchConfig) -> list[Unit]:
+    """Every (method, variant, seed) the bench trains, seeds outermost (a partial bench has
+    whole seeds of every method)."""
+    return [Unit(m, v, s) for s in cfg.seeds for m in cfg.methods for v in cfg.variants]
 
 
 def _train_one(
@@ -51,8 +75,11 @@ def _train_one(
     q=None,
     iters: int | None = None,
     settings: dict[str, Any] | None = None,
+    variant: str = "tuned",
+    label: str | None = None,
 ) -> str:
-    """Train (or reuse) one method's default run; returns the run directory."""
+    """Train (or reuse) one method's default run in ``variant``; returns the run directory.
+    Progress messages name it by ``label`` (the method by default)."""
     if threads:
         torch.set_num_threads(threads)
     from cdmbench.backbones import get_backbone
@@ -61,15 +88,17 @@ def _train_one(
     from cdmbench.training.run import train_run
 
     cls = METHODS.get(method)
-    tc, mc = resolve(cls, backbone, seed=seed, device=device, iters=iters)
+    tc, mc = resolve(cls, backbone, variant=variant, seed=seed, device=device, iters=iters)
     if quick and iters is None:
         from dataclasses import replace
 
         tc = replace(tc, iters=max(1, tc.iters // QUICK_FACTOR))
 
+    name = label or method
+
     def progress(it: int, logs: dict[str, float]) -> None:
         if q is not None:
-            q.put((method, it, tc.iters))
+            q.put((name, it, tc.iters))
 
     res = train_run(
         cls(mc),
@@ -79,52 +108,40 @@ def _train_one(
         progress=progress,
     )
     if q is not None:
-        q.put((method, tc.iters, tc.iters))
+        q.put((name, tc.iters, tc.iters))
     return str(res.run_dir)
 
 
 def train_all(
     cfg: BenchConfig, on_progress: Callable[[str, int, int], None] | None = None
-) -> dict[str, Path]:
-    """Train every method; in parallel processes on CPU, one after another on GPU."""
-    if cfg.device != "cpu" or cfg.workers <= 1 or len(cfg.methods) == 1:
-        return {
-            m: Path(
-                _train_one(
-                    m,
-                    cfg.backbone,
-                    cfg.quick,
-                    cfg.seed,
-                    str(cfg.runs),
-                    cfg.device,
-                    0,
-                    _Relay(on_progress),
-                    cfg.iters,
-                    cfg.backbone_settings,
-                )
-            )
-            for m in cfg.methods
-        }
+) -> dict[Unit, Path]:
+    """Train every (method, variant, seed); in parallel processes on CPU, one after another on
+    GPU. Progress is reported per unit, by its label."""
+    todo = units(cfg)
+
+    def args(u: Unit, threads: int, q) -> tuple:
+        return (
+            u.method,
+            cfg.backbone,
+            cfg.quick,
+            u.seed,
+            str(cfg.runs),
+            cfg.device,
+            threads,
+            q,
+            cfg.iters,
+            cfg.backbone_settings,
+            u.variant,
+            u.label,
+        )
+
+    if cfg.device != "cpu" or cfg.workers <= 1 or len(todo) == 1:
+        return {u: Path(_train_one(*args(u, 0, _Relay(on_progress)))) for u in todo}
     ctx = mp.get_context("spawn")
     with ctx.Manager() as manager:
         q = manager.Queue()
         with ProcessPoolExecutor(max_workers=cfg.workers, mp_context=ctx) as pool:
-            futures = {
-                m: pool.submit(
-                    _train_one,
-                    m,
-                    cfg.backbone,
-                    cfg.quick,
-                    cfg.seed,
-                    str(cfg.runs),
-                    cfg.device,
-                    1,
-                    q,
-                    cfg.iters,
-                    cfg.backbone_settings,
-                )
-                for m in cfg.methods
-            }
+            futures = {u: pool.submit(_train_one, *args(u, 1, q)) for u in todo}
             while not all(f.done() for f in futures.values()):
                 try:
                     msg = q.get(timeout=0.2)
@@ -132,7 +149,7 @@ def train_all(
                     continue
                 if on_progress is not None:
                     on_progress(*msg)
-            return {m: Path(f.result()) for m, f in futures.items()}
+            return {u: Path(f.result()) for u, f in futures.items()}
 
 
 class _Relay:
@@ -150,8 +167,9 @@ def run_bench(
     cfg: BenchConfig,
     on_train: Callable[[str, int, int], None] | None = None,
     on_eval: Callable[[str, int, int], None] | None = None,
-) -> tuple[dict[str, Path], list[dict]]:
-    """Train, evaluate and report; returns the run directories and the new records."""
+) -> tuple[dict[Unit, Path], list[dict]]:
+    """Train and evaluate (each seed's runs and the teacher at that evaluation seed); returns
+    the run directories and the new records."""
     from cdmbench.backbones import get_backbone
     from cdmbench.evaluate import EvalPlan, candidates_from_dirs, run_eval, teacher_candidate
     from cdmbench.prompts_io import load_prompt_set
@@ -162,25 +180,68 @@ def run_bench(
     s = bb.settings  # the backbone's evaluation defaults
     prompt_set, prompts = load_prompt_set(s.eval_prompts, backbone=bb)
     per_prompt = cfg.per_prompt or (s.eval_samples_quick if cfg.quick else s.eval_samples)
-    cands = [teacher_candidate(bb)] + candidates_from_dirs(list(run_dirs.values()), cfg.device)
-    plan = EvalPlan(
-        bb,
-        cands,
-        list(cfg.steps),
-        list(cfg.metrics or s.eval_metrics),
-        prompts,
-        prompt_set,
-        per_prompt,
-        cfg.seed,
-        cfg.samples,
-        ResultStore(cfg.results),
-        batch_size=s.eval_batch,
-        reference=s.fid_reference,
-        compile=cfg.compile,
-    )
-    new = run_eval(plan, on_eval)
+    teacher = teacher_candidate(bb)
+    new: list[dict] = []
+    for seed in cfg.seeds:
+        dirs = [d for u, d in run_dirs.items() if u.seed == seed]
+        plan = EvalPlan(
+            bb,
+            [teacher] + candidates_from_dirs(list(dict.fromkeys(dirs)), cfg.device),
+            list(cfg.steps),
+            list(cfg.metrics or s.eval_metrics),
+            prompts,
+            prompt_set,
+            per_prompt,
+            seed,
+            cfg.samples,
+            ResultStore(cfg.results),
+            batch_size=s.eval_batch,
+            reference=s.fid_reference,
+            compile=cfg.compile,
+        )
+        tell = on_eval
+        if on_eval is not None and len(cfg.seeds) > 1:
+            tell = lambda label, k, n, seed=seed: on_eval(f"[seed {seed}] {label}", k, n)  # noqa: E731
+        new += run_eval(plan, tell)
     return run_dirs, new
 
 
 def methods_arg(text: str | None, all_methods: Sequence[str]) -> tuple[str, ...]:
     return tuple(m.strip() for m in text.split(",")) if text else tuple(all_methods)
+
+
+def parse_seeds(text: str) -> tuple[int, ...]:
+    """'0,1,2' -> (0, 1, 2); rejects empty items, non-integers, negatives and duplicates."""
+    from cdmbench.errors import UserError
+    from cdmbench.training.core import MAX_SEED
+
+    items = [t.strip() for t in str(text).split(",")]
+    usage = "use comma-separated seeds, e.g. 0,1,2"
+    if not str(text).strip() or any(t == "" for t in items):
+        raise UserError(f"bad seed list '{text}': {usage}")
+    seeds = []
+    for t in items:
+        try:
+            seeds.append(int(t))
+        except ValueError:
+            raise UserError(f"bad seed list '{text}': '{t}' is not an integer; {usage}") from None
+    if any(x < 0 or x > MAX_SEED for x in seeds):
+        raise UserError(f"bad seed list '{text}': seeds must be >= 0 and <= {MAX_SEED}")
+    if len(set(seeds)) != len(seeds):
+        raise UserError(f"bad seed list '{text}': duplicate seeds")
+    return tuple(seeds)
+
+
+def parse_variants(text: str) -> tuple[str, ...]:
+    """'tuned,paper' -> ('tuned', 'paper'); each must be one of VARIANTS, no duplicates."""
+    from cdmbench.errors import UserError
+    from cdmbench.training.method import VARIANTS
+
+    items = [t.strip() for t in str(text).split(",")]
+    bad = [t for t in items if t not in VARIANTS]
+    if not str(text).strip() or bad:
+        what = f"'{bad[0]}' is not a variant" if bad and bad[0] else "empty item"
+        raise UserError(f"bad variant list '{text}': {what}; use {','.join(VARIANTS)} or one")
+    if len(set(items)) != len(items):
+        raise UserError(f"bad variant list '{text}': duplicate variants")
+    return tuple(items)

@@ -1,9 +1,14 @@
 """Regression check: compare the latest results with a baseline file (DESIGN.md section 7).
 
-Baseline file: CSV with columns backbone, method, steps, metric, value, higher_is_better and an
-optional per-row ``tolerance``. ``write_baseline`` writes it from the latest results: the numbers
-the report shows (newest record per model, step count, metric and seed; newest prompt set; mean
-over seeds), with an empty tolerance column to fill in where the default does not fit.
+Baseline file: CSV with columns backbone, method, steps, metric, value, higher_is_better, and
+optional ``variant``, ``n``, ``std`` and per-row ``tolerance``. ``write_baseline`` writes it from
+the latest results: the numbers the report shows (per cell (backbone, method, variant, steps,
+metric) the newest configuration on the newest prompt set, mean over its seeds, with their
+number and standard deviation), with an empty tolerance column to fill in where the default does
+not fit. Cells are keyed by variant too, so a paper and a tuned run are never compared with each
+other; a changed configuration or budget replaces the old one in the results (see
+:func:`cdmbench.results.select`). A baseline row without a variant (files written before
+variants) matches its method's only variant, or else its "tuned" one.
 
 Tolerance: how much worse than the baseline a value may get, in the metric's direction, either
 absolute ("0.5") or relative to the baseline's magnitude ("10%"). The first that applies wins:
@@ -11,6 +16,12 @@ the caller's ``tolerances`` (metric -> tolerance), the row's tolerance column, t
 metric declares (``Metric.values``; :func:`tolerance_help` lists them), and FALLBACK_TOLERANCE
 for a value no registered metric declares. Values that measure the machine as much as the
 model (latency) declare no default: they are skipped unless the caller or the row gives one.
+
+Seed spread: where the baseline or the current cell has several seeds, the gate is on the mean
+and the allowed change is max(tolerance, k × combined standard error), the standard error being
+sqrt(std_baseline² / n_baseline + std_now² / n_now) over the sides with n ≥ 2. ``spread_k``
+(default SPREAD_K = 2, about a 95 % two-sided normal bound on the difference of two means)
+sets k; 0 turns the spread scaling off.
 
 Verdicts: "ok" (within tolerance), "better" (improved by more than the tolerance), "REGRESSION"
 (worse by more than the tolerance, or the current value is not finite), "missing" (a baseline
@@ -32,18 +43,23 @@ import pandas as pd
 from cdmbench.errors import UserError
 from cdmbench.io import atomic_write_text
 from cdmbench.metrics.base import FALLBACK_TOLERANCE, declared_values, value_spec
-from cdmbench.report import DOWN, UP
+from cdmbench.report import DOWN, UP, model_label
 from cdmbench.results import declared_direction, latest_values, load_records, method_key
 
 BASELINE_COLUMNS = [
     "backbone",
     "method",
+    "variant",
     "steps",
     "metric",
     "value",
+    "n",
+    "std",
     "higher_is_better",
     "tolerance",
 ]
+OPTIONAL_COLUMNS = ("variant", "n", "std", "higher_is_better", "tolerance")
+SPREAD_K = 2.0  # allowed change >= k x the standard error of the difference of the means
 FAILING = ("REGRESSION", "missing")
 
 
@@ -111,9 +127,12 @@ class CheckRow:
     baseline: float | None
     now: float | None
     change: float | None  # now - baseline
-    tolerance: str  # as applied, e.g. "15%", "0.02"; "" when skipped
+    tolerance: str  # as applied, e.g. "15%", "0.02", "0.8 (2 SE)"; "" when skipped
     verdict: str
     note: str = ""
+    variant: str = ""
+    n_baseline: int = 1  # seeds behind the baseline value
+    n_now: int = 1  # seeds behind the current value
 
     @property
     def change_pct(self) -> float | None:
@@ -208,11 +227,11 @@ def render_rich(result: CheckResult, only_changes: bool = False):
         arrow = UP if r.higher_is_better else DOWN
         table.add_row(
             r.backbone,
-            r.method,
+            escape(model_label(r.method, r.variant)),
             str(r.steps),
             escape(f"{r.metric} {arrow}"),
-            _num(r.baseline),
-            _num(r.now),
+            _num(r.baseline) + (f" (n={r.n_baseline})" if r.n_baseline > 1 else ""),
+            _num(r.now) + (f" (n={r.n_now})" if r.n_now > 1 else ""),
             change,
             r.tolerance,
             verdict,
@@ -242,12 +261,12 @@ def read_baseline(path: str | Path) -> pd.DataFrame:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"cannot read baseline {p}: {first}") from None
     raw.columns = [str(c).strip() for c in raw.columns]
-    need = [c for c in BASELINE_COLUMNS if c not in ("tolerance", "higher_is_better")]
+    need = [c for c in BASELINE_COLUMNS if c not in OPTIONAL_COLUMNS]
     lacking = [c for c in need if c not in raw.columns]
     if lacking:
         raise UserError(
             f"baseline {p} lacks column(s) {', '.join(lacking)} "
-            f"(needs {', '.join(BASELINE_COLUMNS)}; tolerance optional)"
+            f"(needs {', '.join(need)}; {', '.join(OPTIONAL_COLUMNS)} optional)"
         )
     if raw.empty:
         raise UserError(f"baseline {p} has no rows")
@@ -269,6 +288,19 @@ def read_baseline(path: str | Path) -> pd.DataFrame:
         hib = _parse_bool(hib_text) if hib_text else None
         if hib_text and hib is None:
             raise UserError(f"{where}: bad higher_is_better '{hib_text}' (use true or false)")
+        n_text, std_text = str(r.get("n", "")).strip(), str(r.get("std", "")).strip()
+        try:
+            n = int(float(n_text)) if n_text else 1
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise UserError(f"{where}: bad n '{n_text}' (need a positive integer)")
+        try:
+            std = float(std_text) if std_text else math.nan
+        except ValueError:
+            std = -1.0
+        if not (math.isnan(std) or (math.isfinite(std) and std >= 0)):
+            raise UserError(f"{where}: bad std '{std_text}' (need a number >= 0, or empty)")
         tol = str(r.get("tolerance", "")).strip()
         if tol:
             try:
@@ -278,16 +310,19 @@ def read_baseline(path: str | Path) -> pd.DataFrame:
         row = {
             "backbone": str(r["backbone"]).strip(),
             "method": str(r["method"]).strip(),
+            "variant": str(r.get("variant", "")).strip(),
             "steps": steps,
             "metric": str(r["metric"]).strip(),
             "value": value,
+            "n": n,
+            "std": std,
             "higher_is_better": hib,
             "tolerance": tol,
             "line": line,
         }
         if not row["backbone"] or not row["method"] or not row["metric"]:
             raise UserError(f"{where}: empty backbone, method or metric")
-        key = (row["backbone"], row["method"], steps, row["metric"])
+        key = (row["backbone"], row["method"], row["variant"], steps, row["metric"])
         if key in seen:
             raise UserError(f"{where}: duplicate of line {seen[key]} ({'/'.join(map(str, key))})")
         seen[key] = line
@@ -316,6 +351,7 @@ def write_baseline(
     vals = vals[vals["value"].map(math.isfinite)]
     if vals.empty:
         raise UserError(f"no finite results to write a baseline from in {results_dir}")
+    vals = vals.rename(columns={"n_seeds": "n"})
     out = vals[BASELINE_COLUMNS[:-1]].copy()
     out["higher_is_better"] = out.apply(
         lambda r: (
@@ -337,8 +373,12 @@ def check(
     baseline_csv: str | Path,
     tolerances: Mapping[str, str | float] | None = None,
     backbone: str | None = None,
+    spread_k: float = SPREAD_K,
 ) -> CheckResult:
-    """Compare the latest results under ``results_dir`` with the baseline file."""
+    """Compare the latest results under ``results_dir`` with the baseline file; ``spread_k``
+    scales the seed spread into the allowed change (see the module docstring)."""
+    if not (math.isfinite(spread_k) and spread_k >= 0):
+        raise UserError(f"bad spread k {spread_k}: need a number >= 0 (0: no spread scaling)")
     base = read_baseline(baseline_csv)
     if backbone is not None:
         have = sorted(base["backbone"].unique())
@@ -357,11 +397,12 @@ def check(
             warnings.append(f"tolerance for {m} unused: the baseline has no {m} rows")
     df = df[df["backbone"].isin(set(base["backbone"]))] if not df.empty else df
     now = latest_values(df)
-    current = {(r.backbone, r.method, int(r.steps), r.metric): r for r in now.itertuples()}
+    current = {
+        (r.backbone, r.method, r.variant, int(r.steps), r.metric): r for r in now.itertuples()
+    }
     rows = []
     for b in base.itertuples():
-        key = (b.backbone, b.method, int(b.steps), b.metric)
-        cur = current.pop(key, None)
+        cur = current.pop(_match(current, b), None)
         hib = b.higher_is_better
         if hib is None:
             cur_hib = getattr(cur, "higher_is_better", None) if cur is not None else None
@@ -382,13 +423,22 @@ def check(
             )
         tol = overrides.get(b.metric) or b.tolerance or default_tolerance(b.metric)
         now_v = None if cur is None else float(cur.value)
-        rows.append(
-            _compare(b.backbone, b.method, int(b.steps), b.metric, bool(hib), b.value, now_v, tol)
-        )
-    for key, cur in current.items():
+        row = _compare(b.backbone, b.method, int(b.steps), b.metric, bool(hib), b.value, now_v, tol)
+        row.variant = b.variant or ("" if cur is None else cur.variant)
+        row.n_baseline = int(b.n)
+        row.n_now = 0 if cur is None else int(cur.n_seeds)
+        if cur is not None:
+            _widen(row, spread_k, b.std, int(b.n), float(cur.std), int(cur.n_seeds))
+        rows.append(row)
+    for (bb, method, variant, steps, metric), cur in current.items():
         rows.append(
             CheckRow(
-                *key,
+                bb,
+                method,
+                steps,
+                metric,
+                variant=variant,
+                n_now=int(cur.n_seeds),
                 higher_is_better=bool(cur.higher_is_better),
                 baseline=None,
                 now=float(cur.value),
@@ -398,8 +448,52 @@ def check(
                 note="not in the baseline",
             )
         )
-    rows.sort(key=lambda r: (r.backbone, method_key(r.method), r.steps, r.metric))
+    rows.sort(key=lambda r: (r.backbone, method_key(r.method), r.variant, r.steps, r.metric))
     return CheckResult(rows, Path(baseline_csv), warnings)
+
+
+def _match(current: Mapping[tuple, object], b) -> tuple:
+    """The current cell a baseline row compares with: the same variant; a row without one
+    (written before variants) takes its method's only variant, or else its tuned one."""
+    key = (b.backbone, b.method, b.variant, int(b.steps), b.metric)
+    if b.variant or key in current:
+        return key
+    have = sorted(
+        k[2] for k in current if (k[0], k[1], k[3], k[4]) == (b.backbone, b.method, key[3], key[4])
+    )
+    if len(have) == 1:
+        return (b.backbone, b.method, have[0], int(b.steps), b.metric)
+    return (b.backbone, b.method, "tuned", int(b.steps), b.metric)
+
+
+def spread_allowance(k: float, std_a: float, n_a: int, std_b: float, n_b: int) -> float:
+    """k x the standard error of the difference of two means, over the sides with a spread
+    (n >= 2 and a finite std); 0 where neither has one."""
+    var = sum(s * s / n for s, n in ((std_a, n_a), (std_b, n_b)) if n >= 2 and math.isfinite(s))
+    return k * math.sqrt(var)
+
+
+def _widen(row: CheckRow, k: float, std_b: float, n_b: int, std_n: float, n_n: int) -> None:
+    """Re-judge a compared row with the allowed change widened to k standard errors of the
+    difference of the means, where that exceeds the tolerance."""
+    if row.verdict not in ("ok", "better", "REGRESSION") or row.now is None or not row.tolerance:
+        return
+    if not math.isfinite(row.now):
+        return
+    spread = spread_allowance(k, std_b, n_b, std_n, n_n)
+    base = float(row.baseline or 0.0)
+    tol = parse_tolerance(row.tolerance).allowed(base)
+    if spread <= tol:
+        return
+    row.tolerance = f"{_num(spread)} ({k:g} SE)"
+    worse_by = (base - row.now) if row.higher_is_better else (row.now - base)
+    allowed = spread + 1e-12 * max(1.0, abs(base))
+    row.verdict, row.note = "ok", ""
+    if worse_by > allowed:
+        row.verdict = "REGRESSION"
+        row.note = f"worse by {_num(worse_by)} > allowed {_num(spread)} ({k:g} SE of the seeds)"
+    elif -worse_by > allowed:
+        row.verdict = "better"
 
 
 def _compare(

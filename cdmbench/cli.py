@@ -798,6 +798,15 @@ def check(
         ),
     ] = False,
     only_changes: Annotated[bool, typer.Option(help="Show only rows that are not 'ok'.")] = False,
+    spread_k: Annotated[
+        float,
+        typer.Option(
+            help=(
+                "Where cells have several seeds, allow a change of up to this many standard "
+                "errors of the difference of the means when that exceeds the tolerance (0: off)."
+            )
+        ),
+    ] = 2.0,
 ) -> None:
     """Compare the latest results with a baseline; exit 1 on a regression beyond tolerance.
 
@@ -816,7 +825,7 @@ def check(
     from cdmbench.config import parse_pairs
 
     tols = parse_pairs(tolerance, "--tolerance", "use METRIC=VALUE, e.g. fd_digits=10%")
-    res = run_check(results, baseline, tols or None, backbone)
+    res = run_check(results, baseline, tols or None, backbone, spread_k)
     out.print(res.render_rich(only_changes=only_changes))
     for w in res.warnings:
         console.print(f"[yellow]warning:[/] {_escape(w)}", highlight=False)
@@ -842,7 +851,24 @@ def bench(
             ),
         ),
     ] = False,
-    seed: Annotated[int, typer.Option(help="Seed of training and evaluation.")] = 0,
+    seeds: Annotated[
+        str,
+        typer.Option(
+            help=(
+                "Comma-separated training seeds, e.g. 0,1,2: every method is trained once per "
+                "seed and evaluated with the same seed; the report shows mean ± 95 % interval."
+            )
+        ),
+    ] = "0",
+    variants: Annotated[
+        str,
+        typer.Option(
+            help=(
+                "Comma-separated variants to train each method in: tuned (the backbone's "
+                "defaults), paper (the authors' hyperparameters), or both."
+            )
+        ),
+    ] = "tuned",
     runs: Annotated[Path, typer.Option(help="Root of training run directories.")] = Path("runs"),
     samples: Annotated[Path, typer.Option(help="Where generated samples are kept.")] = Path(
         "runs/samples"
@@ -881,14 +907,15 @@ def bench(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from cdmbench.backbones.base import BackboneSettings
-    from cdmbench.bench import BenchConfig, methods_arg, run_bench
+    from cdmbench.bench import BenchConfig, methods_arg, parse_seeds, parse_variants, run_bench
     from cdmbench.config import backbone_settings, parse_steps
     from cdmbench.distributed import resolve_device
     from cdmbench.report import build_report, render_rich
     from cdmbench.settings import as_dict, check_option
     from cdmbench.training.core import TrainConfig
 
-    check_option("--seed", seed, TrainConfig, "seed")
+    seed_list = parse_seeds(seeds)
+    variant_list = parse_variants(variants)
     check_option("--iters", iters, TrainConfig, "iters")
     check_option("--num-samples", num_samples, BackboneSettings, "eval_samples")
     check_option("--workers", workers, ge=1, le=1024)
@@ -906,7 +933,8 @@ def bench(
         methods=ms,
         steps=tuple(parse_steps(steps)),
         quick=quick,
-        seed=seed,
+        seeds=seed_list,
+        variants=variant_list,
         runs=runs,
         samples=samples,
         results=results,
@@ -933,7 +961,7 @@ def bench(
                 tasks[label] = bar.add_task(label, total=total or None)
             bar.update(tasks[label], completed=done, total=total or None)
 
-        run_dirs, new = run_bench(cfg, on_train=lambda m, i, n: on(f"train {m}", i, n), on_eval=on)
+        run_dirs, new = run_bench(cfg, on_train=lambda u, i, n: on(f"train {u}", i, n), on_eval=on)
     outs = build_report(results, results, backbone=backbone)
     out.print(
         render_rich(outs.table, title=f"cdmbench bench — {backbone}{' (quick)' if quick else ''}")

@@ -23,7 +23,7 @@ import json
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +66,24 @@ class Candidate:
     sampler: Callable[[int], SamplerSpec]
     compile_s: float | None = None  # torch.compile time of its denoiser, when compiled
     weights: str = "ema"  # a student's weights: "ema" or "raw" (the generator itself)
+    # what its records carry about the training run: variant, train_seed, config_key,
+    # train_cost (from run.json; the teacher's defaults otherwise)
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    def record_fields(self) -> dict[str, Any]:
+        """The record fields that place this model in a report's cells; a student's raw
+        weights are a model of their own (variant "... raw weights", their own config key)."""
+        p = self.provenance
+        variant, key = str(p.get("variant") or ""), str(p.get("config_key") or self.run_id)
+        if self.weights == "raw":
+            variant = f"{variant}, raw weights" if variant else "raw weights"
+            key = f"{key}-raw"
+        return {
+            "variant": variant,
+            "train_seed": p.get("train_seed"),
+            "config_key": key,
+            "train_cost": dict(p.get("cost") or {}),
+        }
 
 
 def compile_candidate(
@@ -178,6 +196,11 @@ def candidates_from_dirs(
                 r.student,
                 lambda n, r=r: r.method.sampler(n, r.backbone.shift),
                 weights=weights,
+                provenance={
+                    k: r.info[k]
+                    for k in ("variant", "train_seed", "config_key", "cost")
+                    if k in r.info
+                },
             )
         )
     return out
@@ -669,6 +692,7 @@ def _run_eval(
                     dtype=str(bb.dtype).replace("torch.", ""),
                     eval_key=sset.key,
                     samples=str(sset.folder),
+                    **cand.record_fields(),
                 )
                 for vname, v in values.items()
             ]

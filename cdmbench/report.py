@@ -6,15 +6,23 @@
         report.tex   booktabs tables
         report.html  one self-contained page: tables, metric-versus-steps plots, sample grids
 
-Selection is :func:`cdmbench.results.select`. With ``latest=True`` several seeds of the newest
-run show as mean ± std; with ``latest=False`` every run and seed is its own row, plus a
-"mean ± std" row for each run evaluated with several seeds. Directions (arrows) and which
-metrics measure the machine (timings, shown last) come from the metrics' value declarations.
+Selection is :func:`cdmbench.results.select`. With ``latest=True`` a row is a cell (method,
+variant, steps): the seeds of its newest configuration as mean ± the half-width of the 95 %
+Student t-interval over seeds, with n; with ``latest=False`` every run and seed is its own row,
+plus a "mean ± ci" row for each run evaluated with several seeds. Rows name their model as
+"method (variant)". Directions (arrows) and which metrics measure the machine (timings, shown
+last) come from the metrics' value declarations.
 
 Best values are marked per step count: within each (backbone, prompt set, steps) group, the best
-value of each metric among all models (ties all marked; nothing marked where only one model
-was evaluated at that step count or all values tie). Unreadable record lines become warnings in
-the report.
+mean of each metric is bold only where its 95 % interval is separated from every other model's
+(:func:`separated_best`). Overlapping intervals are a tie and get no mark; a single-seed best
+has no interval and is never marked. Plots draw the intervals as error bars.
+
+Compute views (:func:`compute_section`), from the training cost the records carry: each run's
+cost, quality versus training FLOPs, a compute-matched table (every student at the cheapest
+one's full budget, where runs at matched budgets exist) and the speed-quality frontier (quality
+against NFE per sample and measured latency). Unreadable record lines become warnings in the
+report.
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ from cdmbench.io import atomic_path, remove_stale_temps
 from cdmbench.metrics.base import value_spec
 from cdmbench.results import (
     ResultStore,
+    cell_stats,
     filter_records,
     is_missing,
     load_records,
@@ -46,19 +55,24 @@ from cdmbench.results import (
     name_list,
     order_rows,
     select,
+    t_interval,
 )
 
 UP, DOWN = "↑", "↓"
-SUMMARY_SEED = "mean ± std"
+SUMMARY_SEED = "mean ± ci"
 MIN_PX, MAX_PX = 48, 128  # sample thumbnails: tiny images upscaled (nearest), large ones shrunk
 MAX_SAMPLE_PIXELS = 64 * 1024 * 1024  # a sample larger than this is skipped, not decoded
+MATCH_TOLERANCE = 0.25  # compute-matched: a run within 25 % of the target FLOPs matches it
+AUX = ("std", "ci", "n")  # per-metric columns beside the mean: "<metric> std", ...
 
 CAPTION = (
-    "↑ higher is better, ↓ lower is better. Bold: the best value at that step count among "
-    "all models evaluated at it (per backbone and prompt set; not marked where only one "
-    "model was evaluated or all values tie)."
+    "↑ higher is better, ↓ lower is better. Each cell: mean ± half-width of the 95 % "
+    "t-interval over seeds (Student t, n − 1 degrees of freedom; n: training seed × "
+    "evaluation seed samples, column n, or (n=k) in a cell that differs); a value alone is a "
+    "single seed. Bold: the best mean at that step count, its 95 % interval separated from "
+    "every other model's (per backbone and prompt set); no mark: overlapping intervals (a tie), "
+    "a single-seed best, or a single model."
 )
-CAPTION_STD = " a ± b: mean ± standard deviation over seeds."
 
 
 @dataclass
@@ -93,52 +107,64 @@ def header(metric: str, higher_is_better: bool | None) -> str:
     return f"{metric} {UP if higher_is_better else DOWN}"
 
 
+def _aux(metric: str, what: str) -> str:
+    return f"{metric} {what}"
+
+
 def _std_col(metric: str) -> str:
-    return f"{metric} std"
+    return _aux(metric, "std")
+
+
+def model_label(method: Any, variant: Any = "") -> str:
+    """How a row names its model: "cdm (tuned)", "cdm (paper)", "teacher"."""
+    return f"{method} ({variant})" if not is_missing(variant) else str(method)
 
 
 def pivot(records_df: pd.DataFrame, latest: bool = True) -> pd.DataFrame:
-    """Rows (backbone, [prompt_set,] method, steps[, run_id, seed]), one column per metric.
+    """Rows (backbone, [prompt_set,] method, variant, steps[, run_id, seed]), one column per
+    metric (the mean), each followed by "<metric> std", "<metric> ci" (half-width of the 95 %
+    t-interval over seeds) and "<metric> n" (samples); "n" counts a row's samples.
 
-    Metric columns are headed "name ↑" / "name ↓"; a "name std" column follows a metric where
-    several seeds were averaged, and "seeds" counts them. ``prompt_set`` is a row key only where a
-    backbone has several. The teacher comes first, then methods alphabetically, steps ascending.
-    ``attrs`` holds row_keys, metrics (name -> header) and higher_is_better (name -> bool/None).
+    Metric columns are headed "name ↑" / "name ↓". ``prompt_set`` is a row key only where a
+    backbone has several. With ``latest`` a row aggregates the seeds of its cell
+    (:func:`cdmbench.results.cell_stats`); otherwise every run and seed is a row, plus a
+    SUMMARY_SEED row for each run evaluated with several seeds. The teacher comes first, then
+    methods alphabetically, steps ascending. ``attrs`` holds row_keys, metrics (name -> header)
+    and higher_is_better (name -> bool/None).
     """
     sel = select(records_df, latest)
     if sel.empty:
-        return pd.DataFrame(columns=["backbone", "method", "steps"])
+        return pd.DataFrame(columns=["backbone", "method", "variant", "steps"])
     multi_ps = bool(sel.groupby("backbone")["prompt_set"].nunique().max() > 1)
-    row_keys = ["backbone"] + (["prompt_set"] if multi_ps else []) + ["method", "steps"]
-    if not latest:
-        row_keys += ["run_id", "seed"]
+    row_keys = ["backbone"] + (["prompt_set"] if multi_ps else []) + ["method", "variant", "steps"]
     metrics = _metric_order(sel)
     hib = {m: sel.loc[sel["metric"] == m, "higher_is_better"].iloc[-1] for m in metrics}
     hib = {m: (v if isinstance(v, bool) else None) for m, v in hib.items()}
     heads = {m: header(m, hib[m]) for m in metrics}
-    rows = [
-        _pivot_row(dict(zip(row_keys, key, strict=True)), g, heads)
-        for key, g in sel.groupby(row_keys, sort=False)
-    ]
-    if not latest:  # a mean ± std row for each run evaluated with several seeds
+    rows: list[dict[str, Any]] = []
+    if latest:
+        st = cell_stats(records_df)
+        for key, g in st.groupby(row_keys, sort=False):
+            row = dict(zip(row_keys, key, strict=True))
+            for r in g.itertuples():
+                row[heads[str(r.metric)]] = r.mean
+                for a in AUX:
+                    row[_aux(str(r.metric), a)] = getattr(r, a)
+            row["n"] = int(g["n"].max())
+            rows.append(row)
+    else:
+        row_keys += ["run_id", "seed"]
+        for key, g in sel.groupby(row_keys, sort=False):
+            rows.append(_pivot_row(dict(zip(row_keys, key, strict=True)), g, heads))
         for key, g in sel.groupby(row_keys[:-1], sort=False):
-            if g["seed"].nunique() > 1:
-                rows.append(
-                    _pivot_row(
-                        {**dict(zip(row_keys[:-1], key, strict=True)), "seed": SUMMARY_SEED},
-                        g,
-                        heads,
-                    )
-                )
+            if g["seed"].nunique() > 1:  # a summary row for each run evaluated with several seeds
+                row = {**dict(zip(row_keys[:-1], key, strict=True)), "seed": SUMMARY_SEED}
+                rows.append(_pivot_row(row, g, heads))
     out = pd.DataFrame(rows)
-    cols = list(row_keys)
-    if "seeds" in out.columns and (out["seeds"] > 1).any():
-        cols.append("seeds")
+    cols = list(row_keys) + ["n"]
     for m in metrics:
         if heads[m] in out.columns:
-            cols.append(heads[m])
-            if _std_col(m) in out.columns and out[_std_col(m)].notna().any():
-                cols.append(_std_col(m))
+            cols += [heads[m]] + [_aux(m, a) for a in AUX]
     out = out.reindex(columns=cols)
     extra = {}
     if not latest:
@@ -151,11 +177,18 @@ def pivot(records_df: pd.DataFrame, latest: bool = True) -> pd.DataFrame:
 
 
 def _pivot_row(row: dict[str, Any], g: pd.DataFrame, heads: dict[str, str]) -> dict[str, Any]:
+    n_row = 0
     for m, gm in g.groupby("metric", sort=False):
-        vals = gm["value"].astype(float)
-        row[heads[str(m)]] = float(vals.mean())
-        row[_std_col(str(m))] = float(vals.std()) if vals.notna().sum() > 1 else math.nan
-    row["seeds"] = int(g["seed"].nunique())
+        vals = [float(v) for v in gm["value"]]
+        mean, ci, n = t_interval(vals)
+        if n == 0 and vals:
+            mean = vals[-1]
+        row[heads[str(m)]] = mean
+        row[_aux(str(m), "std")] = float(pd.Series(vals).std()) if n > 1 else math.nan
+        row[_aux(str(m), "ci")] = ci
+        row[_aux(str(m), "n")] = n
+        n_row = max(n_row, n)
+    row["n"] = n_row
     return row
 
 
@@ -171,25 +204,62 @@ def metric_columns(df: pd.DataFrame) -> dict[str, tuple[str, bool | None]]:
     return out
 
 
+def _num(v: Any) -> float:
+    try:
+        x = float(v)
+    except (TypeError, ValueError):
+        return math.nan
+    return x
+
+
+def _count(v: Any) -> int:
+    x = _num(v)
+    return int(x) if math.isfinite(x) else 0
+
+
+def separated_best(
+    means: Sequence[float], cis: Sequence[float], ns: Sequence[int], higher_is_better: bool
+) -> int | None:
+    """Index of the best mean if its 95 % interval is separated from every other's, else None.
+
+    The best needs n >= 2 (one seed has no interval); another value with n < 2 counts as a
+    point. Overlapping or touching intervals are a tie: None.
+    """
+    idx = [i for i, m in enumerate(means) if math.isfinite(m)]
+    if len(idx) < 2:
+        return None
+    sign = 1.0 if higher_is_better else -1.0
+    best = max(idx, key=lambda i: sign * means[i])
+    if ns[best] < 2 or not math.isfinite(cis[best]):
+        return None
+    lo, hi = means[best] - cis[best], means[best] + cis[best]
+    for i in idx:
+        if i == best:
+            continue
+        half = cis[i] if ns[i] >= 2 and math.isfinite(cis[i]) else 0.0
+        olo, ohi = means[i] - half, means[i] + half
+        if lo <= ohi and olo <= hi:
+            return None  # overlapping: a tie
+    return best
+
+
 def best_cells(df: pd.DataFrame) -> set[tuple[int, str]]:
-    """(row position, header) of the best value per metric at each step count (see module doc)."""
+    """(row position, header) of the best value per metric at each step count (see CAPTION)."""
     group = [c for c in ("backbone", "prompt_set", "steps") if c in df.columns]
-    model = [c for c in ("method", "run_id") if c in df.columns]
-    plain = ~df["seed"].eq(SUMMARY_SEED) if "seed" in df.columns else pd.Series(True, df.index)
+    cand = df["seed"].eq(SUMMARY_SEED) if "seed" in df.columns else pd.Series(True, df.index)
     out: set[tuple[int, str]] = set()
-    for col, (_, hib) in metric_columns(df).items():
+    for col, (name, hib) in metric_columns(df).items():
         if hib is None:
             continue
-        vals = pd.to_numeric(df[col], errors="coerce")
-        ok = plain & vals.notna() & vals.map(lambda v: math.isfinite(v))
+        means = df[col].map(_num)
+        ok = cand & means.map(math.isfinite)
         for _, idx in df[ok].groupby(group, sort=False).groups.items():
-            if len(df.loc[idx, model].drop_duplicates()) < 2:
-                continue
-            if vals[idx].nunique() < 2:
-                continue  # all tied: nothing to point out
-            best = vals[idx].max() if hib else vals[idx].min()
-            tol = 1e-12 * max(1.0, abs(best))
-            out |= {(int(df.index.get_loc(i)), col) for i in idx if abs(vals[i] - best) <= tol}
+            idx = list(idx)
+            cis = [_num(df.at[i, _aux(name, "ci")]) for i in idx]
+            ns = [_count(df.at[i, _aux(name, "n")]) for i in idx]
+            b = separated_best([means[i] for i in idx], cis, ns, hib)
+            if b is not None:
+                out.add((int(df.index.get_loc(idx[b])), col))
     return out
 
 
@@ -218,10 +288,12 @@ class _Cell:
 
 
 def _display(df: pd.DataFrame, drop: Sequence[str] = ()) -> tuple[list[str], list[list[_Cell]]]:
-    """Headers and formatted cells of a pivot, std merged into its metric's cell as ±."""
+    """Headers and formatted cells of a pivot: method and variant as one model label, each
+    metric as "mean ± ci" with "(n=k)" where its n differs from the row's."""
     metrics = metric_columns(df)
-    std = {h: _std_col(name) for h, (name, _) in metrics.items()}
-    keys = [c for c in df.columns if c not in metrics and c not in std.values() and c not in drop]
+    aux = {_aux(name, a) for name, _ in metrics.values() for a in AUX}
+    skip = set(metrics) | aux | set(drop) | {"variant"}
+    keys = [c for c in df.columns if c not in skip]
     decimals = {
         h: _decimals([float(x) for x in pd.to_numeric(df[h], errors="coerce")]) for h in metrics
     }
@@ -230,22 +302,28 @@ def _display(df: pd.DataFrame, drop: Sequence[str] = ()) -> tuple[list[str], lis
     rows = []
     for pos in range(len(df)):
         r = df.iloc[pos]
-        cells = [
-            _Cell("" if is_missing(r[k]) else str(r[k]), numeric=k in ("steps", "seeds"))
-            for k in keys
-        ]
-        for h in metrics:
+        cells = []
+        for k in keys:
+            v = r[k]
+            if k == "method" and "variant" in df.columns:
+                v = model_label(v, r["variant"])
+            if k == "n" and _count(v) == 0:
+                v = ""
+            cells.append(_Cell("" if is_missing(v) else str(v), numeric=k in ("steps", "n")))
+        for h, (name, _) in metrics.items():
             text = _fmt(r[h], decimals[h])
-            if std[h] in df.columns and not is_missing(r[std[h]]):
-                text += f" ± {_fmt(r[std[h]], decimals[h])}"
+            ci, n = r.get(_aux(name, "ci")), _count(r.get(_aux(name, "n")))
+            if not is_missing(r[h]) and not is_missing(ci):
+                text += f" ± {_fmt(ci, decimals[h])}"
+            if not is_missing(r[h]) and "n" in df.columns and n and n != _count(r["n"]):
+                text += f" (n={n})"
             cells.append(_Cell(text, (pos, h) in best, True))
         rows.append(cells)
     return headers, rows
 
 
 def _caption(df: pd.DataFrame) -> str:
-    has_std = any(str(c).endswith(" std") for c in df.columns)
-    return CAPTION + (CAPTION_STD if has_std else "")
+    return CAPTION
 
 
 def render_markdown(df: pd.DataFrame, drop: Sequence[str] = ()) -> str:
@@ -465,32 +543,75 @@ def _png_b64(img_or_fig: Any) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def plot_metric(df: pd.DataFrame, col: str) -> str:
-    """Metric versus steps (log x), one line per method, teacher dashed; a PNG data URI."""
+def _series(df: pd.DataFrame, col: str) -> dict[str, pd.DataFrame]:
+    """Model label -> rows (steps, mean, ci) of a pivot's metric column: the cells of a latest
+    pivot, or the t-intervals over the rows of an --all pivot."""
+    name = metric_columns(df)[col][0]
+    data = df[~df["seed"].eq(SUMMARY_SEED)] if "seed" in df.columns else df
+    labels = [
+        model_label(m, v)
+        for m, v in zip(
+            data["method"], data["variant"] if "variant" in data else [""] * len(data), strict=True
+        )
+    ]
+    data = data.assign(_label=labels)
+    out = {}
+    order = sorted(
+        dict.fromkeys(zip(data["method"], data["_label"], strict=True)),
+        key=lambda k: (method_key(k[0]), k[1]),
+    )
+    for _, label in order:
+        g = data[data["_label"] == label]
+        pts = []
+        for n, gs in g.groupby("steps"):
+            if "seed" in df.columns:
+                mean, ci, _ = t_interval(list(gs[col]))
+            else:
+                mean, ci = _num(gs[col].iloc[-1]), _num(gs[_aux(name, "ci")].iloc[-1])
+            if math.isfinite(mean):
+                pts.append((int(n), mean, ci if math.isfinite(ci) else 0.0))
+        if pts:
+            out[label] = pd.DataFrame(pts, columns=["steps", "mean", "ci"])
+    return out
+
+
+def _new_axes(size: tuple[float, float] = (4.8, 3.2)):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+
+    fig = Figure(figsize=size, dpi=100)
+    FigureCanvasAgg(fig)
+    return fig, fig.add_subplot()
+
+
+def _hib(v: Any) -> bool | None:
+    """A stored direction as a bool (numpy's too); None where there is none."""
+    return bool(v) if type(v).__name__ in ("bool", "bool_") else None
+
+
+def _direction(hib: bool | None) -> str:
+    return "" if hib is None else (" (higher is better)" if hib else " (lower is better)")
+
+
+def plot_metric(df: pd.DataFrame, col: str) -> str:
+    """Metric versus steps (log x), one line per model, teacher dashed, error bars the 95 %
+    t-intervals over seeds; a PNG data URI."""
     from matplotlib.ticker import NullFormatter, ScalarFormatter
 
     name, hib = metric_columns(df)[col]
-    data = df[~df["seed"].eq(SUMMARY_SEED)] if "seed" in df.columns else df
-    fig = Figure(figsize=(4.8, 3.2), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
+    fig, ax = _new_axes()
     steps: set[int] = set()
-    methods = sorted(data["method"].unique(), key=method_key)
-    for method in methods:
-        s = data[data["method"] == method].groupby("steps")[col].mean().dropna()
-        if s.empty:
-            continue
-        steps |= {int(x) for x in s.index}
-        teacher = method == "teacher"
-        ax.plot(
-            s.index,
-            s.values,
-            "--" if teacher else "-",
-            marker="o",
+    for label, s in _series(df, col).items():
+        steps |= set(s["steps"])
+        teacher = label == "teacher"
+        ax.errorbar(
+            s["steps"],
+            s["mean"],
+            yerr=s["ci"],
+            fmt="--o" if teacher else "-o",
             ms=4,
-            label=method,
+            capsize=3,
+            label=label,
             color="black" if teacher else None,
         )
     if len(steps) > 1 and min(steps) > 0:
@@ -499,10 +620,9 @@ def plot_metric(df: pd.DataFrame, col: str) -> str:
         ax.set_xticks(sorted(steps))
         ax.xaxis.set_major_formatter(ScalarFormatter())
         ax.xaxis.set_minor_formatter(NullFormatter())
-    direction = "" if hib is None else (" (higher is better)" if hib else " (lower is better)")
     ax.set_xlabel("steps")
-    ax.set_ylabel(name + direction, fontsize=9)
-    ax.set_title(col, fontsize=10)
+    ax.set_ylabel(name + _direction(hib), fontsize=9)
+    ax.set_title(f"{col} (error bars: 95 % t-interval over seeds)", fontsize=9)
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)
@@ -659,6 +779,353 @@ def sample_grid(sel: pd.DataFrame, results_dir: Path, k: int, warnings: list[str
     return "<table class='grid'>" + head + "".join(body) + "</table>" + prompts
 
 
+# ------------------------------------------------------------------------------ compute
+def _table_md(headers: Sequence[str], rows: Sequence[Sequence[str]], caption: str) -> list[str]:
+    def esc(s: str) -> str:
+        return str(s).replace("|", "\\|")
+
+    out = ["| " + " | ".join(esc(h) for h in headers) + " |", "|" + "---|" * len(headers)]
+    out += ["| " + " | ".join(esc(c) for c in r) + " |" for r in rows]
+    return out + ["", f"*{caption}*", ""]
+
+
+def _table_html(headers: Sequence[str], rows: Sequence[Sequence[str]], caption: str) -> str:
+    return (
+        f"<table class='results'><caption>{html.escape(caption)}</caption><thead><tr>"
+        + "".join(f"<th>{html.escape(str(h))}</th>" for h in headers)
+        + "</tr></thead><tbody>"
+        + "".join(
+            "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows
+        )
+        + "</tbody></table>"
+    )
+
+
+def _g(v: Any) -> str:
+    """A count or FLOPs figure: 3 significant digits, '–' where unknown."""
+    x = _num(v)
+    if not math.isfinite(x):
+        return "–"
+    return f"{x:.3g}" if abs(x) >= 1e5 else f"{x:.0f}" if x == int(x) else f"{x:.1f}"
+
+
+def _passes(d: Any) -> str:
+    if not isinstance(d, dict) or not d:
+        return "–"
+    return ", ".join(f"{k} {_g(v)}" for k, v in d.items())
+
+
+def _pm(mean: Any, ci: Any, n: Any, d: int) -> str:
+    m, c = _num(mean), _num(ci)
+    if not math.isfinite(m):
+        return "–"
+    text = f"{m:.{d}f}" + (f" ± {c:.{d}f}" if math.isfinite(c) else "")
+    return text + f" (n={_count(n)})"
+
+
+def primary_metric(sel: pd.DataFrame) -> str | None:
+    """The metric the compute views plot: the first with a direction that measures the model
+    (not the machine), in order of appearance; None if there is none."""
+    for m in _metric_order(sel):
+        spec = value_spec(m)
+        hib = [h for h in sel.loc[sel["metric"] == m, "higher_is_better"] if isinstance(h, bool)]
+        if hib and not (spec is not None and spec.machine_dependent):
+            return m
+    return None
+
+
+def nfe_per_sample(steps: int, guidance: Any) -> int:
+    """Network evaluations per sample: one per step, two where classifier-free guidance runs
+    (guidance != 1)."""
+    g = _num(guidance)
+    return int(steps) * (2 if math.isfinite(g) and g != 1.0 else 1)
+
+
+def compute_runs(sel: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
+    """The training cost of every run shown (runs without a recorded cost are left out)."""
+    headers = [
+        "model",
+        "train seed",
+        "run",
+        "iters",
+        "images",
+        "teacher NFEs",
+        "FLOPs",
+        "wall s",
+        "forward passes",
+        "backward passes",
+    ]
+    rows = []
+    runs = sel.drop_duplicates("run_id", keep="last")
+    runs = order_rows(runs, ["method", "variant", "train_seed"])
+    for r in runs.itertuples():
+        c = r.train_cost if isinstance(r.train_cost, dict) else {}
+        if not c:
+            continue
+        rows.append(
+            [
+                model_label(r.method, r.variant),
+                str(r.train_seed),
+                str(r.run_id),
+                _g(c.get("iters")),
+                _g(c.get("images")),
+                _g(c.get("teacher_nfe")),
+                _g(c.get("flops")),
+                _g(c.get("wall_s")),
+                _passes(c.get("forward")),
+                _passes(c.get("backward")),
+            ]
+        )
+    return headers, rows
+
+
+def _flops(cost: Any) -> float:
+    return _num(cost.get("flops")) if isinstance(cost, dict) else math.nan
+
+
+def plot_quality_vs_flops(st: pd.DataFrame, metric: str, steps: int) -> str | None:
+    """The metric at ``steps`` against training FLOPs (log x), one point per model with its
+    95 % interval; None where no model recorded its cost."""
+    pts = st[(st["metric"] == metric) & (st["steps"] == steps)]
+    pts = pts[pts["train_cost"].map(lambda c: math.isfinite(_flops(c)) and _flops(c) > 0)]
+    if pts.empty:
+        return None
+    fig, ax = _new_axes()
+    for r in pts.itertuples():
+        label = model_label(r.method, r.variant)
+        ci = r.ci if math.isfinite(_num(r.ci)) else 0.0
+        ax.errorbar([_flops(r.train_cost)], [r.mean], yerr=[ci], fmt="o", capsize=3, label=label)
+    ax.set_xscale("log")
+    ax.set_xlabel("training FLOPs (estimated)")
+    hib = pts["higher_is_better"].iloc[-1]
+    ax.set_ylabel(metric + _direction(_hib(hib)), fontsize=9)
+    ax.set_title(
+        f"{metric} at {steps} step{'s' if steps > 1 else ''} vs training compute", fontsize=9
+    )
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _png_b64(fig)
+
+
+def compute_matched(
+    records: pd.DataFrame, metric: str
+) -> tuple[list[str], list[list[str]], str] | str:
+    """Every student at the cheapest model's full training budget: for each model the
+    configuration whose FLOPs are closest to it (within MATCH_TOLERANCE). Returns headers, rows
+    and the target caption, or a line saying why there is no such table."""
+    allc = cell_stats(records, newest_prompt_set=True, all_configs=True)
+    allc = allc[(allc["metric"] == metric) & (allc["method"] != "teacher")]
+    allc = allc[allc["train_cost"].map(lambda c: math.isfinite(_flops(c)) and _flops(c) > 0)]
+    hint = (
+        "compute-matched table needs runs at matched budgets: train each method at the "
+        "cheapest one's FLOPs (cdmbench train METHOD --iters N) and evaluate them"
+    )
+    if allc.empty:
+        return "no training costs recorded; " + hint
+    newest = cell_stats(records, newest_prompt_set=True)
+    newest = newest[(newest["metric"] == metric) & (newest["method"] != "teacher")]
+    full: dict[tuple[str, str], float] = {}
+    for r in newest.itertuples():
+        if math.isfinite(_flops(r.train_cost)):
+            full.setdefault((r.method, r.variant), _flops(r.train_cost))
+    configs: dict[tuple[str, str], dict[str, float]] = {}
+    for r in allc.itertuples():
+        configs.setdefault((r.method, r.variant), {})[r.config_key] = _flops(r.train_cost)
+    if len(full) < 2:
+        return "fewer than two students with a recorded cost; " + hint
+    target = min(full.values())
+    picks, lacking = {}, []
+    for model, cfgs in configs.items():
+        key, fl = min(cfgs.items(), key=lambda kv: abs(math.log(kv[1] / target)))
+        if abs(fl / target - 1) <= MATCH_TOLERANCE:
+            picks[model] = key
+        else:
+            lacking.append(model_label(*model))
+    if lacking:
+        return f"no run of {', '.join(sorted(lacking))} near {_g(target)} FLOPs; " + hint
+    steps = sorted(int(s) for s in allc["steps"].unique())
+    d = _decimals([float(x) for x in allc["mean"]])
+    hib = allc["higher_is_better"].iloc[-1]
+    headers = ["model", "FLOPs", "of target"] + [
+        f"{header(metric, _hib(hib))} @ {n}" for n in steps
+    ]
+    rows = []
+    for model in sorted(picks, key=lambda k: (method_key(k[0]), k[1])):
+        cells = allc[
+            (allc["method"] == model[0])
+            & (allc["variant"] == model[1])
+            & (allc["config_key"] == picks[model])
+        ]
+        fl = configs[model][picks[model]]
+        row = [model_label(*model), _g(fl), f"{fl / target:.2f}"]
+        for n in steps:
+            c = cells[cells["steps"] == n]
+            row.append(
+                _pm(c["mean"].iloc[-1], c["ci"].iloc[-1], c["n"].iloc[-1], d) if len(c) else "–"
+            )
+        rows.append(row)
+    return headers, rows, f"target: {_g(target)} FLOPs, the cheapest student's full budget"
+
+
+def frontier(
+    records: pd.DataFrame, sel: pd.DataFrame, metric: str
+) -> tuple[list[str], list[list[str]], list[dict[str, Any]]]:
+    """The speed-quality frontier: every model at every step count, its NFE per sample, measured
+    latency (where recorded) and the metric, each with its 95 % interval. Returns the table and
+    the points (label, steps, nfe, mean, ci, lat, lat_ci) the plots use."""
+    st = cell_stats(records, newest_prompt_set=True)
+    q = st[st["metric"] == metric]
+    lat = st[st["metric"] == "latency_ms"]
+    guidance = {}
+    if "guidance" in sel.columns:
+        for r in sel.itertuples():
+            guidance[(r.method, r.variant, int(r.steps))] = r.guidance
+    d = _decimals([float(x) for x in q["mean"]])
+    dl = _decimals([float(x) for x in lat["mean"]]) if len(lat) else 1
+    hib = q["higher_is_better"].iloc[-1] if len(q) else None
+    headers = [
+        "model",
+        "steps",
+        "NFE / sample",
+        "latency_ms ↓",
+        header(metric, _hib(hib)),
+    ]
+    rows, pts = [], []
+    for r in q.itertuples():
+        nfe = nfe_per_sample(r.steps, guidance.get((r.method, r.variant, int(r.steps)), 1.0))
+        lr = lat[
+            (lat["method"] == r.method) & (lat["variant"] == r.variant) & (lat["steps"] == r.steps)
+        ]
+        lm, lc, ln = (
+            (lr["mean"].iloc[-1], lr["ci"].iloc[-1], lr["n"].iloc[-1])
+            if len(lr)
+            else (math.nan, math.nan, 0)
+        )
+        label = model_label(r.method, r.variant)
+        rows.append([label, str(r.steps), str(nfe), _pm(lm, lc, ln, dl), _pm(r.mean, r.ci, r.n, d)])
+        pts.append(
+            {
+                "label": label,
+                "method": r.method,
+                "steps": int(r.steps),
+                "nfe": nfe,
+                "mean": r.mean,
+                "ci": r.ci,
+                "lat": _num(lm),
+                "lat_ci": _num(lc),
+            }
+        )
+    return headers, rows, pts
+
+
+def plot_frontier(pts: list[dict[str, Any]], metric: str, x: str, hib: bool | None) -> str | None:
+    """The metric against NFE per sample (``x="nfe"``) or latency (``x="lat"``), one line per
+    model over its step counts, error bars the 95 % intervals; None without points."""
+    pts = [p for p in pts if math.isfinite(_num(p[x])) and math.isfinite(_num(p["mean"]))]
+    if not pts:
+        return None
+    fig, ax = _new_axes()
+    labels = sorted(
+        dict.fromkeys((p["method"], p["label"]) for p in pts),
+        key=lambda k: (method_key(k[0]), k[1]),
+    )
+    for _, label in labels:
+        ps = sorted((p for p in pts if p["label"] == label), key=lambda p: p[x])
+        z = lambda v: v if math.isfinite(_num(v)) else 0.0  # noqa: E731
+        teacher = label == "teacher"
+        ax.errorbar(
+            [p[x] for p in ps],
+            [p["mean"] for p in ps],
+            yerr=[z(p["ci"]) for p in ps],
+            xerr=[z(p["lat_ci"]) for p in ps] if x == "lat" else None,
+            fmt="--o" if teacher else "-o",
+            ms=4,
+            capsize=3,
+            label=label,
+            color="black" if teacher else None,
+        )
+    ax.set_xscale("log")
+    ax.set_xlabel("NFE per sample" if x == "nfe" else "latency, ms per image (batch 1)")
+    ax.set_ylabel(metric + _direction(hib), fontsize=9)
+    ax.set_title(f"speed-quality frontier: {metric}", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _png_b64(fig)
+
+
+COMPUTE_NOTE = (
+    "Costs as recorded by training (run.json cost): FLOPs are an estimate from each network's "
+    "per-call cost; teacher NFEs count per-sample teacher evaluations; wall time sums all "
+    "sessions. Intervals: 95 % t-interval over seeds."
+)
+
+
+def compute_section(records: pd.DataFrame, sel: pd.DataFrame) -> tuple[list[str], str]:
+    """Markdown lines and HTML of a backbone's compute views: the runs' training cost, quality
+    versus training FLOPs, the compute-matched table and the speed-quality frontier."""
+    metric = primary_metric(sel)
+    if metric is None:
+        return [], ""
+    md, parts = (
+        ["### Compute", "", COMPUTE_NOTE, ""],
+        [f"<h3>Compute</h3><p class='note'>{html.escape(COMPUTE_NOTE)}</p>"],
+    )
+    heads, rows = compute_runs(sel)
+    cap = "Training cost of each run."
+    if rows:
+        md += _table_md(heads, rows, cap)
+        parts.append(_table_html(heads, rows, cap))
+    else:
+        line = "No training costs recorded for these runs."
+        md += [line, ""]
+        parts.append(f"<p>{html.escape(line)}</p>")
+    st = cell_stats(records, newest_prompt_set=True)
+    plots = [
+        plot_quality_vs_flops(st, metric, int(n))
+        for n in sorted(int(s) for s in st.loc[st["method"] != "teacher", "steps"].unique())
+    ]
+    plots = [p for p in plots if p]
+    if plots:
+        parts.append(
+            "<h4>Quality versus training compute</h4><div class='plots'>"
+            + "".join(
+                f"<img src='{p}' alt='{html.escape(metric)} vs training FLOPs'>" for p in plots
+            )
+            + "</div>"
+        )
+    matched = compute_matched(records, metric)
+    md += ["#### Compute-matched", ""]
+    parts.append("<h4>Compute-matched</h4>")
+    if isinstance(matched, str):
+        md += [matched, ""]
+        parts.append(f"<p>{html.escape(matched)}</p>")
+    else:
+        h, r, cap = matched
+        cap += "; 95 % t-interval over seeds."
+        md += _table_md(h, r, cap)
+        parts.append(_table_html(h, r, cap))
+    h, r, pts = frontier(records, sel, metric)
+    cap = (
+        "Speed-quality frontier: every model at every step count. NFE per sample: steps, twice "
+        "that where the sampler runs classifier-free guidance (guidance ≠ 1); latency where "
+        "measured. 95 % t-interval over seeds."
+    )
+    md += ["#### Speed-quality frontier", ""] + _table_md(h, r, cap)
+    given = [h for h in sel.loc[sel["metric"] == metric, "higher_is_better"] if isinstance(h, bool)]
+    hib = given[-1] if given else None
+    figs = [plot_frontier(pts, metric, x, hib) for x in ("nfe", "lat")]
+    parts.append(
+        "<h4>Speed-quality frontier</h4>"
+        + _table_html(h, r, cap)
+        + "<div class='plots'>"
+        + "".join(f"<img src='{f}' alt='speed-quality frontier'>" for f in figs if f)
+        + "</div>"
+    )
+    return md, "".join(parts)
+
+
 # ------------------------------------------------------------------------------ driver
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em;color:#222;
@@ -714,9 +1181,13 @@ def build_report(
     sections = []
     for bb in backbones:
         sub = pivot(df[df["backbone"] == bb], latest)
-        sections.append((bb, sub, sel[sel["backbone"] == bb]))
+        sections.append((bb, sub, sel[sel["backbone"] == bb], df[df["backbone"] == bb]))
     stamp = time.strftime("%Y-%m-%d %H:%M:%S %z")
-    mode = "latest result per model, step count and seed" if latest else "all runs and seeds"
+    mode = (
+        "the newest configuration of each model, mean over its seeds"
+        if latest
+        else "all runs and seeds"
+    )
     filt = ", ".join(
         f"{k}: {', '.join(v) if isinstance(v, list) else v}"
         for k, v in (
@@ -734,8 +1205,9 @@ def build_report(
 
     # ---- markdown
     md = ["# cdmbench report", "", intro, ""]
-    for bb, sub, _ in sections:
-        md += [f"## {bb}", "", render_markdown(sub, drop=["backbone"]), ""]
+    computed = {bb: compute_section(recs, sub_sel) for bb, _, sub_sel, recs in sections}
+    for bb, sub, _, _ in sections:
+        md += [f"## {bb}", "", render_markdown(sub, drop=["backbone"]), ""] + computed[bb][0]
     md += ["## Provenance", ""]
     for title, lines in prov:
         md += [f"### {title}", ""] + [f"- {x}" for x in lines] + [""]
@@ -744,7 +1216,7 @@ def build_report(
 
     # ---- html
     parts = []
-    for bb, sub, sub_sel in sections:
+    for bb, sub, sub_sel, _ in sections:
         plots = "".join(
             f"<img src='{plot_metric(sub, h)}' alt='{html.escape(h)} vs steps'>"
             for h in metric_columns(sub)
@@ -756,6 +1228,7 @@ def build_report(
             + "<h3>Metric versus steps</h3><div class='plots'>"
             + plots
             + "</div>"
+            + computed[bb][1]
             + (f"<h3>Samples</h3>{grid}" if grid else "")
         )
     warnings += late_warn
@@ -776,14 +1249,15 @@ def build_report(
 
     # ---- latex
     tex = ["% cdmbench report; needs \\usepackage{booktabs}", f"% {intro.replace('`', '')}", ""]
-    for bb, sub, _ in sections:
+    for bb, sub, _, _ in sections:
         tex.append(
             render_latex(sub, f"{bb}. {_caption(sub)}", f"tab:cdmbench-{bb}", drop=["backbone"])
         )
 
     # ---- csv: plain metric names, plain numbers
     plain = {h: name for h, (name, _) in metric_columns(table).items()}
-    plain.update({c: c.replace(" std", "_std") for c in table.columns if str(c).endswith(" std")})
+    aux = {_aux(name, a): f"{name}_{a}" for name, _ in metric_columns(table).values() for a in AUX}
+    plain.update({c: aux[c] for c in table.columns if c in aux})
     csv = table.rename(columns=plain).to_csv(index=False)
 
     out = ReportOutputs(

@@ -7,13 +7,19 @@ Appends take a file lock (so concurrent ``cdmbench eval`` processes lose nothing
 whole lines in one call; a line cut short by a crash is reported with its location and
 skipped by readers, and the next append starts on a fresh line.
 
-Selection, shared by the report and the regression check. ``select(latest=True)`` keeps the
-newest record (by time, then run id) per (backbone, method, steps, metric, prompt set, seed),
-and of those only the run that produced the newest one (another run id is another model);
-``latest_values`` averages its seeds into one number per (backbone, method, steps, metric) on
-the newest prompt set. ``select(latest=False)`` keeps every run and seed (re-evaluations of the
-same run, seed and step count collapse to the newest). A record without a stored direction
-takes the one its metric declares (:func:`cdmbench.metrics.base.value_spec`).
+Selection, shared by the report and the regression check. A *cell* is (backbone, method,
+variant, steps, metric) on one prompt set. ``select(latest=True)`` keeps, per cell, the records
+of the newest configuration (``config_key``: a run's settings and budget without its seed; a
+changed configuration or budget replaces the old one, so records of different budgets are never
+mixed), and of those the newest record per (training seed, evaluation seed): the seeds of one
+configuration are its samples. ``select(latest=False)`` keeps every run and seed
+(re-evaluations of the same run, seed and step count collapse to the newest).
+:func:`cell_stats` aggregates a cell: mean, sample standard deviation, n (the number of
+(training seed, evaluation seed) samples) and the 95 % Student t-interval over them.
+``latest_values`` is its short form on each cell's newest prompt set. Records written before
+variants and seeds were recorded load as variant "", training seed = their seed and
+configuration = their run. A record without a stored direction takes the one its metric
+declares (:func:`cdmbench.metrics.base.value_spec`).
 """
 
 from __future__ import annotations
@@ -35,8 +41,10 @@ import pandas as pd
 from cdmbench.errors import UserError
 
 RECORDS = "records.jsonl"
-LATEST_KEYS = ["backbone", "method", "steps", "metric", "prompt_set", "seed"]
-VALUE_KEYS = ["backbone", "method", "steps", "metric"]
+CELL_KEYS = ["backbone", "method", "variant", "steps", "metric"]
+SAMPLE_KEYS = ["train_seed", "seed"]  # the samples of one cell
+VALUE_KEYS = CELL_KEYS
+CONFIDENCE = 0.95  # of the intervals over seeds
 
 
 class Record(TypedDict):
@@ -66,6 +74,10 @@ class Record(TypedDict):
     time: str  # ISO 8601, local time with offset
     eval_key: str  # content key of the sample set
     samples: str  # the sample folder
+    variant: str  # run.json "variant" ("tuned", "paper", ...); "" for the teacher
+    train_seed: int | None  # run.json "train_seed"; None for the teacher
+    config_key: str  # run.json "config_key" (settings without the seed); the teacher's run id
+    train_cost: dict[str, Any]  # run.json "cost" (FLOPs, images, passes, ...); {} if none
 
 
 RECORD_FIELDS: tuple[str, ...] = tuple(Record.__annotations__)
@@ -291,8 +303,20 @@ def records_frame(
             continue
         rows.append(row)
     df = pd.DataFrame(rows)
-    for col in ("run_id", "prompt_set", "time", "seed", "samples", "checkpoint"):
+    for col in ("run_id", "prompt_set", "time", "seed", "samples", "checkpoint", "variant"):
         df[col] = [_text(v) for v in df[col]] if col in df.columns else ""
+    # records from before variants and seeds were recorded: one run = one configuration, and
+    # the evaluation seed stands for the training seed
+    df["train_seed"] = [
+        s if "train_seed" not in r else _text(r["train_seed"])
+        for r, s in zip(rows, df["seed"], strict=True)
+    ]
+    df["config_key"] = [
+        _text(r.get("config_key")) or run for r, run in zip(rows, df["run_id"], strict=True)
+    ]
+    df["train_cost"] = [
+        r.get("train_cost") if isinstance(r.get("train_cost"), dict) else {} for r in rows
+    ]
     df["higher_is_better"] = (
         [_as_bool(v) for v in df["higher_is_better"]] if "higher_is_better" in df.columns else None
     )
@@ -331,38 +355,136 @@ def select(df: pd.DataFrame, latest: bool = True) -> pd.DataFrame:
     if df.empty:
         return df
     df = df.sort_values(["_t", "time", "run_id"], na_position="first", kind="stable")
+    cell = CELL_KEYS + ["prompt_set"]
     if not latest:
-        return df.drop_duplicates(LATEST_KEYS[:-1] + ["run_id", "seed"], keep="last")
-    df = df.drop_duplicates(LATEST_KEYS, keep="last")
-    newest_run = df.groupby(LATEST_KEYS[:-1], sort=False)["run_id"].transform("last")
-    return df[df["run_id"] == newest_run]
+        return df.drop_duplicates(cell + ["run_id", "seed"], keep="last")
+    newest_config = df.groupby(cell, sort=False)["config_key"].transform("last")
+    df = df[df["config_key"] == newest_config]
+    return df.drop_duplicates(cell + SAMPLE_KEYS, keep="last")
+
+
+def t_quantile(p: float, dof: int) -> float:
+    """The p-quantile of Student's t distribution with ``dof`` degrees of freedom."""
+    from scipy.stats import t
+
+    return float(t.ppf(p, dof))
+
+
+def t_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> tuple[float, float, int]:
+    """(mean, half-width of the two-sided Student t-interval, n) of the finite values; the
+    half-width is NaN below two values (one sample says nothing about the spread)."""
+    v = [float(x) for x in values if x is not None and math.isfinite(float(x))]
+    n = len(v)
+    if n == 0:
+        return math.nan, math.nan, 0
+    mean = sum(v) / n
+    if n < 2:
+        return mean, math.nan, n
+    sd = math.sqrt(sum((x - mean) ** 2 for x in v) / (n - 1))
+    return mean, t_quantile(0.5 + confidence / 2, n - 1) * sd / math.sqrt(n), n
+
+
+STAT_COLUMNS = CELL_KEYS + [
+    "prompt_set",
+    "mean",
+    "std",
+    "n",
+    "ci",
+    "lo",
+    "hi",
+    "higher_is_better",
+    "config_key",
+    "train_cost",
+    "n_runs",
+]
+
+
+def cell_stats(
+    df: pd.DataFrame,
+    newest_prompt_set: bool = False,
+    all_configs: bool = False,
+    confidence: float = CONFIDENCE,
+) -> pd.DataFrame:
+    """One row per cell (and prompt set): the statistics over its (training seed, evaluation
+    seed) samples. Columns: STAT_COLUMNS — mean, sample std (NaN for n = 1), n, ci (half-width
+    of the 95 % Student t-interval, n - 1 degrees of freedom; NaN for n = 1), lo/hi (mean -/+
+    ci), train_cost (the cost of the cell's newest run, its "flops", "wall_s", "images" and
+    "teacher_nfe" averaged over the cell's runs) and n_runs.
+
+    ``newest_prompt_set``: only each cell's newest prompt set (one row per cell).
+    ``all_configs``: every configuration of a cell is its own row (as for budgets compared at
+    matched compute); by default only the newest, as :func:`select` keeps.
+    """
+    df = _normalised(df)
+    if df.empty:
+        return pd.DataFrame(columns=STAT_COLUMNS)
+    cell = CELL_KEYS + ["prompt_set"]
+    if all_configs:
+        df = df.sort_values(["_t", "time", "run_id"], na_position="first", kind="stable")
+        sel = df.drop_duplicates(cell + ["config_key"] + SAMPLE_KEYS, keep="last")
+        group = cell + ["config_key"]
+    else:
+        sel = select(df, latest=True)
+        group = cell
+    if newest_prompt_set:
+        newest_ps = sel.groupby(CELL_KEYS, sort=False)["prompt_set"].transform("last")
+        sel = sel[sel["prompt_set"] == newest_ps]
+    rows = []
+    for key, g in sel.groupby(group, sort=False):
+        vals = [float(x) for x in g["value"]]
+        mean, ci, n = t_interval(vals, confidence)
+        finite = [x for x in vals if math.isfinite(x)]
+        if n == 0 and vals:
+            mean = vals[-1]  # a non-finite value stays visible (and fails a check)
+        std = float(pd.Series(finite).std()) if len(finite) > 1 else math.nan
+        hib = [h for h in g["higher_is_better"] if isinstance(h, bool)]
+        row = dict(zip(group, key, strict=True))
+        rows.append(
+            {
+                **row,
+                "mean": mean,
+                "std": std,
+                "n": n,
+                "ci": ci,
+                "lo": mean - ci,
+                "hi": mean + ci,
+                "higher_is_better": hib[-1] if hib else None,
+                "config_key": g["config_key"].iloc[-1],
+                "train_cost": run_cost(g),
+                "n_runs": int(g["run_id"].nunique()),
+            }
+        )
+    out = pd.DataFrame(rows, columns=STAT_COLUMNS)
+    return order_rows(out, ["backbone", "method", "variant", "steps", "metric"])
+
+
+COST_MEANS = ("flops", "wall_s", "images", "teacher_nfe")  # averaged over a cell's runs
+
+
+def run_cost(g: pd.DataFrame) -> dict[str, Any]:
+    """The training cost of a cell's records: the newest run's, with the COST_MEANS fields
+    averaged over its runs (seeds of one configuration cost about the same)."""
+    costs = [c for c in g.drop_duplicates("run_id", keep="last")["train_cost"] if c]
+    if not costs:
+        return {}
+    out = dict(costs[-1])
+    for k in COST_MEANS:
+        nums = [float(c[k]) for c in costs if isinstance(c.get(k), (int, float))]
+        if nums:
+            out[k] = sum(nums) / len(nums)
+    return out
 
 
 def latest_values(df: pd.DataFrame) -> pd.DataFrame:
-    """One number per (backbone, method, steps, metric): the latest selection, newest prompt set,
-    mean over seeds. Columns: those keys, value, std, n_seeds, higher_is_better, prompt_set."""
-    cols = VALUE_KEYS + ["value", "std", "n_seeds", "higher_is_better", "prompt_set"]
-    sel = select(df, latest=True)
-    if sel.empty:
+    """One number per cell (backbone, method, variant, steps, metric) on its newest prompt set:
+    the mean over the newest configuration's seeds. Columns: those keys, value, std, n_seeds
+    (the number of samples), ci, higher_is_better, prompt_set."""
+    cols = VALUE_KEYS + ["value", "std", "n_seeds", "ci", "higher_is_better", "prompt_set"]
+    st = cell_stats(df, newest_prompt_set=True)
+    if st.empty:
         return pd.DataFrame(columns=cols)
-    newest_ps = sel.groupby(VALUE_KEYS, sort=False)["prompt_set"].transform("last")
-    sel = sel[sel["prompt_set"] == newest_ps]
-    rows = []
-    for key, g in sel.groupby(VALUE_KEYS, sort=False):
-        v = g["value"]
-        hib = [h for h in g["higher_is_better"] if isinstance(h, bool)]
-        rows.append(
-            {
-                **dict(zip(VALUE_KEYS, key, strict=True)),
-                "value": float(v.mean()),
-                "std": float(v.std()) if len(v) > 1 else math.nan,
-                "n_seeds": int(g["seed"].nunique()),
-                "higher_is_better": hib[-1] if hib else None,
-                "prompt_set": g["prompt_set"].iloc[-1],
-            }
-        )
-    out = pd.DataFrame(rows, columns=cols)
-    return order_rows(out, ["backbone", "method", "steps", "metric"])
+    out = st.rename(columns={"mean": "value", "n": "n_seeds"})
+    return out[cols].reset_index(drop=True)
 
 
 def method_key(m: Any) -> tuple[int, str]:

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import csv
 
+import pytest
+
+from cdmbench.bench import BenchConfig, parse_seeds, parse_variants, units
 from cdmbench.cli import main
+from cdmbench.errors import UserError
 
 
 def _main(*argv: str) -> int:
@@ -58,3 +62,41 @@ def test_bench_report_check(tmp_path, monkeypatch, capsys):
         w.writeheader()
         w.writerows(rows)
     assert _main("check", "--baseline", str(base)) == 1
+
+
+def test_seed_and_variant_lists():
+    assert parse_seeds("0, 1,2") == (0, 1, 2) and parse_seeds("7") == (7,)
+    for bad, why in (
+        ("", "bad seed list"),
+        ("0,,1", "bad seed list"),
+        ("0,x", "'x' is not an integer"),
+        ("-1", ">= 0"),
+        ("1,1", "duplicate seeds"),
+    ):
+        with pytest.raises(UserError, match=why):
+            parse_seeds(bad)
+    assert parse_variants("tuned,paper") == ("tuned", "paper")
+    for bad, why in (
+        ("", "empty item"),
+        ("tuned,best", "'best' is not a variant"),
+        ("paper,paper", "duplicate"),
+    ):
+        with pytest.raises(UserError, match=why):
+            parse_variants(bad)
+    # the unit of work: every method in every variant at every seed, seeds outermost
+    cfg = BenchConfig(methods=("cdm", "cd"), seeds=(0, 1), variants=("tuned", "paper"))
+    got = [(u.method, u.variant, u.seed) for u in units(cfg)]
+    assert got[:4] == [
+        ("cdm", "tuned", 0),
+        ("cdm", "paper", 0),
+        ("cd", "tuned", 0),
+        ("cd", "paper", 0),
+    ]
+    assert len(got) == 8 and {s for _, _, s in got[4:]} == {1}
+
+
+def test_bad_seeds_option_is_one_line_exit_2(capsys):
+    assert _main("bench", "--seeds", "0,a") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "bad seed list '0,a'" in err[0]
+    assert _main("bench", "--variants", "tuned,nope") == 2

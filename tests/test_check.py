@@ -79,13 +79,16 @@ def test_baseline_file_format(baseline):
     assert list(df.columns) == [
         "backbone",
         "method",
+        "variant",
         "steps",
         "metric",
         "value",
+        "n",
+        "std",
         "higher_is_better",
         "tolerance",
     ]
-    assert (df["tolerance"] == "").all()
+    assert (df["tolerance"] == "").all() and (df["n"] == 1).all() and (df["std"] == "").all()
     assert df.iloc[0][["method", "steps"]].tolist() == ["teacher", 1]  # teacher first
     assert len(read_baseline(baseline)) == len(BASE)
 
@@ -320,3 +323,71 @@ def test_check_uses_only_public_names_of_report():
         if a.name.startswith("_")
     ]
     assert private == []
+
+
+# ------------------------------------------------------------------ seeds and variants
+def seeded(
+    tmp: Path, name: str, values: dict[int, float], variant: str = "tuned", t: int = 0
+) -> Path:
+    """cdm @ 1 step fd_digits of one configuration at several training seeds (seed -> value)."""
+    out = []
+    for seed, v in values.items():
+        r = recs({("cdm", 1, "fd_digits"): v}, t=t)[0]
+        r.update(
+            run_id=f"cdm-{variant}-{seed}",
+            seed=seed,
+            train_seed=seed,
+            variant=variant,
+            config_key=f"cfg-{variant}",
+        )
+        out.append(r)
+    ResultStore(tmp / name).append(out)
+    return tmp / name
+
+
+def test_baseline_carries_seeds_and_spread_widens_the_tolerance(tmp_path):
+    base_dir = seeded(tmp_path, "base", {0: 38.0, 1: 40.0, 2: 42.0})
+    path = tmp_path / "b.csv"
+    rows = write_baseline(base_dir, path)
+    assert rows[["variant", "n"]].values.tolist() == [["tuned", 3]]
+    assert rows["std"].iloc[0] == pytest.approx(2.0)
+    b = read_baseline(path).iloc[0]
+    assert (b["variant"], b["n"], b["std"]) == ("tuned", 3, pytest.approx(2.0))
+    # mean 48 vs 40 (+20 %): 2 SE = 2 sqrt(4/3 + 4/3) = 3.27 is below the 15 % tolerance (6.0),
+    # which applies: a regression
+    worse = seeded(tmp_path, "worse", {0: 46.0, 1: 48.0, 2: 50.0})
+    assert verdict(check(worse, path)) == "REGRESSION"
+    # a noisy current run: std 10, n 3 -> 2 SE = 2 sqrt(4/3 + 100/3) = 11.8 > 6.0 tolerance
+    noisy = seeded(tmp_path, "noisy", {0: 38.0, 1: 48.0, 2: 58.0})
+    res = check(noisy, path)
+    row = next(r for r in res.rows if r.metric == "fd_digits")
+    assert row.verdict == "ok" and row.tolerance.endswith("(2 SE)") and row.n_now == 3
+    assert float(row.tolerance.split()[0]) == pytest.approx(2 * (4 / 3 + 100 / 3) ** 0.5, 1e-3)
+    assert verdict(check(noisy, path, spread_k=0)) == "REGRESSION"  # off: the 15 % applies
+    with pytest.raises(UserError, match="spread k"):
+        check(noisy, path, spread_k=-1)
+
+
+def test_variants_are_separate_cells_and_an_old_baseline_matches_tuned(tmp_path):
+    res = seeded(tmp_path, "r", {0: 40.0, 1: 40.0}, variant="tuned")
+    ResultStore(res).append(
+        ResultStore(seeded(tmp_path, "p", {0: 90.0, 1: 90.0}, variant="paper")).read().records
+    )
+    path = tmp_path / "b.csv"
+    write_baseline(res, path)
+    result = check(res, path)
+    assert {(r.variant, r.verdict) for r in result.rows} == {("tuned", "ok"), ("paper", "ok")}
+    # a baseline written before variants: its cdm row is compared with the tuned cell
+    old = tmp_path / "old.csv"
+    old.write_text("backbone,method,steps,metric,value\ndigits,cdm,1,fd_digits,40.0\n")
+    rows = check(res, old).rows
+    assert [(r.variant, r.verdict) for r in rows if r.baseline is not None] == [("tuned", "ok")]
+    assert [(r.variant, r.verdict) for r in rows if r.baseline is None] == [("paper", "new")]
+
+
+@pytest.mark.parametrize("col, bad", [("n", "0"), ("std", "-1")])
+def test_bad_seed_columns_are_user_errors(tmp_path, col, bad):
+    path = tmp_path / "b.csv"
+    path.write_text(f"backbone,method,steps,metric,value,{col}\ndigits,cdm,1,fd_digits,1.0,{bad}\n")
+    with pytest.raises(UserError, match=f"bad {col}"):
+        read_baseline(path)

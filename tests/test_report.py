@@ -1,4 +1,5 @@
-"""Report: pivot (latest/all, order, arrows, best per step count), outputs, warnings, filters."""
+"""Report: pivot (latest/all, order, arrows, intervals, best per step count where separated),
+outputs, warnings, filters."""
 
 from __future__ import annotations
 
@@ -94,9 +95,18 @@ def make_samples(root: Path, name: str, n: int = 4, px: int = 8) -> str:
     return str(folder)
 
 
+SEEDS = (0, 1, 2)
+
+
+def jitter(v: float, seed: int) -> float:
+    """Seed 0, 1, 2 of a value: -1 %, 0, +1 % (mean v, std 1 % of v)."""
+    return v * (1 + 0.01 * (seed - 1))
+
+
 @pytest.fixture
 def results(tmp_path: Path) -> Path:
-    """Teacher and two students at 1 and 2 steps (teacher also at 50), with sample folders."""
+    """Teacher and two students at 1 and 2 steps (teacher also at 50), three seeds each (1 %
+    spread), with sample folders."""
     res = tmp_path / "results"
     samples = tmp_path / "samples"
     fd = {
@@ -120,8 +130,11 @@ def results(tmp_path: Path) -> Path:
     recs = []
     for t, (key, v) in enumerate(fd.items()):
         folder = make_samples(samples, f"{key[0]}-{key[1]}")
-        recs.append(rec(*key, "fd_digits", v, t=2 * t, samples=folder))
-        recs.append(rec(*key, "prompt_acc", acc[key], t=2 * t + 1, samples=folder))
+        for s in SEEDS:
+            recs.append(rec(*key, "fd_digits", jitter(v, s), seed=s, t=2 * t, samples=folder))
+            recs.append(
+                rec(*key, "prompt_acc", jitter(acc[key], s), seed=s, t=2 * t + 1, samples=folder)
+            )
     ResultStore(res).append(recs)
     return res
 
@@ -135,7 +148,21 @@ def test_pivot_order_arrows_and_values(results):
     df, warnings = load_records(results)
     table = pivot(df)
     assert warnings == []
-    assert list(table.columns) == ["backbone", "method", "steps", "fd_digits ↓", "prompt_acc ↑"]
+    assert list(table.columns) == [
+        "backbone",
+        "method",
+        "variant",
+        "steps",
+        "n",
+        "fd_digits ↓",
+        "fd_digits std",
+        "fd_digits ci",
+        "fd_digits n",
+        "prompt_acc ↑",
+        "prompt_acc std",
+        "prompt_acc ci",
+        "prompt_acc n",
+    ]
     assert list(zip(table["method"], table["steps"], strict=True)) == [
         ("teacher", 1),
         ("teacher", 2),
@@ -146,7 +173,10 @@ def test_pivot_order_arrows_and_values(results):
         ("dmd", 2),
     ]
     row = table[(table["method"] == "dmd") & (table["steps"] == 1)].iloc[0]
-    assert row["fd_digits ↓"] == 40.0 and row["prompt_acc ↑"] == 0.85
+    assert math.isclose(row["fd_digits ↓"], 40.0) and math.isclose(row["prompt_acc ↑"], 0.85)
+    assert row["n"] == 3 and row["fd_digits n"] == 3
+    assert math.isclose(row["fd_digits std"], 0.4)
+    assert math.isclose(row["fd_digits ci"], 4.302653 * 0.4 / math.sqrt(3), rel_tol=1e-6)
 
 
 def test_best_marked_per_step_count_not_per_column(results):
@@ -157,14 +187,14 @@ def test_best_marked_per_step_count_not_per_column(results):
     # lowest fd at 1 step is dmd (40), at 2 steps cdm (25); teacher alone at 50: unmarked
     assert ("dmd", 1, "fd_digits ↓") in best and ("cdm", 2, "fd_digits ↓") in best
     assert not any(steps == 50 for _, steps, _ in best)
-    # prompt_acc higher is better; a tie at 2 steps marks both students
+    # prompt_acc higher is better; the tie at 2 steps (overlapping intervals) marks nobody
     assert ("dmd", 1, "prompt_acc ↑") in best
-    assert {("cdm", 2, "prompt_acc ↑"), ("dmd", 2, "prompt_acc ↑")} <= best
+    assert not {("cdm", 2, "prompt_acc ↑"), ("dmd", 2, "prompt_acc ↑")} & best
     assert ("teacher", 1, "fd_digits ↓") not in best
     md = render_markdown(table, drop=["backbone"])
-    assert "| dmd | 1 | **40.0** | **0.850** |" in md
-    assert "| teacher | 50 | 10.0 | 0.990 |" in md
-    assert "best value at that step count" in md
+    assert "| dmd | 1 | 3 | **40.0 ± 1.0** | **0.850 ± 0.021** |" in md
+    assert "| teacher | 50 | 3 | 10.0 ± 0.2 | 0.990 ± 0.025 |" in md
+    assert "95 % t-interval over seeds" in md and "separated from" in md
 
 
 def test_pivot_accepts_raw_store_dataframe(results):
@@ -209,8 +239,10 @@ def test_seeds_mean_std(tmp_path):
     # seed 2 belongs to another (older) run: not averaged with the newest run's seeds
     assert latest["fd_digits ↓"].iloc[0] == 12.0
     assert math.isclose(latest["fd_digits std"].iloc[0], math.sqrt(8.0))
-    assert latest["seeds"].iloc[0] == 2
-    assert "12.00 ± 2.83" in render_markdown(latest)
+    assert latest["n"].iloc[0] == 2
+    # n = 2: t_{0.975, 1} = 12.706205 times std / sqrt(2)
+    assert math.isclose(latest["fd_digits ci"].iloc[0], 12.706205 * 2.0, rel_tol=1e-6)
+    assert "12.00 ± 25.41" in render_markdown(latest)
     every = pivot(df, latest=False)
     summary = every[every["seed"] == SUMMARY_SEED]
     assert len(summary) == 1 and summary["fd_digits ↓"].iloc[0] == 12.0
@@ -222,7 +254,7 @@ def test_build_report_outputs(results, tmp_path):
     for f in out.files:
         assert f.is_file() and f.stat().st_size > 0
     assert not list((tmp_path / "out").glob(".*.tmp"))
-    assert out.warnings == [] and out.n_records == 14
+    assert out.warnings == [] and out.n_records == 42
     md = out.markdown.read_text()
     for text in (
         "fd_digits ↓",
@@ -231,14 +263,17 @@ def test_build_report_outputs(results, tmp_path):
         "cpu (test)",
         "digits-abc",
         "Metric configs",
-        "**25.0**",
+        "**25.0 ± 0.6**",
     ):
         assert text in md
     csv = pd.read_csv(out.csv)
-    assert list(csv.columns) == ["backbone", "method", "steps", "fd_digits", "prompt_acc"]
-    assert csv["fd_digits"].dtype.kind == "f"
+    assert list(csv.columns) == ["backbone", "method", "variant", "steps", "n"] + [
+        f"{m}{a}" for m in ("fd_digits", "prompt_acc") for a in ("", "_std", "_ci", "_n")
+    ]
+    assert csv["fd_digits"].dtype.kind == "f" and csv["fd_digits_ci"].dtype.kind == "f"
+    assert set(csv["fd_digits_n"]) == {3}
     tex = out.latex.read_text()
-    assert "\\toprule" in tex and "\\bottomrule" in tex and "\\textbf{25.0}" in tex
+    assert "\\toprule" in tex and "\\bottomrule" in tex and "\\textbf{25.0 $\\pm$ 0.6}" in tex
     assert "fd\\_digits $\\downarrow$" in tex
     page = out.html.read_text()
     refs = re.findall(r"""(?:src|href)\s*=\s*["']?([^"'\s>]*)""", page, flags=re.I)
@@ -248,7 +283,7 @@ def test_build_report_outputs(results, tmp_path):
     assert "data:image/png;base64," in page
     imgs = re.findall(r"<img src='data:image/png;base64,([^']+)' alt='([^']*)'", page)
     plots = [a for _, a in imgs if "vs steps" in a]
-    cells = {a: b for b, a in imgs if "vs steps" not in a}
+    cells = {a: b for b, a in imgs if ", " in a}
     assert len(plots) == 2
     assert set(cells) == {
         "teacher, 1 step",
@@ -274,7 +309,7 @@ def test_corrupt_line_is_a_warning(results, tmp_path):
     del no_backbone["backbone"]
     ResultStore(results).append([rec("cdm", 4, "fd_digits", 20.0, t=100), no_backbone])
     out = build_report(results, tmp_path / "out", samples_per_cell=0)
-    assert any("records.jsonl:15" in w and "unreadable" in w for w in out.warnings)
+    assert any("records.jsonl:43" in w and "unreadable" in w for w in out.warnings)
     assert any("skipped: no 'backbone'" in w for w in out.warnings)
     assert "## Warnings" in out.markdown.read_text()
     assert "unreadable record" in out.html.read_text()
@@ -297,7 +332,17 @@ def test_filters(results, tmp_path):
         samples_per_cell=0,
     )
     assert set(out.table["method"]) == {"teacher", "dmd"}
-    assert list(out.table.columns) == ["backbone", "method", "steps", "fd_digits ↓"]
+    assert list(out.table.columns) == [
+        "backbone",
+        "method",
+        "variant",
+        "steps",
+        "n",
+        "fd_digits ↓",
+        "fd_digits std",
+        "fd_digits ci",
+        "fd_digits n",
+    ]
     out = build_report(
         results, tmp_path / "o2", backbone="digits", methods="cdm", samples_per_cell=0
     )
@@ -336,4 +381,4 @@ def test_render_rich_marks_best(results):
     console = Console(record=True, width=120)
     console.print(render_rich(pivot(load_records(results)[0])))
     text = console.export_text()
-    assert "40.0*" in text and "fd_digits ↓" in text and "10.0*" not in text
+    assert "40.0 ± 1.0*" in text and "fd_digits ↓" in text and "10.0 ± 0.2*" not in text
