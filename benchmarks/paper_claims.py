@@ -7,10 +7,11 @@ GAN: CDM without auxiliary objectives competes with DMD2 with its GAN head. This
 measures each on the embedded backbone with the harness's own commands:
 
 1. ``cdmbench bench --seeds S --variants tuned,paper`` (reuses any finished run in --runs);
-2. ``cdmbench train dmd2 --set method.gan=true --seed s`` for every seed: DMD2 tuned with its
-   GAN head on (classifier on the fake score's features, real digits; official loss weights);
-3. ``cdmbench eval --steps 1..8`` of every tuned student (and the GAN variant) and the
-   teacher, with domain FD, prompt accuracy, recall and per-class recall;
+2. ``cdmbench train dmd2 --set method.gan=...`` for every seed: DMD2 tuned with its GAN head
+   switched the other way (classifier on the fake score's features, real digits, official
+   loss weights), so DMD2 is measured with and without it;
+3. ``cdmbench eval --steps 1..8 --run-seeds`` of every student and the teacher, each at its
+   own training seed, with domain FD, prompt accuracy, recall and per-class recall;
 
 then writes ``claims.md`` (tables with mean ± 95 % interval and a verdict per claim, computed
 from the intervals, never asserted), ``claims.csv`` and ``fd_vs_steps.png`` into --results,
@@ -64,17 +65,20 @@ def main() -> None:
             "bench", "--backbone", "digits", "--seeds", args.seeds, "--variants", "tuned,paper",
             "--metrics", METRICS, "--workers", args.workers, *common,
         )  # fmt: skip
+        from cdmbench.registry import METHODS
+
+        other = not METHODS.get("dmd2").default_config("digits").gan  # tuned's GAN, flipped
         for s in seeds:
             sh(
                 "train", "dmd2", "--backbone", "digits", "--seed", str(s),
-                "--set", "method.gan=true", "--out", args.runs, "--device", "cpu",
+                "--set", f"method.gan={str(other).lower()}", "--out", args.runs, "--device", "cpu",
             )  # fmt: skip
-        for s in seeds:
-            # every student of the runs folder and the teacher, at 1-8 steps, eval seed = s
-            sh(
-                "eval", "--backbone", "digits", "--steps", ALL_STEPS, "--metrics", METRICS,
-                "--seed", str(s), "--device", "cpu", *common,
-            )  # fmt: skip
+        # every student of the runs folder (each variant's newest configuration, every seed)
+        # and the teacher, at 1-8 steps, each at its own training seed
+        sh(
+            "eval", "--backbone", "digits", "--steps", ALL_STEPS, "--metrics", METRICS,
+            "--run-seeds", "--device", "cpu", *common,
+        )  # fmt: skip
     analyse(Path(args.results))
 
 
@@ -212,10 +216,14 @@ def claim_modes(cells: pd.DataFrame) -> list[str]:
 
 
 def claim_gan(cells: pd.DataFrame) -> list[str]:
+    from cdmbench.registry import METHODS
+
     labs = _labels(cells)
-    gan = [lab for lab in labs if lab.startswith("dmd2") and "gan" in lab]
-    rows = ["cdm (tuned)", "dmd2 (tuned)", *gan, *[lab for lab in labs if lab == "dmd2 (paper)"]]
-    rows = [r for r in rows if r in labs]
+    tuned_gan = METHODS.get("dmd2").default_config("digits").gan
+    flipped = [lab for lab in labs if lab.startswith("dmd2 (tuned") and "gan=" in lab]
+    with_gan = "dmd2 (tuned)" if tuned_gan else (flipped[0] if flipped else None)
+    without = (flipped[0] if flipped else None) if tuned_gan else "dmd2 (tuned)"
+    rows = [r for r in ("cdm (tuned)", without, with_gan, "dmd2 (paper)") if r in labs]
     out = ["## (c) No GAN needed\n"]
     out.append(
         "CDM (no auxiliary objective) against DMD2 without and with its GAN head (classifier "
@@ -223,20 +231,17 @@ def claim_gan(cells: pd.DataFrame) -> list[str]:
     )
     out += _table(cells, rows, [1, 2, 4], "fd_digits")
     out.append("")
+    word = {1: "better than", -1: "worse than", 0: "tied with"}
     for s in (1, 2, 4):
         c = _get(cells, "cdm (tuned)", s, "fd_digits")
-        for g in gan:
-            r = _get(cells, g, s, "fd_digits")
-            sep = _separated(c, r)
-            word = {1: "better than", -1: "worse than", 0: "tied with"}[sep]
-            if c is not None and r is not None:
-                out.append(f"- {s} steps: cdm (tuned) {_fmt(c)} is {word} {g} {_fmt(r)}")
-            base = _get(cells, "dmd2 (tuned)", s, "fd_digits")
-            if base is not None and r is not None:
-                word = {1: "improves on", -1: "is worse than", 0: "is tied with"}[
-                    _separated(r, base)
-                ]
-                out.append(f"- {s} steps: the GAN head {word} DMD2 without it ({_fmt(base)})")
+        g = _get(cells, with_gan, s, "fd_digits") if with_gan else None
+        n = _get(cells, without, s, "fd_digits") if without else None
+        if c is not None and g is not None:
+            out.append(f"- {s} steps: cdm (tuned) {_fmt(c)} is {word[_separated(c, g)]} DMD2 "
+                       f"with its GAN head {_fmt(g)}")  # fmt: skip
+        if g is not None and n is not None:
+            out.append(f"- {s} steps: DMD2 with the GAN head {_fmt(g)} is "
+                       f"{word[_separated(g, n)]} DMD2 without it {_fmt(n)}")  # fmt: skip
     out.append("")
     return out
 

@@ -459,6 +459,14 @@ def eval_cmd(
         int | None, typer.Option(help="Samples per prompt (default: the backbone's eval_samples).")
     ] = None,
     seed: Annotated[int, typer.Option(help="Run seed; per-sample seeds derive from it.")] = 0,
+    run_seeds: Annotated[
+        bool,
+        typer.Option(
+            "--run-seeds",
+            help="Evaluate each student at its own training seed and the teacher at each of "
+            "those seeds, as `bench --seeds` does (instead of every model at --seed).",
+        ),
+    ] = False,
     runs: Annotated[Path, typer.Option(help="Root of training run directories.")] = Path("runs"),
     samples: Annotated[
         Path, typer.Option(help="Where generated samples are kept (content-keyed).")
@@ -602,16 +610,23 @@ def eval_cmd(
         runs, bb, [m for m in wanted if m != "teacher"] if wanted else None, device, weights
     )
     batch_size = batch_size or defaults.eval_batch
+    # (eval seed, models): every model at --seed, or each student at its training seed
+    groups: dict[int, list] = {seed: cands + students}
+    if run_seeds:
+        groups = {}
+        for c in students:
+            groups.setdefault(int(c.provenance.get("train_seed") or 0), []).append(c)
+        groups = {s: cands + groups.get(s, []) for s in sorted(groups) or [seed]}
     plans = [
         EvalPlan(
             bb,
-            cands + students,
+            models,
             step_list,
             pair.metrics,
             pair.prompts,
             pair.prompt_set,
             pair.per_prompt,
-            seed,
+            eval_seed,
             samples,
             ResultStore(results),
             batch_size,
@@ -619,6 +634,7 @@ def eval_cmd(
             compile=mode,
             recompute=tuple(m for m in again if m in pair.metrics),
         )
+        for eval_seed, models in groups.items()
         for pair in pairs
     ]
     with Progress(

@@ -142,35 +142,64 @@ def run_candidates(
     device: str = "cpu",
     weights: str = "ema",
 ) -> list[Candidate]:
-    """The newest finished run of each method under ``runs_root/<backbone>`` trained with
-    this backbone's settings (those that change results); ``weights``: as in
-    :func:`candidates_from_dirs`."""
+    """The finished runs under ``runs_root/<backbone>`` trained with this backbone's settings
+    (those that change results): per method and variant, every seed of its newest
+    configuration (run.json ``config_key``; a run without one is a configuration of its own).
+    ``weights``: as in :func:`candidates_from_dirs`."""
     root = Path(runs_root) / backbone.name
-    newest: dict[str, Path] = {}
     mine = backbone.run_settings()
+    # (method, variant) -> (config key, [run dirs]) of the newest configuration, by mtime
+    newest: dict[tuple[str, str], tuple[str, list[Path]]] = {}
     for info in (
         sorted(root.glob("*/run.json"), key=lambda p: p.stat().st_mtime) if root.is_dir() else []
     ):
         method = info.parent.name.rsplit("-", 1)[0]
-        if (methods is None or method in methods) and _run_settings(backbone, info) == mine:
-            newest[method] = info.parent
+        if methods is not None and method not in methods:
+            continue
+        stored = _run_info(info)
+        if stored is None or _run_settings(backbone, stored) != mine:
+            continue
+        variant = str(stored.get("variant") or "")
+        key = str(stored.get("config_key") or info.parent.name)
+        have = newest.get((method, variant))
+        if have is not None and have[0] == key:
+            have[1].append(info.parent)
+        else:
+            newest[(method, variant)] = (key, [info.parent])
     if methods is not None:
-        missing = [m for m in methods if m != "teacher" and m not in newest]
+        found = {m for m, _ in newest}
+        missing = [m for m in methods if m != "teacher" and m not in found]
         if missing:
             raise UserError(
                 f"no finished run of {', '.join(missing)} on {backbone.name} with "
                 f"these backbone settings under {runs_root}; train it first: "
                 f"cdmbench train {missing[0]} --backbone {backbone.name}"
             )
-    return candidates_from_dirs([newest[m] for m in sorted(newest)], device, weights)
+    dirs = [d for k in sorted(newest) for d in sorted(newest[k][1], key=_train_seed)]
+    return candidates_from_dirs(dirs, device, weights)
 
 
-def _run_settings(backbone: Backbone, run_json: Path) -> dict[str, Any] | None:
-    """The hashed backbone settings a finished run was trained with (None if unreadable)."""
+def _run_info(run_json: Path) -> dict[str, Any] | None:
     try:
-        stored = json.loads(run_json.read_text()).get("backbone_settings") or {}
-        return as_dict(type(backbone).make_settings(stored), hashed_only=True)
-    except (json.JSONDecodeError, UserError, TypeError):
+        info = json.loads(run_json.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return info if isinstance(info, dict) else None
+
+
+def _train_seed(run_dir: Path) -> int:
+    info = _run_info(run_dir / "run.json") or {}
+    seed = info.get("train_seed", (info.get("train") or {}).get("seed", 0))
+    return seed if isinstance(seed, int) else 0
+
+
+def _run_settings(backbone: Backbone, stored: dict[str, Any]) -> dict[str, Any] | None:
+    """The hashed backbone settings a finished run (its run.json) was trained with (None if
+    unreadable)."""
+    try:
+        settings = stored.get("backbone_settings") or {}
+        return as_dict(type(backbone).make_settings(settings), hashed_only=True)
+    except (UserError, TypeError, AttributeError):
         return None
 
 

@@ -26,8 +26,10 @@ Defaults are the official SDXL 4-step script (``experiments/sdxl/sdxl_cond999_8n
 denoising4step_diffusion1000_gan5e-3_guidance8_noinit_noode_backsim_scratch.sh``,
 ``main/train_sd.py``): generator and fake lr 5e-7, AdamW betas (0.9, 0.999), weight decay
 1e-2, real guidance 8.0, update ratio 5, 4-step list [999, 749, 499, 249] / 1000 = [1.0,
-.75, .5, .25] pre-shift, GAN head on with weights 5e-3 / 1e-2, generator step before the fake
-score's, warm-up 500, grad-norm clip 10.
+.75, .5, .25] pre-shift, GAN head weights 5e-3 / 1e-2, generator step before the fake
+score's, warm-up 500, grad-norm clip 10. The GAN head itself is an option (``gan``, off by
+default: it needs real images, which only some backbones carry); the paper variant turns it
+on where the backbone has its own data (digits), the dmd2-sd3 recipe with ``gan_data``.
 """
 
 from __future__ import annotations
@@ -67,7 +69,10 @@ class DMD2Config:
     # backward-simulation list, pre-shift
     train_sigmas: tuple[float, ...] = setting((1.0, 0.75, 0.5, 0.25), gt=0, le=1)
     norm_floor: float = setting(1e-6, gt=0)
-    gan: bool = setting(True)  # the GAN head (--cls_on_clean_image --gen_cls_loss)
+    # the GAN head (--cls_on_clean_image --gen_cls_loss); off unless asked, as it needs real
+    # images a backbone may not have: on in the paper variant where the backbone has its own
+    # data (digits) and in the dmd2-sd3 recipe (with gan_data)
+    gan: bool = setting(False)
     gen_gan_weight: float = setting(5e-3, ge=0)  # --gen_cls_loss_weight (SDXL; SD1.5 1e-3)
     fake_gan_weight: float = setting(1e-2, ge=0)  # --guidance_cls_loss_weight (both)
     # real images for the GAN head: "" = the backbone's own training data (digits); else a
@@ -148,7 +153,7 @@ class DMD2(Method[Simulation]):
         # steps ends after ~8 iterations on the 64 processes that step it (as the sd3 recipe).
         # Guidance 8, TTUR 5, weight decay 1e-2, clip 10, generator first and the GAN head
         # with weights 5e-3 / 1e-2 are theirs.
-        "digits": {"student_lr": 1e-4, "fake_lr": 1e-4, "warmup": 8},
+        "digits": {"student_lr": 1e-4, "fake_lr": 1e-4, "warmup": 8, "gan": True},
     }
 
     def build(self, core: Core) -> dict[str, nn.Module]:

@@ -23,7 +23,9 @@ from cdmbench.training.core import TrainConfig, Trainer
 
 def _gan(**kw) -> DMD2:
     """The official options (GAN head on, generator first), at a lr that moves in a few steps."""
-    base = dict(student_lr=1e-3, fake_lr=1e-3, warmup=0, update_ratio=2, real_guidance=1.0)
+    base = dict(
+        student_lr=1e-3, fake_lr=1e-3, warmup=0, update_ratio=2, real_guidance=1.0, gan=True
+    )
     return DMD2(DMD2Config(**(base | kw)))
 
 
@@ -128,7 +130,9 @@ def _image_folder(root, n: int = 3, size: int = 80):
 def test_tiny_sd3_trains_with_an_image_folder(tmp_path):
     folder = _image_folder(tmp_path / "real")
     bb = TinySD3()
-    m = DMD2(replace(DMD2.default_config("tiny-sd3"), gan_data=str(folder), update_ratio=1))
+    m = DMD2(
+        replace(DMD2.default_config("tiny-sd3"), gan=True, gan_data=str(folder), update_ratio=1)
+    )
     assert m.config.gan and m.config.order == "generator_first" and m.config.clip == 10.0
     tr = Trainer(bb, m, _cfg(iters=2, batch=2), tmp_path / "run")
     assert tr.models["gan_head"].net[0].in_features == bb.feature_width(tr.models["fake"])
@@ -155,7 +159,9 @@ def test_tiny_longcat_reads_its_middle_block_across_both_stacks(tmp_path):
 
     folder = _image_folder(tmp_path / "real", n=2)
     bb = TinyLongCat()
-    m = DMD2(replace(DMD2.default_config("tiny-longcat"), gan_data=str(folder), update_ratio=1))
+    m = DMD2(
+        replace(DMD2.default_config("tiny-longcat"), gan=True, gan_data=str(folder), update_ratio=1)
+    )
     tr = Trainer(bb, m, _cfg(iters=1, batch=2), tmp_path / "run")
     net = tr.models["fake"]
     stack = [*net.transformer_blocks, *net.single_transformer_blocks]
@@ -179,6 +185,7 @@ def test_gan_without_real_images_on_sd3_is_one_line(capsys, tmp_path, extra, fra
         for e in extra
     ]
     argv = ["train", "dmd2", "--backbone", "tiny-sd3", "--iters", "1", "--batch", "2"]
+    argv += ["--set", "method.gan=true"]
     code, _, err = run(capsys, *argv, "--out", str(tmp_path / "runs"), *extra)
     assert code == 2, err
     assert fragment in err and len(err.strip().splitlines()) == 1

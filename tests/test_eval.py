@@ -279,3 +279,27 @@ def test_too_few_samples_stop_before_generating(tmp_path, capsys, metric, prompt
 
     (m,) = build_metrics([metric], get_backbone("digits")).values()
     assert m.too_few(prompts, per_prompt) is None
+
+
+def test_eval_takes_every_seed_of_the_newest_configuration(tmp_path, capsys):
+    """Two training seeds of one configuration are both evaluated, an older configuration of
+    the same variant is not, and --run-seeds evaluates each at its own seed (the teacher at
+    each of them)."""
+    from tests.cli_run import run
+
+    runs, res = str(tmp_path / "runs"), tmp_path / "res"
+    for argv in (["--iters", "1"], ["--iters", "2"], ["--iters", "2", "--seed", "1"]):
+        code, _, err = run(capsys, "train", "cd", "--out", runs, "--device", "cpu", *argv)
+        assert code == 0, err
+    common = ["--steps", "1", "--num-samples", "1", "--metrics", "prompt_acc", "--device", "cpu"]
+    common += ["--runs", runs, "--samples", str(tmp_path / "s"), "--results", str(res)]
+    assert run(capsys, "eval", "--run-seeds", *common)[0] == 0
+    recs = [json.loads(line) for line in (res / "records.jsonl").read_text().splitlines()]
+    students = sorted((r["train_seed"], r["seed"]) for r in recs if r["method"] == "cd")
+    assert students == [(0, 0), (1, 1)]  # the 1-iteration configuration is not evaluated
+    assert {r["config_key"] for r in recs if r["method"] == "cd"} == {
+        json.loads(p.read_text())["config_key"]
+        for p in (tmp_path / "runs" / "digits").glob("cd-*/run.json")
+        if json.loads(p.read_text())["iters"] == 2
+    }
+    assert sorted({r["seed"] for r in recs if r["method"] == "teacher"}) == [0, 1]

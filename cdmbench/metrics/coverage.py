@@ -2,7 +2,7 @@
 
 Recall over the whole test set (Kynkäänniemi et al. 2019) can stay high while a model drops
 the rarer styles of a class, because another class's samples cover them in feature space.
-Here each class is scored alone: the real images of class c (the reference split's labels)
+Here each class that was prompted is scored alone: the real images of class c (the reference split's labels)
 against the samples generated for class c, in the domain classifier's features, with k-NN
 balls around the generated samples (k = 3, closed balls, as ``precision_recall``). Two
 values summarise the classes:
@@ -36,9 +36,11 @@ def class_recall(
     k: int = 3,
 ) -> dict[int, float]:
     """Recall of each class's real features inside the k-NN manifold of that class's
-    generated features; {class: recall} over the classes present in ``real_labels``."""
+    generated features; {class: recall} over the classes that were generated (a prompt set of
+    some classes scores those) and have real images."""
     out: dict[int, float] = {}
-    for c in sorted(int(v) for v in real_labels.unique()):
+    have = {int(v) for v in real_labels.unique()}
+    for c in sorted(int(v) for v in fake_labels.unique() if int(v) in have):
         r, f = real[real_labels == c], fake[fake_labels == c]
         if f.shape[0] <= k:
             raise UserError(
@@ -99,6 +101,11 @@ class ClassRecall(Metric):
         fake = judge.features_and_logits(data.images.float() / 255.0)[0]
         real_labels = data.backbone.real_latents(judge.reference)[1]
         per_class = class_recall(judge.reference_features, real_labels, fake, labels, self.k)
+        if not per_class:
+            raise UserError(
+                f"class_recall: none of the prompted classes has real images in the "
+                f"{judge.reference} split"
+            )
         self.last = {"per_class": {str(c): round(v, 4) for c, v in per_class.items()}}
         values = list(per_class.values())
         return {"class_recall_mean": sum(values) / len(values), "class_recall_min": min(values)}
