@@ -8,7 +8,11 @@ number and standard deviation), with an empty tolerance column to fill in where 
 not fit. Cells are keyed by variant too, so a paper and a tuned run are never compared with each
 other; a changed configuration or budget replaces the old one in the results (see
 :func:`cdmbench.results.select`). A baseline row without a variant (files written before
-variants) matches its method's only variant, or else its "tuned" one.
+variants) matches its method's default variant on its backbone
+(:func:`cdmbench.results.default_variant`: "tuned" where the method has tuned settings for it,
+else "paper"), or else the cell without a variant, or else the method's only variant. A cell is
+compared with one baseline row: where two claim it (a row with its variant before one without),
+the second is "missing" with a note naming the first, and a warning.
 
 Tolerance: how much worse than the baseline a value may get, in the metric's direction, either
 absolute ("0.5") or relative to the baseline's magnitude ("10%"). The first that applies wins:
@@ -44,7 +48,13 @@ from cdmbench.errors import UserError
 from cdmbench.io import atomic_write_text
 from cdmbench.metrics.base import FALLBACK_TOLERANCE, declared_values, value_spec
 from cdmbench.report import DOWN, UP, model_label
-from cdmbench.results import declared_direction, latest_values, load_records, method_key
+from cdmbench.results import (
+    declared_direction,
+    default_variant,
+    latest_values,
+    load_records,
+    method_key,
+)
 
 BASELINE_COLUMNS = [
     "backbone",
@@ -400,9 +410,17 @@ def check(
     current = {
         (r.backbone, r.method, r.variant, int(r.steps), r.metric): r for r in now.itertuples()
     }
+    # each cell is claimed by one baseline row: rows naming their variant first
+    claims: dict[tuple, int] = {}  # cell -> the baseline line compared with it
+    claimed: dict[int, tuple] = {}  # baseline line -> its cell
+    for b in sorted(base.itertuples(), key=lambda b: (not b.variant, b.line)):
+        claimed[b.line] = key = _match(current, b)
+        claims.setdefault(key, b.line)
     rows = []
     for b in base.itertuples():
-        cur = current.pop(_match(current, b), None)
+        key = claimed[b.line]
+        first = claims[key]
+        cur = current.get(key) if first == b.line else None
         hib = b.higher_is_better
         if hib is None:
             cur_hib = getattr(cur, "higher_is_better", None) if cur is not None else None
@@ -425,12 +443,20 @@ def check(
         now_v = None if cur is None else float(cur.value)
         row = _compare(b.backbone, b.method, int(b.steps), b.metric, bool(hib), b.value, now_v, tol)
         row.variant = b.variant or ("" if cur is None else cur.variant)
+        if first != b.line:  # a second claimant of a cell: said, never silently missing
+            what = "/".join(map(str, (key[0], model_label(key[1], key[2]), key[3], key[4])))
+            note = f"its cell {what} is compared with line {first}; give this row a variant"
+            warnings.append(f"{baseline_csv}:{b.line}: {note}")
+            if row.verdict == "missing":
+                row.note = note
         row.n_baseline = int(b.n)
         row.n_now = 0 if cur is None else int(cur.n_seeds)
         if cur is not None:
             _widen(row, spread_k, b.std, int(b.n), float(cur.std), int(cur.n_seeds))
         rows.append(row)
     for (bb, method, variant, steps, metric), cur in current.items():
+        if (bb, method, variant, steps, metric) in claims:
+            continue
         rows.append(
             CheckRow(
                 bb,
@@ -454,16 +480,23 @@ def check(
 
 def _match(current: Mapping[tuple, object], b) -> tuple:
     """The current cell a baseline row compares with: the same variant; a row without one
-    (written before variants) takes its method's only variant, or else its tuned one."""
+    (written before variants) takes its method's default variant on its backbone, or else the
+    cell without a variant, or else the method's only variant (the default one when none
+    exists, so the row is missing)."""
     key = (b.backbone, b.method, b.variant, int(b.steps), b.metric)
-    if b.variant or key in current:
+    if b.variant:
+        return key
+    default = (b.backbone, b.method, default_variant(b.method, b.backbone), key[3], key[4])
+    if default in current:
+        return default
+    if key in current:
         return key
     have = sorted(
         k[2] for k in current if (k[0], k[1], k[3], k[4]) == (b.backbone, b.method, key[3], key[4])
     )
     if len(have) == 1:
-        return (b.backbone, b.method, have[0], int(b.steps), b.metric)
-    return (b.backbone, b.method, "tuned", int(b.steps), b.metric)
+        return (b.backbone, b.method, have[0], key[3], key[4])
+    return default
 
 
 def spread_allowance(k: float, std_a: float, n_a: int, std_b: float, n_b: int) -> float:

@@ -21,8 +21,10 @@ has no interval and is never marked. Plots draw the intervals as error bars.
 Compute views (:func:`compute_section`), from the training cost the records carry: each run's
 cost, quality versus training FLOPs, a compute-matched table (every student at the cheapest
 one's full budget, where runs at matched budgets exist) and the speed-quality frontier (quality
-against NFE per sample and measured latency). Unreadable record lines become warnings in the
-report.
+against NFE per sample and measured latency). Where ``RESULTS/sweeps.jsonl`` holds tuning
+sweeps (``cdmbench sweep``), each backbone's section ends with their summary
+(:func:`sweep_section`). Unreadable record lines become warnings in the report; a cell with a
+non-finite sample (a diverged seed) shows "nan" (or "inf").
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ from cdmbench.results import (
     method_key,
     name_list,
     order_rows,
+    sample_std,
     select,
     t_interval,
 )
@@ -142,8 +145,11 @@ def pivot(records_df: pd.DataFrame, latest: bool = True) -> pd.DataFrame:
     hib = {m: (v if isinstance(v, bool) else None) for m, v in hib.items()}
     heads = {m: header(m, hib[m]) for m in metrics}
     rows: list[dict[str, Any]] = []
+    newest_ps: dict[tuple, str] = {}  # cell -> its newest prompt set (what the plots show)
     if latest:
         st = cell_stats(records_df)
+        for r in cell_stats(records_df, newest_prompt_set=True).itertuples():
+            newest_ps[(r.backbone, r.method, r.variant, int(r.steps), r.metric)] = r.prompt_set
         for key, g in st.groupby(row_keys, sort=False):
             row = dict(zip(row_keys, key, strict=True))
             for r in g.itertuples():
@@ -172,7 +178,13 @@ def pivot(records_df: pd.DataFrame, latest: bool = True) -> pd.DataFrame:
         extra["run_id"] = out["run_id"].map(lambda r: (str(first.get(r)), r))
         extra["seed"] = out["seed"].map(lambda s: (1, s) if s == SUMMARY_SEED else (0, s))
     out = order_rows(out, row_keys, extra)
-    out.attrs = {"row_keys": row_keys, "latest": latest, "metrics": heads, "higher_is_better": hib}
+    out.attrs = {
+        "row_keys": row_keys,
+        "latest": latest,
+        "metrics": heads,
+        "higher_is_better": hib,
+        "newest_prompt_set": newest_ps,
+    }
     return out
 
 
@@ -180,11 +192,9 @@ def _pivot_row(row: dict[str, Any], g: pd.DataFrame, heads: dict[str, str]) -> d
     n_row = 0
     for m, gm in g.groupby("metric", sort=False):
         vals = [float(v) for v in gm["value"]]
-        mean, ci, n = t_interval(vals)
-        if n == 0 and vals:
-            mean = vals[-1]
+        mean, ci, n = t_interval(vals)  # a non-finite sample: a non-finite mean
         row[heads[str(m)]] = mean
-        row[_aux(str(m), "std")] = float(pd.Series(vals).std()) if n > 1 else math.nan
+        row[_aux(str(m), "std")] = sample_std(vals)
         row[_aux(str(m), "ci")] = ci
         row[_aux(str(m), "n")] = n
         n_row = max(n_row, n)
@@ -311,8 +321,8 @@ def _display(df: pd.DataFrame, drop: Sequence[str] = ()) -> tuple[list[str], lis
                 v = ""
             cells.append(_Cell("" if is_missing(v) else str(v), numeric=k in ("steps", "n")))
         for h, (name, _) in metrics.items():
-            text = _fmt(r[h], decimals[h])
             ci, n = r.get(_aux(name, "ci")), _count(r.get(_aux(name, "n")))
+            text = "nan" if n and is_missing(r[h]) else _fmt(r[h], decimals[h])
             if not is_missing(r[h]) and not is_missing(ci):
                 text += f" ± {_fmt(ci, decimals[h])}"
             if not is_missing(r[h]) and "n" in df.columns and n and n != _count(r["n"]):
@@ -548,6 +558,15 @@ def _series(df: pd.DataFrame, col: str) -> dict[str, pd.DataFrame]:
     pivot, or the t-intervals over the rows of an --all pivot."""
     name = metric_columns(df)[col][0]
     data = df[~df["seed"].eq(SUMMARY_SEED)] if "seed" in df.columns else df
+    if _aux(name, "n") in data.columns:  # rows holding this metric (a diverged seed too)
+        data = data[data[_aux(name, "n")].map(_count) > 0]
+    newest_ps = df.attrs.get("newest_prompt_set") or {}
+    if "seed" not in df.columns and "prompt_set" in data.columns and newest_ps:
+        keep = [
+            newest_ps.get((r.backbone, r.method, r.variant, int(r.steps), name)) == r.prompt_set
+            for r in data.itertuples()
+        ]
+        data = data[keep]  # each cell on its newest prompt set, as the tables' cell_stats
     labels = [
         model_label(m, v)
         for m, v in zip(
@@ -841,8 +860,18 @@ def nfe_per_sample(steps: int, guidance: Any) -> int:
     return int(steps) * (2 if math.isfinite(g) and g != 1.0 else 1)
 
 
+RAW = "-raw"  # the run id suffix of a student's raw-weights records (cdmbench.evaluate)
+
+
+def training_run(run_id: Any) -> str:
+    """The training run a record's run id names: a raw-weights run id without its suffix."""
+    r = str(run_id)
+    return r[: -len(RAW)] if r.endswith(RAW) else r
+
+
 def compute_runs(sel: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
-    """The training cost of every run shown (runs without a recorded cost are left out)."""
+    """The training cost of every training run shown, once: the raw-weights records of a run
+    share its cost (runs without a recorded cost are left out)."""
     headers = [
         "model",
         "train seed",
@@ -856,7 +885,11 @@ def compute_runs(sel: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
         "backward passes",
     ]
     rows = []
-    runs = sel.drop_duplicates("run_id", keep="last")
+    runs = sel.assign(train_run=sel["run_id"].map(training_run))
+    # a run's EMA records (where evaluated) name it, else its raw-weights ones
+    raw = runs["run_id"] != runs["train_run"]
+    runs = runs.iloc[sorted(range(len(runs)), key=lambda i: not raw.iloc[i])]
+    runs = runs.drop_duplicates("train_run", keep="last")
     runs = order_rows(runs, ["method", "variant", "train_seed"])
     for r in runs.itertuples():
         c = r.train_cost if isinstance(r.train_cost, dict) else {}
@@ -866,7 +899,7 @@ def compute_runs(sel: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
             [
                 model_label(r.method, r.variant),
                 str(r.train_seed),
-                str(r.run_id),
+                str(r.train_run),
                 _g(c.get("iters")),
                 _g(c.get("images")),
                 _g(c.get("teacher_nfe")),
@@ -1126,6 +1159,46 @@ def compute_section(records: pd.DataFrame, sel: pd.DataFrame) -> tuple[list[str]
     return md, "".join(parts)
 
 
+# ------------------------------------------------------------------------------ sweeps
+def sweep_summary(
+    results_dir: str | Path,
+    backbone: str | None = None,
+    methods: str | Sequence[str] | None = None,
+) -> tuple[pd.DataFrame, list[str]]:
+    """The tuning sweeps recorded under ``results_dir`` (:func:`cdmbench.sweep.summary`) of
+    the given backbone and methods, and a warning where sweeps.jsonl cannot be summarised."""
+    from cdmbench import sweep
+
+    path = Path(results_dir) / sweep.SWEEPS
+    if not path.is_file():
+        return pd.DataFrame(columns=sweep.SUMMARY_COLUMNS), []
+    try:
+        s = sweep.summary(results_dir)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        return pd.DataFrame(columns=sweep.SUMMARY_COLUMNS), [
+            f"{path}: tuning sweeps not shown: unusable trial lines ({type(e).__name__}: {e})"
+        ]
+    if backbone is not None:
+        s = s[s["backbone"] == backbone]
+    wanted = name_list(methods)
+    if wanted is not None:
+        s = s[s["method"].isin(wanted)]
+    s = s.assign(_m=s["method"].map(method_key)).sort_values(["_m", "seed"], kind="stable")
+    return s.drop(columns="_m").reset_index(drop=True), []
+
+
+def sweep_section(s: pd.DataFrame) -> tuple[list[str], str]:
+    """Markdown lines and HTML of one backbone's tuning sweeps: per sweep the method, K, the
+    best, median and worst objective, trial 0's and the best trial's settings."""
+    from cdmbench import sweep
+
+    if s.empty:
+        return [], ""
+    md = ["### Tuning sweeps", "", sweep.render_markdown(s).rstrip("\n"), ""]
+    md += [f"*{sweep.CAPTION}*", ""]
+    return md, "<h3>Tuning sweeps</h3>" + sweep.render_html(s)
+
+
 # ------------------------------------------------------------------------------ driver
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em;color:#222;
@@ -1178,6 +1251,12 @@ def build_report(
     prov, prov_warn = provenance(sel)
     warnings += prov_warn
     backbones = sorted(df["backbone"].unique())
+    sweeps, sweep_warn = sweep_summary(results_dir, backbone, methods)
+    warnings += sweep_warn
+    swept = {
+        bb: sweep_section(sweeps[sweeps["backbone"] == bb])
+        for bb in sorted(set(sweeps["backbone"]) | set(backbones))
+    }
     sections = []
     for bb in backbones:
         sub = pivot(df[df["backbone"] == bb], latest)
@@ -1208,6 +1287,9 @@ def build_report(
     computed = {bb: compute_section(recs, sub_sel) for bb, _, sub_sel, recs in sections}
     for bb, sub, _, _ in sections:
         md += [f"## {bb}", "", render_markdown(sub, drop=["backbone"]), ""] + computed[bb][0]
+        md += swept[bb][0]
+    for bb in sorted(set(swept) - set(backbones)):  # swept, no results yet
+        md += [f"## {bb}", ""] + swept[bb][0]
     md += ["## Provenance", ""]
     for title, lines in prov:
         md += [f"### {title}", ""] + [f"- {x}" for x in lines] + [""]
@@ -1229,8 +1311,12 @@ def build_report(
             + plots
             + "</div>"
             + computed[bb][1]
+            + swept[bb][1]
             + (f"<h3>Samples</h3>{grid}" if grid else "")
         )
+    for bb in sorted(set(swept) - set(backbones)):
+        if swept[bb][1]:
+            parts.append(f"<h2 id='{html.escape(bb)}'>{html.escape(bb)}</h2>" + swept[bb][1])
     warnings += late_warn
     warn_md = ["## Warnings", ""] + [f"- {w}" for w in warnings] + [""] if warnings else []
     md = md[:4] + warn_md + md[4:]

@@ -16,10 +16,14 @@ configuration are its samples. ``select(latest=False)`` keeps every run and seed
 (re-evaluations of the same run, seed and step count collapse to the newest).
 :func:`cell_stats` aggregates a cell: mean, sample standard deviation, n (the number of
 (training seed, evaluation seed) samples) and the 95 % Student t-interval over them.
-``latest_values`` is its short form on each cell's newest prompt set. Records written before
-variants and seeds were recorded load as variant "", training seed = their seed and
-configuration = their run. A record without a stored direction takes the one its metric
-declares (:func:`cdmbench.metrics.base.value_spec`).
+A cell with a non-finite sample (a diverged seed) has a non-finite mean and no interval: the
+sample is counted, never dropped. ``latest_values`` is its short form on each cell's newest
+prompt set. Records written before variants and seeds were recorded load as their method's
+default variant on their backbone (:func:`default_variant`: "tuned" where the method has tuned
+settings for it, else "paper"; the teacher's is ""), training seed = their seed ("" for the
+teacher, as its newer records) and configuration = their run, so a newer configuration of the
+cell replaces them. A record without a stored direction takes the one its metric declares
+(:func:`cdmbench.metrics.base.value_spec`).
 """
 
 from __future__ import annotations
@@ -268,6 +272,25 @@ def load_records(results_dir: str | Path) -> tuple[pd.DataFrame, list[str]]:
     return df, list(rep.problems) + warnings
 
 
+TEACHER = "teacher"
+
+
+@lru_cache(maxsize=256)
+def default_variant(method: str, backbone: str) -> str:
+    """The variant a run of ``method`` on ``backbone`` gets by default: "tuned" where the
+    method has tuned settings for the backbone (or where the method cannot be looked up),
+    else "paper"; "" for the teacher."""
+    if method == TEACHER:
+        return ""
+    try:
+        from cdmbench.registry import METHODS
+
+        cls = METHODS.get(method)
+        return "tuned" if backbone in cls.backbone_defaults else "paper"
+    except Exception:  # an unregistered or broken method: the default most runs have
+        return "tuned"
+
+
 def _as_bool(v: Any) -> bool | None:
     if isinstance(v, bool) or type(v).__name__ == "bool_":
         return bool(v)
@@ -305,10 +328,14 @@ def records_frame(
     df = pd.DataFrame(rows)
     for col in ("run_id", "prompt_set", "time", "seed", "samples", "checkpoint", "variant"):
         df[col] = [_text(v) for v in df[col]] if col in df.columns else ""
-    # records from before variants and seeds were recorded: one run = one configuration, and
-    # the evaluation seed stands for the training seed
+    # records from before variants and seeds were recorded: the method's default variant, one
+    # run = one configuration, and the evaluation seed stands for a student's training seed
+    df["variant"] = [
+        v or default_variant(r["method"], r["backbone"])
+        for r, v in zip(rows, df["variant"], strict=True)
+    ]
     df["train_seed"] = [
-        s if "train_seed" not in r else _text(r["train_seed"])
+        _text(r["train_seed"]) if "train_seed" in r else "" if r["method"] == TEACHER else s
         for r, s in zip(rows, df["seed"], strict=True)
     ]
     df["config_key"] = [
@@ -370,17 +397,36 @@ def t_quantile(p: float, dof: int) -> float:
     return float(t.ppf(p, dof))
 
 
+def _samples(values: Sequence[Any]) -> list[float]:
+    """The values as floats, a missing one (None) as NaN: every sample counts."""
+    return [math.nan if x is None else float(x) for x in values]
+
+
+def sample_std(values: Sequence[float]) -> float:
+    """The sample standard deviation (n - 1); NaN below two values or with a non-finite one."""
+    v = _samples(values)
+    n = len(v)
+    if n < 2 or not all(math.isfinite(x) for x in v):
+        return math.nan
+    mean = sum(v) / n
+    return math.sqrt(sum((x - mean) ** 2 for x in v) / (n - 1))
+
+
 def t_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> tuple[float, float, int]:
-    """(mean, half-width of the two-sided Student t-interval, n) of the finite values; the
-    half-width is NaN below two values (one sample says nothing about the spread)."""
-    v = [float(x) for x in values if x is not None and math.isfinite(float(x))]
+    """(mean, half-width of the two-sided Student t-interval, n) of the values.
+
+    Every value is a sample: a non-finite one (a diverged seed; None counts as NaN) makes the
+    mean non-finite (NaN, or ±inf as the values give it) and the half-width NaN, and is
+    counted in n. The half-width is NaN below two values too (one sample says nothing about
+    the spread)."""
+    v = _samples(values)
     n = len(v)
     if n == 0:
         return math.nan, math.nan, 0
     mean = sum(v) / n
-    if n < 2:
+    sd = sample_std(v)
+    if not math.isfinite(sd):
         return mean, math.nan, n
-    sd = math.sqrt(sum((x - mean) ** 2 for x in v) / (n - 1))
     return mean, t_quantile(0.5 + confidence / 2, n - 1) * sd / math.sqrt(n), n
 
 
@@ -409,7 +455,8 @@ def cell_stats(
     seed) samples. Columns: STAT_COLUMNS — mean, sample std (NaN for n = 1), n, ci (half-width
     of the 95 % Student t-interval, n - 1 degrees of freedom; NaN for n = 1), lo/hi (mean -/+
     ci), train_cost (the cost of the cell's newest run, its "flops", "wall_s", "images" and
-    "teacher_nfe" averaged over the cell's runs) and n_runs.
+    "teacher_nfe" averaged over the cell's runs) and n_runs. A non-finite sample makes mean,
+    std and ci non-finite (see :func:`t_interval`); n counts it.
 
     ``newest_prompt_set``: only each cell's newest prompt set (one row per cell).
     ``all_configs``: every configuration of a cell is its own row (as for budgets compared at
@@ -432,11 +479,8 @@ def cell_stats(
     rows = []
     for key, g in sel.groupby(group, sort=False):
         vals = [float(x) for x in g["value"]]
-        mean, ci, n = t_interval(vals, confidence)
-        finite = [x for x in vals if math.isfinite(x)]
-        if n == 0 and vals:
-            mean = vals[-1]  # a non-finite value stays visible (and fails a check)
-        std = float(pd.Series(finite).std()) if len(finite) > 1 else math.nan
+        mean, ci, n = t_interval(vals, confidence)  # a non-finite sample: a non-finite mean
+        std = sample_std(vals)
         hib = [h for h in g["higher_is_better"] if isinstance(h, bool)]
         row = dict(zip(group, key, strict=True))
         rows.append(

@@ -447,6 +447,7 @@ def summarize(lines: pd.DataFrame | list[dict[str, Any]]) -> pd.DataFrame:
         return pd.DataFrame(columns=SUMMARY_COLUMNS)
     rows = []
     for key, g in df.groupby(GROUP, sort=True, dropna=False):
+        g = g.sort_values("trial", kind="stable")  # ties go to the lowest trial index
         obj = g["objective"].astype(float).fillna(math.inf).to_numpy()
         best = int(np.argmin(obj))
         t0 = g[g["trial"] == 0]["objective"]
@@ -469,17 +470,36 @@ def summarize(lines: pd.DataFrame | list[dict[str, Any]]) -> pd.DataFrame:
 
 
 def best_params(
-    results_dir: str | Path, method: str, backbone: str = "digits", seed: int | None = None
+    results_dir: str | Path,
+    method: str,
+    backbone: str = "digits",
+    seed: int | None = None,
+    base: str | None = None,
 ) -> dict[str, Any] | None:
-    """The params of the best trial of ``method``'s sweep on ``backbone`` (the sweep with the
-    most trials, then the newest; ``seed`` picks one); None when there is none."""
-    s = summary(results_dir)
-    s = s[(s["method"] == method) & (s["backbone"] == backbone)]
+    """The settings of the best trial of ``method``'s sweep on ``backbone``; None when there is
+    no such sweep or its best trial failed.
+
+    Trials are grouped into sweeps by (sweep seed, base variant, training iterations, samples
+    per prompt); ``seed`` and ``base`` keep only the sweeps with that seed and base variant.
+    Of those, the sweep with the most trials K is taken (the one with the newest trial where
+    two have the same K, then the first in (seed, base, iters, per_prompt) order), and of its
+    trials the one with the lowest objective (the lowest trial index on a tie)."""
+    df = _lines_frame(results_dir)
+    df = df[(df["method"] == method) & (df["backbone"] == backbone)]
     if seed is not None:
-        s = s[s["seed"] == seed]
-    if s.empty or not math.isfinite(s.sort_values("K")["best"].iloc[-1]):
+        df = df[df["seed"] == seed]
+    if base is not None:
+        df = df[df["base"] == base]
+    if df.empty:
         return None
-    return dict(s.sort_values("K", kind="stable")["best_params"].iloc[-1])
+    s = summarize(df)
+    times = df["time"] if "time" in df.columns else pd.Series("", index=df.index)
+    newest = times.fillna("").astype(str).groupby([df[c] for c in GROUP], sort=False).max()
+    s["_newest"] = [newest.get(tuple(r[c] for c in GROUP), "") for _, r in s.iterrows()]
+    top = s.sort_values(["K", "_newest"], ascending=False, kind="stable").iloc[0]
+    if not math.isfinite(top["best"]):
+        return None
+    return dict(top["best_params"])
 
 
 def _num(v: float) -> str:
@@ -532,8 +552,9 @@ def table_rows(s: pd.DataFrame) -> list[list[str]]:
 
 CAPTION = (
     "Tuning sweeps: seeded random search, the same K trials per method; objective = mean "
-    "domain FD at 1, 2 and 4 steps against the validation split (lower is better; not the "
-    "test split of the tables above). Trial 0 is the method's paper configuration."
+    "domain FD at 1, 2 and 4 steps against the validation split (lower is better), which is "
+    "disjoint from the test split that results are reported on. Trial 0 is the sweep's base "
+    "configuration: the method's paper configuration, or the variant named beside it."
 )
 
 

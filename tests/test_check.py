@@ -391,3 +391,55 @@ def test_bad_seed_columns_are_user_errors(tmp_path, col, bad):
     path.write_text(f"backbone,method,steps,metric,value,{col}\ndigits,cdm,1,fd_digits,1.0,{bad}\n")
     with pytest.raises(UserError, match=f"bad {col}"):
         read_baseline(path)
+
+
+def test_a_diverged_seed_is_a_regression(tmp_path):
+    base_dir = seeded(tmp_path, "base", {0: 38.0, 1: 40.0, 2: 42.0})
+    path = tmp_path / "b.csv"
+    write_baseline(base_dir, path)
+    # seeds 0 and 2 as before, seed 1 diverged: not the mean of the other two
+    for bad in (float("nan"), float("inf")):
+        now = seeded(tmp_path, f"now-{bad}", {0: 38.0, 1: bad, 2: 42.0})
+        row = next(r for r in check(now, path).rows if r.metric == "fd_digits")
+        assert row.verdict == "REGRESSION" and row.note == "current value is not finite"
+        assert row.n_now == 3
+
+
+def test_records_before_variants_are_superseded_by_the_new_cell(tmp_path):
+    res = tmp_path / "r"
+    ResultStore(res).append(recs({("cdm", 1, "fd_digits"): 40.0}))  # no variant: old style
+    old = tmp_path / "old.csv"
+    old.write_text("backbone,method,steps,metric,value\ndigits,cdm,1,fd_digits,40.0\n")
+    assert [(r.variant, r.verdict) for r in check(res, old).rows] == [("tuned", "ok")]
+    # a newer tuned configuration that regressed: compared, not "new" beside a stale cell
+    ResultStore(res).append(ResultStore(seeded(tmp_path, "n", {0: 60.0}, t=30)).read().records)
+    rows = check(res, old).rows
+    assert [(r.variant, r.verdict, r.now) for r in rows] == [("tuned", "REGRESSION", 60.0)]
+
+
+def test_an_old_baseline_row_takes_the_default_variant(tmp_path):
+    res = seeded(tmp_path, "r", {0: 40.0}, variant="tuned")
+    ResultStore(res).append(ResultStore(seeded(tmp_path, "p", {0: 90.0}, "paper")).read().records)
+    for r in ResultStore(res).read().records:
+        r["backbone"] = "other"  # cdm has no tuned settings there: paper is its default
+        ResultStore(tmp_path / "o").append([r])
+    old = tmp_path / "old.csv"
+    old.write_text("backbone,method,steps,metric,value\nother,cdm,1,fd_digits,90.0\n")
+    rows = check(tmp_path / "o", old).rows
+    assert {(r.variant, r.verdict) for r in rows} == {("paper", "ok"), ("tuned", "new")}
+
+
+def test_two_baseline_rows_never_claim_one_cell_silently(tmp_path):
+    res = seeded(tmp_path, "r", {0: 40.0}, variant="tuned")
+    both = tmp_path / "both.csv"
+    both.write_text(
+        "backbone,method,variant,steps,metric,value\n"
+        "digits,cdm,,1,fd_digits,40.0\n"
+        "digits,cdm,tuned,1,fd_digits,41.0\n"
+    )
+    result = check(res, both)
+    got = sorted((r.variant, r.verdict, r.baseline) for r in result.rows)
+    assert got == [("", "missing", 40.0), ("tuned", "ok", 41.0)]
+    row = next(r for r in result.rows if r.verdict == "missing")
+    assert "compared with line 3" in row.note and "give this row a variant" in row.note
+    assert any(f"{both}:2:" in w and "line 3" in w for w in result.warnings)

@@ -61,8 +61,28 @@ def test_t_interval_matches_hand_computed_values():
     assert (mean, n) == (2.0, 3) and ci == pytest.approx(4.302653 / math.sqrt(3), rel=1e-6)
     mean, ci, n = t_interval([10.0, 14.0])
     assert ci == pytest.approx(12.706205 * 2.0, rel=1e-6)  # t_{0.975, 1} x std / sqrt(2)
+    mean, ci, n = t_interval([5.0])
+    assert (mean, n) == (5.0, 1) and math.isnan(ci)  # one sample: no interval
+    # a diverged sample is counted, never dropped: the mean is not finite, no interval
     mean, ci, n = t_interval([5.0, math.nan])
-    assert (mean, n) == (5.0, 1) and math.isnan(ci)  # one finite sample: no interval
+    assert math.isnan(mean) and math.isnan(ci) and n == 2
+    mean, ci, n = t_interval([5.0, 6.0, math.inf])
+    assert mean == math.inf and math.isnan(ci) and n == 3
+
+
+def test_a_diverged_seed_makes_its_cell_non_finite(tmp_path):
+    recs = three("cdm", 10.0, 1.0)
+    recs[1]["value"] = math.nan  # seed 1 diverged
+    st = cell_stats(frame(tmp_path, recs)).iloc[0]
+    assert math.isnan(st["mean"]) and math.isnan(st["ci"]) and math.isnan(st["std"])
+    assert st["n"] == 3
+    assert math.isnan(latest_values(frame(tmp_path / "b", recs))["value"].iloc[0])
+    recs[1]["value"] = math.inf
+    st = cell_stats(frame(tmp_path / "c", recs)).iloc[0]
+    assert st["mean"] == math.inf and math.isnan(st["ci"]) and st["n"] == 3
+    # the report shows the cell as not finite, not as the mean of the other seeds
+    md = render_markdown(pivot(frame(tmp_path / "d", recs)))
+    assert "| digits | cdm (tuned) | 1 | 3 | inf |" in md
 
 
 def test_training_seeds_of_one_config_aggregate_and_a_newer_config_replaces(tmp_path):
@@ -106,16 +126,48 @@ def test_training_and_eval_seeds_are_samples_and_reevaluations_collapse(tmp_path
     assert (st["mean"].iloc[0], st["n"].iloc[0]) == (25.0, 2)
 
 
+def old_style(r: dict[str, Any]) -> dict[str, Any]:
+    """``r`` as written before variants, training seeds, configurations and costs."""
+    return {k: v for k, v in r.items() if k not in ("variant", "train_seed", "config_key")}
+
+
 def test_old_records_without_variant_or_seeds_still_load(tmp_path):
-    old = rec("cdm", 10.0)
-    for k in ("variant", "train_seed", "config_key", "train_cost"):
-        del old[k]
+    old = old_style(rec("cdm", 10.0))
+    del old["train_cost"]
     newer = dict(old, run_id="cdm-other", value=20.0, time="2026-01-01T00:00:09+0000")
     df = frame(tmp_path, [old, newer])
-    assert df["variant"].iloc[0] == "" and df["train_seed"].iloc[0] == "0"
+    # cdm has tuned settings for digits: its default variant
+    assert df["variant"].iloc[0] == "tuned" and df["train_seed"].iloc[0] == "0"
     assert df["config_key"].iloc[0] == "cdm-tuned-cfg-0" and df["train_cost"].iloc[0] == {}
     st = cell_stats(df)  # one run = one configuration: the newer run replaces the older
     assert (st["mean"].iloc[0], st["n"].iloc[0]) == (20.0, 1)
+
+
+def test_old_records_take_their_methods_default_variant(tmp_path):
+    other = dict(old_style(rec("cdm", 1.0)), backbone="other")  # no tuned settings there
+    unknown = old_style(rec("nosuchmethod", 2.0))  # not registered: tuned
+    teacher = old_style(rec("teacher", 3.0))
+    df = frame(tmp_path, [other, unknown, teacher])
+    got = dict(zip(df["method"] + "@" + df["backbone"], df["variant"], strict=True))
+    assert got == {"cdm@other": "paper", "nosuchmethod@digits": "tuned", "teacher@digits": ""}
+
+
+def test_a_newer_config_supersedes_a_record_written_before_variants(tmp_path):
+    old = old_style(rec("cdm", 99.0, t=0))
+    new = three("cdm", 10.0, 1.0, t=5)
+    st = cell_stats(frame(tmp_path, [old, *new]))
+    # one cell, the tuned one: the stale record is not a row of its own
+    assert list(zip(st["variant"], st["mean"], st["n"], strict=True)) == [("tuned", 10.0, 3)]
+    assert list(pivot(frame(tmp_path / "b", [old, *new]))["variant"]) == ["tuned"]
+
+
+def test_old_and_new_teacher_records_of_one_evaluation_are_one_sample(tmp_path):
+    new = rec("teacher", 30.0, seed=4, t=5)  # train_seed None
+    old = old_style(rec("teacher", 30.0, seed=4))
+    df = frame(tmp_path, [old, new])
+    assert list(df["train_seed"]) == ["", ""]
+    st = cell_stats(df).iloc[0]
+    assert (st["mean"], st["n"]) == (30.0, 1)
 
 
 def three(method: str, centre: float, spread: float, **kw: Any) -> list[dict[str, Any]]:

@@ -192,7 +192,7 @@ def test_best_marked_per_step_count_not_per_column(results):
     assert not {("cdm", 2, "prompt_acc ↑"), ("dmd", 2, "prompt_acc ↑")} & best
     assert ("teacher", 1, "fd_digits ↓") not in best
     md = render_markdown(table, drop=["backbone"])
-    assert "| dmd | 1 | 3 | **40.0 ± 1.0** | **0.850 ± 0.021** |" in md
+    assert "| dmd (tuned) | 1 | 3 | **40.0 ± 1.0** | **0.850 ± 0.021** |" in md
     assert "| teacher | 50 | 3 | 10.0 ± 0.2 | 0.990 ± 0.025 |" in md
     assert "95 % t-interval over seeds" in md and "separated from" in md
 
@@ -382,3 +382,88 @@ def test_render_rich_marks_best(results):
     console.print(render_rich(pivot(load_records(results)[0])))
     text = console.export_text()
     assert "40.0 ± 1.0*" in text and "fd_digits ↓" in text and "10.0 ± 0.2*" not in text
+
+
+def trial_line(method: str, trial: int, objective: float | None, **kw: Any) -> dict[str, Any]:
+    """A sweeps.jsonl line as cdmbench.sweep.run_trial writes it."""
+    line = {
+        "key": f"{method}-{trial}",
+        "method": method,
+        "backbone": "digits",
+        "seed": 0,
+        "trials": 3,
+        "trial": trial,
+        "base": "paper",
+        "params": {"lr": 0.001 * (trial + 1)},
+        "variant": "paper" if trial == 0 else f"paper (lr={0.001 * (trial + 1):g})",
+        "train_iters": 300,
+        "train_batch": 64,
+        "train_seed": 0,
+        "eval_seed": 10_000,
+        "per_prompt": 50,
+        "steps": [1, 2, 4],
+        "reference": "digits val split",
+        "metric": "fd_digits",
+        "fd": {"1": objective, "2": objective, "4": objective},
+        "objective": objective,
+        "error": None if objective is not None else "non-finite loss: x",
+        "run_id": f"{method}-run-{trial}",
+        "config_key": f"{method}-cfg-{trial}",
+        "train_s": 50.0,
+        "wall_s": 60.0,
+        "versions": VERSIONS,
+        "git_rev": "abc123",
+        "time": f"2026-01-02T00:00:{trial:02d}+0000",
+    }
+    return {**line, **kw}
+
+
+def test_report_shows_the_tuning_sweeps(results, tmp_path):
+    lines = [trial_line("cdm", i, v) for i, v in enumerate([9.0, 7.5, None])]
+    lines += [trial_line("dmd", i, v) for i, v in enumerate([8.0, 8.5, 6.25])]
+    lines.append(trial_line("cdm", 0, 1.0, backbone="toy"))  # another backbone: not shown
+    (results / "sweeps.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    out = build_report(results, tmp_path / "out", backbone="digits", samples_per_cell=0)
+    md = out.markdown.read_text()
+    assert "### Tuning sweeps" in md
+    head = (
+        "| method | K | budget (iters) | best | median | worst | trial 0 | best trial's settings |"
+    )
+    assert head in md
+    assert "| cdm | 3 (1 failed) | 300 | 7.50 | 9.00 | failed | 9.00 | lr=0.002 | 3.0 min |" in md
+    assert "| dmd | 3 | 300 | 6.25 | 8.00 | 8.50 | 8.00 | lr=0.003 | 3.0 min |" in md
+    assert "1.00" not in md.split("### Tuning sweeps")[1]
+    assert "disjoint from the test split" in md
+    page = out.html.read_text()
+    assert "<h3>Tuning sweeps</h3>" in page and "<td>lr=0.003</td>" in page
+    # without sweeps.jsonl there is no such section
+    (results / "sweeps.jsonl").unlink()
+    out = build_report(results, tmp_path / "out2", samples_per_cell=0)
+    assert "Tuning sweeps" not in out.markdown.read_text()
+
+
+def test_compute_runs_lists_a_run_once_with_its_raw_weights(tmp_path):
+    from cdmbench.report import compute_runs
+    from cdmbench.results import select
+
+    cost = {"flops": 1e12, "iters": 100}
+    ema = dict(rec("cdm", 1, "fd_digits", 5.0), train_cost=cost, run_id="cdm-abc")
+    ema |= {"variant": "tuned", "train_seed": 0, "config_key": "k"}
+    raw = dict(ema, run_id="cdm-abc-raw", variant="tuned, raw weights", config_key="k-raw")
+    _, rows = compute_runs(select(_df([ema, raw], tmp_path)))
+    assert [(r[0], r[2]) for r in rows] == [("cdm (tuned)", "cdm-abc")]
+    _, rows = compute_runs(select(_df([raw], tmp_path / "raw")))  # raw weights evaluated only
+    assert [(r[0], r[2]) for r in rows] == [("cdm (tuned, raw weights)", "cdm-abc")]
+
+
+def test_plots_show_each_cell_on_its_newest_prompt_set(tmp_path):
+    from cdmbench.report import _series
+
+    recs = [
+        rec("cdm", 1, "fd_digits", 4.0, prompt_set="a-new", t=5),
+        rec("cdm", 1, "fd_digits", 9.0, prompt_set="b-old", t=1),
+    ]
+    table = pivot(_df(recs, tmp_path))
+    assert list(table["prompt_set"]) == ["a-new", "b-old"]  # rows in name order
+    series = _series(table, "fd_digits ↓")
+    assert series["cdm (tuned)"]["mean"].tolist() == [4.0]

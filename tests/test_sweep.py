@@ -207,6 +207,45 @@ def test_summary_ranks_a_failed_trial_last():
     assert "failed" in render_markdown(summarize(lines))
 
 
+def test_best_params_picks_the_largest_sweep_and_breaks_ties_by_trial(tmp_path):
+    def line(trial, objective, *, seed=0, base="paper", iters=300, t=0):
+        return {
+            "key": f"{seed}-{base}-{iters}-{trial}",
+            "method": "dmd",
+            "backbone": "digits",
+            "seed": seed,
+            "trials": 3,
+            "trial": trial,
+            "base": base,
+            "params": {"seed": seed, "base": base, "iters": iters, "trial": trial},
+            "train_iters": iters,
+            "per_prompt": 50,
+            "objective": objective,
+            "run_id": f"r{trial}",
+            "wall_s": 1.0,
+            "time": f"2026-01-01T00:00:{t:02d}+0000",
+        }
+
+    lines = [line(i, v) for i, v in enumerate([5.0, 3.0, 3.0])]  # K 3, tie: trial 1
+    lines += [line(i, 1.0, seed=1, t=50) for i in range(2)]  # seed 1: K 2, newer
+    lines += [line(i, 2.0, base="tuned", t=40) for i in range(3)]  # tuned base: K 3, newer
+    lines += [line(i, 9.0 - i, iters=100, t=10) for i in range(3)]  # shorter budget: K 3
+    (tmp_path / "sweeps.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines[::-1]))
+
+    def best(**kw):
+        p = best_params(tmp_path, "dmd", "digits", **kw)
+        return None if p is None else (p["seed"], p["base"], p["iters"], p["trial"])
+
+    assert best() == (0, "tuned", 300, 0)  # largest K; of equal K the newest sweep
+    assert best(base="paper") == (0, "paper", 100, 2)  # newest of the paper sweeps of K 3
+    assert best(seed=0, base="paper") == (0, "paper", 100, 2)
+    assert best(seed=1) == (1, "paper", 300, 0)  # a tie at 1.0: the lower trial
+    assert best(seed=2) is None and best_params(tmp_path, "cdm") is None
+    # the summary's best trial agrees, whatever order the lines come in
+    s = summarize(lines[:3][::-1])
+    assert int(s["best_trial"].iloc[0]) == 1
+
+
 @pytest.mark.parametrize(
     "args, says",
     [
