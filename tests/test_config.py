@@ -62,8 +62,8 @@ def test_resolve_backbone_defaults_for_digits():
     bd = CDM.backbone_defaults["digits"]
     assert train.iters == bd["train"]["iters"] == 1500
     assert train.batch == bd["train"]["batch"] == 128
-    assert method.n_max == bd["n_max"] == 8
-    assert method.update_ratio == bd["update_ratio"] == 5
+    assert method.n_max == bd["n_max"] == 13
+    assert method.update_ratio == bd["update_ratio"] == 6
     assert method.student_lr == bd["student_lr"]
     # untouched settings keep the dataclass defaults
     assert train.seed == TrainConfig().seed
@@ -80,7 +80,7 @@ def test_resolve_reference_defaults_for_a_backbone_without_overrides():
 
 def test_resolve_does_not_mutate_class_defaults():
     resolve(CDM, "digits", sets=["n_max=3", "train.iters=2"])
-    assert CDM.backbone_defaults["digits"]["n_max"] == 8
+    assert CDM.backbone_defaults["digits"]["n_max"] == 13
     assert CDM.backbone_defaults["digits"]["train"]["iters"] == 1500
     assert CDMConfig().n_max == 28 and TrainConfig().iters == 1000
 

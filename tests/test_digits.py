@@ -26,8 +26,10 @@ def test_split_is_fixed_disjoint_and_stratified():
     assert (
         x.shape == (445, 1, 8, 8) and x.min() >= -1 and x.max() <= 1 and labels.dtype == torch.long
     )
+    va = D.split_indices("val")  # tuning's split: part of train, none of test
+    assert set(va) < set(tr) and not set(va) & set(te)
     with pytest.raises(ValueError):
-        D.split_indices("val")
+        D.split_indices("validation")
 
 
 def test_prompts_map_to_classes_and_null():
