@@ -65,7 +65,7 @@ class ClassRecall(Metric):
     def __init__(self, k: int = 3) -> None:
         self.k = k
         self.judge: DigitsJudge | None = None
-        self.last: dict[str, Any] = {}
+        self.last: dict[str, Any] = {}  # the last compute()'s per-class recalls
 
     @property
     def min_samples(self) -> int:
@@ -91,9 +91,6 @@ class ClassRecall(Metric):
             "distance": "L2, float64",
             "ball": "closed (d <= k-NN radius of the generated samples)",
         }
-
-    def run_config(self) -> dict[str, Any]:
-        return {**self.config(), **self.last}
 
     def compute(self, data: EvalSet) -> dict[str, float]:
         judge = self._judge(data.backbone)
