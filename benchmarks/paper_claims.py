@@ -13,6 +13,9 @@ measures each on the embedded backbone with the harness's own commands:
 3. ``cdmbench eval --steps 1..8 --run-seeds`` of every student and the teacher, each at its
    own training seed, with domain FD, prompt accuracy, recall and per-class recall;
 
+4. every tuned method at the cheapest one's full training FLOPs (from the recorded cost), into
+   ``RESULTS-matched`` (the compute-matched table, beside the iteration-matched one);
+
 then writes ``claims.md`` (tables with mean ± 95 % interval and a verdict per claim, computed
 from the intervals, never asserted), ``claims.csv`` and ``fd_vs_steps.png`` into --results,
 beside the records and the ``cdmbench report`` of everything.
@@ -79,7 +82,40 @@ def main() -> None:
             "eval", "--backbone", "digits", "--steps", ALL_STEPS, "--metrics", METRICS,
             "--run-seeds", "--device", "cpu", *common,
         )  # fmt: skip
+        sh("report", "--results", args.results)
+        compute_matched(args, seeds)
     analyse(Path(args.results))
+
+
+def compute_matched(args, seeds: list[int]) -> None:
+    """Every tuned method at the cheapest one's full training FLOPs (from the runs' recorded
+    cost): the cheapest trains its full budget, the others ``round(F / flops per iteration)``
+    iterations; trained into RUNS-matched and reported in RESULTS-matched."""
+    import json
+
+    runs = Path(args.runs) / "digits"
+    per_iter, full = {}, {}
+    for info in sorted(runs.glob("*/run.json")):
+        r = json.loads(info.read_text())
+        if r.get("variant") == "tuned" and r.get("train_seed") == seeds[0] and r.get("cost"):
+            per_iter[r["method"]] = r["cost"]["flops"] / r["cost"]["iters"]
+            full[r["method"]] = r["cost"]["flops"]
+    budget = min(full.values())
+    cheapest = min(full, key=full.get)
+    print(f"compute-matched budget: {budget:.3g} FLOPs ({cheapest}'s full budget)", flush=True)
+    out_runs, out_res = f"{args.runs}-matched", f"{args.results}-matched"
+    for m in sorted(per_iter):
+        iters = max(1, round(budget / per_iter[m]))
+        for s in seeds:
+            sh(
+                "train", m, "--backbone", "digits", "--seed", str(s), "--iters", str(iters),
+                "--out", out_runs, "--device", "cpu",
+            )  # fmt: skip
+    sh(
+        "eval", "--backbone", "digits", "--steps", "1,2,4", "--metrics", METRICS, "--run-seeds",
+        "--device", "cpu", "--runs", out_runs, "--samples", args.samples, "--results", out_res,
+    )  # fmt: skip
+    sh("report", "--results", out_res)
 
 
 def analyse(results: Path) -> None:
