@@ -55,7 +55,9 @@ def _kill_at(
         if deadline is not None and time.monotonic() > deadline:
             break
         time.sleep(0.001)
-    time.sleep(rng.uniform(0, 0.02))
+    # a file is written in milliseconds: right after ready() the kill must come at once to
+    # land while it is written, later when a deadline (not ready()) ended the wait
+    time.sleep(rng.uniform(0, 0.002 if ready() else 0.02))
     if p.poll() is not None:
         return False, False
     was_ready = ready()
