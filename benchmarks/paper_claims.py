@@ -144,8 +144,9 @@ def analyse(results: Path) -> None:
 
 
 def _label(row) -> str:
-    v = row.get("variant") or ""
-    return row["method"] if not v else f"{row['method']} ({v})"
+    from cdmbench.report import model_label
+
+    return model_label(row["method"], row.get("variant") or "")
 
 
 def _fmt(row) -> str:
@@ -246,7 +247,9 @@ def claim_modes(cells: pd.DataFrame) -> list[str]:
                 sep = _separated(r, cd, lower_better=False)
                 word = {1: "higher than", -1: "lower than", 0: "tied with"}[sep]
                 if r is not None and cd is not None:
-                    out.append(f"- {s} steps: {lab} recall {_fmt(r)} is {word} cd's {_fmt(cd)}")
+                    out.append(
+                        f"- {s} step{'s' * (s > 1)}: {lab} recall {_fmt(r)} is {word} cd's {_fmt(cd)}"
+                    )
     out.append("")
     return out
 
@@ -256,7 +259,7 @@ def claim_gan(cells: pd.DataFrame) -> list[str]:
 
     labs = _labels(cells)
     tuned_gan = METHODS.get("dmd2").default_config("digits").gan
-    flipped = [lab for lab in labs if lab.startswith("dmd2 (tuned") and "gan=" in lab]
+    flipped = [lab for lab in labs if lab.startswith("dmd2 (tuned,") and "gan=" in lab]
     with_gan = "dmd2 (tuned)" if tuned_gan else (flipped[0] if flipped else None)
     without = (flipped[0] if flipped else None) if tuned_gan else "dmd2 (tuned)"
     rows = [r for r in ("cdm (tuned)", without, with_gan, "dmd2 (paper)") if r in labs]
@@ -273,10 +276,10 @@ def claim_gan(cells: pd.DataFrame) -> list[str]:
         g = _get(cells, with_gan, s, "fd_digits") if with_gan else None
         n = _get(cells, without, s, "fd_digits") if without else None
         if c is not None and g is not None:
-            out.append(f"- {s} steps: cdm (tuned) {_fmt(c)} is {word[_separated(c, g)]} DMD2 "
+            out.append(f"- {s} step{'s' * (s > 1)}: cdm (tuned) {_fmt(c)} is {word[_separated(c, g)]} DMD2 "
                        f"with its GAN head {_fmt(g)}")  # fmt: skip
         if g is not None and n is not None:
-            out.append(f"- {s} steps: DMD2 with the GAN head {_fmt(g)} is "
+            out.append(f"- {s} step{'s' * (s > 1)}: DMD2 with the GAN head {_fmt(g)} is "
                        f"{word[_separated(g, n)]} DMD2 without it {_fmt(n)}")  # fmt: skip
     out.append("")
     return out

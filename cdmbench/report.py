@@ -119,8 +119,15 @@ def _std_col(metric: str) -> str:
 
 
 def model_label(method: Any, variant: Any = "") -> str:
-    """How a row names its model: "cdm (tuned)", "cdm (paper)", "teacher"."""
-    return f"{method} ({variant})" if not is_missing(variant) else str(method)
+    """How a row names its model: "cdm (tuned)", "cdm (paper)", "teacher"; a variant label
+    with its changes in parentheses reads "dmd2 (tuned, gan=False)"."""
+    if is_missing(variant):
+        return str(method)
+    v = str(variant)
+    if v.endswith(")") and " (" in v:
+        base, _, changes = v.partition(" (")
+        v = f"{base}, {changes[:-1]}"
+    return f"{method} ({v})"
 
 
 def pivot(records_df: pd.DataFrame, latest: bool = True) -> pd.DataFrame:
