@@ -291,7 +291,7 @@ def plot_steps(cells: pd.DataFrame, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fd = cells[cells["metric"] == "fd_digits"]
+    fd = cells[(cells["metric"] == "fd_digits") & (cells["steps"] <= 8)]  # not the 50-step teacher
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for lab in _labels(fd):
         g = fd[fd["label"] == lab].sort_values("steps")
