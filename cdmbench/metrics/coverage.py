@@ -23,8 +23,8 @@ import torch
 
 from cdmbench.backbones.base import Backbone
 from cdmbench.errors import UserError
-from cdmbench.metrics.base import EvalSet, Metric, Value
-from cdmbench.metrics.digits import DigitsJudge, domain_judge, no_domain
+from cdmbench.metrics.base import EvalSet, Value
+from cdmbench.metrics.digits import DigitsFD, DigitsJudge, no_domain
 from cdmbench.metrics.prdc import in_manifold, knn_radii
 
 
@@ -51,7 +51,7 @@ def class_recall(
     return out
 
 
-class ClassRecall(Metric):
+class ClassRecall(DigitsFD):
     """Per-class improved recall in the domain classifier's features: mean and minimum."""
 
     name = "class_recall"
@@ -59,12 +59,10 @@ class ClassRecall(Metric):
         "class_recall_mean": Value(higher_is_better=True, tolerance="0.05"),
         "class_recall_min": Value(higher_is_better=True, tolerance="0.1"),
     }
-    needs = ("images",)
-    device = "cpu"  # the classifier is small; its numbers do not depend on the accelerator
 
     def __init__(self, k: int = 3) -> None:
+        super().__init__()
         self.k = k
-        self.judge: DigitsJudge | None = None
         self.last: dict[str, Any] = {}  # the last compute()'s per-class recalls
 
     @property
@@ -72,16 +70,10 @@ class ClassRecall(Metric):
         return self.k + 1
 
     def _judge(self, backbone: Backbone) -> DigitsJudge:
-        if self.judge is None or self.judge.backbone is not backbone:
-            judge = domain_judge(backbone, device=self.device)
-            if judge is None or backbone.real_latents(judge.reference) is None:
-                raise no_domain(f"metric '{self.name}'", backbone)
-            self.judge = judge
-        return self.judge
-
-    def check(self, backbone: Backbone | None = None) -> None:
-        if backbone is not None:
-            self._judge(backbone)
+        judge = super()._judge(backbone)  # the domain judge DigitsFD binds, and its checks
+        if backbone.real_latents(judge.reference) is None:  # labels of the reference split
+            raise no_domain(f"metric '{self.name}'", backbone)
+        return judge
 
     def config(self) -> dict[str, Any]:
         return {
