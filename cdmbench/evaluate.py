@@ -148,8 +148,9 @@ def run_candidates(
     ``weights``: as in :func:`candidates_from_dirs`."""
     root = Path(runs_root) / backbone.name
     mine = backbone.run_settings()
-    # (method, variant) -> (config key, [run dirs]) of the newest configuration, by mtime
-    newest: dict[tuple[str, str], tuple[str, list[Path]]] = {}
+    # (method, variant) -> (config key, [(training seed, run dir)]) of the newest
+    # configuration, by mtime
+    newest: dict[tuple[str, str], tuple[str, list[tuple[int, Path]]]] = {}
     for info in (
         sorted(root.glob("*/run.json"), key=lambda p: p.stat().st_mtime) if root.is_dir() else []
     ):
@@ -161,11 +162,13 @@ def run_candidates(
             continue
         variant = str(stored.get("variant") or "")
         key = str(stored.get("config_key") or info.parent.name)
+        seed = stored.get("train_seed", (stored.get("train") or {}).get("seed", 0))
+        run = (seed if isinstance(seed, int) else 0, info.parent)
         have = newest.get((method, variant))
         if have is not None and have[0] == key:
-            have[1].append(info.parent)
+            have[1].append(run)
         else:
-            newest[(method, variant)] = (key, [info.parent])
+            newest[(method, variant)] = (key, [run])
     if methods is not None:
         found = {m for m, _ in newest}
         missing = [m for m in methods if m != "teacher" and m not in found]
@@ -175,7 +178,7 @@ def run_candidates(
                 f"these backbone settings under {runs_root}; train it first: "
                 f"cdmbench train {missing[0]} --backbone {backbone.name}"
             )
-    dirs = [d for k in sorted(newest) for d in sorted(newest[k][1], key=_train_seed)]
+    dirs = [d for k in sorted(newest) for _, d in sorted(newest[k][1])]
     return candidates_from_dirs(dirs, device, weights)
 
 
@@ -185,12 +188,6 @@ def _run_info(run_json: Path) -> dict[str, Any] | None:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
     return info if isinstance(info, dict) else None
-
-
-def _train_seed(run_dir: Path) -> int:
-    info = _run_info(run_dir / "run.json") or {}
-    seed = info.get("train_seed", (info.get("train") or {}).get("seed", 0))
-    return seed if isinstance(seed, int) else 0
 
 
 def _run_settings(backbone: Backbone, stored: dict[str, Any]) -> dict[str, Any] | None:
