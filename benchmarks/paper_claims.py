@@ -88,29 +88,29 @@ def main() -> None:
 
 
 def compute_matched(args, seeds: list[int]) -> None:
-    """Every tuned method at the cheapest one's full training FLOPs (from the runs' recorded
-    cost): the cheapest trains its full budget, the others ``round(F / flops per iteration)``
-    iterations; trained into RUNS-matched and reported in RESULTS-matched."""
+    """Every tuned method at the cheapest one's full training FLOPs (the iterations
+    ``bench --match-compute`` gives, from the runs' recorded cost, data included; the
+    cheapest at its full budget), trained into RUNS-matched and reported in RESULTS-matched."""
     import json
 
-    runs = Path(args.runs) / "digits"
-    per_iter, full = {}, {}
-    for info in sorted(runs.glob("*/run.json")):
+    from cdmbench.bench import Unit, matched_units
+
+    dirs = {}
+    for info in sorted((Path(args.runs) / "digits").glob("*/run.json")):
         r = json.loads(info.read_text())
-        if r.get("variant") == "tuned" and r.get("train_seed") == seeds[0] and r.get("cost"):
-            per_iter[r["method"]] = r["cost"]["flops"] / r["cost"]["iters"]
-            full[r["method"]] = r["cost"]["flops"]
-    budget = min(full.values())
-    cheapest = min(full, key=full.get)
-    print(f"compute-matched budget: {budget:.3g} FLOPs ({cheapest}'s full budget)", flush=True)
+        if r.get("variant") == "tuned" and r.get("train_seed") in seeds and r.get("cost"):
+            dirs[Unit(r["method"], "tuned", r["train_seed"])] = info.parent
+    budget, todo = matched_units(dirs)
+    full = {u.method: json.loads((d / "run.json").read_text())["iters"] for u, d in dirs.items()}
+    for m in sorted(full.keys() - {u.method for u in todo}):  # the cheapest, at its budget
+        todo += [Unit(m, "tuned", s, full[m]) for s in seeds]
+    print(f"compute-matched budget: {budget:.3g} FLOPs", flush=True)
     out_runs, out_res = f"{args.runs}-matched", f"{args.results}-matched"
-    for m in sorted(per_iter):
-        iters = max(1, round(budget / per_iter[m]))
-        for s in seeds:
-            sh(
-                "train", m, "--backbone", "digits", "--seed", str(s), "--iters", str(iters),
-                "--out", out_runs, "--device", "cpu",
-            )  # fmt: skip
+    for u in sorted(todo, key=lambda u: (u.method, u.seed)):
+        sh(
+            "train", u.method, "--backbone", "digits", "--seed", str(u.seed), "--iters",
+            str(u.iters), "--out", out_runs, "--device", "cpu",
+        )  # fmt: skip
     sh(
         "eval", "--backbone", "digits", "--steps", "1,2,4", "--metrics", METRICS, "--run-seeds",
         "--device", "cpu", "--runs", out_runs, "--samples", args.samples, "--results", out_res,

@@ -4,6 +4,14 @@ A unit of work is (method, variant, seed): ``seeds`` trains every method in ever
 per training seed, and each run is evaluated with the evaluation seed equal to its training
 seed (the teacher at every one of those seeds), so the report's intervals cover both.
 
+``match_compute`` adds the compute-matched comparison: after the default budgets, every
+other (method, variant) is trained again at the cheapest one's full-budget FLOPs (its
+recorded cost, data made before training included), ``round((F - data FLOPs) / training
+FLOPs per iteration)`` iterations at the first seed's cost, for every seed. Those runs are
+labelled variant "<variant>, compute-matched" (in run.json, so that ``eval`` and ``report``
+keep them apart from the default budget) and evaluated beside the others; the report's
+compute-matched table reads them.
+
 Every stage is content-keyed and resumable: a second run reuses finished training runs,
 sample folders and records, and an interrupted one continues where it stopped. On CPU the
 methods train in parallel worker processes (one thread each), which on small networks beats
@@ -12,6 +20,8 @@ one process with all threads.
 
 from __future__ import annotations
 
+import json
+import math
 import multiprocessing as mp
 import queue
 from collections.abc import Callable, Sequence
@@ -21,6 +31,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from cdmbench.results import COMPUTE_MATCHED
 
 QUICK_FACTOR = 5  # --quick trains for 1/5 of the default iterations
 
@@ -42,6 +54,7 @@ class BenchConfig:
     device: str = "cpu"
     iters: int | None = None  # override every method's iterations (None: its default budget)
     compile: str | None = None  # torch.compile mode for evaluation; None: eager
+    match_compute: bool = False  # also train every model at the cheapest one's FLOPs
     backbone_settings: dict[str, Any] = field(default_factory=dict)  # backbone.KEY settings
 
 
@@ -52,10 +65,17 @@ class Unit:
     method: str
     variant: str
     seed: int
+    iters: int | None = None  # a compute-matched run's iterations; None: the default budget
+
+    @property
+    def note(self) -> str | None:
+        """The run's variant note: compute-matched runs are told apart from the default."""
+        return COMPUTE_MATCHED if self.iters is not None else None
 
     @property
     def label(self) -> str:
-        return f"{self.method} ({self.variant}, seed {self.seed})"
+        extra = f", {self.note}" if self.note else ""
+        return f"{self.method} ({self.variant}, seed {self.seed}{extra})"
 
 
 def units(cfg: BenchConfig) -> list[Unit]:
@@ -77,9 +97,11 @@ def _train_one(
     settings: dict[str, Any] | None = None,
     variant: str = "tuned",
     label: str | None = None,
+    note: str | None = None,
 ) -> str:
     """Train (or reuse) one method's default run in ``variant``; returns the run directory.
-    Progress messages name it by ``label`` (the method by default)."""
+    Progress messages name it by ``label`` (the method by default); ``note`` is added to the
+    run's variant label (run.json)."""
     if threads:
         torch.set_num_threads(threads)
     from cdmbench.backbones import get_backbone
@@ -106,6 +128,7 @@ def _train_one(
         tc,
         runs,
         progress=progress,
+        variant_note=note,
     )
     if q is not None:
         q.put((name, tc.iters, tc.iters))
@@ -113,11 +136,13 @@ def _train_one(
 
 
 def train_all(
-    cfg: BenchConfig, on_progress: Callable[[str, int, int], None] | None = None
+    cfg: BenchConfig,
+    on_progress: Callable[[str, int, int], None] | None = None,
+    todo: Sequence[Unit] | None = None,
 ) -> dict[Unit, Path]:
-    """Train every (method, variant, seed); in parallel processes on CPU, one after another on
-    GPU. Progress is reported per unit, by its label."""
-    todo = units(cfg)
+    """Train ``todo`` (every (method, variant, seed) of ``cfg`` by default); in parallel
+    processes on CPU, one after another on GPU. Progress is reported per unit, by its label."""
+    todo = list(units(cfg) if todo is None else todo)
 
     def args(u: Unit, threads: int, q) -> tuple:
         return (
@@ -129,10 +154,11 @@ def train_all(
             cfg.device,
             threads,
             q,
-            cfg.iters,
+            u.iters if u.iters is not None else cfg.iters,
             cfg.backbone_settings,
             u.variant,
             u.label,
+            u.note,
         )
 
     if cfg.device != "cpu" or cfg.workers <= 1 or len(todo) == 1:
@@ -163,6 +189,31 @@ class _Relay:
             self.fn(*msg)
 
 
+def matched_units(run_dirs: dict[Unit, Path]) -> tuple[float, list[Unit]]:
+    """The compute-matched runs of a bench: (target FLOPs, units). The target is the cheapest
+    (method, variant)'s full-budget cost at the first seed; every other one gets the
+    iterations that spend it, at every seed."""
+    first = min(u.seed for u in run_dirs)
+    costs = {}
+    for u, d in run_dirs.items():
+        if u.seed == first and u.iters is None:
+            cost = json.loads((Path(d) / "run.json").read_text()).get("cost") or {}
+            if cost.get("flops") and cost.get("iters"):
+                costs[(u.method, u.variant)] = cost
+    if len(costs) < 2:
+        return math.nan, []
+    target = min(c["flops"] for c in costs.values())
+    seeds = sorted({u.seed for u in run_dirs})
+    out = []
+    for (m, v), c in costs.items():
+        if c["flops"] <= target * (1 + 1e-9):
+            continue  # the cheapest: its full budget is the target
+        train = c.get("train_flops", c["flops"])  # runs recorded before data accounting
+        iters = max(1, round((target - (c["flops"] - train)) / (train / c["iters"])))
+        out += [Unit(m, v, s, iters) for s in seeds]
+    return target, out
+
+
 def run_bench(
     cfg: BenchConfig,
     on_train: Callable[[str, int, int], None] | None = None,
@@ -176,6 +227,9 @@ def run_bench(
     from cdmbench.results import ResultStore
 
     run_dirs = train_all(cfg, on_train)
+    if cfg.match_compute:
+        _, matched = matched_units(run_dirs)
+        run_dirs |= train_all(cfg, on_train, matched)
     bb = get_backbone(cfg.backbone, device=cfg.device, settings=cfg.backbone_settings)
     s = bb.settings  # the backbone's evaluation defaults
     prompt_set, prompts = load_prompt_set(s.eval_prompts, backbone=bb)

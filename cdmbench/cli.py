@@ -898,6 +898,18 @@ def bench(
     iters: Annotated[
         int | None, typer.Option(help="Override every method's training iterations.")
     ] = None,
+    match_compute: Annotated[
+        bool,
+        typer.Option(
+            "--match-compute",
+            help=(
+                "Also train every method and variant at the cheapest one's full-budget training "
+                "FLOPs (its recorded cost, teacher data included), at every seed, and evaluate "
+                "them: the report's compute-matched table. They show as "
+                "'METHOD (VARIANT, compute-matched)'."
+            ),
+        ),
+    ] = False,
     num_samples: Annotated[
         int | None,
         typer.Option(
@@ -961,6 +973,7 @@ def bench(
         metrics=metric_names,
         compile=mode,
         backbone_settings=as_dict(settings),
+        match_compute=match_compute,
     )
     t0 = time.perf_counter()
     with Progress(

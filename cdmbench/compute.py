@@ -10,7 +10,9 @@ are not training compute), and writes its totals into run.json under ``"cost"``:
               of 2B rows)
     backward  {model: calls}  forward calls made with gradients enabled whose output the
               backward pass reached (a graph that is built but not backpropagated counts none;
-              one that is backpropagated twice counts two)
+              one that is backpropagated twice counts two); for a call read at an inner
+              block (DMD2's GAN head reads the fake score's middle features), the backward
+              that reached that block's output, which runs through the layers before it only
     teacher_nfe  per-sample teacher evaluations: the rows of every teacher call (a CFG call of
               B samples is 2B)
     images    training samples the core drew (batch x grad_accum per iteration and process)
@@ -18,14 +20,19 @@ are not training compute), and writes its totals into run.json under ``"cost"``:
               input shapes (measured once per model and shape with
               ``torch.utils.flop_counter.FlopCounterMode`` on the call itself; a multiply-add is
               2 FLOPs) x 3 when it had a backward (forward + 2 x forward for the backward, the
-              usual estimate), x 1 otherwise
+              usual estimate), x 1 otherwise; a backward from an inner block adds 2 x the
+              forward FLOPs up to that block (measured the same way, once per shape)
     wall_s    seconds in the training loop (checkpoints and logging included), over every
               session up to its last checkpoint
     iters, world  iterations done; processes of the session that finished the run
 
-Counts are summed over processes. Work a method does once before training (DMD's cached
-regression pairs, CD's teacher samples on backbones without real data) is not counted: it
-is cached on disk and shared by runs, so its cost would depend on what ran before.
+Counts are summed over processes. Work a method does once before training (DMD's
+regression pairs, CD's teacher samples on backbones without real data) is counted as what
+the run's data costs to make, whether or not a cache already held it (so a run's cost does
+not depend on what ran before): under ``"data"``, {what: {samples, teacher_nfe, flops}},
+with n samples x steps teacher calls, each measured like a training call. ``flops`` and
+``teacher_nfe`` are totals, the data included; ``train_flops`` is the training loop's
+alone (what scales with iterations).
 
 The counters are plain numbers kept in the checkpoint, so a resumed run reports the total of
 all its sessions. Counting is a forward hook per model call; FLOPs are measured on the first
@@ -36,7 +43,8 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator, Mapping
+import weakref
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -45,6 +53,11 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
 COUNTERS = ("forward", "forward_rows", "backward", "backward_rows")
+# which meter counts a model, and under which name (for calls read at an inner block)
+_OWNERS: weakref.WeakKeyDictionary[nn.Module, tuple[ComputeMeter, str]] = (
+    weakref.WeakKeyDictionary()
+)
+_READING: list[int] = []  # the blocks whose output the calls in progress are read at
 FLOP_UNITS = ((1e18, "EFLOP"), (1e15, "PFLOP"), (1e12, "TFLOP"), (1e9, "GFLOP"), (1e6, "MFLOP"))
 
 
@@ -61,6 +74,13 @@ def _rows(tensors: list[Tensor]) -> int:
     return 1
 
 
+def _key(name: str, tensors: list[Tensor]) -> tuple:
+    """A call's identity for its FLOPs: model, the block being read (see :func:`reading`)
+    and the inputs' shapes and dtypes."""
+    block = _READING[-1] if _READING else None
+    return (name, block, *((tuple(t.shape), t.dtype) for t in tensors))
+
+
 def _in_backward() -> bool:
     """Inside the autograd engine (an activation-checkpointed forward being recomputed)."""
     return torch._C._current_graph_task_id() != -1
@@ -75,12 +95,15 @@ class ComputeMeter:
         self.counts: dict[str, dict[str, int]] = {}
         self.flops: dict[str, float] = {}
         self.images = 0
+        self.data: dict[str, dict[str, float]] = {}  # work done before training (module doc)
         # totals of earlier sessions, already summed over processes (from the checkpoint)
         self.base: dict[str, Any] = {}
         self.wall_base = 0.0
         self._t0: float | None = None
         self._call_flops: dict[tuple, int] = {}  # (model, input shapes) -> forward FLOPs
         self._measuring: tuple[tuple, Any] | None = None
+        self._partial_flops: dict[tuple, int] = {}  # call key -> forward FLOPs up to its block
+        self._last_key: dict[str, tuple] = {}  # each model's latest counted call
         self._handles: list[Any] = []
 
     # ------------------------------------------------------------------------- install
@@ -95,6 +118,7 @@ class ComputeMeter:
             if id(model) in seen:
                 continue
             seen.add(id(model))
+            _OWNERS[model] = (self, name)
             pre, post = self._hooks(name)
             self._handles.append(model.register_forward_pre_hook(pre, with_kwargs=True))
             self._handles.append(model.register_forward_hook(post, with_kwargs=True))
@@ -103,6 +127,19 @@ class ComputeMeter:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        for model in [m for m, (meter, _) in _OWNERS.items() if meter is self]:
+            del _OWNERS[model]
+
+    def _backward_hook(self, name: str, rows: int, flops: float) -> Callable[[Tensor], None]:
+        """A tensor hook that counts one backward of ``name`` costing ``flops``."""
+        c = self.counts[name]
+
+        def on_backward(grad: Tensor) -> None:
+            c["backward"] += 1
+            c["backward_rows"] += rows
+            self.flops[name] += flops
+
+        return on_backward
 
     def _hooks(self, name: str):
         # closures, not bound methods: a deep copy of a hooked model (a clone) must not copy
@@ -112,7 +149,7 @@ class ComputeMeter:
         def pre(module: nn.Module, args: Any, kwargs: Any) -> None:
             if not meter.active or _in_backward():
                 return
-            key = (name, *((tuple(t.shape), t.dtype) for t in _tensors(args, kwargs)))
+            key = _key(name, _tensors(args, kwargs))
             if key not in meter._call_flops and meter._measuring is None:
                 from torch.utils.flop_counter import FlopCounterMode
 
@@ -124,7 +161,7 @@ class ComputeMeter:
             if not meter.active or _in_backward():
                 return
             tensors = _tensors(args, kwargs)
-            key = (name, *((tuple(t.shape), t.dtype) for t in tensors))
+            key = _key(name, tensors)
             if meter._measuring is not None and meter._measuring[0] == key:
                 mode = meter._measuring[1]
                 meter._measuring = None
@@ -136,17 +173,31 @@ class ComputeMeter:
             c["forward"] += 1
             c["forward_rows"] += rows
             meter.flops[name] += flops
+            meter._last_key[name] = key
             out = next((t for t in tree_flatten(output)[0] if isinstance(t, Tensor)), None)
             if out is not None and out.requires_grad and torch.is_grad_enabled():
-
-                def on_backward(grad: Tensor) -> None:
-                    c["backward"] += 1
-                    c["backward_rows"] += rows
-                    meter.flops[name] += 2 * flops  # the backward: twice the forward
-
-                out.register_hook(on_backward)
+                # the backward: twice the forward
+                out.register_hook(meter._backward_hook(name, rows, 2 * flops))
 
         return pre, post
+
+    def block_reached(self, name: str) -> None:
+        """The block read by ``name``'s call in progress has run: where that call is being
+        measured, its FLOPs so far are the cost of the layers a backward from the block
+        runs through."""
+        if self._measuring is not None and self._measuring[0][0] == name:
+            key, mode = self._measuring
+            self._partial_flops.setdefault(key, mode.get_total_flops())
+
+    def inner_backward(self, name: str, out: Tensor) -> None:
+        """Count the backward that enters ``name``'s latest call at ``out``, the output of the
+        inner block it read: 2 x the forward FLOPs up to that block."""
+        key = self._last_key.get(name)
+        if not self.active or key is None or not out.requires_grad or not torch.is_grad_enabled():
+            return
+        flops = self._partial_flops.get(key, self._call_flops.get(key, 0))
+        rows = int(out.shape[0]) if out.dim() else 1
+        out.register_hook(self._backward_hook(name, rows, 2 * flops))
 
     @contextlib.contextmanager
     def counting(self) -> Iterator[None]:
@@ -162,6 +213,15 @@ class ComputeMeter:
 
     def add_images(self, n: int) -> None:
         self.images += int(n)
+
+    def add_data(self, what: str, samples: int, teacher_nfe: int, flops: float) -> None:
+        """The cost of the data a run makes before training (the same on every process: it
+        is the whole set's, not summed over processes)."""
+        self.data[what] = {
+            "samples": int(samples),
+            "teacher_nfe": int(teacher_nfe),
+            "flops": float(flops),
+        }
 
     # ---------------------------------------------------------------------- wall time
     def start_clock(self) -> None:
@@ -221,16 +281,64 @@ class ComputeMeter:
     def cost(self, iters: int, world: int = 1, device: torch.device | str = "cpu") -> dict:
         """run.json's ``"cost"`` (a collective under several processes)."""
         t = self.totals(world, device)
+        train = float(sum(t["flops"].values()))
+        data = {k: dict(v) for k, v in sorted(self.data.items())}
         return {
-            "flops": float(sum(t["flops"].values())),
+            "flops": train + sum(d["flops"] for d in data.values()),
+            "train_flops": train,
+            "data": data,
             "wall_s": round(t["wall_s"], 3),
             "images": t["images"],
-            "teacher_nfe": int(t["forward_rows"].get("teacher", 0)),
+            "teacher_nfe": int(t["forward_rows"].get("teacher", 0))
+            + sum(int(d["teacher_nfe"]) for d in data.values()),
             "forward": t["forward"],
             "backward": t["backward"],
             "iters": int(iters),
             "world": int(world),
         }
+
+
+# ------------------------------------------------------------------ calls outside the hooks
+@contextlib.contextmanager
+def reading(model: nn.Module, block: nn.Module) -> Iterator[Callable[[Tensor], None]]:
+    """Around one call of ``model`` whose output that matters is ``block``'s (DMD2's GAN
+    features): the call is counted apart from ``model``'s plain calls, its FLOPs up to the
+    block are measured with its own, and the function yielded, given the block's output
+    that the loss reads, counts the backward entering there. Where no meter counts
+    ``model``, nothing is counted."""
+    owner = _OWNERS.get(model)
+    if owner is None:
+        yield lambda out: None
+        return
+    meter, name = owner
+    handle = block.register_forward_hook(lambda *_: meter.block_reached(name))
+    _READING.append(id(block))
+    try:
+        yield lambda out: meter.inner_backward(name, out)
+    finally:
+        _READING.pop()
+        handle.remove()
+
+
+def call_cost(model: nn.Module, run: Callable[[], Any]) -> tuple[int, int]:
+    """(rows, forward FLOPs) of the calls of ``model`` that ``run()`` makes (without
+    gradients; rows as the meter counts them)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    rows = 0
+
+    def pre(_m: nn.Module, args: Any, kwargs: Any) -> None:
+        nonlocal rows
+        rows += _rows(_tensors(args, kwargs))
+
+    mode = FlopCounterMode(display=False)
+    handle = model.register_forward_pre_hook(pre, with_kwargs=True)
+    try:
+        with torch.no_grad(), mode:
+            run()
+    finally:
+        handle.remove()
+    return rows, mode.get_total_flops()
 
 
 # ----------------------------------------------------------------------------- display

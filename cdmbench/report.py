@@ -48,6 +48,7 @@ from cdmbench.errors import UserError
 from cdmbench.io import atomic_path, remove_stale_temps
 from cdmbench.metrics.base import value_spec
 from cdmbench.results import (
+    COMPUTE_MATCHED,
     ResultStore,
     cell_stats,
     filter_records,
@@ -887,6 +888,7 @@ def compute_runs(sel: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
         "images",
         "teacher NFEs",
         "FLOPs",
+        "data FLOPs",
         "wall s",
         "forward passes",
         "backward passes",
@@ -911,12 +913,22 @@ def compute_runs(sel: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
                 _g(c.get("images")),
                 _g(c.get("teacher_nfe")),
                 _g(c.get("flops")),
+                _g(_data_flops(c)),
                 _g(c.get("wall_s")),
                 _passes(c.get("forward")),
                 _passes(c.get("backward")),
             ]
         )
     return headers, rows
+
+
+def _data_flops(cost: dict) -> float | None:
+    """FLOPs of the data a run made before training (included in its "flops"); None for
+    runs recorded before that was counted."""
+    data = cost.get("data")
+    return (
+        sum(float(d.get("flops", 0.0)) for d in data.values()) if isinstance(data, dict) else None
+    )
 
 
 def _flops(cost: Any) -> float:
@@ -948,6 +960,11 @@ def plot_quality_vs_flops(st: pd.DataFrame, metric: str, steps: int) -> str | No
     return _png_b64(fig)
 
 
+def _matched(variant: Any) -> bool:
+    """A compute-matched run's variant ("tuned, compute-matched")."""
+    return str(variant).endswith(f", {COMPUTE_MATCHED}")
+
+
 def compute_matched(
     records: pd.DataFrame, metric: str
 ) -> tuple[list[str], list[list[str]], str] | str:
@@ -958,8 +975,8 @@ def compute_matched(
     allc = allc[(allc["metric"] == metric) & (allc["method"] != "teacher")]
     allc = allc[allc["train_cost"].map(lambda c: math.isfinite(_flops(c)) and _flops(c) > 0)]
     hint = (
-        "compute-matched table needs runs at matched budgets: train each method at the "
-        "cheapest one's FLOPs (cdmbench train METHOD --iters N) and evaluate them"
+        "compute-matched table needs runs at matched budgets: cdmbench bench --match-compute "
+        "trains them"
     )
     if allc.empty:
         return "no training costs recorded; " + hint
@@ -967,17 +984,20 @@ def compute_matched(
     newest = newest[(newest["metric"] == metric) & (newest["method"] != "teacher")]
     full: dict[tuple[str, str], float] = {}
     for r in newest.itertuples():
-        if math.isfinite(_flops(r.train_cost)):
+        if math.isfinite(_flops(r.train_cost)) and not _matched(r.variant):
             full.setdefault((r.method, r.variant), _flops(r.train_cost))
-    configs: dict[tuple[str, str], dict[str, float]] = {}
+    # a model's configurations, its compute-matched runs (`bench --match-compute`) among them:
+    # config key -> (FLOPs, the variant its records carry)
+    configs: dict[tuple[str, str], dict[str, tuple[float, str]]] = {}
     for r in allc.itertuples():
-        configs.setdefault((r.method, r.variant), {})[r.config_key] = _flops(r.train_cost)
+        base = str(r.variant).removesuffix(f", {COMPUTE_MATCHED}")
+        configs.setdefault((r.method, base), {})[r.config_key] = (_flops(r.train_cost), r.variant)
     if len(full) < 2:
         return "fewer than two students with a recorded cost; " + hint
     target = min(full.values())
     picks, lacking = {}, []
     for model, cfgs in configs.items():
-        key, fl = min(cfgs.items(), key=lambda kv: abs(math.log(kv[1] / target)))
+        key, (fl, _) = min(cfgs.items(), key=lambda kv: abs(math.log(kv[1][0] / target)))
         if abs(fl / target - 1) <= MATCH_TOLERANCE:
             picks[model] = key
         else:
@@ -992,12 +1012,12 @@ def compute_matched(
     ]
     rows = []
     for model in sorted(picks, key=lambda k: (method_key(k[0]), k[1])):
+        fl, variant = configs[model][picks[model]]
         cells = allc[
             (allc["method"] == model[0])
-            & (allc["variant"] == model[1])
+            & (allc["variant"] == variant)
             & (allc["config_key"] == picks[model])
         ]
-        fl = configs[model][picks[model]]
         row = [model_label(*model), _g(fl), f"{fl / target:.2f}"]
         for n in steps:
             c = cells[cells["steps"] == n]
@@ -1097,8 +1117,10 @@ def plot_frontier(pts: list[dict[str, Any]], metric: str, x: str, hib: bool | No
 
 COMPUTE_NOTE = (
     "Costs as recorded by training (run.json cost): FLOPs are an estimate from each network's "
-    "per-call cost; teacher NFEs count per-sample teacher evaluations; wall time sums all "
-    "sessions. Intervals: 95 % t-interval over seeds."
+    "per-call cost; teacher NFEs count per-sample teacher evaluations. Both include the "
+    'teacher data a method makes before training (DMD\'s regression pairs; "data FLOPs"; '
+    '"–" for runs recorded before it was counted), whether or not a cache held it. Wall '
+    "time sums all sessions and leaves that data out. Intervals: 95 % t-interval over seeds."
 )
 
 

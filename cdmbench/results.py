@@ -502,7 +502,10 @@ def cell_stats(
     return order_rows(out, ["backbone", "method", "variant", "steps", "metric"])
 
 
-COST_MEANS = ("flops", "wall_s", "images", "teacher_nfe")  # averaged over a cell's runs
+# the variant note of runs trained at another model's training FLOPs (`bench --match-compute`)
+COMPUTE_MATCHED = "compute-matched"
+# averaged over a cell's runs
+COST_MEANS = ("flops", "train_flops", "wall_s", "images", "teacher_nfe")
 
 
 def run_cost(g: pd.DataFrame) -> dict[str, Any]:

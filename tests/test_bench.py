@@ -100,3 +100,34 @@ def test_bad_seeds_option_is_one_line_exit_2(capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "bad seed list '0,a'" in err[0]
     assert _main("bench", "--variants", "tuned,nope") == 2
+
+
+def test_bench_match_compute_trains_every_model_at_the_cheapest_budget(tmp_path, monkeypatch):
+    import json
+
+    monkeypatch.chdir(tmp_path)
+    args = ["bench", "--methods", "dmd2,cd", "--iters", "6", "--seeds", "0,1"]
+    args += ["--num-samples", "2", "--steps", "1", "--metrics", "fd_digits", "--match-compute"]
+    assert _main(*args) == 0
+    runs = [json.loads(p.read_text()) for p in (tmp_path / "runs" / "digits").glob("*/run.json")]
+    full = {r["method"]: r["cost"]["flops"] for r in runs if r["variant"] == "tuned"}
+    matched = [r for r in runs if r["variant"] == "tuned, compute-matched"]
+    assert len(runs) == 6 and len(matched) == 2  # the dearer method, at both seeds
+    cheapest, dearer = min(full, key=full.get), max(full, key=full.get)
+    assert {r["method"] for r in matched} == {dearer}
+    assert {r["train_seed"] for r in matched} == {0, 1}
+    for r in matched:  # its iterations spend the cheapest one's FLOPs, to within one iteration
+        per_iter = r["cost"]["train_flops"] / r["iters"]
+        assert r["iters"] < 6 and abs(r["cost"]["flops"] - full[cheapest]) <= per_iter
+    recs = [
+        json.loads(x) for x in (tmp_path / "results" / "records.jsonl").read_text().splitlines()
+    ]
+    assert {(r["method"], r["variant"]) for r in recs if r["method"] == dearer} == {
+        (dearer, "tuned"),
+        (dearer, "tuned, compute-matched"),
+    }
+    md = (tmp_path / "results" / "report.md").read_text()
+    assert f"{dearer} (tuned, compute-matched)" in md  # its own row in the main table
+    table = md[md.index("Compute-matched") :]
+    assert "needs runs at matched budgets" not in md
+    assert f"| {dearer} (tuned) |" in table and f"| {cheapest} (tuned) |" in table

@@ -22,7 +22,18 @@ from cdmbench.methods.dmd2 import DMD2, DMD2Config
 from cdmbench.training.core import TrainConfig, Trainer
 from cdmbench.training.run import export_student, train_run
 
-KEYS = {"flops", "wall_s", "images", "teacher_nfe", "forward", "backward", "iters", "world"}
+KEYS = {
+    "flops",
+    "train_flops",
+    "data",
+    "wall_s",
+    "images",
+    "teacher_nfe",
+    "forward",
+    "backward",
+    "iters",
+    "world",
+}
 
 
 class _Tap(torch.autograd.Function):
@@ -60,6 +71,35 @@ def counting(cls: type[Backbone]) -> type[Backbone]:
             self.calls[id(model)].append(rec)
             return _Tap.apply(out, rec) if out.requires_grad else out
 
+        def _hooked(self, block, model, x, s, cond, pick=lambda o: o):
+            """A call read at an inner block (DMD2's GAN features): its backward enters
+            there, costing twice the forward FLOPs up to the block (measured here on a
+            forward of its own, with a hook on the block)."""
+            out = super()._hooked(block, model, x, s, cond, pick)
+            if not self.on or not out.requires_grad:
+                return out
+            x, s = x.detach().clone(), s.detach().expand(x.shape[0]).clone()
+
+            def measure() -> int:  # after training, where nothing is counted
+                at: list[int] = []
+                with FlopCounterMode(display=False) as fc, torch.no_grad():
+                    h = block.register_forward_hook(lambda *_: at.append(fc.get_total_flops()))
+                    cls.forward(self, model, x, s, cond.tensors)
+                    h.remove()
+                return at[0]
+
+            rec = {"rows": x.shape[0], "backward": 0, "measure": measure}
+            self.inner[id(model)].append(rec)
+            return _Tap.apply(out, rec)
+
+    Counting.inner = None
+    init = Counting.__init__
+
+    def __init__(self, *a, **kw) -> None:
+        init(self, *a, **kw)
+        self.inner = defaultdict(list)  # calls read at an inner block, by model
+
+    Counting.__init__ = __init__
     return Counting
 
 
@@ -92,11 +132,26 @@ def _expected(bb, tr: Trainer) -> dict:
     for n, m in tr.models.items():
         names.setdefault(id(m), n)
     assert set(bb.calls) <= set(names), "a network call on a model the core does not hold"
+    for rec in (r for c in bb.inner.values() for r in c):
+        if "measure" in rec:
+            rec["flops"] = rec.pop("measure")()
     fwd = {n: len(bb.calls[i]) for i, n in names.items()}
-    bwd = {n: sum(r["backward"] for r in bb.calls[i]) for i, n in names.items()}
-    flops = sum(r["flops"] * (1 + 2 * r["backward"]) for c in bb.calls.values() for r in c)
+    bwd = {n: sum(r["backward"] for r in bb.calls[i] + bb.inner[i]) for i, n in names.items()}
+    per_model = {
+        n: float(
+            sum(r["flops"] * (1 + 2 * r["backward"]) for r in bb.calls[i])
+            + sum(2 * r["flops"] * r["backward"] for r in bb.inner[i])
+        )
+        for i, n in names.items()
+    }
     nfe = sum(r["rows"] for r in bb.calls[id(tr.teacher)])
-    return {"forward": fwd, "backward": bwd, "flops": float(flops), "teacher_nfe": nfe}
+    return {
+        "forward": fwd,
+        "backward": bwd,
+        "flops": sum(per_model.values()),
+        "flops_per_model": per_model,
+        "teacher_nfe": nfe,
+    }
 
 
 @pytest.mark.parametrize(
@@ -134,6 +189,64 @@ def test_run_json_cost_equals_the_calls_counted_by_wrapping_the_networks(tmp_pat
         assert 4 * calls < cost["teacher_nfe"] < 2 * 4 * calls
     else:
         assert cost["teacher_nfe"] == 2 * 4 * calls
+
+
+def test_gan_feature_backward_is_counted_up_to_the_middle_block(tmp_path):
+    """DMD2's GAN head reads the fake score's middle features: those calls' backwards stop at
+    the middle block and cost twice the forward FLOPs up to it."""
+    bb = CountingDigits()
+    method = DMD2(
+        DMD2Config(student_lr=1e-3, fake_lr=1e-3, update_ratio=2, real_guidance=3.0, gan=True)
+    )
+    tr = Trainer(bb, method, _cfg(), tmp_path / "run")
+    bb.on = True
+    tr.train()
+    bb.on = False
+    cost, totals, want = tr.train_cost(), tr.compute.totals(), _expected(bb, tr)
+    inner = bb.inner[id(tr.models["fake"])]
+    # both GAN updates read features: the fake's classifier loss (real and generated) and
+    # the generator's loss (its own samples); each feature backward is counted once
+    assert len(inner) > 0 and all(r["backward"] == 1 for r in inner)
+    whole = max(r["flops"] for r in bb.calls[id(tr.models["fake"])])
+    assert 0 < max(r["flops"] for r in inner) < whole  # half the MLP, not all of it
+    networks = ("teacher", "student", "ema", "fake")
+    assert {m: cost["forward"][m] for m in networks} == {m: want["forward"][m] for m in networks}
+    assert {m: cost["backward"][m] for m in networks} == {m: want["backward"][m] for m in networks}
+    for m in networks:
+        assert totals["flops"][m] == pytest.approx(want["flops_per_model"][m], rel=1e-12), m
+    assert cost["forward"]["gan_head"] > 0 and cost["backward"]["gan_head"] > 0
+
+
+def test_teacher_data_made_before_training_is_in_the_cost(tmp_path):
+    """DMD's regression pairs: n samples x steps teacher calls (CFG: 2 rows each), the same
+    cost whether the set was generated or read from the cache."""
+    from cdmbench.methods.dmd import DMD, DMDConfig
+
+    def run(name: str) -> dict:
+        bb = CountingDigits()
+        cfg = DMDConfig(student_lr=1e-3, fake_lr=1e-3, reg_pairs=24, real_guidance=2.0)
+        tr = Trainer(bb, DMD(cfg), _cfg(iters=2), tmp_path / "runs" / name)
+        bb.on = True
+        tr.train()
+        return tr.train_cost() | {"_want": _expected(bb, tr)}
+
+    first, second = run("a"), run("b")  # the second reads the first's cached set
+    data = first["data"]["teacher_samples"]
+    steps = Digits().default_teacher_steps
+    assert data["samples"] == 24 and data["teacher_nfe"] == 24 * steps * 2
+    bb = Digits()
+    teacher = bb.load_teacher()
+    x, s = torch.randn(1, *bb.latent_shape), torch.ones(1)
+    cond = bb.encode(bb.prompts("train")[:1])
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        bb.velocity(teacher, x, s, cond, 2.0)
+    assert data["flops"] == pytest.approx(24 * steps * fc.get_total_flops(), rel=1e-12)
+    assert second["data"] == first["data"]
+    for c in (first, second):
+        want = c["_want"]
+        assert c["train_flops"] == pytest.approx(want["flops"], rel=1e-12)
+        assert c["flops"] == pytest.approx(want["flops"] + data["flops"], rel=1e-12)
+        assert c["teacher_nfe"] == want["teacher_nfe"] + data["teacher_nfe"]
 
 
 def test_cost_of_a_resumed_run_is_the_uninterrupted_runs(tmp_path):

@@ -173,8 +173,16 @@ def evaluated(tmp_path_factory) -> Path:
     return root
 
 
+_COPIES: dict[str, Path] = {}  # the newest copy of each name
+
+
 def _copy(src: Path, tmp_path_factory, name: str) -> Path:
-    dst = tmp_path_factory.mktemp(name)
+    """A fresh copy of ``src`` for one example; the previous example's copy of the same name
+    is removed (each is a whole run; a failing example, replayed last, keeps its own)."""
+    old = _COPIES.pop(name, None)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    dst = _COPIES[name] = tmp_path_factory.mktemp(name)
     shutil.copytree(src, dst, dirs_exist_ok=True)
     return dst
 

@@ -220,7 +220,7 @@ def test_report_compute_views(tmp_path):
     out = build_report(store(tmp_path, recs), tmp_path / "out", samples_per_cell=0)
     md = out.markdown.read_text()
     # each run's cost
-    assert "| cdm (tuned) | 0 | cdm-tuned-cfg-0 | 100 | 6400 | 12800 | 2e+12 | 100 |" in md
+    assert "| cdm (tuned) | 0 | cdm-tuned-cfg-0 | 100 | 6400 | 12800 | 2e+12 | – | 100 |" in md
     assert "| student 100, teacher 200 | student 100 |" in md
     # the frontier: the teacher runs CFG (guidance 2): 2 NFE per step; cdm's latency shown
     assert "| model | steps | NFE / sample | latency_ms ↓ | fd_digits ↓ |" in md

@@ -456,6 +456,24 @@ def test_compute_runs_lists_a_run_once_with_its_raw_weights(tmp_path):
     assert [(r[0], r[2]) for r in rows] == [("cdm (tuned, raw weights)", "cdm-abc")]
 
 
+def test_compute_runs_show_the_data_made_before_training(tmp_path):
+    from cdmbench.report import compute_runs
+    from cdmbench.results import select
+
+    data = {"teacher_samples": {"samples": 2048, "teacher_nfe": 204800, "flops": 3e11}}
+    new = {"flops": 1.3e12, "train_flops": 1e12, "data": data, "iters": 100}
+    old = {"flops": 1e12, "iters": 100}  # recorded before data was counted
+    recs = []
+    for m, cost in (("dmd", new), ("cdm", old)):
+        r = dict(rec(m, 1, "fd_digits", 5.0), train_cost=cost, run_id=f"{m}-abc")
+        recs.append(r | {"variant": "tuned", "train_seed": 0, "config_key": "k"})
+    heads, rows = compute_runs(select(_df(recs, tmp_path)))
+    col, flops = heads.index("data FLOPs"), heads.index("FLOPs")
+    by_model = {r[0]: r for r in rows}
+    assert by_model["dmd (tuned)"][col] == "3e+11" and by_model["dmd (tuned)"][flops] == "1.3e+12"
+    assert by_model["cdm (tuned)"][col] == "–"
+
+
 def test_plots_show_each_cell_on_its_newest_prompt_set(tmp_path):
     from cdmbench.report import _series
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from cdmbench import flow
+from cdmbench import compute, flow
 from cdmbench.errors import UserError
 from cdmbench.prompts_io import Prompt
 from cdmbench.settings import MAX_COUNT, MAX_STEPS, apply, as_dict, setting
@@ -272,16 +272,29 @@ class Backbone:
         (DMD2 Sec. 4.3 uses the UNet's bottleneck). Differentiable in ``x`` and the model."""
         raise UserError(f"backbone '{self.name}' has no feature hook for the GAN head")
 
-    def _hooked(self, block: nn.Module, model: nn.Module, x: Tensor, s: Tensor, cond: Cond) -> Any:
-        """The output of ``block`` during one :meth:`forward` of ``model`` (a forward hook;
-        the call runs to its end, so wrappers that gather or shard around it stay balanced)."""
+    def _hooked(
+        self,
+        block: nn.Module,
+        model: nn.Module,
+        x: Tensor,
+        s: Tensor,
+        cond: Cond,
+        pick: Callable[[Any], Tensor] = lambda out: out,
+    ) -> Tensor:
+        """``pick`` of the output of ``block`` during one :meth:`forward` of ``model`` (a
+        forward hook; the call runs to its end, so wrappers that gather or shard around it
+        stay balanced). A backward from it runs through the layers before the block only,
+        and the training run's compute accounting counts it so."""
         seen: list[Any] = []
         handle = block.register_forward_hook(lambda _m, _a, out: seen.append(out))
         try:
-            self.forward(model, x, _sigma_rows(s, x), cond.tensors)
+            with compute.reading(model, block) as count_backward:
+                self.forward(model, x, _sigma_rows(s, x), cond.tensors)
         finally:
             handle.remove()
-        return seen[0]
+        out = pick(seen[0])
+        count_backward(out)
+        return out
 
     # ---- pixels
     def decode(self, latents: Tensor) -> Tensor:

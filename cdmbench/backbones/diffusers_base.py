@@ -493,8 +493,8 @@ class DiffusersBackbone(Backbone):
     def features(self, model: nn.Module, x: Tensor, s: Tensor, cond: Cond) -> Tensor:
         """The image tokens' hidden states after the middle block (every block of both
         families returns (text, image) states), averaged over tokens: [B, inner width]."""
-        out = self._hooked(self._feature_block(model), model, x, s, cond)
-        return out[1].float().mean(dim=1)
+        out = self._hooked(self._feature_block(model), model, x, s, cond, lambda o: o[1])
+        return out.float().mean(dim=1)
 
     def image_size(self) -> tuple[int, int]:
         """(height, width) in pixels of the images the backbone generates."""

@@ -198,6 +198,7 @@ class Trainer:
         self.teacher = backbone.load_teacher(teacher_weights).requires_grad_(False).eval()
         self.student = backbone.make_student(self.teacher)
         self.models: dict[str, nn.Module] = {"student": self.student}
+        self.data_cost: dict[str, dict[str, float]] = {}  # what build() makes before training
         self.ema = backbone.clone(self.student).requires_grad_(False).eval()
         self.models["ema"] = self.ema
         self.models.update(method.build(self))
@@ -224,6 +225,8 @@ class Trainer:
         # cdmbench.compute), hooked after build: a clone of a hooked model would be counted too
         self.compute = ComputeMeter()
         self.compute.install({"teacher": self.teacher, **self.models})
+        for what, c in self.data_cost.items():
+            self.compute.add_data(what, **c)
         self.it = 0
         self.nan_skipped = 0
         self._log = log

@@ -117,6 +117,9 @@ class Core(Protocol):
     g: torch.Generator  # per process
     g_shared: torch.Generator  # identical on every process
     micro_batch: int  # which of the iteration's config.grad_accum micro-batches is worked on
+    # the cost of data made before training, by what: {samples, teacher_nfe, flops} (see
+    # cdmbench.compute; TeacherSamples.for_trainer fills it)
+    data_cost: dict[str, dict[str, float]]
 
     def randn(self, *shape: int) -> Tensor:
         """Standard normals of ``shape`` from ``g``, on the device."""

@@ -76,6 +76,7 @@ def train_run(
     progress: Callable[[int, dict[str, float]], None] | None = None,
     sample_steps: tuple[int, ...] = (1, 2, 4),
     recipe: dict[str, Any] | None = None,
+    variant_note: str | None = None,
 ) -> RunResult:
     """Train (or finish, or reuse) the run this configuration names.
 
@@ -85,7 +86,8 @@ def train_run(
     :class:`~cdmbench.training.checkpoint.Preempted` (a ``SystemExit`` with status 143, 138
     or 130): the job can be requeued and continues where it stopped.
     ``recipe``: the recipe the configuration came from (name, version), recorded in
-    config.json beside the hashed values.
+    config.json beside the hashed values. ``variant_note``: added to the variant label in
+    run.json ("tuned, compute-matched"), which keeps such runs apart in ``eval`` and reports.
     One process trains a run directory at a time: another that starts the same configuration
     waits for it (``train.lock_wait_s``) and then reuses (or continues) its run.
     """
@@ -116,6 +118,7 @@ def train_run(
             progress,
             sample_steps,
             recipe,
+            variant_note,
         )
 
 
@@ -130,6 +133,7 @@ def _train_locked(
     progress: Callable[[int, dict[str, float]], None] | None,
     sample_steps: tuple[int, ...],
     recipe: dict[str, Any] | None,
+    variant_note: str | None = None,
 ) -> RunResult:
     """:func:`train_run` with the run's lock held (by rank 0)."""
     if (run_dir / "run.json").is_file() and (run_dir / STUDENT_FILE).is_file():
@@ -195,7 +199,9 @@ def _train_locked(
     cost = trainer.train_cost()  # every rank: sums the counts over processes
     raw = trainer.unsharded("student")
     if trainer.rank == 0:
-        export_student(trainer, run_dir, payload, seconds, sample_steps, ema, raw, cost)
+        export_student(
+            trainer, run_dir, payload, seconds, sample_steps, ema, raw, cost, variant_note
+        )
     return RunResult(run_dir, False, start, seconds)
 
 
@@ -208,11 +214,12 @@ def export_student(
     ema: nn.Module | None = None,
     raw: nn.Module | None = None,
     cost: dict[str, Any] | None = None,
+    variant_note: str | None = None,
 ) -> None:
     """Write the raw and the EMA student, the EMA's sample grid and run.json. ``ema``,
     ``raw``: whole (unsharded) models, from :meth:`Trainer.unsharded`; the trainer's own by
     default. ``cost``: the run's compute (:meth:`Trainer.train_cost`, a collective); computed
-    here by default."""
+    here by default. ``variant_note``: as in :func:`train_run`."""
     from safetensors.torch import save_file
 
     from cdmbench.generate import generate, save_grid
@@ -247,7 +254,9 @@ def export_student(
             "student_sha256": sha256_file(run_dir / STUDENT_FILE),
             "student_raw_sha256": sha256_file(run_dir / RAW_FILE),
             # how reports group runs: seeds of one configuration share the config key
-            "variant": type(method).variant_of(bb.name, method.config),
+            "variant": ", ".join(
+                x for x in (type(method).variant_of(bb.name, method.config), variant_note) if x
+            ),
             "train_seed": trainer.config.seed,
             "config_key": config_key(payload),
             "iters": trainer.it,

@@ -51,7 +51,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from cdmbench import distributed, flow
+from cdmbench import compute, distributed, flow
 from cdmbench.backbones.base import Backbone, Cond
 from cdmbench.io import atomic_path, module_sha256
 from cdmbench.prompts_io import Prompt
@@ -129,8 +129,9 @@ class TeacherSamples:
         progress: Progress | None = None,
     ) -> TeacherSamples:
         """The set a training run needs: the core's teacher, seed, device and processes, cached
-        beside the run directory (``runs/<backbone>/``)."""
-        return build_teacher_samples(
+        beside the run directory (``runs/<backbone>/``). Its cost enters the run's compute
+        (``core.data_cost["teacher_samples"]``) whether it was generated or read."""
+        samples = build_teacher_samples(
             core.backbone,
             core.teacher,
             n,
@@ -144,6 +145,24 @@ class TeacherSamples:
             chunk=chunk,
             progress=progress,
         )
+        if n:
+            core.data_cost["teacher_samples"] = samples.cost(core.teacher, steps, guidance)
+        return samples
+
+    def cost(
+        self, teacher: nn.Module, steps: int | None = None, guidance: float | None = None
+    ) -> dict[str, float]:
+        """What making the whole set costs: {samples, teacher_nfe, flops}, from one Euler step
+        of its first sample measured as the training core measures a call (a collective
+        where the teacher is sharded: every process calls it)."""
+        bb = self.backbone
+        steps = steps or bb.default_teacher_steps
+        w = bb.default_teacher_guidance if guidance is None else guidance
+        x, cond = self.noise([0]), self.cond([0])
+        s = torch.ones(1, device=self.device)
+        rows, flops = compute.call_cost(teacher, lambda: bb.velocity(teacher, x, s, cond, w))
+        calls = len(self) * steps
+        return {"samples": len(self), "teacher_nfe": calls * rows, "flops": float(calls * flops)}
 
 
 # ---------------------------------------------------------------------- what a sample is
