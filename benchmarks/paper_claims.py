@@ -100,13 +100,15 @@ def compute_matched(args, seeds: list[int]) -> None:
         r = json.loads(info.read_text())
         if r.get("variant") == "tuned" and r.get("train_seed") in seeds and r.get("cost"):
             dirs[Unit(r["method"], "tuned", r["train_seed"])] = info.parent
-    budget, todo = matched_units(dirs)
-    full = {u.method: json.loads((d / "run.json").read_text())["iters"] for u, d in dirs.items()}
-    for m in sorted(full.keys() - {u.method for u in todo}):  # the cheapest, at its budget
-        todo += [Unit(m, "tuned", s, full[m]) for s in seeds]
-    print(f"compute-matched budget: {budget:.3g} FLOPs", flush=True)
+    budget, matched, notes = matched_units(dirs)
+    for note in notes:
+        print(note, flush=True)
+    # the cheapest at its full budget; every method at every seed
+    iters = {u.method: json.loads((d / "run.json").read_text())["iters"] for u, d in dirs.items()}
+    iters |= {u.method: u.iters for u in matched}
+    print(f"compute-matched budget: {budget:.3g} FLOPs, iterations {iters}", flush=True)
     out_runs, out_res = f"{args.runs}-matched", f"{args.results}-matched"
-    for u in sorted(todo, key=lambda u: (u.method, u.seed)):
+    for u in [Unit(m, "tuned", s, iters[m]) for m in sorted(iters) for s in seeds]:
         sh(
             "train", u.method, "--backbone", "digits", "--seed", str(u.seed), "--iters",
             str(u.iters), "--out", out_runs, "--device", "cpu",

@@ -24,6 +24,7 @@ import json
 import math
 import multiprocessing as mp
 import queue
+import sys
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -189,10 +190,43 @@ class _Relay:
             self.fn(*msg)
 
 
-def matched_units(run_dirs: dict[Unit, Path]) -> tuple[float, list[Unit]]:
-    """The compute-matched runs of a bench: (target FLOPs, units). The target is the cheapest
-    (method, variant)'s full-budget cost at the first seed; every other one gets the
-    iterations that spend it, at every seed."""
+def cost_at(cost: dict[str, Any], iters: int) -> float:
+    """A run's recorded FLOPs (run.json "cost") scaled to ``iters`` iterations: the training
+    loop's per iteration, data of a fixed size as is, data sized by the run's length
+    (``per_iter``) for ``iters`` iterations up to its cap."""
+    from cdmbench.training.teacher_data import MAX_SAMPLES
+
+    train = cost.get("train_flops", cost["flops"])  # runs recorded before data accounting
+    total = train / cost["iters"] * iters
+    for d in (cost.get("data") or {}).values():
+        if d.get("per_iter") and d.get("samples"):
+            total += min(MAX_SAMPLES, iters * d["per_iter"]) * d["flops"] / d["samples"]
+        else:
+            total += d.get("flops", 0.0)
+    return total
+
+
+def iters_for(cost: dict[str, Any], target: float) -> int | None:
+    """The iterations whose cost (:func:`cost_at`) is nearest ``target``; None where even one
+    iteration costs more than twice the target (its data alone, say)."""
+    lo, hi = 1, max(1, int(cost["iters"]))
+    while cost_at(cost, hi) < target:  # the target may lie beyond the recorded run
+        hi *= 2
+    if cost_at(cost, 1) > 2 * target:
+        return None
+    while lo < hi:  # the first iteration count at or above the target
+        mid = (lo + hi) // 2
+        lo, hi = (mid + 1, hi) if cost_at(cost, mid) < target else (lo, mid)
+    if lo > 1 and target - cost_at(cost, lo - 1) < cost_at(cost, lo) - target:
+        return lo - 1
+    return lo
+
+
+def matched_units(run_dirs: dict[Unit, Path]) -> tuple[float, list[Unit], list[str]]:
+    """The compute-matched runs of a bench: (target FLOPs, units, notes). The target is the
+    cheapest (method, variant)'s full-budget cost at the first seed; every other one gets the
+    iterations that spend it (:func:`iters_for`), at every seed. Notes say what cannot be
+    matched."""
     first = min(u.seed for u in run_dirs)
     costs = {}
     for u, d in run_dirs.items():
@@ -201,17 +235,19 @@ def matched_units(run_dirs: dict[Unit, Path]) -> tuple[float, list[Unit]]:
             if cost.get("flops") and cost.get("iters"):
                 costs[(u.method, u.variant)] = cost
     if len(costs) < 2:
-        return math.nan, []
+        return math.nan, [], ["fewer than two runs with a recorded cost: nothing to match"]
     target = min(c["flops"] for c in costs.values())
     seeds = sorted({u.seed for u in run_dirs})
-    out = []
+    out, notes = [], []
     for (m, v), c in costs.items():
         if c["flops"] <= target * (1 + 1e-9):
             continue  # the cheapest: its full budget is the target
-        train = c.get("train_flops", c["flops"])  # runs recorded before data accounting
-        iters = max(1, round((target - (c["flops"] - train)) / (train / c["iters"])))
-        out += [Unit(m, v, s, iters) for s in seeds]
-    return target, out
+        iters = iters_for(c, target)
+        if iters is None:
+            notes.append(f"{m} ({v}): one iteration costs more than {target:.3g} FLOPs")
+        elif iters < c["iters"]:
+            out += [Unit(m, v, s, iters) for s in seeds]
+    return target, out, notes
 
 
 def run_bench(
@@ -228,8 +264,11 @@ def run_bench(
 
     run_dirs = train_all(cfg, on_train)
     if cfg.match_compute:
-        _, matched = matched_units(run_dirs)
-        run_dirs |= train_all(cfg, on_train, matched)
+        _, matched, notes = matched_units(run_dirs)
+        for note in notes:
+            print(f"--match-compute: {note}", file=sys.stderr, flush=True)
+        if matched:
+            run_dirs |= train_all(cfg, on_train, matched)
     bb = get_backbone(cfg.backbone, device=cfg.device, settings=cfg.backbone_settings)
     s = bb.settings  # the backbone's evaluation defaults
     prompt_set, prompts = load_prompt_set(s.eval_prompts, backbone=bb)

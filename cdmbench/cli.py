@@ -906,7 +906,8 @@ def bench(
                 "Also train every method and variant at the cheapest one's full-budget training "
                 "FLOPs (its recorded cost, teacher data included), at every seed, and evaluate "
                 "them: the report's compute-matched table. They show as "
-                "'METHOD (VARIANT, compute-matched)'."
+                "'METHOD (VARIANT, compute-matched)'; a baseline written from such results "
+                "expects them."
             ),
         ),
     ] = False,

@@ -13,8 +13,9 @@ are not training compute), and writes its totals into run.json under ``"cost"``:
               one that is backpropagated twice counts two); for a call read at an inner
               block (DMD2's GAN head reads the fake score's middle features), the backward
               that reached that block's output, which runs through the layers before it only
+              (under FSDP2 such a backward runs through the whole network and counts so)
     teacher_nfe  per-sample teacher evaluations: the rows of every teacher call (a CFG call of
-              B samples is 2B)
+              B samples is 2B), plus those of the data made before training (below)
     images    training samples the core drew (batch x grad_accum per iteration and process)
     flops     estimated training FLOPs: for each call, the forward FLOPs of one call at its
               input shapes (measured once per model and shape with
@@ -26,13 +27,14 @@ are not training compute), and writes its totals into run.json under ``"cost"``:
               session up to its last checkpoint
     iters, world  iterations done; processes of the session that finished the run
 
-Counts are summed over processes. Work a method does once before training (DMD's
-regression pairs, CD's teacher samples on backbones without real data) is counted as what
-the run's data costs to make, whether or not a cache already held it (so a run's cost does
-not depend on what ran before): under ``"data"``, {what: {samples, teacher_nfe, flops}},
-with n samples x steps teacher calls, each measured like a training call. ``flops`` and
-``teacher_nfe`` are totals, the data included; ``train_flops`` is the training loop's
-alone (what scales with iterations).
+Counts are summed over processes (the data below, the whole set's, is not). Work a method
+does once before training (DMD's regression pairs, CD's teacher samples on backbones without
+real data) is counted as what the run's data costs to make, whether or not a cache already
+held it (so a run's cost does not depend on what ran before): under ``"data"``,
+{what: {samples, teacher_nfe, flops[, per_iter]}}, n samples x steps teacher calls, each
+measured like a training call (``per_iter``: where the set's size follows the run's length).
+``flops`` and ``teacher_nfe`` are totals, the data included; ``train_flops`` is the training
+loop's alone (what scales with iterations).
 
 The counters are plain numbers kept in the checkpoint, so a resumed run reports the total of
 all its sessions. Counting is a forward hook per model call; FLOPs are measured on the first
@@ -100,7 +102,8 @@ class ComputeMeter:
         self.base: dict[str, Any] = {}
         self.wall_base = 0.0
         self._t0: float | None = None
-        self._call_flops: dict[tuple, int] = {}  # (model, input shapes) -> forward FLOPs
+        # (model, block read, input shapes) -> forward FLOPs
+        self._call_flops: dict[tuple, int] = {}
         self._measuring: tuple[tuple, Any] | None = None
         self._partial_flops: dict[tuple, int] = {}  # call key -> forward FLOPs up to its block
         self._last_key: dict[str, tuple] = {}  # each model's latest counted call
@@ -195,7 +198,7 @@ class ComputeMeter:
         key = self._last_key.get(name)
         if not self.active or key is None or not out.requires_grad or not torch.is_grad_enabled():
             return
-        flops = self._partial_flops.get(key, self._call_flops.get(key, 0))
+        flops = self._partial_flops.get(key, 0)  # 0 where the call could not be measured
         rows = int(out.shape[0]) if out.dim() else 1
         out.register_hook(self._backward_hook(name, rows, 2 * flops))
 
@@ -214,14 +217,23 @@ class ComputeMeter:
     def add_images(self, n: int) -> None:
         self.images += int(n)
 
-    def add_data(self, what: str, samples: int, teacher_nfe: int, flops: float) -> None:
+    def add_data(
+        self,
+        what: str,
+        samples: int,
+        teacher_nfe: int,
+        flops: float,
+        per_iter: int | None = None,
+    ) -> None:
         """The cost of the data a run makes before training (the same on every process: it
-        is the whole set's, not summed over processes)."""
+        is the whole set's, not summed over processes; made again by ``build`` on resume, so
+        not kept in the checkpoint). ``per_iter``: samples per iteration where the set's
+        size follows the run's length (up to a cap)."""
         self.data[what] = {
             "samples": int(samples),
             "teacher_nfe": int(teacher_nfe),
             "flops": float(flops),
-        }
+        } | ({"per_iter": int(per_iter)} if per_iter else {})
 
     # ---------------------------------------------------------------------- wall time
     def start_clock(self) -> None:
@@ -302,9 +314,9 @@ class ComputeMeter:
 @contextlib.contextmanager
 def reading(model: nn.Module, block: nn.Module) -> Iterator[Callable[[Tensor], None]]:
     """Around one call of ``model`` whose output that matters is ``block``'s (DMD2's GAN
-    features): the call is counted apart from ``model``'s plain calls, its FLOPs up to the
-    block are measured with its own, and the function yielded, given the block's output
-    that the loss reads, counts the backward entering there. Where no meter counts
+    features): the call counts as a forward of ``model``, its FLOPs are measured under a key
+    of their own (with those up to the block), and the function yielded, given the block's
+    output that the loss reads, counts the backward entering there. Where no meter counts
     ``model``, nothing is counted."""
     owner = _OWNERS.get(model)
     if owner is None:
@@ -321,8 +333,8 @@ def reading(model: nn.Module, block: nn.Module) -> Iterator[Callable[[Tensor], N
 
 
 def call_cost(model: nn.Module, run: Callable[[], Any]) -> tuple[int, int]:
-    """(rows, forward FLOPs) of the calls of ``model`` that ``run()`` makes (without
-    gradients; rows as the meter counts them)."""
+    """(rows of the calls of ``model``, forward FLOPs of all of ``run()``) without gradients,
+    rows as the meter counts them (``run`` should call little besides ``model``)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     rows = 0

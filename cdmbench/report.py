@@ -961,8 +961,13 @@ def plot_quality_vs_flops(st: pd.DataFrame, metric: str, steps: int) -> str | No
 
 
 def _matched(variant: Any) -> bool:
-    """A compute-matched run's variant ("tuned, compute-matched")."""
-    return str(variant).endswith(f", {COMPUTE_MATCHED}")
+    """A compute-matched run's variant ("tuned, compute-matched", also "..., raw weights")."""
+    return COMPUTE_MATCHED in str(variant).split(", ")
+
+
+def _unmatched(variant: Any) -> str:
+    """The variant without its compute-matched note: the model a matched run is a budget of."""
+    return ", ".join(p for p in str(variant).split(", ") if p != COMPUTE_MATCHED)
 
 
 def compute_matched(
@@ -990,8 +995,8 @@ def compute_matched(
     # config key -> (FLOPs, the variant its records carry)
     configs: dict[tuple[str, str], dict[str, tuple[float, str]]] = {}
     for r in allc.itertuples():
-        base = str(r.variant).removesuffix(f", {COMPUTE_MATCHED}")
-        configs.setdefault((r.method, base), {})[r.config_key] = (_flops(r.train_cost), r.variant)
+        model = (r.method, _unmatched(r.variant))
+        configs.setdefault(model, {})[r.config_key] = (_flops(r.train_cost), r.variant)
     if len(full) < 2:
         return "fewer than two students with a recorded cost; " + hint
     target = min(full.values())
@@ -1118,7 +1123,8 @@ def plot_frontier(pts: list[dict[str, Any]], metric: str, x: str, hib: bool | No
 COMPUTE_NOTE = (
     "Costs as recorded by training (run.json cost): FLOPs are an estimate from each network's "
     "per-call cost; teacher NFEs count per-sample teacher evaluations. Both include the "
-    'teacher data a method makes before training (DMD\'s regression pairs; "data FLOPs"; '
+    "teacher data a method makes before training (DMD's regression pairs, CD's teacher "
+    'samples without real data; "data FLOPs"; '
     '"–" for runs recorded before it was counted), whether or not a cache held it. Wall '
     "time sums all sessions and leaves that data out. Intervals: 95 % t-interval over seeds."
 )

@@ -116,6 +116,7 @@ def test_bench_match_compute_trains_every_model_at_the_cheapest_budget(tmp_path,
     cheapest, dearer = min(full, key=full.get), max(full, key=full.get)
     assert {r["method"] for r in matched} == {dearer}
     assert {r["train_seed"] for r in matched} == {0, 1}
+    assert all(r["variant_note"] == "compute-matched" for r in matched)  # hashed: own dirs
     for r in matched:  # its iterations spend the cheapest one's FLOPs, to within one iteration
         per_iter = r["cost"]["train_flops"] / r["iters"]
         assert r["iters"] < 6 and abs(r["cost"]["flops"] - full[cheapest]) <= per_iter
@@ -131,3 +132,27 @@ def test_bench_match_compute_trains_every_model_at_the_cheapest_budget(tmp_path,
     table = md[md.index("Compute-matched") :]
     assert "needs runs at matched budgets" not in md
     assert f"| {dearer} (tuned) |" in table and f"| {cheapest} (tuned) |" in table
+
+
+def test_iters_for_spends_the_target_with_data_fixed_or_sized_by_the_run():
+    from cdmbench.bench import cost_at, iters_for
+    from cdmbench.training.teacher_data import MAX_SAMPLES
+
+    # 100 iterations at 1e9 each, plus 2e10 of data of a fixed size
+    fixed = {"flops": 1.2e11, "train_flops": 1e11, "iters": 100}
+    fixed["data"] = {"teacher_samples": {"samples": 2048, "flops": 2e10}}
+    assert iters_for(fixed, 6e10) == 40 and cost_at(fixed, 40) == 6e10
+    assert iters_for(fixed, 6.04e10) == 40 and iters_for(fixed, 6.06e10) == 41  # nearest
+    assert iters_for(fixed, 1e9) is None  # the data alone costs more than twice the target
+    # the same run whose set was sized by its length: 8 samples per iteration, 2.5e7 each
+    grown = {"flops": 1.2e11, "train_flops": 1e11, "iters": 100}
+    grown["data"] = {"teacher_samples": {"samples": 800, "flops": 2e10, "per_iter": 8}}
+    assert cost_at(grown, 50) == 50 * 1e9 + 400 * 2.5e7
+    assert iters_for(grown, 6e10) == 50  # not 40: the set shrinks with the run
+    # past the cap the set stops growing
+    per_sample = 1e11 / MAX_SAMPLES
+    capped = dict(grown, data={"t": {"samples": MAX_SAMPLES, "flops": 1e11, "per_iter": 200}})
+    assert cost_at(capped, 3) == pytest.approx(3e9 + 600 * per_sample)
+    assert cost_at(capped, 100) == cost_at(capped, 200) - 100 * 1e9
+    # a run without data accounting: its FLOPs all train
+    assert iters_for({"flops": 1e11, "iters": 100}, 2.5e10) == 25

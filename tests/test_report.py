@@ -485,3 +485,34 @@ def test_plots_show_each_cell_on_its_newest_prompt_set(tmp_path):
     assert list(table["prompt_set"]) == ["a-new", "b-old"]  # rows in name order
     series = _series(table, "fd_digits ↓")
     assert series["cdm (tuned)"]["mean"].tolist() == [4.0]
+
+
+def test_compute_matched_takes_matched_runs_also_of_raw_weights(tmp_path):
+    """`bench --match-compute` runs (variant "..., compute-matched") are budgets of their base
+    model; evaluated with raw weights too, they stay budgets of the raw-weights model."""
+    from cdmbench.report import compute_matched
+
+    def r(method, variant, key, flops, value, run):
+        out = dict(rec(method, 1, "fd_digits", value), run_id=run)
+        return out | {
+            "variant": variant,
+            "train_seed": 0,
+            "config_key": key,
+            "train_cost": {"flops": flops, "iters": 10},
+        }
+
+    recs = [
+        r("cd", "tuned", "c", 1e12, 5.0, "cd-a"),
+        r("dmd2", "tuned", "d", 2e12, 7.0, "dmd2-a"),
+        r("dmd2", "tuned, raw weights", "d-raw", 2e12, 9.0, "dmd2-a-raw"),
+        r("dmd2", "tuned, compute-matched", "m", 1e12, 8.0, "dmd2-b"),
+        r("dmd2", "tuned, compute-matched, raw weights", "m-raw", 1e12, 11.0, "dmd2-b-raw"),
+    ]
+    out = compute_matched(_df(recs, tmp_path), "fd_digits")
+    assert not isinstance(out, str), out
+    headers, rows, caption = out
+    assert "target: 1e+12" in caption  # the cheapest full budget, not a matched run's
+    by_model = {row[0]: row for row in rows}
+    assert set(by_model) == {"cd (tuned)", "dmd2 (tuned)", "dmd2 (tuned, raw weights)"}
+    assert by_model["dmd2 (tuned)"][3].startswith("8.0")  # the matched run's value
+    assert by_model["dmd2 (tuned, raw weights)"][3].startswith("11.0")

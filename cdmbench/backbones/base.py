@@ -62,6 +62,30 @@ class Cond:
 MAX_EVAL_BATCH = 1 << 16  # images per generation call; more is a typo, not a batch
 
 
+def _fsdp2(model: nn.Module) -> bool:
+    """Whether ``model`` is an FSDP2 module (``fully_shard``)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch built without distributed
+        return False
+    return isinstance(model, FSDPModule)
+
+
+class _ZeroGradThrough(torch.autograd.Function):
+    """``x`` unchanged; ``through`` gets a zero gradient, so that the backward also runs
+    through the graph that made it (its hooks fire; its parameters get exact zeros)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, through: Tensor) -> Tensor:
+        ctx.like = (through.shape, through.dtype, through.device)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor]:
+        shape, dtype, device = ctx.like
+        return grad, torch.zeros(shape, dtype=dtype, device=device)
+
+
 @dataclass(frozen=True)
 class BackboneSettings:
     """What every backbone declares: its teacher's reference sampler and how `cdmbench eval`
@@ -289,10 +313,16 @@ class Backbone:
         handle = block.register_forward_hook(lambda _m, _a, out: seen.append(out))
         try:
             with compute.reading(model, block) as count_backward:
-                self.forward(model, x, _sigma_rows(s, x), cond.tensors)
+                final = self.forward(model, x, _sigma_rows(s, x), cond.tensors)
         finally:
             handle.remove()
         out = pick(seen[0])
+        if _fsdp2(model):
+            # FSDP2 gathers the root's own weights (embeddings, norms) for the backward only
+            # when the gradient enters through the root's output: tie that output in with a
+            # zero gradient, so the backward runs through the whole network (counted as a
+            # full backward), exactly as before in value
+            return _ZeroGradThrough.apply(out, final)
         count_backward(out)
         return out
 

@@ -87,11 +87,14 @@ def train_run(
     or 130): the job can be requeued and continues where it stopped.
     ``recipe``: the recipe the configuration came from (name, version), recorded in
     config.json beside the hashed values. ``variant_note``: added to the variant label in
-    run.json ("tuned, compute-matched"), which keeps such runs apart in ``eval`` and reports.
+    run.json ("tuned, compute-matched"), which keeps such runs apart in ``eval`` and reports;
+    it is hashed, so such a run has a directory of its own.
     One process trains a run directory at a time: another that starts the same configuration
     waits for it (``train.lock_wait_s``) and then reuses (or continues) its run.
     """
     payload = run_payload(method.name, backbone, train_cfg, method.config, teacher_weights)
+    if variant_note:  # a run of its own: never reused as, or by, a run without the note
+        payload["variant_note"] = variant_note
     run_dir = run_dir_for(out_root, payload)
     if (run_dir / "run.json").is_file() and (run_dir / STUDENT_FILE).is_file():
         return RunResult(run_dir, True, train_cfg.iters, 0.0)

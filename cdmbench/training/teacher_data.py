@@ -127,10 +127,13 @@ class TeacherSamples:
         guidance: float | None = None,
         chunk: int | None = None,
         progress: Progress | None = None,
+        per_iter: int | None = None,
     ) -> TeacherSamples:
         """The set a training run needs: the core's teacher, seed, device and processes, cached
         beside the run directory (``runs/<backbone>/``). Its cost enters the run's compute
-        (``core.data_cost["teacher_samples"]``) whether it was generated or read."""
+        (``core.data_cost["teacher_samples"]``) whether it was generated or read.
+        ``per_iter``: where ``n`` was sized from the run (:func:`run_sample_rate`), the samples
+        per iteration, recorded with the cost (a shorter run makes fewer)."""
         samples = build_teacher_samples(
             core.backbone,
             core.teacher,
@@ -146,15 +149,15 @@ class TeacherSamples:
             progress=progress,
         )
         if n:
-            core.data_cost["teacher_samples"] = samples.cost(core.teacher, steps, guidance)
+            cost = samples.cost(core.teacher, steps, guidance)
+            core.data_cost["teacher_samples"] = cost | ({"per_iter": per_iter} if per_iter else {})
         return samples
 
     def cost(
         self, teacher: nn.Module, steps: int | None = None, guidance: float | None = None
     ) -> dict[str, float]:
         """What making the whole set costs: {samples, teacher_nfe, flops}, from one Euler step
-        of its first sample measured as the training core measures a call (a collective
-        where the teacher is sharded: every process calls it)."""
+        of its first sample measured as the training core measures a call."""
         bb = self.backbone
         steps = steps or bb.default_teacher_steps
         w = bb.default_teacher_guidance if guidance is None else guidance
@@ -172,6 +175,12 @@ def run_sample_count(core: Core, per_step: int, count: int | None = None) -> int
     if count is not None:
         return count
     return max(1, min(MAX_SAMPLES, core.config.iters * per_step * core.world))
+
+
+def run_sample_rate(core: Core, per_step: int, count: int | None = None) -> int | None:
+    """Samples per iteration of a set sized by :func:`run_sample_count` (up to its cap); None
+    where ``count`` fixes the size."""
+    return None if count is not None else per_step * core.world
 
 
 def prompt_indices(seed: int, n_prompts: int, n: int) -> list[int]:
