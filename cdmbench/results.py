@@ -454,8 +454,8 @@ def cell_stats(
     """One row per cell (and prompt set): the statistics over its (training seed, evaluation
     seed) samples. Columns: STAT_COLUMNS — mean, sample std (NaN for n = 1), n, ci (half-width
     of the 95 % Student t-interval, n - 1 degrees of freedom; NaN for n = 1), lo/hi (mean -/+
-    ci), train_cost (the cost of the cell's newest run, its "flops", "wall_s", "images" and
-    "teacher_nfe" averaged over the cell's runs) and n_runs. A non-finite sample makes mean,
+    ci), train_cost (the cost of the cell's newest run, its COST_MEANS fields averaged over
+    the cell's runs) and n_runs. A non-finite sample makes mean,
     std and ci non-finite (see :func:`t_interval`); n counts it.
 
     ``newest_prompt_set``: only each cell's newest prompt set (one row per cell).
