@@ -95,16 +95,15 @@ def compute_matched(args, seeds: list[int]) -> None:
 
     from cdmbench.bench import Unit, matched_units
 
-    dirs = {}
+    dirs, iters = {}, {}  # the cheapest at its full budget; every method at every seed
     for info in sorted((Path(args.runs) / "digits").glob("*/run.json")):
         r = json.loads(info.read_text())
         if r.get("variant") == "tuned" and r.get("train_seed") in seeds and r.get("cost"):
             dirs[Unit(r["method"], "tuned", r["train_seed"])] = info.parent
+            iters[r["method"]] = r["iters"]
     budget, matched, notes = matched_units(dirs)
     for note in notes:
         print(note, flush=True)
-    # the cheapest at its full budget; every method at every seed
-    iters = {u.method: json.loads((d / "run.json").read_text())["iters"] for u, d in dirs.items()}
     iters |= {u.method: u.iters for u in matched}
     print(f"compute-matched budget: {budget:.3g} FLOPs, iterations {iters}", flush=True)
     out_runs, out_res = f"{args.runs}-matched", f"{args.results}-matched"

@@ -6,11 +6,11 @@ seed (the teacher at every one of those seeds), so the report's intervals cover 
 
 ``match_compute`` adds the compute-matched comparison: after the default budgets, every
 other (method, variant) is trained again at the cheapest one's full-budget FLOPs (its
-recorded cost, data made before training included), ``round((F - data FLOPs) / training
-FLOPs per iteration)`` iterations at the first seed's cost, for every seed. Those runs are
-labelled variant "<variant>, compute-matched" (in run.json, so that ``eval`` and ``report``
-keep them apart from the default budget) and evaluated beside the others; the report's
-compute-matched table reads them.
+recorded cost, data made before training included), for every seed, at the iterations
+whose cost scaled from the first seed's is nearest (:func:`iters_for`). Those runs are
+labelled variant "<variant>, compute-matched" (hashed into the run, so that ``eval`` and
+``report`` keep them apart from the default budget) and evaluated beside the others; the
+report's compute-matched table reads them.
 
 Every stage is content-keyed and resumable: a second run reuses finished training runs,
 sample folders and records, and an interrupted one continues where it stopped. On CPU the

@@ -48,7 +48,7 @@ from cdmbench.losses import pseudo_huber
 from cdmbench.settings import MAX_COUNT, setting
 from cdmbench.training.core import ema_update_
 from cdmbench.training.method import Batch, Core, Method, OptimSpec, SamplerSpec
-from cdmbench.training.teacher_data import TeacherSamples, run_sample_count, run_sample_rate
+from cdmbench.training.teacher_data import TeacherSamples
 
 
 def _edges_problem(edges: tuple[int, ...]) -> str | None:
@@ -157,9 +157,7 @@ class CD(Method[None]):
         if real is None:
             if c.data == "real":
                 raise ValueError(f"backbone '{bb.name}' has no real data; use data='teacher'")
-            n = run_sample_count(core, core.config.batch, c.cache_size)
-            rate = run_sample_rate(core, core.config.batch, c.cache_size)
-            self.samples = TeacherSamples.for_trainer(core, n, per_iter=rate)
+            self.samples = TeacherSamples.for_trainer(core, core.config.batch, c.cache_size)
         else:
             x0, labels = real
             self.data = (x0.to(core.device), bb.encode_labels(labels))

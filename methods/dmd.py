@@ -45,7 +45,7 @@ from cdmbench.losses import dm_loss, fm_loss, regression_loss
 from cdmbench.settings import MAX_COUNT, setting
 from cdmbench.training.core import MAX_BATCH
 from cdmbench.training.method import Batch, Core, Method, OptimSpec, SamplerSpec
-from cdmbench.training.teacher_data import TeacherSamples, run_sample_count, run_sample_rate
+from cdmbench.training.teacher_data import TeacherSamples
 
 
 @dataclass
@@ -116,11 +116,8 @@ class DMD(Method[DMDState]):
         c = self.config
         self.reg_data: TeacherSamples | None = None
         if c.reg_weight > 0:
-            per_step = c.reg_batch or core.config.batch
-            n = run_sample_count(core, per_step, c.reg_pairs)
-            rate = run_sample_rate(core, per_step, c.reg_pairs)
             self.reg_data = TeacherSamples.for_trainer(
-                core, n, guidance=c.real_guidance, per_iter=rate
+                core, c.reg_batch or core.config.batch, c.reg_pairs, guidance=c.real_guidance
             )
         return {"fake": core.backbone.clone(core.student).requires_grad_(True).train()}
 

@@ -121,7 +121,6 @@ def train_run(
             progress,
             sample_steps,
             recipe,
-            variant_note,
         )
 
 
@@ -136,7 +135,6 @@ def _train_locked(
     progress: Callable[[int, dict[str, float]], None] | None,
     sample_steps: tuple[int, ...],
     recipe: dict[str, Any] | None,
-    variant_note: str | None = None,
 ) -> RunResult:
     """:func:`train_run` with the run's lock held (by rank 0)."""
     if (run_dir / "run.json").is_file() and (run_dir / STUDENT_FILE).is_file():
@@ -202,9 +200,7 @@ def _train_locked(
     cost = trainer.train_cost()  # every rank: sums the counts over processes
     raw = trainer.unsharded("student")
     if trainer.rank == 0:
-        export_student(
-            trainer, run_dir, payload, seconds, sample_steps, ema, raw, cost, variant_note
-        )
+        export_student(trainer, run_dir, payload, seconds, sample_steps, ema, raw, cost)
     return RunResult(run_dir, False, start, seconds)
 
 
@@ -217,12 +213,12 @@ def export_student(
     ema: nn.Module | None = None,
     raw: nn.Module | None = None,
     cost: dict[str, Any] | None = None,
-    variant_note: str | None = None,
 ) -> None:
     """Write the raw and the EMA student, the EMA's sample grid and run.json. ``ema``,
     ``raw``: whole (unsharded) models, from :meth:`Trainer.unsharded`; the trainer's own by
     default. ``cost``: the run's compute (:meth:`Trainer.train_cost`, a collective); computed
-    here by default. ``variant_note``: as in :func:`train_run`."""
+    here by default. The payload's ``variant_note`` (see :func:`train_run`) ends the run's
+    variant label."""
     from safetensors.torch import save_file
 
     from cdmbench.generate import generate, save_grid
@@ -258,7 +254,12 @@ def export_student(
             "student_raw_sha256": sha256_file(run_dir / RAW_FILE),
             # how reports group runs: seeds of one configuration share the config key
             "variant": ", ".join(
-                x for x in (type(method).variant_of(bb.name, method.config), variant_note) if x
+                x
+                for x in (
+                    type(method).variant_of(bb.name, method.config),
+                    payload.get("variant_note"),
+                )
+                if x
             ),
             "train_seed": trainer.config.seed,
             "config_key": config_key(payload),

@@ -122,18 +122,20 @@ class TeacherSamples:
     def for_trainer(
         cls,
         core: Core,
-        n: int,
+        per_step: int,
+        count: int | None = None,
         steps: int | None = None,
         guidance: float | None = None,
         chunk: int | None = None,
         progress: Progress | None = None,
-        per_iter: int | None = None,
     ) -> TeacherSamples:
-        """The set a training run needs: the core's teacher, seed, device and processes, cached
-        beside the run directory (``runs/<backbone>/``). Its cost enters the run's compute
-        (``core.data_cost["teacher_samples"]``) whether it was generated or read.
-        ``per_iter``: where ``n`` was sized from the run (:func:`run_sample_rate`), the samples
-        per iteration, recorded with the cost (a shorter run makes fewer)."""
+        """The set a training run needs, :func:`run_sample_count` samples (``count``, or as
+        many as the run draws at ``per_step`` per iteration and process): the core's teacher,
+        seed, device and processes, cached beside the run directory (``runs/<backbone>/``).
+        Its cost enters the run's compute (``core.data_cost["teacher_samples"]``) whether it
+        was generated or read; a set sized by the run records its samples per iteration
+        (``per_iter``: a shorter run makes fewer)."""
+        n = run_sample_count(core, per_step, count)
         samples = build_teacher_samples(
             core.backbone,
             core.teacher,
@@ -148,9 +150,10 @@ class TeacherSamples:
             chunk=chunk,
             progress=progress,
         )
-        if n:
-            cost = samples.cost(core.teacher, steps, guidance)
-            core.data_cost["teacher_samples"] = cost | ({"per_iter": per_iter} if per_iter else {})
+        cost = samples.cost(core.teacher, steps, guidance)
+        if count is None:
+            cost["per_iter"] = per_step * core.world
+        core.data_cost["teacher_samples"] = cost
         return samples
 
     def cost(
@@ -175,12 +178,6 @@ def run_sample_count(core: Core, per_step: int, count: int | None = None) -> int
     if count is not None:
         return count
     return max(1, min(MAX_SAMPLES, core.config.iters * per_step * core.world))
-
-
-def run_sample_rate(core: Core, per_step: int, count: int | None = None) -> int | None:
-    """Samples per iteration of a set sized by :func:`run_sample_count` (up to its cap); None
-    where ``count`` fixes the size."""
-    return None if count is not None else per_step * core.world
 
 
 def prompt_indices(seed: int, n_prompts: int, n: int) -> list[int]:
